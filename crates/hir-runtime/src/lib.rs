@@ -1,0 +1,37 @@
+//! Plumbing every hindsight server shares, so each service crate holds only its own logic.
+//!
+//! * [`config`]: typed configuration from defaults, a TOML file and `HIR_<SERVICE>__*`
+//!   environment variables, in that order of precedence.
+//! * [`telemetry`]: structured `tracing` logs (text or JSON).
+//! * [`auth`]: a tower layer that demands a bearer token on guarded gRPC methods.
+//! * [`metrics`]: a Prometheus `/metrics` endpoint over a `prometheus-client` registry.
+//! * [`shutdown`]: a future that resolves on Ctrl-C or SIGTERM.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod auth;
+pub mod config;
+pub mod metrics;
+pub mod shutdown;
+pub mod telemetry;
+
+/// Errors of the runtime plumbing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    /// The configuration could not be read or does not have the expected shape.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A socket could not be bound or served.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result alias of `hir-runtime`.
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
