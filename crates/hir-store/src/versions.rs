@@ -1,0 +1,108 @@
+//! Model versions: checkpoints, each name bound to one checksum forever.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::{db_error, validate_non_negative, validate_sha256, Result, StoreError};
+use crate::Store;
+
+/// A model version to register.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewModelVersion {
+    /// Opaque version string the generator reports.
+    pub name: String,
+    /// Run that trained it; `None` for a base model.
+    pub run_id: Option<Uuid>,
+    /// Iteration that trained it; `None` for a base model.
+    pub iteration: Option<i32>,
+    /// The version it was trained from.
+    pub parent_id: Option<i64>,
+    /// Where the checkpoint lives, e.g. `file:///ckpt/it3` or `s3://...`.
+    pub checkpoint_uri: String,
+    /// SHA-256 of the checkpoint, 64 lowercase hex digits.
+    pub sha256: String,
+    /// Training metrics recorded with the checkpoint.
+    pub metrics: Value,
+}
+
+/// A stored model version.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct ModelVersion {
+    /// Surrogate key, referenced by samples and evaluation results.
+    pub id: i64,
+    /// Opaque version string the generator reports.
+    pub name: String,
+    /// Run that trained it.
+    pub run_id: Option<Uuid>,
+    /// Iteration that trained it.
+    pub iteration: Option<i32>,
+    /// The version it was trained from.
+    pub parent_id: Option<i64>,
+    /// Where the checkpoint lives.
+    pub checkpoint_uri: String,
+    /// SHA-256 of the checkpoint.
+    pub sha256: String,
+    /// Training metrics.
+    pub metrics: Value,
+    /// When it was registered.
+    pub created_at: DateTime<Utc>,
+}
+
+impl Store {
+    /// Registers a model version, or returns the stored one when the name is
+    /// already registered with the same sha256.
+    ///
+    /// Fails with [`StoreError::Conflict`] when the name is registered with a
+    /// different sha256: a version name must always denote the same weights.
+    #[tracing::instrument(name = "Registering model version", skip(self, version), fields(version = %version.name))]
+    pub async fn register_model_version(&self, version: &NewModelVersion) -> Result<ModelVersion> {
+        if version.name.trim().is_empty() {
+            return Err(StoreError::Invalid(
+                "model version name must not be empty".into(),
+            ));
+        }
+        validate_sha256("sha256", &version.sha256)?;
+        if let Some(iteration) = version.iteration {
+            validate_non_negative("iteration", iteration.into())?;
+        }
+        sqlx::query(
+            "INSERT INTO model_versions
+                 (name, run_id, iteration, parent_id, checkpoint_uri, sha256, metrics)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&version.name)
+        .bind(version.run_id)
+        .bind(version.iteration)
+        .bind(version.parent_id)
+        .bind(&version.checkpoint_uri)
+        .bind(&version.sha256)
+        .bind(&version.metrics)
+        .execute(self.pool())
+        .await
+        .map_err(db_error("registering a model version"))?;
+
+        let stored = self.get_model_version_by_name(&version.name).await?;
+        if stored.sha256 != version.sha256 {
+            return Err(StoreError::Conflict(format!(
+                "model version {:?} is already registered with sha256 {}, not {}; \
+                 register the new checkpoint under a new name",
+                version.name, stored.sha256, version.sha256
+            )));
+        }
+        Ok(stored)
+    }
+
+    /// Fetches a model version by its name.
+    #[tracing::instrument(name = "Fetching model version", skip(self))]
+    pub async fn get_model_version_by_name(&self, name: &str) -> Result<ModelVersion> {
+        sqlx::query_as::<_, ModelVersion>("SELECT * FROM model_versions WHERE name = $1")
+            .bind(name)
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                what: format!("model version {name:?}"),
+            })
+    }
+}

@@ -1,0 +1,66 @@
+use hir_store::{NewEvalResult, NewFeedback, StoreError};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::helpers::fixture;
+
+#[sqlx::test(migrator = "hir_store::MIGRATOR")]
+async fn resubmitted_feedback_is_stored_once(pool: PgPool) {
+    let f = fixture(pool).await;
+    let tuple = |external_id: &str, run| NewFeedback {
+        source: "chat-ui".into(),
+        external_id: external_id.into(),
+        run_id: run,
+        instruction: "Answer briefly.".into(),
+        query: "What is 2 + 2?".into(),
+        output: "4".into(),
+        feedback: json!({ "thumbs": "up", "note": null }),
+        policy: "hir_paper".into(),
+        positive_instruction: "Answer briefly.".into(),
+        negative_instruction: "Answer at length.".into(),
+    };
+    let tuples = vec![tuple("m-1", Some(f.run_id)), tuple("m-2", None)];
+    assert_eq!(f.store.insert_feedback(&tuples).await.unwrap(), 2);
+    assert_eq!(f.store.insert_feedback(&tuples).await.unwrap(), 0);
+    assert_eq!(f.count("feedback").await, 2);
+
+    let stored: serde_json::Value =
+        sqlx::query_scalar("SELECT feedback FROM feedback WHERE external_id = 'm-1'")
+            .fetch_one(f.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(stored, json!({ "thumbs": "up", "note": null }));
+
+    let err = f
+        .store
+        .insert_feedback(&[tuple("", None)])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Invalid(ref m) if m.contains("external_id")),
+        "{err}"
+    );
+}
+
+#[sqlx::test(migrator = "hir_store::MIGRATOR")]
+async fn an_eval_result_for_an_unknown_example_is_not_found(pool: PgPool) {
+    let f = fixture(pool).await;
+    let result = NewEvalResult {
+        model_version_id: f.version.id,
+        task_id: f.task.id,
+        example_idx: 50,
+        prompt_style: "raw".into(),
+        run_id: None,
+        iteration: None,
+        output: "(B)".into(),
+        correct: false,
+        correct_extracted: false,
+        predicted: None,
+    };
+    let err = f.store.record_eval_results(&[result]).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound { ref what } if what.contains("example_idx")),
+        "{err}"
+    );
+    assert_eq!(f.count("eval_results").await, 0);
+}
