@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let includes = [proto_root.clone(), protoc_bin_vendored::include_path()?];
     tonic_prost_build::configure()
+        .codec_path("crate::codec::HirCodec")
         .file_descriptor_set_path(out_dir.join("hir_v1_descriptor.bin"))
         .compile_with_config(config, &files, &includes)?;
     println!("cargo:rerun-if-changed={}", proto_root.display());

@@ -10,6 +10,8 @@
 //! and out, and no other crate depends on them.
 #![forbid(unsafe_code)]
 
+pub mod codec;
+
 /// Generated code for the `hir.v1` package.
 pub mod pb {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
