@@ -1,0 +1,182 @@
+//! Checkpoints in Hugging Face layout (`config.json`, `model.safetensors`,
+//! `tokenizer.json`) plus a `manifest.json` with the sha256 of every file.
+//!
+//! [`LoadedModel::load`] verifies the manifest of a folder that has one and
+//! refuses a file whose checksum differs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{ModelError, Result};
+use crate::loaded::LoadedModel;
+
+/// Name of the manifest file.
+pub const MANIFEST: &str = "manifest.json";
+
+/// `manifest.json`: file name → sha256 (hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Format version (1).
+    pub version: u32,
+    /// sha256 of each file of the checkpoint, by file name.
+    pub files: BTreeMap<String, String>,
+}
+
+/// sha256 of a file, hex encoded.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| ModelError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Checks every file listed in `dir/manifest.json`.
+pub fn verify(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| ModelError::json(&path, e))?;
+    for (name, want) in &m.files {
+        let p = dir.join(name);
+        if !p.is_file() {
+            return Err(ModelError::MissingFile { path: p });
+        }
+        let got = sha256_file(&p)?;
+        if &got != want {
+            return Err(ModelError::ChecksumMismatch {
+                path: p,
+                expected: want.clone(),
+                actual: got,
+            });
+        }
+    }
+    Ok(m)
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|e| ModelError::io(path, e))
+}
+
+fn dtype_name(dtype: candle_core::DType) -> &'static str {
+    match dtype {
+        candle_core::DType::BF16 => "bfloat16",
+        candle_core::DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// Writes a checkpoint folder: `config.json`, `model.safetensors`, the
+/// tokenizer files if given, and `manifest.json` over all of them.
+pub fn write_folder(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &HashMap<String, candle_core::Tensor>,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    chat_template: Option<&str>,
+) -> Result<Manifest> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let cfg_path = dir.join("config.json");
+    write(
+        &cfg_path,
+        &serde_json::to_vec_pretty(config).map_err(|e| ModelError::json(&cfg_path, e))?,
+    )?;
+    candle_core::safetensors::save(tensors, dir.join("model.safetensors"))?;
+    if let Some(tok) = tokenizer {
+        tok.save(dir.join("tokenizer.json"), false)
+            .map_err(ModelError::tokenizer)?;
+    }
+    if let Some(t) = chat_template {
+        let p = dir.join("tokenizer_config.json");
+        write(
+            &p,
+            &serde_json::to_vec_pretty(&serde_json::json!({ "chat_template": t }))
+                .map_err(|e| ModelError::json(&p, e))?,
+        )?;
+    }
+    let mut files = BTreeMap::new();
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        let p = dir.join(name);
+        if p.is_file() {
+            files.insert(name.to_string(), sha256_file(&p)?);
+        }
+    }
+    let m = Manifest { version: 1, files };
+    let mp = dir.join(MANIFEST);
+    write(
+        &mp,
+        &serde_json::to_vec_pretty(&m).map_err(|e| ModelError::json(&mp, e))?,
+    )?;
+    Ok(m)
+}
+
+impl LoadedModel {
+    /// Saves the model in Hugging Face layout with a manifest. Weights are
+    /// written in their current dtype; quantized models cannot be saved.
+    pub fn save(&self, dir: &Path) -> Result<Manifest> {
+        let model = self.model();
+        let tensors: HashMap<String, candle_core::Tensor> =
+            model.named_tensors()?.into_iter().collect();
+        let mut cfg = model.config().clone();
+        cfg.eos_token_id = match self.eos_token_ids() {
+            [] => None,
+            [one] => Some(serde_json::json!(one)),
+            many => Some(serde_json::json!(many)),
+        };
+        let mut cfg_json = serde_json::to_value(&cfg).map_err(|e| ModelError::json(dir, e))?;
+        if let Some(o) = cfg_json.as_object_mut() {
+            let arch = if cfg.model_type == "qwen2" {
+                "Qwen2ForCausalLM"
+            } else {
+                "LlamaForCausalLM"
+            };
+            o.insert("architectures".into(), serde_json::json!([arch]));
+            o.insert(
+                "torch_dtype".into(),
+                serde_json::json!(dtype_name(model.dtype())),
+            );
+        }
+        write_folder(
+            dir,
+            &cfg_json,
+            &tensors,
+            Some(self.tokenizer()),
+            self.chat_template(),
+        )
+    }
+}
+
+impl crate::t5::Model {
+    /// Saves the model (and tokenizer, if given) in Hugging Face layout with a manifest.
+    pub fn save(&self, dir: &Path, tokenizer: Option<&tokenizers::Tokenizer>) -> Result<Manifest> {
+        let tensors: HashMap<String, candle_core::Tensor> =
+            self.named_tensors().into_iter().collect();
+        let mut cfg_json =
+            serde_json::to_value(self.config()).map_err(|e| ModelError::json(dir, e))?;
+        if let Some(o) = cfg_json.as_object_mut() {
+            o.insert(
+                "architectures".into(),
+                serde_json::json!(["T5ForConditionalGeneration"]),
+            );
+            o.insert(
+                "torch_dtype".into(),
+                serde_json::json!(dtype_name(self.dtype())),
+            );
+        }
+        write_folder(dir, &cfg_json, &tensors, tokenizer, None)
+    }
+}

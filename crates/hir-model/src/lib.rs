@@ -1,0 +1,38 @@
+//! Models for hindsight: Llama-family decoders (SmolLM2, Qwen2) and FLAN-T5,
+//! loaded from Hugging Face folders or GGUF files, with batched generation
+//! and the training pieces of Hindsight Instruction Relabeling.
+//!
+//! The entry point is [`LoadedModel::load`]:
+//!
+//! ```no_run
+//! use hir_model::{LoadedModel, WeightMode, SamplingParams};
+//! # fn main() -> hir_model::Result<()> {
+//! let m = LoadedModel::load("models/SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(),
+//!     &candle_core::Device::Cpu, WeightMode::Quantized)?;
+//! let prompt = m.chat_prompt("What is 2 + 3?");
+//! let out = m.generate_text(&[prompt], &SamplingParams::greedy(32))?;
+//! println!("{}", out[0][0].text);
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod kv_cache;
+pub mod llama;
+pub mod loss;
+pub mod t5;
+pub mod train;
+pub mod weights;
+
+mod loaded;
+
+pub use error::{ModelError, Result};
+pub use generate::{
+    DecodeBatch, FinishReason, GeneratedSequence, GenerationRequest, SamplingParams,
+};
+pub use loaded::{LoadedModel, ModelInfo};
+pub use weights::WeightMode;

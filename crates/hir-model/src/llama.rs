@@ -1,0 +1,684 @@
+//! Llama-family decoder-only transformer (Llama, SmolLM2, Qwen2).
+//!
+//! RMSNorm, rotary position embeddings (the Hugging Face "rotate half" form),
+//! grouped-query attention, SwiGLU MLP, tied or untied embeddings and
+//! optional q/k/v biases (Qwen2). See
+//! <https://huggingface.co/docs/transformers/model_doc/llama>.
+//!
+//! Unlike candle's own model files, the model is stateless (`&self`) and the
+//! KV cache is passed in: one loaded model serves many batches, and a batch's
+//! cache can be split, copied and merged (see [`crate::generate`]). Inputs are
+//! batched `[B, T]` token ids with a key padding mask, so left-padded prompts
+//! of different lengths share one forward pass.
+//!
+//! Two numerical paths share the weights: the fused candle kernels (softmax,
+//! RMSNorm, RoPE) for inference, and the same maths built from differentiable
+//! primitive ops for training (the fused kernels have no backward pass).
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+pub use crate::kv_cache::KvCache;
+use crate::kv_cache::LayerKv;
+use crate::weights::{Linear, Weights};
+
+/// Hugging Face `config.json` of a Llama-family model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    /// `model_type`: `llama` or `qwen2`.
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    /// Vocabulary size (rows of the embedding matrix).
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention); defaults to the query heads.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// Epsilon of the RMS norms.
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Context length.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Whether the output projection reuses the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v projections have biases (`true` for Qwen2 when absent).
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    /// Activation of the MLP gate (only `silu` is supported).
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// RoPE parameters in the transformers 5 layout (`{"rope_theta": .., "rope_type": "default"}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// RoPE scaling (only `null` is supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    /// Beginning-of-sequence token.
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    /// End-of-sequence token(s): a number or a list.
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+    /// Any other fields, kept so that a saved config round-trips.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_rope_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl Config {
+    /// Number of key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Per-head width.
+    pub fn head_size(&self) -> usize {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The RoPE base: `rope_parameters.rope_theta` when present, else `rope_theta`.
+    pub fn rope_base(&self) -> f64 {
+        self.rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .unwrap_or(self.rope_theta)
+    }
+
+    /// Whether q/k/v have biases.
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias.unwrap_or(self.model_type == "qwen2")
+    }
+
+    /// The end-of-sequence ids named by the config.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64().map(|v| v as u32))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Checks that the config describes a model this file implements.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.model_type.as_str(), "llama" | "qwen2") {
+            return Err(ModelError::UnsupportedArchitecture(self.model_type.clone()));
+        }
+        if self.hidden_act != "silu" {
+            return Err(ModelError::InvalidConfig(format!(
+                "hidden_act {:?} (only silu)",
+                self.hidden_act
+            )));
+        }
+        if let Some(t) = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_type"))
+            .and_then(|t| t.as_str())
+        {
+            if t != "default" {
+                return Err(ModelError::InvalidConfig(format!(
+                    "rope_type {t:?} is not supported (only default)"
+                )));
+            }
+        }
+        if self.extra.get("mlp_bias").and_then(|b| b.as_bool()) == Some(true) {
+            return Err(ModelError::InvalidConfig(
+                "mlp_bias is not supported".into(),
+            ));
+        }
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
+            return Err(ModelError::InvalidConfig(
+                "rope_scaling is not supported".into(),
+            ));
+        }
+        let (h, kv) = (self.num_attention_heads, self.kv_heads());
+        if h == 0 || kv == 0 || h % kv != 0 {
+            return Err(ModelError::InvalidConfig(format!(
+                "{h} attention heads is not a multiple of {kv} key/value heads"
+            )));
+        }
+        if self.head_size() % 2 != 0 {
+            return Err(ModelError::InvalidConfig("odd head_dim".into()));
+        }
+        Ok(())
+    }
+
+    /// Number of parameters (tied embeddings counted once).
+    pub fn num_parameters(&self) -> usize {
+        let (h, i, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
+        let (nh, nkv, hd) = (self.num_attention_heads, self.kv_heads(), self.head_size());
+        let attn = h * nh * hd * 2
+            + h * nkv * hd * 2
+            + if self.qkv_bias() {
+                nh * hd + 2 * nkv * hd
+            } else {
+                0
+            };
+        let layer = attn + 3 * h * i + 2 * h;
+        let head = if self.tie_word_embeddings { 0 } else { v * h };
+        v * h + self.num_hidden_layers * layer + h + head
+    }
+
+    /// A tiny configuration for tests.
+    pub fn tiny() -> Self {
+        serde_json::from_value(serde_json::json!({
+            "model_type": "llama",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 128,
+            "tie_word_embeddings": true,
+        }))
+        .expect("static config parses")
+    }
+}
+
+// === attention masks ===
+
+/// Additive attention bias `[B, 1, 1, Tq, Tk]` for queries at the last `Tq`
+/// of `Tk` key positions: a query sees real (mask 1) keys at or before itself.
+pub fn causal_bias(
+    key_mask: &[Vec<u8>],
+    tq: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let b = key_mask.len();
+    let tk = key_mask.first().map(|m| m.len()).unwrap_or(0);
+    if tq > tk || key_mask.iter().any(|m| m.len() != tk) {
+        return Err(ModelError::InvalidRequest(format!(
+            "attention mask rows must all have {tk} >= {tq} entries"
+        )));
+    }
+    let neg = if dtype == DType::F16 {
+        -6.0e4f32
+    } else {
+        -1.0e9f32
+    };
+    let mut v = vec![0f32; b * tq * tk];
+    for (bi, m) in key_mask.iter().enumerate() {
+        for i in 0..tq {
+            let last = tk - tq + i;
+            let row = &mut v[(bi * tq + i) * tk..(bi * tq + i + 1) * tk];
+            for (j, slot) in row.iter_mut().enumerate() {
+                if j > last || m[j] == 0 {
+                    *slot = neg;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(v, (b, 1, 1, tq, tk), device)?.to_dtype(dtype)?)
+}
+
+/// Positions of real tokens under a left- or right-padded mask:
+/// `cumsum(mask) - 1`, clamped at 0 for padding.
+pub fn positions_from_mask(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
+    mask.iter()
+        .map(|m| {
+            let mut c = 0u32;
+            m.iter()
+                .map(|&x| {
+                    c += u32::from(x != 0);
+                    c.saturating_sub(1)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+// === layers ===
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> candle_core::Result<Tensor> {
+    if fused {
+        return candle_nn::ops::rms_norm(x, w, eps as f32);
+    }
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let x = x.broadcast_div(&(ms + eps)?.sqrt()?)?;
+    x.to_dtype(dtype)?.broadcast_mul(w)
+}
+
+fn softmax(x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+    if fused {
+        candle_nn::ops::softmax_last_dim(x)
+    } else {
+        candle_nn::ops::softmax(x, D::Minus1)
+    }
+}
+
+fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// Applies RoPE to `x` `[B, H, T, D]` with `cos`/`sin` `[B, T, D/2]`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+    if fused {
+        return candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin);
+    }
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+    x.broadcast_mul(&cos)? + rotate_half(x)?.broadcast_mul(&sin)?
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &Config, w: &Weights) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_size());
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
+        let bias = cfg.qkv_bias();
+        Ok(Self {
+            q: w.linear("q_proj", h, nh * hd, bias)?,
+            k: w.linear("k_proj", h, nkv * hd, bias)?,
+            v: w.linear("v_proj", h, nkv * hd, bias)?,
+            o: w.linear("o_proj", nh * hd, h, false)?,
+            n_heads: nh,
+            n_kv: nkv,
+            head_dim: hd,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cache: Option<&mut Option<LayerKv>>,
+        fused: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
+        let q = self
+            .q
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = rope(&q, cos, sin, fused)?;
+        let k = rope(&k, cos, sin, fused)?.contiguous()?;
+        let (k, v) = match cache {
+            Some(slot) => match slot {
+                Some(layer) => layer.append(&k, &v)?,
+                None => {
+                    let layer = LayerKv::new(&k, &v)?;
+                    let views = layer.views()?;
+                    *slot = Some(layer);
+                    views
+                }
+            },
+            None => (k, v),
+        };
+        let tk = k.dim(2)?;
+        let rep = nh / nkv;
+        // Group query heads by their key/value head instead of repeating K and V.
+        let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, rep, t, tk))?;
+        let scores = scores.broadcast_add(bias)?;
+        let p = softmax(&scores, fused)?.reshape((b, nkv, rep * t, tk))?;
+        let y = p.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?;
+        let y = y.reshape((b, t, nh * hd))?;
+        self.o.forward(&y)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &Config, w: &Weights) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate: w.linear("gate_proj", h, i, false)?,
+            up: w.linear("up_proj", h, i, false)?,
+            down: w.linear("down_proj", i, h, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attn: Attention,
+    mlp: Mlp,
+    ln1: Tensor,
+    ln2: Tensor,
+}
+
+impl Layer {
+    fn new(cfg: &Config, w: &Weights) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            attn: Attention::new(cfg, &w.pp("self_attn"))?,
+            mlp: Mlp::new(cfg, &w.pp("mlp"))?,
+            ln1: w.tensor("input_layernorm.weight", &[h])?,
+            ln2: w.tensor("post_attention_layernorm.weight", &[h])?,
+        })
+    }
+}
+
+// === impl Model ===
+
+/// Batched inputs for one forward pass.
+#[derive(Debug, Clone)]
+pub struct Batch<'a> {
+    /// Token ids `[B, T]` (u32).
+    pub input_ids: &'a Tensor,
+    /// Key padding mask over cached + new positions, one row per sequence of
+    /// length `cache_len + T` (1 = real token, 0 = padding).
+    pub key_mask: &'a [Vec<u8>],
+    /// RoPE position of every new token, `[B][T]`.
+    pub positions: &'a [Vec<u32>],
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Model {
+    cfg: Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+    fused: bool,
+    device: Device,
+    dtype: DType,
+}
+
+impl Model {
+    /// Builds the model from weights named as in Hugging Face checkpoints
+    /// (`model.embed_tokens.weight`, `model.layers.{i}.self_attn.q_proj.weight`, ...).
+    ///
+    /// Inference uses fused kernels unless the weights are trainable.
+    pub fn new(cfg: &Config, w: &Weights) -> Result<Self> {
+        cfg.validate()?;
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let m = w.pp("model");
+        let embed = m.tensor("embed_tokens.weight", &[v, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            layers.push(Layer::new(cfg, &m.pp("layers").pp(i))?);
+        }
+        let norm = m.tensor("norm.weight", &[h])?;
+        let lm_head = if cfg.tie_word_embeddings {
+            if w.mode().is_quantized() {
+                Linear::from_matrix(m.matrix("embed_tokens.weight", v, h)?, None)
+            } else {
+                Linear::from_dense(embed.clone(), None)
+            }
+        } else {
+            w.linear("lm_head", h, v, false)?
+        };
+        let hd = cfg.head_size();
+        let inv_freq = (0..hd / 2)
+            .map(|i| 1.0 / (cfg.rope_base() as f32).powf(2.0 * i as f32 / hd as f32))
+            .collect();
+        let fused = !matches!(w.mode(), crate::weights::WeightMode::Trainable(_));
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+            fused,
+            device: w.device().clone(),
+            dtype: w.mode().dtype(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The dtype of activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Uses differentiable primitive ops (`false`) or fused kernels (`true`).
+    pub fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    /// An empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_hidden_layers)
+    }
+
+    fn rope_tables(&self, positions: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        let b = positions.len();
+        let t = positions.first().map(|p| p.len()).unwrap_or(0);
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(b * t * half);
+        let mut sin = Vec::with_capacity(b * t * half);
+        for row in positions {
+            for &p in row {
+                for f in &self.inv_freq {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (b, t, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (b, t, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Final hidden states `[B, T, hidden]` (after the last norm).
+    pub fn forward_hidden(
+        &self,
+        batch: &Batch<'_>,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t) = batch.input_ids.dims2()?;
+        if batch.positions.len() != b || batch.positions.iter().any(|p| p.len() != t) {
+            return Err(ModelError::InvalidRequest(format!(
+                "positions must be [{b}][{t}]"
+            )));
+        }
+        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        if batch.key_mask.len() != b || batch.key_mask.iter().any(|m| m.len() != past + t) {
+            return Err(ModelError::InvalidRequest(format!(
+                "key mask must be [{b}][{}]",
+                past + t
+            )));
+        }
+        if let Some(c) = cache.as_ref() {
+            if c.seq_len() > 0 && c.batch_size() != b {
+                return Err(ModelError::InvalidRequest(format!(
+                    "cache holds {} sequences, batch has {b}",
+                    c.batch_size()
+                )));
+            }
+        }
+        let max_id = batch.input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+        if max_id as usize >= self.cfg.vocab_size {
+            return Err(ModelError::InvalidRequest(format!(
+                "token id {max_id} out of vocabulary ({})",
+                self.cfg.vocab_size
+            )));
+        }
+        let (cos, sin) = self.rope_tables(batch.positions)?;
+        let bias = causal_bias(batch.key_mask, t, self.dtype, &self.device)?;
+        let ids = batch.input_ids.flatten_all()?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        let eps = self.cfg.rms_norm_eps;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
+            let h = rms_norm(&x, &layer.ln1, eps, self.fused)?;
+            let h = layer
+                .attn
+                .forward(&h, &cos, &sin, &bias, slot, self.fused)?;
+            x = (x + h)?;
+            let h = rms_norm(&x, &layer.ln2, eps, self.fused)?;
+            x = (&x + layer.mlp.forward(&h)?)?;
+        }
+        Ok(rms_norm(&x, &self.norm, eps, self.fused)?)
+    }
+
+    /// Logits `[..., vocab]` from hidden states `[..., hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?)
+    }
+
+    /// Full-sequence logits `[B, T, V]` for a padded batch without cache.
+    /// `mask` is `[B][T]` (1 = real token); positions follow the mask, so
+    /// left and right padding both work.
+    pub fn forward(&self, input_ids: &Tensor, mask: &[Vec<u8>]) -> Result<Tensor> {
+        let positions = positions_from_mask(mask);
+        let h = self.forward_hidden(
+            &Batch {
+                input_ids,
+                key_mask: mask,
+                positions: &positions,
+            },
+            None,
+        )?;
+        self.logits(&h)
+    }
+
+    /// Logits of the last position only, `[B, V]`, extending `cache`.
+    pub fn forward_last(&self, batch: &Batch<'_>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(batch, cache)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+        self.logits(&last)
+    }
+
+    /// All weights as dense tensors under their Hugging Face names (for saving).
+    /// Fails for quantized models.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        fn dense(l: &Linear, name: &str) -> Result<Tensor> {
+            l.dense_weight().cloned().ok_or_else(|| {
+                ModelError::InvalidRequest(format!(
+                    "{name} is quantized; load dense weights to save"
+                ))
+            })
+        }
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &l.attn;
+            for (n, lin) in [
+                ("q_proj", &a.q),
+                ("k_proj", &a.k),
+                ("v_proj", &a.v),
+                ("o_proj", &a.o),
+            ] {
+                let name = format!("{p}.self_attn.{n}.weight");
+                out.push((name.clone(), dense(lin, &name)?));
+                if let Some(b) = lin.bias_tensor() {
+                    out.push((format!("{p}.self_attn.{n}.bias"), b.clone()));
+                }
+            }
+            for (n, lin) in [
+                ("gate_proj", &l.mlp.gate),
+                ("up_proj", &l.mlp.up),
+                ("down_proj", &l.mlp.down),
+            ] {
+                let name = format!("{p}.mlp.{n}.weight");
+                out.push((name.clone(), dense(lin, &name)?));
+            }
+            out.push((format!("{p}.input_layernorm.weight"), l.ln1.clone()));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.ln2.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".into(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push((
+                "lm_head.weight".into(),
+                dense(&self.lm_head, "lm_head.weight")?,
+            ));
+        }
+        Ok(out)
+    }
+}

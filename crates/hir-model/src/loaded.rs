@@ -1,0 +1,430 @@
+//! [`LoadedModel`]: a model, its tokenizer and metadata, loaded from disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{Device, Var};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::error::{ModelError, Result};
+use crate::generate::{generate, GeneratedSequence, GenerationRequest, SamplingParams};
+use crate::gguf::{GgufFile, GgufSource};
+use crate::llama::{Config, Model};
+use crate::weights::{SafetensorsSource, WeightMode, Weights};
+
+/// What a loaded model is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// `model_type` (`llama`, `qwen2`).
+    pub architecture: String,
+    /// Number of parameters.
+    pub parameters: usize,
+    /// How the weights are held: `f32`, `bf16`, or `quantized`.
+    pub dtype: String,
+    /// Vocabulary size of the model.
+    pub vocab_size: usize,
+    /// Context length.
+    pub context_length: usize,
+    /// End-of-sequence token ids.
+    pub eos_token_ids: Vec<u32>,
+    /// Where it was loaded from.
+    pub source: PathBuf,
+}
+
+/// A Llama-family model with its tokenizer, ready to generate or train.
+#[derive(Debug)]
+pub struct LoadedModel {
+    model: Model,
+    tokenizer: Tokenizer,
+    info: ModelInfo,
+    vars: Vec<(String, Var)>,
+    chat_system: Option<String>,
+    chatml: bool,
+    chat_template: Option<String>,
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| ModelError::json(path, e))
+}
+
+/// The weight files of a Hugging Face folder: `model.safetensors` or the
+/// shards named by `model.safetensors.index.json`.
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(ModelError::MissingFile { path: single });
+    }
+    let v: serde_json::Value = read_json(&index)?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::InvalidConfig(format!("{}: no weight_map", index.display())))?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+impl LoadedModel {
+    /// Loads a model from a Hugging Face folder (`config.json`,
+    /// `model.safetensors` or a sharded index, `tokenizer.json`) or a `.gguf` file.
+    ///
+    /// `WeightMode::Quantized` needs a GGUF file; from a folder it loads f32.
+    pub fn load(path: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
+        if path.is_dir() {
+            Self::load_hf(path, device, mode)
+        } else if path.extension().is_some_and(|e| e == "gguf") {
+            Self::load_gguf(path, device, mode)
+        } else if path.exists() {
+            Err(ModelError::InvalidConfig(format!(
+                "{}: expected a model folder or a .gguf file",
+                path.display()
+            )))
+        } else {
+            Err(ModelError::MissingFile {
+                path: path.to_path_buf(),
+            })
+        }
+    }
+
+    fn load_hf(dir: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
+        if dir.join(crate::checkpoint::MANIFEST).is_file() {
+            crate::checkpoint::verify(dir)?;
+        }
+        let cfg_path = dir.join("config.json");
+        if !cfg_path.is_file() {
+            return Err(ModelError::MissingFile { path: cfg_path });
+        }
+        let raw: serde_json::Value = read_json(&cfg_path)?;
+        let model_type = raw
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
+        if !matches!(model_type.as_str(), "llama" | "qwen2") {
+            return Err(ModelError::UnsupportedArchitecture(model_type));
+        }
+        let cfg: Config =
+            serde_json::from_value(raw).map_err(|e| ModelError::json(&cfg_path, e))?;
+        cfg.validate()?;
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(ModelError::MissingFile { path: tok_path });
+        }
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(ModelError::tokenizer)?;
+        let mode = match mode {
+            WeightMode::Quantized | WeightMode::QuantizedAsIs => {
+                WeightMode::Dense(candle_core::DType::F32)
+            }
+            m => m,
+        };
+        let src = SafetensorsSource::open(&safetensors_files(dir)?)?;
+        let w = Weights::new(Arc::new(src), device, mode);
+        let model = Model::new(&cfg, &w)?;
+        let mut eos = cfg.eos_ids();
+        if let Ok(gen) = read_json::<serde_json::Value>(&dir.join("generation_config.json")) {
+            if let Some(e) = gen.get("eos_token_id") {
+                let extra: Vec<u32> = match e {
+                    serde_json::Value::Number(n) => {
+                        n.as_u64().map(|v| v as u32).into_iter().collect()
+                    }
+                    serde_json::Value::Array(a) => a
+                        .iter()
+                        .filter_map(|v| v.as_u64())
+                        .map(|v| v as u32)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                for x in extra {
+                    if !eos.contains(&x) {
+                        eos.push(x);
+                    }
+                }
+            }
+        }
+        let chat = read_json::<serde_json::Value>(&dir.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|v| {
+                v.get("chat_template")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_string)
+            });
+        Self::assemble(model, tokenizer, w.vars(), mode, eos, chat, dir, false)
+    }
+
+    fn load_gguf(path: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
+        let file = Arc::new(GgufFile::read(path)?);
+        let cfg = file.llama_config()?;
+        cfg.validate()?;
+        let tokenizer = file.tokenizer()?;
+        let n_tok = tokenizer.get_vocab_size(true);
+        if n_tok != cfg.vocab_size {
+            return Err(ModelError::TokenizerMismatch(format!(
+                "GGUF tokenizer has {n_tok} tokens, the embedding has {} rows",
+                cfg.vocab_size
+            )));
+        }
+        let src = GgufSource::new(file.clone(), &cfg, mode.is_quantized());
+        let w = Weights::new(Arc::new(src), device, mode);
+        let model = Model::new(&cfg, &w)?;
+        let eos = file.eos_token_id().into_iter().collect();
+        Self::assemble(
+            model,
+            tokenizer,
+            w.vars(),
+            mode,
+            eos,
+            file.chat_template(),
+            path,
+            true,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        model: Model,
+        tokenizer: Tokenizer,
+        vars: Vec<(String, Var)>,
+        mode: WeightMode,
+        eos: Vec<u32>,
+        chat_template: Option<String>,
+        source: &Path,
+        exact_vocab: bool,
+    ) -> Result<Self> {
+        let cfg = model.config();
+        let n_tok = tokenizer.get_vocab_size(true);
+        if n_tok > cfg.vocab_size || (exact_vocab && n_tok != cfg.vocab_size) {
+            return Err(ModelError::TokenizerMismatch(format!(
+                "tokenizer has {n_tok} tokens, the model's vocabulary is {}",
+                cfg.vocab_size
+            )));
+        }
+        if let Some(bad) = eos.iter().find(|&&e| e as usize >= cfg.vocab_size) {
+            return Err(ModelError::TokenizerMismatch(format!(
+                "EOS id {bad} is outside the vocabulary"
+            )));
+        }
+        let dtype = match mode {
+            WeightMode::Quantized | WeightMode::QuantizedAsIs => "quantized".to_string(),
+            m => format!("{:?}", m.dtype()).to_lowercase(),
+        };
+        let info = ModelInfo {
+            architecture: cfg.model_type.clone(),
+            parameters: cfg.num_parameters(),
+            dtype,
+            vocab_size: cfg.vocab_size,
+            context_length: cfg.max_position_embeddings,
+            eos_token_ids: eos,
+            source: source.to_path_buf(),
+        };
+        let (chatml, chat_system) = match &chat_template {
+            Some(t) if t.contains("<|im_start|>") => (true, default_system_prompt(t)),
+            _ => (false, None),
+        };
+        Ok(Self {
+            model,
+            tokenizer,
+            info,
+            vars,
+            chat_system,
+            chatml,
+            chat_template,
+        })
+    }
+
+    /// Wraps an already built model and tokenizer (tests, checkpoints).
+    pub fn from_parts(
+        model: Model,
+        tokenizer: Tokenizer,
+        vars: Vec<(String, Var)>,
+        eos: Vec<u32>,
+    ) -> Result<Self> {
+        let mode = if vars.is_empty() {
+            WeightMode::Dense(model.dtype())
+        } else {
+            WeightMode::Trainable(model.dtype())
+        };
+        Self::assemble(
+            model,
+            tokenizer,
+            vars,
+            mode,
+            eos,
+            None,
+            Path::new(""),
+            false,
+        )
+    }
+
+    /// The chat template (Jinja source), if the model has one.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Architecture, size, dtype, vocabulary and context.
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Trainable variables with their Hugging Face names (empty unless loaded
+    /// with [`WeightMode::Trainable`]).
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// End-of-sequence ids.
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.info.eos_token_ids
+    }
+
+    /// Token id used to pad batches (the first EOS id, else 0).
+    pub fn pad_token_id(&self) -> u32 {
+        self.info.eos_token_ids.first().copied().unwrap_or(0)
+    }
+
+    /// Tokenizes `text`, special tokens in the text included, without adding any.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(ModelError::tokenizer)?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// Decodes ids, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(ModelError::tokenizer)
+    }
+
+    /// A single-turn user prompt under the model's chat template (ChatML for
+    /// SmolLM2 and Qwen2, with the template's default system prompt), or the
+    /// text unchanged when the model has no chat template.
+    pub fn chat_prompt(&self, user: &str) -> String {
+        if !self.chatml {
+            return user.to_string();
+        }
+        let mut s = String::new();
+        if let Some(sys) = &self.chat_system {
+            s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+        }
+        s.push_str(&format!(
+            "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        ));
+        s
+    }
+
+    /// A trainer (AdamW, accumulation, clipping) over the model's variables;
+    /// the model must have been loaded with [`WeightMode::Trainable`].
+    pub fn trainer(
+        &self,
+        cfg: crate::train::AdamWConfig,
+        accumulation_steps: usize,
+        max_grad_norm: Option<f64>,
+    ) -> Result<crate::train::Trainer> {
+        if self.vars.is_empty() {
+            return Err(ModelError::InvalidRequest(
+                "the model has no trainable variables; load it with WeightMode::Trainable".into(),
+            ));
+        }
+        Ok(crate::train::Trainer::new(
+            &self.vars,
+            cfg,
+            accumulation_steps,
+            max_grad_norm,
+        ))
+    }
+
+    /// Samples from text prompts (all with the same parameters); request i is
+    /// seeded with stream i.
+    pub fn generate_text(
+        &self,
+        prompts: &[String],
+        params: &SamplingParams,
+    ) -> Result<Vec<Vec<GeneratedSequence>>> {
+        let requests = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Ok(GenerationRequest {
+                    id: i as u64,
+                    prompt_ids: self.encode(p)?,
+                    params: params.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.generate(&requests, 64)
+    }
+
+    /// Samples from tokenized requests, at most `max_batch` prompts at a time.
+    pub fn generate(
+        &self,
+        requests: &[GenerationRequest],
+        max_batch: usize,
+    ) -> Result<Vec<Vec<GeneratedSequence>>> {
+        generate(
+            &self.model,
+            &self.tokenizer,
+            &self.info.eos_token_ids,
+            self.pad_token_id(),
+            requests,
+            max_batch,
+        )
+    }
+}
+
+/// The literal default system prompt of a ChatML Jinja template, if it has one.
+fn default_system_prompt(template: &str) -> Option<String> {
+    // The newline may be a real one (GGUF metadata) or a Jinja escape (tokenizer_config.json).
+    let i = ["<|im_start|>system\n", "<|im_start|>system\\n"]
+        .iter()
+        .find_map(|start| template.find(start).map(|i| i + start.len()))?;
+    let rest = &template[i..];
+    let end = rest.find("<|im_end|>")?;
+    let s = &rest[..end];
+    // A template that inserts a variable here has no literal default.
+    if s.contains("{{") || s.contains('\'') && s.contains('+') {
+        return None;
+    }
+    Some(s.replace("\\n", "\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_system_prompt;
+
+    #[test]
+    fn default_system_prompt_is_read_from_a_chatml_template() {
+        let t = "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}";
+        assert_eq!(
+            default_system_prompt(t).as_deref(),
+            Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+        );
+        assert_eq!(
+            default_system_prompt("{{ '<|im_start|>system\\n' + m + '<|im_end|>' }}"),
+            None
+        );
+    }
+}

@@ -1,0 +1,456 @@
+//! Training: batches with labels, AdamW with fp32 state, gradient
+//! accumulation and global-norm clipping.
+//!
+//! candle_nn's `AdamW` steps straight from one backward pass and has no
+//! clipping or accumulation, so the optimizer here is written out: gradients
+//! of several micro-batches are summed in f32 ([`GradAccumulator`]), clipped
+//! to a global norm, then applied by [`AdamW::step`].
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+
+use crate::error::{ModelError, Result};
+use crate::llama::Model;
+use crate::loss::{self, HirLoss, HirLossConfig, IGNORE_INDEX};
+
+/// One example for a decoder-only model: the prompt carries no loss, the
+/// completion does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    /// Prompt tokens (instruction, query, output prefix).
+    pub prompt: Vec<u32>,
+    /// Completion tokens (the labels).
+    pub completion: Vec<u32>,
+}
+
+/// A right-padded training batch.
+#[derive(Debug, Clone)]
+pub struct TrainBatch {
+    /// Token ids `[B, T]`.
+    pub input_ids: Tensor,
+    /// Padding mask, `[B][T]`.
+    pub mask: Vec<Vec<u8>>,
+    /// Labels `[B, T]`: the token at each completion position, else -100.
+    pub labels: Tensor,
+    /// Number of labelled tokens.
+    pub n_labels: usize,
+}
+
+impl TrainBatch {
+    /// Builds a right-padded batch (`pad_id` fills padding).
+    pub fn new(examples: &[Example], pad_id: u32, device: &candle_core::Device) -> Result<Self> {
+        if examples.is_empty() || examples.iter().any(|e| e.completion.is_empty()) {
+            return Err(ModelError::InvalidRequest(
+                "a batch needs examples with non-empty completions".into(),
+            ));
+        }
+        let t = examples
+            .iter()
+            .map(|e| e.prompt.len() + e.completion.len())
+            .max()
+            .unwrap_or(0);
+        let b = examples.len();
+        let mut ids = Vec::with_capacity(b * t);
+        let mut labels = Vec::with_capacity(b * t);
+        let mut mask = Vec::with_capacity(b);
+        let mut n_labels = 0;
+        for e in examples {
+            let len = e.prompt.len() + e.completion.len();
+            ids.extend(e.prompt.iter().chain(e.completion.iter()).copied());
+            ids.extend(std::iter::repeat_n(pad_id, t - len));
+            labels.extend(std::iter::repeat_n(IGNORE_INDEX, e.prompt.len()));
+            labels.extend(e.completion.iter().map(|&x| i64::from(x)));
+            labels.extend(std::iter::repeat_n(IGNORE_INDEX, t - len));
+            let mut m = vec![1u8; len];
+            m.extend(std::iter::repeat_n(0u8, t - len));
+            mask.push(m);
+            n_labels += e.completion.len();
+        }
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (b, t), device)?,
+            mask,
+            labels: Tensor::from_vec(labels, (b, t), device)?,
+            n_labels,
+        })
+    }
+
+    /// Logits and labels aligned for the loss (position t predicts t+1).
+    pub fn aligned_logits(&self, model: &Model) -> Result<(Tensor, Tensor)> {
+        let logits = model.forward(&self.input_ids, &self.mask)?;
+        loss::shift_for_causal(&logits, &self.labels)
+    }
+}
+
+/// Plain causal-LM loss (label-smoothed cross-entropy) of a batch.
+pub fn lm_loss(model: &Model, batch: &TrainBatch, epsilon: f64) -> Result<Tensor> {
+    let (logits, labels) = batch.aligned_logits(model)?;
+    loss::label_smoothed_cross_entropy(&logits, &labels, epsilon)
+}
+
+/// The HIR loss of paired batches: `pos[i]` and `neg[i]` share a completion
+/// under the relabeled and the opposite instruction.
+pub fn hir_loss(
+    model: &Model,
+    pos: &TrainBatch,
+    neg: &TrainBatch,
+    cfg: &HirLossConfig,
+) -> Result<HirLoss> {
+    let (pl, py) = pos.aligned_logits(model)?;
+    let (nl, ny) = neg.aligned_logits(model)?;
+    loss::hir_loss(&pl, &py, &nl, &ny, cfg)
+}
+
+// === impl GradAccumulator ===
+
+/// Sums gradients of several backward passes in f32.
+#[derive(Debug)]
+pub struct GradAccumulator {
+    sums: Vec<Option<Tensor>>,
+    micro_batches: usize,
+}
+
+impl GradAccumulator {
+    /// An empty accumulator for `n_vars` variables.
+    pub fn new(n_vars: usize) -> Self {
+        Self {
+            sums: vec![None; n_vars],
+            micro_batches: 0,
+        }
+    }
+
+    /// Adds `scale · grad` of every variable found in `grads`.
+    pub fn add(&mut self, vars: &[Var], grads: &GradStore, scale: f64) -> Result<()> {
+        for (slot, v) in self.sums.iter_mut().zip(vars) {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                let g = g.to_dtype(DType::F32)?.affine(scale, 0.0)?;
+                *slot = Some(match slot.take() {
+                    Some(s) => (s + g)?,
+                    None => g,
+                });
+            }
+        }
+        self.micro_batches += 1;
+        Ok(())
+    }
+
+    /// Micro-batches added since the last reset.
+    pub fn micro_batches(&self) -> usize {
+        self.micro_batches
+    }
+
+    /// The global L2 norm of the summed gradients.
+    pub fn global_norm(&self) -> Result<f64> {
+        let mut sq = 0f64;
+        for g in self.sums.iter().flatten() {
+            sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+        Ok(sq.sqrt())
+    }
+
+    /// Scales gradients so their global norm is at most `max_norm`; returns
+    /// the norm before clipping.
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> Result<f64> {
+        let norm = self.global_norm()?;
+        if norm > max_norm && norm > 0.0 {
+            let s = max_norm / (norm + 1e-6);
+            for g in self.sums.iter_mut().flatten() {
+                *g = g.affine(s, 0.0)?;
+            }
+        }
+        Ok(norm)
+    }
+
+    /// The summed gradient of variable `i`.
+    pub fn grad(&self, i: usize) -> Option<&Tensor> {
+        self.sums.get(i).and_then(|g| g.as_ref())
+    }
+
+    /// Forgets all gradients.
+    pub fn reset(&mut self) {
+        for g in &mut self.sums {
+            *g = None;
+        }
+        self.micro_batches = 0;
+    }
+}
+
+// === impl AdamW ===
+
+/// AdamW hyper-parameters (defaults of `torch.optim.AdamW` except the
+/// learning rate, which is HIR's 5e-4, and weight decay 0 as in HIR).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Denominator epsilon.
+    pub eps: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 5e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// First and second moments of one variable.
+#[derive(Debug)]
+enum Moments {
+    /// Plain vectors, updated in one fused loop (CPU).
+    Host(Vec<f32>, Vec<f32>),
+    /// Device tensors, updated with tensor ops.
+    Device(Tensor, Tensor),
+}
+
+/// AdamW with f32 moments, whatever the dtype of the weights. On the CPU the
+/// update is one fused pass over each variable.
+#[derive(Debug)]
+pub struct AdamW {
+    vars: Vec<Var>,
+    moments: Vec<Option<Moments>>,
+    step: u64,
+    /// Hyper-parameters (the learning rate may be changed between steps).
+    pub cfg: AdamWConfig,
+}
+
+impl AdamW {
+    /// An optimizer over `vars`.
+    pub fn new(vars: Vec<Var>, cfg: AdamWConfig) -> Self {
+        let n = vars.len();
+        Self {
+            vars,
+            moments: (0..n).map(|_| None).collect(),
+            step: 0,
+            cfg,
+        }
+    }
+
+    /// The variables.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Applies one update from the accumulated gradients (variables without a
+    /// gradient are left alone).
+    pub fn step(&mut self, grads: &GradAccumulator) -> Result<()> {
+        self.step += 1;
+        let c = self.cfg;
+        let t = self.step as i32;
+        let bc1 = 1.0 - c.beta1.powi(t);
+        let bc2 = 1.0 - c.beta2.powi(t);
+        for (i, var) in self.vars.iter().enumerate() {
+            let Some(g) = grads.grad(i) else { continue };
+            if var.device().is_cpu() {
+                let n = g.elem_count();
+                let (m, v) = match &mut self.moments[i] {
+                    Some(Moments::Host(m, v)) => (m, v),
+                    slot => {
+                        *slot = Some(Moments::Host(vec![0.0; n], vec![0.0; n]));
+                        match slot {
+                            Some(Moments::Host(m, v)) => (m, v),
+                            _ => unreachable!("just set"),
+                        }
+                    }
+                };
+                let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                let mut w: Vec<f32> = var
+                    .as_tensor()
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?;
+                let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+                let (lr, eps) = (c.lr as f32, c.eps as f32);
+                let decay = 1.0 - (c.lr * c.weight_decay) as f32;
+                let (ibc1, ibc2) = (1.0 / bc1 as f32, 1.0 / bc2 as f32);
+                for j in 0..n {
+                    let gj = g[j];
+                    m[j] = b1 * m[j] + (1.0 - b1) * gj;
+                    v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
+                    let upd = (m[j] * ibc1) / ((v[j] * ibc2).sqrt() + eps);
+                    w[j] = w[j] * decay - lr * upd;
+                }
+                let w = Tensor::from_vec(w, var.shape(), var.device())?.to_dtype(var.dtype())?;
+                var.set(&w)?;
+                continue;
+            }
+            let (m, v) = match self.moments[i].take() {
+                Some(Moments::Device(m, v)) => (
+                    ((m * c.beta1)? + (g * (1.0 - c.beta1))?)?,
+                    ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?,
+                ),
+                _ => ((g * (1.0 - c.beta1))?, (g.sqr()? * (1.0 - c.beta2))?),
+            };
+            let w = var.as_tensor().to_dtype(DType::F32)?;
+            let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
+            let w = ((w * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
+            var.set(&w.to_dtype(var.dtype())?)?;
+            self.moments[i] = Some(Moments::Device(m, v));
+        }
+        Ok(())
+    }
+}
+
+// === impl Trainer ===
+
+/// Optimizer, accumulation and clipping around a trainable model.
+#[derive(Debug)]
+pub struct Trainer {
+    opt: AdamW,
+    acc: GradAccumulator,
+    /// Micro-batches per optimizer step.
+    pub accumulation_steps: usize,
+    /// Maximum global gradient norm (`None`: no clipping).
+    pub max_grad_norm: Option<f64>,
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Optimizer steps taken so far.
+    pub step: u64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+impl Trainer {
+    /// A trainer over the model's trainable variables.
+    pub fn new(
+        vars: &[(String, Var)],
+        cfg: AdamWConfig,
+        accumulation_steps: usize,
+        max_grad_norm: Option<f64>,
+    ) -> Self {
+        let vars: Vec<Var> = vars.iter().map(|(_, v)| v.clone()).collect();
+        let n = vars.len();
+        Self {
+            opt: AdamW::new(vars, cfg),
+            acc: GradAccumulator::new(n),
+            accumulation_steps: accumulation_steps.max(1),
+            max_grad_norm,
+        }
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// Back-propagates `loss` (divided by the accumulation steps) and, once
+    /// enough micro-batches are in, clips and steps. Returns a report when a
+    /// step was taken.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<Option<StepReport>> {
+        let grads = loss.backward()?;
+        self.acc.add(
+            self.opt.vars(),
+            &grads,
+            1.0 / self.accumulation_steps as f64,
+        )?;
+        if self.acc.micro_batches() < self.accumulation_steps {
+            return Ok(None);
+        }
+        let grad_norm = match self.max_grad_norm {
+            Some(max) => self.acc.clip_global_norm(max)?,
+            None => self.acc.global_norm()?,
+        };
+        self.opt.step(&self.acc)?;
+        self.acc.reset();
+        Ok(Some(StepReport {
+            step: self.opt.steps(),
+            grad_norm,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn adamw_first_step_moves_each_weight_by_lr_against_the_gradient_sign() {
+        let dev = Device::Cpu;
+        let var = Var::new(&[1.0f32, -2.0, 0.5], &dev).unwrap();
+        let loss = (var.as_tensor() * Tensor::new(&[3.0f32, -1.0, 0.0], &dev).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let mut acc = GradAccumulator::new(1);
+        acc.add(std::slice::from_ref(&var), &loss.backward().unwrap(), 1.0)
+            .unwrap();
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(vec![var.clone()], cfg);
+        opt.step(&acc).unwrap();
+        let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+        // m̂ = g, v̂ = g², update = g/(|g|+eps) = sign(g); decay multiplies by 1 - lr·wd.
+        let d = 1.0 - 0.1 * 0.01;
+        let want = [1.0 * d - 0.1, -2.0 * d + 0.1, 0.5 * d];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn clipping_scales_the_global_norm_down() {
+        let dev = Device::Cpu;
+        let a = Var::new(&[3.0f32], &dev).unwrap();
+        let b = Var::new(&[4.0f32], &dev).unwrap();
+        // d/da (a²/2 + b²/2) = a → global norm 5.
+        let loss = ((a.as_tensor().sqr().unwrap() + b.as_tensor().sqr().unwrap()).unwrap() * 0.5)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let vars = [a, b];
+        let mut acc = GradAccumulator::new(2);
+        acc.add(&vars, &loss.backward().unwrap(), 1.0).unwrap();
+        acc.add(&vars, &loss.backward().unwrap(), 1.0).unwrap();
+        assert!((acc.global_norm().unwrap() - 10.0).abs() < 1e-4);
+        let before = acc.clip_global_norm(1.0).unwrap();
+        assert!((before - 10.0).abs() < 1e-4);
+        assert!((acc.global_norm().unwrap() - 1.0).abs() < 1e-4);
+    }
+
+    #[test]
+    fn train_batch_labels_only_the_completion() {
+        let ex = [
+            Example {
+                prompt: vec![5, 6],
+                completion: vec![7],
+            },
+            Example {
+                prompt: vec![1],
+                completion: vec![2, 3, 4],
+            },
+        ];
+        let b = TrainBatch::new(&ex, 0, &Device::Cpu).unwrap();
+        assert_eq!(
+            b.input_ids.to_vec2::<u32>().unwrap(),
+            vec![vec![5, 6, 7, 0], vec![1, 2, 3, 4]]
+        );
+        assert_eq!(
+            b.labels.to_vec2::<i64>().unwrap(),
+            vec![vec![-100, -100, 7, -100], vec![-100, 2, 3, 4]]
+        );
+        assert_eq!(b.mask, vec![vec![1, 1, 1, 0], vec![1, 1, 1, 1]]);
+        assert_eq!(b.n_labels, 4);
+    }
+}

@@ -1,0 +1,452 @@
+//! Strict weight loading shared by the model files.
+//!
+//! Unlike a `VarMap`-backed `VarBuilder`, nothing here ever creates a weight
+//! that the checkpoint lacks: a missing or mis-shaped tensor is an error that
+//! names the tensor and both shapes. Tensor names are always the Hugging Face
+//! names; sources with other naming (GGUF) translate them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+use crate::error::{ModelError, Result};
+
+/// A loaded weight: dense, or quantized (GGUF).
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// A dense tensor.
+    Dense(Tensor),
+    /// A quantized tensor (row-major, `[out, in]` for matrices).
+    Quant(Arc<QTensor>),
+}
+
+impl Param {
+    /// The tensor's shape.
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Param::Dense(t) => t.dims().to_vec(),
+            Param::Quant(q) => q.shape().dims().to_vec(),
+        }
+    }
+}
+
+/// Something that hands out weights by Hugging Face name.
+pub trait WeightSource: Send + Sync {
+    /// Whether the source holds a tensor of that name.
+    fn contains(&self, name: &str) -> bool;
+    /// The tensor of that name, on `device`. Shape checks are done by the caller.
+    fn get(&self, name: &str, device: &Device) -> Result<Option<Param>>;
+}
+
+/// Dense tensors held in memory.
+#[derive(Debug, Default, Clone)]
+pub struct MemorySource {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl MemorySource {
+    /// A source over the given tensors.
+    pub fn new(tensors: HashMap<String, Tensor>) -> Self {
+        Self { tensors }
+    }
+}
+
+impl WeightSource for MemorySource {
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    fn get(&self, name: &str, device: &Device) -> Result<Option<Param>> {
+        match self.tensors.get(name) {
+            Some(t) => Ok(Some(Param::Dense(t.to_device(device)?))),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Memory-mapped `.safetensors` files (one file or a sharded set).
+pub struct SafetensorsSource {
+    st: candle_core::safetensors::MmapedSafetensors,
+}
+
+impl SafetensorsSource {
+    /// Maps the given files.
+    pub fn open(files: &[std::path::PathBuf]) -> Result<Self> {
+        for f in files {
+            if !f.is_file() {
+                return Err(ModelError::MissingFile { path: f.clone() });
+            }
+        }
+        // SAFETY: the files are mapped read-only; as with every mmap-based
+        // loader, they must not be modified while the model is loading.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(files)? };
+        Ok(Self { st })
+    }
+}
+
+impl WeightSource for SafetensorsSource {
+    fn contains(&self, name: &str) -> bool {
+        self.st.get(name).is_ok()
+    }
+    fn get(&self, name: &str, device: &Device) -> Result<Option<Param>> {
+        if !self.contains(name) {
+            return Ok(None);
+        }
+        Ok(Some(Param::Dense(self.st.load(name, device)?)))
+    }
+}
+
+/// Deterministic random weights for tests and benchmarks: every tensor is
+/// drawn from a generator seeded by `(seed, name)`, so the values do not depend
+/// on the order in which tensors are requested. Norm weights (names ending in
+/// `norm.weight` or `layer_norm.weight`) are ones.
+#[derive(Debug, Clone)]
+pub struct RandomSource {
+    seed: u64,
+    std: f32,
+}
+
+impl RandomSource {
+    /// Normal(0, `std`) weights seeded by `seed`.
+    pub fn new(seed: u64, std: f32) -> Self {
+        Self { seed, std }
+    }
+
+    /// The tensor for `name` with `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if name.ends_with("norm.weight") {
+            return Ok(Tensor::ones(shape, DType::F32, device)?);
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(mix(self.seed, fnv1a(name.as_bytes())));
+        // Box-Muller keeps us independent of distribution crates.
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            let u1: f32 = rng.random::<f32>().max(1e-7);
+            let u2: f32 = rng.random::<f32>();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let th = 2.0 * std::f32::consts::PI * u2;
+            v.push(r * th.cos() * self.std);
+            if v.len() < n {
+                v.push(r * th.sin() * self.std);
+            }
+        }
+        Ok(Tensor::from_vec(v, shape, device)?)
+    }
+}
+
+/// The empty source behind [`Weights::random`], which makes up every tensor.
+pub(crate) struct NoWeights;
+
+impl WeightSource for NoWeights {
+    fn contains(&self, _name: &str) -> bool {
+        false
+    }
+    fn get(&self, _name: &str, _device: &Device) -> Result<Option<Param>> {
+        Ok(None)
+    }
+}
+
+/// FNV-1a hash, used to derive seeds from names.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+/// SplitMix64-style mixing of two words.
+pub(crate) fn mix(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.rotate_left(32) ^ 0x9e3779b97f4a7c15;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
+/// How weights are materialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    /// Dense tensors of the given dtype, no gradients.
+    Dense(DType),
+    /// Dense tensors of the given dtype, registered as trainable [`Var`]s.
+    Trainable(DType),
+    /// Keep quantized matrices quantized (GGUF only); Q4_1 and other types
+    /// without a fast CPU kernel are re-quantized to Q8_0. Norms and
+    /// embeddings are dense f32.
+    Quantized,
+    /// Keep quantized matrices in their GGUF type, even where candle has no
+    /// fast CPU kernel (for comparisons).
+    QuantizedAsIs,
+}
+
+impl WeightMode {
+    /// The dtype of dense tensors.
+    pub fn dtype(&self) -> DType {
+        match self {
+            WeightMode::Dense(d) | WeightMode::Trainable(d) => *d,
+            WeightMode::Quantized | WeightMode::QuantizedAsIs => DType::F32,
+        }
+    }
+
+    /// Whether matrices stay quantized.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, WeightMode::Quantized | WeightMode::QuantizedAsIs)
+    }
+}
+
+/// Strict weight builder: a source, a name prefix, a device and a mode.
+#[derive(Clone)]
+pub struct Weights {
+    src: Arc<dyn WeightSource>,
+    random: Option<RandomSource>,
+    prefix: String,
+    device: Device,
+    mode: WeightMode,
+    vars: Arc<Mutex<Vec<(String, Var)>>>,
+}
+
+impl Weights {
+    /// A builder over `src`.
+    pub fn new(src: Arc<dyn WeightSource>, device: &Device, mode: WeightMode) -> Self {
+        Self {
+            src,
+            random: None,
+            prefix: String::new(),
+            device: device.clone(),
+            mode,
+            vars: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// A builder that makes up every tensor from a seeded generator.
+    pub fn random(seed: u64, std: f32, device: &Device, mode: WeightMode) -> Self {
+        let r = RandomSource::new(seed, std);
+        let mut w = Self::new(Arc::new(NoWeights), device, mode);
+        w.random = Some(r);
+        w
+    }
+
+    /// The same builder with `name.` appended to the prefix.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let mut w = self.clone();
+        w.prefix = self.path(&name.to_string());
+        w
+    }
+
+    fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// The device tensors are put on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weight mode.
+    pub fn mode(&self) -> WeightMode {
+        self.mode
+    }
+
+    /// Whether the source holds `name` (under the prefix). Random sources hold nothing.
+    pub fn contains(&self, name: &str) -> bool {
+        self.src.contains(&self.path(name))
+    }
+
+    /// The trainable variables registered so far, with their full names.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.vars
+            .lock()
+            .expect("var registry lock is never poisoned")
+            .clone()
+    }
+
+    fn fetch(&self, name: &str, shape: &[usize]) -> Result<Param> {
+        let full = self.path(name);
+        if let Some(r) = &self.random {
+            return Ok(Param::Dense(r.tensor(&full, shape, &self.device)?));
+        }
+        let p = self
+            .src
+            .get(&full, &self.device)?
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: full.clone(),
+                expected: shape.to_vec(),
+            })?;
+        let actual = p.dims();
+        if actual != shape {
+            return Err(ModelError::ShapeMismatch {
+                name: full,
+                expected: shape.to_vec(),
+                actual,
+            });
+        }
+        Ok(p)
+    }
+
+    fn finish_dense(&self, name: &str, t: Tensor) -> Result<Tensor> {
+        let t = t.to_dtype(self.mode.dtype())?;
+        match self.mode {
+            WeightMode::Trainable(_) => {
+                let var = Var::from_tensor(&t)?;
+                let t = var.as_tensor().clone();
+                self.vars
+                    .lock()
+                    .expect("var registry lock is never poisoned")
+                    .push((self.path(name), var));
+                Ok(t)
+            }
+            _ => Ok(t),
+        }
+    }
+
+    /// A dense tensor (dequantized if the source is quantized).
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = match self.fetch(name, shape)? {
+            Param::Dense(t) => t,
+            Param::Quant(q) => q.dequantize(&self.device)?,
+        };
+        self.finish_dense(name, t)
+    }
+
+    /// A dense tensor that is never trained (buffers, frozen parts): same as
+    /// [`Weights::tensor`] but not registered as a variable.
+    pub fn frozen(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = match self.fetch(name, shape)? {
+            Param::Dense(t) => t,
+            Param::Quant(q) => q.dequantize(&self.device)?,
+        };
+        Ok(t.to_dtype(self.mode.dtype())?)
+    }
+
+    /// A linear layer `prefix.weight` `[out, in]` with optional `prefix.bias`.
+    pub fn linear(
+        &self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
+        let w = self.pp(prefix);
+        let b = if bias {
+            Some(w.tensor("bias", &[out_dim])?)
+        } else {
+            None
+        };
+        let weight = w.matrix("weight", out_dim, in_dim)?;
+        Ok(Linear { weight, bias: b })
+    }
+
+    /// A weight matrix `[out, in]`, quantized if the mode and source allow.
+    pub fn matrix(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<MatW> {
+        let p = self.fetch(name, &[out_dim, in_dim])?;
+        match (p, self.mode) {
+            (Param::Quant(q), WeightMode::Quantized) => {
+                Ok(MatW::Quant(to_qmatmul(q, true, &self.device)?))
+            }
+            (Param::Quant(q), WeightMode::QuantizedAsIs) => {
+                Ok(MatW::Quant(to_qmatmul(q, false, &self.device)?))
+            }
+            (Param::Dense(t), WeightMode::Quantized | WeightMode::QuantizedAsIs) => {
+                Ok(MatW::Dense(t.to_dtype(DType::F32)?))
+            }
+            (Param::Quant(q), _) => {
+                let t = q.dequantize(&self.device)?;
+                Ok(MatW::Dense(self.finish_dense(name, t)?))
+            }
+            (Param::Dense(t), _) => Ok(MatW::Dense(self.finish_dense(name, t)?)),
+        }
+    }
+}
+
+/// A quantized matrix on `device`. With `requant`, types without a fast CPU
+/// kernel (Q4_1, Q5_0, Q5_1, Q8_1) become Q8_0; otherwise the blocks are
+/// copied as they are.
+fn to_qmatmul(q: Arc<QTensor>, requant: bool, device: &Device) -> Result<QMatMul> {
+    let slow = matches!(
+        q.dtype(),
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q8_1
+    );
+    let q = if requant && slow {
+        let t = q.dequantize(&Device::Cpu)?;
+        Arc::new(QTensor::quantize_onto(&t, GgmlDType::Q8_0, device)?)
+    } else if device.is_cpu() {
+        q
+    } else {
+        let storage = candle_core::quantized::QStorage::from_data(q.data()?, device, q.dtype())?;
+        Arc::new(QTensor::new(storage, q.shape().clone())?)
+    };
+    Ok(QMatMul::from_arc(q)?)
+}
+
+/// A weight matrix, dense or quantized.
+#[derive(Debug, Clone)]
+pub enum MatW {
+    /// Dense `[out, in]`.
+    Dense(Tensor),
+    /// Quantized `[out, in]`.
+    Quant(QMatMul),
+}
+
+/// `y = x W^T + b` over a dense or quantized `W`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: MatW,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A dense layer from its parts.
+    pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: MatW::Dense(weight),
+            bias,
+        }
+    }
+
+    /// A layer from a (possibly quantized) matrix.
+    pub fn from_matrix(weight: MatW, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The bias, if any.
+    pub fn bias_tensor(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The dense weight, if the layer is dense.
+    pub fn dense_weight(&self) -> Option<&Tensor> {
+        match &self.weight {
+            MatW::Dense(t) => Some(t),
+            MatW::Quant(_) => None,
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = match &self.weight {
+            MatW::Dense(w) => {
+                let dims = x.dims();
+                let (rows, k) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
+                let x2 = x.reshape((rows, k))?;
+                let y = x2.matmul(&w.t()?)?;
+                let mut out = dims[..dims.len() - 1].to_vec();
+                out.push(w.dim(0)?);
+                y.reshape(out)?
+            }
+            MatW::Quant(q) => q.forward(&x.contiguous()?)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The real SmolLM2-135M-Instruct (Q4_1 GGUF), fetched by `scripts/fetch-model.sh`.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use hir_model::train::{Example, TrainBatch, Trainer};
+use hir_model::{LoadedModel, SamplingParams, WeightMode};
+
+const PROMPTS: [&str; 5] = [
+    "Solve the question with correct answer.\n\nQ: If you have 3 apples and buy 2 more, how many apples do you have?\nA:",
+    "Solve the question with correct answer.\n\nQ: Alice, Bob, and Claire are holding a red, a green and a blue ball. Alice swaps with Bob. Who holds the red ball?\nOptions:\n(A) Alice\n(B) Bob\n(C) Claire\nA:",
+    "Solve the question with correct answer.\n\nQ: Sort the words alphabetically: pear apple mango\nA:",
+    "Solve the question with correct answer.\n\nQ: What is the color of the sky on a clear day?\nA: The",
+    "Solve the question with correct answer.\n\nQ: How many legs does a spider have?\nA: A spider has",
+];
+
+fn load(mode: WeightMode) -> LoadedModel {
+    LoadedModel::load(&common::smollm2_gguf(), &Device::Cpu, mode).expect("SmolLM2 loads")
+}
+
+fn last_logits(m: &LoadedModel, prompt: &str) -> Vec<f32> {
+    let ids = m.encode(prompt).unwrap();
+    let t = ids.len();
+    let x = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
+    let logits = m.model().forward(&x, &[vec![1u8; t]]).unwrap();
+    logits
+        .get(0)
+        .unwrap()
+        .get(t - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i)
+        .unwrap()
+}
+
+#[test]
+fn smollm2_metadata_and_tokenizer_come_from_the_gguf() {
+    let m = load(WeightMode::Quantized);
+    let info = m.info();
+    assert_eq!(info.architecture, "llama");
+    assert_eq!(info.vocab_size, 49152);
+    assert_eq!(info.eos_token_ids, vec![2]);
+    assert!(
+        (134_000_000..136_000_000).contains(&info.parameters),
+        "{}",
+        info.parameters
+    );
+    assert_eq!(m.encode("<|im_end|>").unwrap(), vec![2]);
+    assert_eq!(m.encode("<|im_start|>").unwrap(), vec![1]);
+    // Digits are split one by one (StarCoder-style pre-tokenizer).
+    let ids = m.encode("1234 apples").unwrap();
+    assert_eq!(m.decode(&ids).unwrap(), "1234 apples");
+    assert!(ids.len() >= 5, "{ids:?}");
+    assert!(m.chat_prompt("hi").starts_with("<|im_start|>system\n"));
+}
+
+fn probs(logits: &[f32]) -> Vec<f32> {
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f32 = logits.iter().map(|l| (l - m).exp()).sum();
+    logits.iter().map(|l| (l - m).exp() / z).collect()
+}
+
+#[test]
+fn quantized_and_dequantized_models_agree_on_the_next_token() {
+    let f = load(WeightMode::Dense(DType::F32));
+    // Q4_1 kept as is: the same weights as the dequantized model.
+    let raw = load(WeightMode::QuantizedAsIs);
+    // Q4_1 re-quantized to Q8_0: adds about 0.5% weight error.
+    let q8 = load(WeightMode::Quantized);
+    let mut prompts: Vec<String> = PROMPTS.iter().map(|p| p.to_string()).collect();
+    prompts.push(f.chat_prompt("What is the capital of France?"));
+    let mut strict = 0;
+    for p in &prompts {
+        let pf = probs(&last_logits(&f, p));
+        let top = argmax(&pf);
+        let mut sorted = pf.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let clear = sorted[0] - sorted[1] > 0.1;
+        strict += usize::from(clear);
+        for (label, m) in [("Q4_1", &raw), ("Q8_0", &q8)] {
+            let pq = probs(&last_logits(m, p));
+            let tq = argmax(&pq);
+            if clear {
+                assert_eq!(tq, top, "{label} vs f32 on {p:?}");
+            } else {
+                // Near-ties (the raw HIR prompt hesitates between "\n" and
+                // <|im_end|>) may flip: accept the dense model's runner-up.
+                assert!(pf[tq] >= sorted[1], "{label} picks {tq} on {p:?}");
+            }
+            assert!(
+                (pq[top] - pf[top]).abs() < 0.1,
+                "{label}: {} vs {}",
+                pq[top],
+                pf[top]
+            );
+        }
+    }
+    assert!(strict >= 3, "only {strict} prompts with a clear top-1");
+}
+
+#[test]
+fn greedy_chat_answer_is_sensible_text() {
+    let m = load(WeightMode::Quantized);
+    let prompts = vec![
+        m.chat_prompt("What is the capital of France?"),
+        m.chat_prompt("Name three colours."),
+    ];
+    let out = m
+        .generate_text(&prompts, &SamplingParams::greedy(24))
+        .unwrap();
+    let paris = &out[0][0];
+    assert!(paris.text.contains("Paris"), "{:?}", paris.text);
+    let colours = out[1][0].text.to_lowercase();
+    assert!(
+        ["red", "blue", "green", "yellow"]
+            .iter()
+            .any(|c| colours.contains(*c)),
+        "{colours:?}"
+    );
+    // Batched greedy equals one prompt at a time.
+    let alone = m
+        .generate_text(&prompts[1..], &SamplingParams::greedy(24))
+        .unwrap();
+    assert_eq!(alone[0][0].token_ids, out[1][0].token_ids);
+}
+
+#[test]
+fn raw_hir_prompt_often_ends_the_turn_at_once() {
+    // HIR.md §7: under the raw paper prompt the first token is <|im_end|>.
+    let m = load(WeightMode::Quantized);
+    let out = m
+        .generate_text(&[PROMPTS[1].to_string()], &SamplingParams::greedy(8))
+        .unwrap();
+    let s = &out[0][0];
+    assert_eq!(s.finish_reason, hir_model::FinishReason::Eos);
+    assert_eq!(s.token_ids.last(), Some(&2));
+}
+
+#[test]
+fn dequantized_smollm2_trains_on_a_fixed_batch() {
+    let m = load(WeightMode::Trainable(DType::F32));
+    assert_eq!(m.vars().len(), 1 + 30 * 9 + 1);
+    let ex = vec![Example {
+        prompt: m
+            .encode(&m.chat_prompt("Which ball does Alice hold?"))
+            .unwrap(),
+        completion: m.encode("(C) The blue ball.<|im_end|>").unwrap(),
+    }];
+    let batch = TrainBatch::new(&ex, m.pad_token_id(), &Device::Cpu).unwrap();
+    let cfg = hir_model::train::AdamWConfig {
+        lr: 1e-4,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(m.vars(), cfg, 1, Some(1.0));
+    let mut losses = Vec::new();
+    for _ in 0..3 {
+        let loss = hir_model::train::lm_loss(m.model(), &batch, 0.0).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap());
+        trainer.backward(&loss).unwrap();
+    }
+    assert!(losses[2] < losses[0], "{losses:?}");
+}
