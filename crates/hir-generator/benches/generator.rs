@@ -1,0 +1,240 @@
+//! Generator throughput and swap latency, measured in one process against baselines run in
+//! the same process.
+//!
+//! `cargo bench -p hir-generator --bench generator [-- --max-new-tokens 32 --sequential 8 --concurrency 1,8,64]`
+//!
+//! * Throughput: C concurrent requests of 4 samples each (distinct BIG-bench prompts)
+//!   against the same kind of requests sent one at a time, as the reference's sampling loop
+//!   does.
+//! * Swap: SwapWeights of a dense SmolLM2 checkpoint against reading the same bytes.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use hir_core::prompt::{Prompt, PromptVariant, DEFAULT_INSTRUCTION};
+use hir_core::task::Catalog;
+use hir_generator::config::GeneratorConfig;
+use hir_generator::Application;
+use hir_proto::pb;
+use hir_proto::pb::generator_service_client::GeneratorServiceClient;
+use tonic::transport::Channel;
+
+struct Args {
+    model: PathBuf,
+    max_new_tokens: u32,
+    sequential: usize,
+    concurrency: Vec<usize>,
+    swap: bool,
+}
+
+fn args() -> Args {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut a = Args {
+        model: root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        max_new_tokens: 32,
+        sequential: 8,
+        concurrency: vec![1, 8, 64],
+        swap: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--model" => a.model = PathBuf::from(value()),
+            "--max-new-tokens" => a.max_new_tokens = value().parse().expect("a number"),
+            "--sequential" => a.sequential = value().parse().expect("a number"),
+            "--concurrency" => {
+                a.concurrency = value()
+                    .split(',')
+                    .map(|c| c.parse().expect("numbers"))
+                    .collect()
+            }
+            "--no-swap" => a.swap = false,
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    if !a.model.is_file() && !a.model.is_dir() {
+        let status = std::process::Command::new("bash")
+            .arg(root.join("scripts/fetch-model.sh"))
+            .status()
+            .expect("fetch script runs");
+        assert!(status.success(), "scripts/fetch-model.sh failed");
+    }
+    a
+}
+
+fn prompts(count: usize) -> Vec<String> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/bigbench");
+    let task = Catalog::discover(&root)
+        .unwrap()
+        .load("tracking_shuffled_objects_three_objects")
+        .unwrap();
+    task.examples
+        .iter()
+        .cycle()
+        .take(count)
+        .map(|ex| Prompt::build(&task, ex, DEFAULT_INSTRUCTION, PromptVariant::Sampler).text())
+        .collect()
+}
+
+async fn one(
+    client: &mut GeneratorServiceClient<Channel>,
+    prompt: String,
+    max_new: u32,
+    seed: u64,
+) -> usize {
+    let request = pb::GenerateRequest {
+        prompts: vec![prompt],
+        n: 4,
+        sampling: Some(pb::SamplingParams {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            max_new_tokens: max_new,
+            stop: vec![],
+            seed: Some(seed),
+        }),
+        ..Default::default()
+    };
+    let mut stream = client
+        .generate(request)
+        .await
+        .expect("generate")
+        .into_inner();
+    let mut tokens = 0;
+    while let Some(r) = stream.message().await.expect("stream") {
+        tokens += r.completion.map(|c| c.token_ids.len()).unwrap_or(0);
+    }
+    tokens
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let a = args();
+    let mut config = GeneratorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        model: a.model.clone(),
+        ..GeneratorConfig::default()
+    };
+    let swap_root = std::env::temp_dir().join(format!("hir-bench-swap-{}", std::process::id()));
+    config.swap.checkpoint_root = Some(swap_root.clone());
+    config.auth.token = Some("bench".into());
+    config.engine.max_batch_sequences = 4 * a.concurrency.iter().copied().max().unwrap_or(1);
+    config.engine.token_budget = usize::MAX / 2;
+    config.engine.queue_capacity = 1024;
+    let t = Instant::now();
+    let app = Application::build(config).await.expect("generator starts");
+    println!(
+        "model {} loaded and warmed up in {:.2} s",
+        a.model.display(),
+        t.elapsed().as_secs_f64()
+    );
+    let addr = app.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async { drop(stopped.await) }));
+    let mut client = GeneratorServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+
+    let max_c = a
+        .concurrency
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(a.sequential);
+    let prompts = prompts(max_c);
+
+    // The reference's loop: one request after another.
+    let t = Instant::now();
+    let mut seq_tokens = 0;
+    for (i, p) in prompts.iter().take(a.sequential).enumerate() {
+        seq_tokens += one(&mut client, p.clone(), a.max_new_tokens, i as u64).await;
+    }
+    let seq_rate = seq_tokens as f64 / t.elapsed().as_secs_f64();
+
+    println!("\nThroughput: requests of 1 prompt x 4 samples, up to {} new tokens, temperature 1, top-k 50", a.max_new_tokens);
+    println!("| requests | in flight | new tokens | seconds | tokens/s | vs one at a time |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {} | 1 (sequential) | {seq_tokens} | {:.2} | {seq_rate:.1} | 1.00x |",
+        a.sequential,
+        seq_tokens as f64 / seq_rate
+    );
+    for &c in &a.concurrency {
+        let t = Instant::now();
+        let tasks: Vec<_> = prompts
+            .iter()
+            .take(c)
+            .enumerate()
+            .map(|(i, p)| {
+                let mut client = client.clone();
+                let (p, max_new) = (p.clone(), a.max_new_tokens);
+                tokio::spawn(async move { one(&mut client, p, max_new, 1000 + i as u64).await })
+            })
+            .collect();
+        let mut tokens = 0;
+        for task in tasks {
+            tokens += task.await.unwrap();
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let rate = tokens as f64 / secs;
+        println!(
+            "| {c} | {c} | {tokens} | {secs:.2} | {rate:.1} | {:.2}x |",
+            rate / seq_rate
+        );
+    }
+
+    if a.swap {
+        // A dense checkpoint of the same model, as a trainer would write it.
+        let dense = hir_model::LoadedModel::load(
+            &a.model,
+            &candle_core::Device::Cpu,
+            hir_model::WeightMode::Dense(candle_core::DType::F32),
+        )
+        .expect("dense load");
+        let dir = swap_root.join("dense");
+        dense.save(&dir).expect("save checkpoint");
+        drop(dense);
+        let manifest = std::fs::read(dir.join("manifest.json")).unwrap();
+        let sha = hir_generator::swap::sha256_hex(&manifest);
+        // Raw read of the same bytes (warm page cache, as for the swap).
+        let t = Instant::now();
+        let mut bytes = 0usize;
+        for f in std::fs::read_dir(&dir).unwrap() {
+            bytes += std::hint::black_box(std::fs::read(f.unwrap().path()).unwrap()).len();
+        }
+        let raw_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut req = tonic::Request::new(pb::SwapWeightsRequest {
+            checkpoint: "dense".into(),
+            sha256: sha,
+            version: "dense".into(),
+            expected_version: "base".into(),
+        });
+        req.metadata_mut()
+            .insert("authorization", "Bearer bench".parse().unwrap());
+        let r = client.swap_weights(req).await.expect("swap").into_inner();
+        println!(
+            "\nSwap: SmolLM2-135M dense f32 checkpoint, {:.0} MB",
+            bytes as f64 / 1e6
+        );
+        println!("| step | ms |");
+        println!("|---|---:|");
+        println!("| raw read of the checkpoint's files | {raw_ms:.1} |");
+        println!("| swap: verify manifest | {:.1} |", r.verify_ms);
+        println!(
+            "| swap: load (file digests, tensors, shapes) | {:.1} |",
+            r.load_ms
+        );
+        println!("| swap: activate | {:.2} |", r.activate_ms);
+        println!(
+            "| swap: total | {:.1} ({:.2}x the raw read) |",
+            r.total_ms,
+            r.total_ms / raw_ms
+        );
+        let _ = std::fs::remove_dir_all(&swap_root);
+    }
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}

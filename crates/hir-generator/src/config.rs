@@ -1,0 +1,136 @@
+//! The generator's typed configuration: defaults, then a TOML file, then
+//! `HIR_GENERATOR__*` environment variables, then command-line flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
+
+/// Everything the generator can be configured with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeneratorConfig {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` address; none disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The model to serve at start: a HF folder or a GGUF file.
+    pub model: PathBuf,
+    /// Version name of the starting model.
+    pub version: String,
+    /// How to hold the weights.
+    pub weights: Weights,
+    /// `cpu` or `cuda:N` (CUDA needs a build with the `cuda` feature).
+    pub device: String,
+    /// Bearer-token protection.
+    pub auth: AuthConfig,
+    /// Bounds on requests.
+    pub limits: Limits,
+    /// Continuous batching.
+    pub engine: EngineConfig,
+    /// Weight swaps and uploads.
+    pub swap: SwapConfig,
+    /// On shutdown, running streams get this long to finish before they are cancelled.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9451))),
+            model: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+            version: "base".into(),
+            weights: Weights::Auto,
+            device: "cpu".into(),
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            engine: EngineConfig::default(),
+            swap: SwapConfig::default(),
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// How the weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Weights {
+    /// Quantized (Q8_0) for a GGUF file, f32 on CPU or bf16 on CUDA for a folder.
+    Auto,
+    /// Quantized (GGUF files only).
+    Quantized,
+    /// Dense f32.
+    F32,
+    /// Dense bf16.
+    Bf16,
+}
+
+/// Bearer-token protection of the RPCs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The token clients send as `authorization: Bearer <token>`. Without one, guarded RPCs
+    /// (swap and upload) are refused.
+    pub token: Option<String>,
+    /// Guard `Generate`, `LogProbs` and `GetModelInfo` too.
+    pub guard_generate: bool,
+}
+
+/// Bounds on requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most prompts in one request.
+    pub max_prompts_per_request: usize,
+    /// Largest `n`.
+    pub max_n: usize,
+    /// Largest `max_new_tokens`.
+    pub max_new_tokens: usize,
+    /// Longest prompt in tokens.
+    pub max_prompt_tokens: usize,
+    /// Most stop strings, and the longest one in bytes.
+    pub max_stop_strings: usize,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_prompts_per_request: 256,
+            max_n: 64,
+            max_new_tokens: 1024,
+            max_prompt_tokens: 4096,
+            max_stop_strings: 16,
+            max_message_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Weight swaps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SwapConfig {
+    /// Folder that `SwapWeights` references are resolved under; none disables them.
+    pub checkpoint_root: Option<PathBuf>,
+    /// Where uploads are staged (a private subfolder per upload, removed afterwards).
+    pub staging_dir: PathBuf,
+    /// Largest upload in bytes.
+    pub max_upload_bytes: u64,
+    /// Deadline of each step of a swap (receiving an upload, loading, activating).
+    pub timeout_secs: u64,
+}
+
+impl Default for SwapConfig {
+    fn default() -> Self {
+        Self {
+            checkpoint_root: None,
+            staging_dir: std::env::temp_dir().join("hir-generator-uploads"),
+            max_upload_bytes: 16 << 30,
+            timeout_secs: 300,
+        }
+    }
+}

@@ -1,0 +1,740 @@
+//! The engine: one OS thread that owns the models and runs continuous batching.
+//!
+//! Requests wait in a bounded queue (full queue: the caller is refused at once). At every
+//! decode step the engine admits waiting requests while the token budget and the sequence
+//! limit allow, prefills them together, merges them into the running batch, samples one
+//! token for every running sequence, and streams finished completions back.
+//!
+//! Versions: each request is pinned to the version serving when it is admitted. Activating
+//! a new version makes it the target of later admissions; sequences of the older version
+//! run to completion in their own batch, and the older model is dropped once it is idle.
+//! So no completion ever mixes two versions.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Instant, SystemTime};
+
+use hir_model::{DecodeBatch, FinishReason, GenerationRequest, LoadedModel, SamplingParams};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{GeneratorError, Result};
+use crate::metrics::Metrics;
+
+/// Limits of the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Requests that may wait for admission; beyond it requests get RESOURCE_EXHAUSTED.
+    pub queue_capacity: usize,
+    /// Most sequences decoding together.
+    pub max_batch_sequences: usize,
+    /// Most tokens (prompt plus max_new_tokens, over all running sequences) held at once:
+    /// bounds the KV cache memory.
+    pub token_budget: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 256,
+            max_batch_sequences: 64,
+            token_budget: 64 * 1024,
+        }
+    }
+}
+
+/// A validated generation request.
+#[derive(Debug)]
+pub struct Job {
+    /// Tokenised prompts.
+    pub prompts: Vec<Vec<u32>>,
+    /// Sampling parameters (with `n` and the seed).
+    pub params: SamplingParams,
+    /// Send logprobs with each completion.
+    pub return_logprobs: bool,
+    /// Refuse unless this version serves.
+    pub expected_version: Option<String>,
+    /// Where completions go; dropping the receiver cancels the job.
+    pub out: mpsc::UnboundedSender<Result<Completion>>,
+    /// When it was queued.
+    pub enqueued: Instant,
+    /// The request's span, so engine work is logged under it.
+    pub span: tracing::Span,
+}
+
+impl Job {
+    /// Tokens the job holds while it runs (prompt plus new tokens, every sample).
+    pub fn tokens(&self) -> usize {
+        self.prompts
+            .iter()
+            .map(|p| p.len() + self.params.max_new_tokens)
+            .sum::<usize>()
+            * self.params.n
+    }
+
+    fn sequences(&self) -> usize {
+        self.prompts.len() * self.params.n
+    }
+}
+
+/// One finished sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Index of the prompt in the request.
+    pub prompt_index: u32,
+    /// Which of the prompt's samples.
+    pub sample_index: u32,
+    /// The version that produced it.
+    pub model_version: Arc<str>,
+    /// Why it stopped.
+    pub finish_reason: FinishReason,
+    /// Generated text.
+    pub text: String,
+    /// Generated token ids, without end-of-sequence.
+    pub token_ids: Vec<u32>,
+    /// Logprob of each token, if asked for.
+    pub logprobs: Vec<f32>,
+    /// Prompt length in tokens.
+    pub prompt_tokens: u32,
+}
+
+/// What serves now; read by the service without asking the engine.
+#[derive(Debug, Clone)]
+pub struct Serving {
+    /// Version name.
+    pub version: Arc<str>,
+    /// The model (shared with the engine; used for tokenising requests).
+    pub model: Arc<LoadedModel>,
+    /// Digest of the checkpoint's manifest (or of the GGUF file).
+    pub sha256: String,
+    /// When it was activated.
+    pub activated_at: SystemTime,
+}
+
+/// Teacher-forced logprobs: the version that computed them and one list per item.
+pub type ProbeResult = (Arc<str>, Vec<Vec<f32>>);
+
+/// A report of an activation.
+#[derive(Debug, Clone)]
+pub struct Activated {
+    /// The version it replaced.
+    pub previous: Arc<str>,
+}
+
+enum Control {
+    Activate {
+        serving: Serving,
+        expected: Option<String>,
+        reply: oneshot::Sender<Result<Activated>>,
+    },
+    LogProbs {
+        items: Vec<(Vec<u32>, Vec<u32>)>,
+        expected: Option<String>,
+        reply: oneshot::Sender<Result<ProbeResult>>,
+    },
+    Drain {
+        abort: bool,
+    },
+}
+
+/// The handle services use to talk to the engine thread. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    jobs: mpsc::Sender<Job>,
+    control: mpsc::UnboundedSender<Control>,
+    serving: Arc<RwLock<Serving>>,
+    config: EngineConfig,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Control::Activate { .. } => "Activate",
+            Control::LogProbs { .. } => "LogProbs",
+            Control::Drain { .. } => "Drain",
+        })
+    }
+}
+
+impl EngineHandle {
+    /// What serves now.
+    pub fn serving(&self) -> Serving {
+        match self.serving.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The engine's limits.
+    pub fn config(&self) -> EngineConfig {
+        self.config
+    }
+
+    /// Queues a job; refuses at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<()> {
+        if job.tokens() > self.config.token_budget {
+            return Err(GeneratorError::invalid(
+                "prompts",
+                format!(
+                    "the request needs {} tokens of cache (prompts plus max_new_tokens, times n), more than this \
+                     server's token budget of {}; send fewer prompts, a smaller n or max_new_tokens",
+                    job.tokens(),
+                    self.config.token_budget
+                ),
+            ));
+        }
+        if job.sequences() > self.config.max_batch_sequences {
+            return Err(GeneratorError::invalid(
+                "n",
+                format!(
+                    "the request has {} sequences (prompts times n); this server decodes at most {} together",
+                    job.sequences(),
+                    self.config.max_batch_sequences
+                ),
+            ));
+        }
+        self.jobs.try_send(job).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(_) => GeneratorError::Overloaded(format!(
+                "the request queue is full ({} waiting); retry with backoff",
+                self.config.queue_capacity
+            )),
+            mpsc::error::TrySendError::Closed(_) => GeneratorError::EngineStopped,
+        })
+    }
+
+    /// Makes `serving` the version new requests get, if `expected` (when given) serves now.
+    pub async fn activate(&self, serving: Serving, expected: Option<String>) -> Result<Activated> {
+        let (reply, rx) = oneshot::channel();
+        self.control
+            .send(Control::Activate {
+                serving,
+                expected,
+                reply,
+            })
+            .map_err(|_| GeneratorError::EngineStopped)?;
+        rx.await.map_err(|_| GeneratorError::EngineStopped)?
+    }
+
+    /// Teacher-forced logprobs of each `(prompt, continuation)` under the serving version.
+    pub async fn logprobs(
+        &self,
+        items: Vec<(Vec<u32>, Vec<u32>)>,
+        expected: Option<String>,
+    ) -> Result<ProbeResult> {
+        let (reply, rx) = oneshot::channel();
+        self.control
+            .send(Control::LogProbs {
+                items,
+                expected,
+                reply,
+            })
+            .map_err(|_| GeneratorError::EngineStopped)?;
+        rx.await.map_err(|_| GeneratorError::EngineStopped)?
+    }
+
+    /// Stops admitting requests; with `abort`, also ends running ones with UNAVAILABLE.
+    pub fn drain(&self, abort: bool) {
+        // A stopped engine has nothing left to drain.
+        let _ = self.control.send(Control::Drain { abort });
+    }
+}
+
+/// Starts the engine thread serving `serving`, after a one-token warm-up generation.
+pub fn start(
+    serving: Serving,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+) -> Result<EngineHandle> {
+    warm_up(&serving.model)?;
+    let (jobs_tx, jobs_rx) = mpsc::channel(config.queue_capacity.max(1));
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    metrics.set_version(&serving.version);
+    let shared = Arc::new(RwLock::new(serving.clone()));
+    let engine = Engine {
+        config,
+        jobs: jobs_rx,
+        control: control_rx,
+        shared: Arc::clone(&shared),
+        slots: vec![Slot::new(serving)],
+        pending: None,
+        active: HashMap::new(),
+        groups: HashMap::new(),
+        next_id: 0,
+        served_versions: HashSet::new(),
+        draining: false,
+        metrics,
+    };
+    std::thread::Builder::new()
+        .name("hir-engine".into())
+        .spawn(move || engine.run())
+        .map_err(|source| GeneratorError::Io {
+            what: "starting the engine thread".into(),
+            source,
+        })?;
+    Ok(EngineHandle {
+        jobs: jobs_tx,
+        control: control_tx,
+        serving: shared,
+        config,
+    })
+}
+
+fn warm_up(model: &LoadedModel) -> Result<()> {
+    let prompt = model.encode("Hello")?;
+    let prompt = if prompt.is_empty() {
+        vec![model.pad_token_id()]
+    } else {
+        prompt
+    };
+    let mut batch = DecodeBatch::new(model.model(), model.eos_token_ids(), model.pad_token_id());
+    batch.admit(
+        model.model(),
+        &[GenerationRequest {
+            id: 0,
+            prompt_ids: prompt,
+            params: SamplingParams::greedy(1),
+        }],
+        &[0],
+    )?;
+    while !batch.is_empty() {
+        batch.step(model.model(), model.tokenizer())?;
+    }
+    Ok(())
+}
+
+/// One version's model and its running batch.
+struct Slot {
+    serving: Serving,
+    batch: DecodeBatch,
+}
+
+impl Slot {
+    fn new(serving: Serving) -> Self {
+        let m = &serving.model;
+        let batch = DecodeBatch::new(m.model(), m.eos_token_ids(), m.pad_token_id());
+        Self { serving, batch }
+    }
+}
+
+struct ActiveJob {
+    job: Job,
+    remaining: usize,
+    version: Arc<str>,
+    groups: Vec<u64>,
+}
+
+struct Engine {
+    config: EngineConfig,
+    jobs: mpsc::Receiver<Job>,
+    control: mpsc::UnboundedReceiver<Control>,
+    shared: Arc<RwLock<Serving>>,
+    /// Oldest first; the last one is current.
+    slots: Vec<Slot>,
+    /// A job taken from the queue that did not fit yet.
+    pending: Option<Job>,
+    active: HashMap<u64, ActiveJob>,
+    /// Sequence-group id (one per prompt) → (job id, prompt index).
+    groups: HashMap<u64, (u64, u32)>,
+    next_id: u64,
+    served_versions: HashSet<Arc<str>>,
+    draining: bool,
+    metrics: Arc<Metrics>,
+}
+
+impl Engine {
+    fn run(mut self) {
+        self.served_versions
+            .insert(Arc::clone(&self.current().serving.version));
+        let Ok(idle) = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        else {
+            tracing::error!("cannot build the engine's wait runtime");
+            return;
+        };
+        loop {
+            while let Ok(control) = self.control.try_recv() {
+                self.handle(control);
+            }
+            self.admit();
+            if self.running_sequences() > 0 {
+                self.drop_cancelled();
+                self.step();
+                continue;
+            }
+            self.release_idle_slots();
+            if self.pending.is_some() {
+                continue;
+            }
+            // Idle: wait for work or control.
+            let woke = idle.block_on(async {
+                tokio::select! {
+                    c = self.control.recv() => c.map(Wake::Control),
+                    j = self.jobs.recv() => j.map(Wake::Job),
+                }
+            });
+            match woke {
+                Some(Wake::Control(c)) => self.handle(c),
+                Some(Wake::Job(j)) => self.pending = Some(j),
+                None => {
+                    tracing::info!("engine stopping: no more handles");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn current(&self) -> &Slot {
+        self.slots
+            .last()
+            .expect("the engine always has a current slot")
+    }
+
+    fn running_sequences(&self) -> usize {
+        self.slots.iter().map(|s| s.batch.len()).sum()
+    }
+
+    fn running_tokens(&self) -> usize {
+        self.active.values().map(|a| a.job.tokens()).sum()
+    }
+
+    fn handle(&mut self, control: Control) {
+        match control {
+            Control::Activate {
+                serving,
+                expected,
+                reply,
+            } => {
+                let result = self.activate(serving, expected);
+                let _ = reply.send(result);
+            }
+            Control::LogProbs {
+                items,
+                expected,
+                reply,
+            } => {
+                let _ = reply.send(self.logprobs(&items, expected.as_deref()));
+            }
+            Control::Drain { abort } => {
+                self.draining = true;
+                if let Some(job) = self.pending.take() {
+                    let _ = job.out.send(Err(GeneratorError::EngineStopped));
+                }
+                while let Ok(job) = self.jobs.try_recv() {
+                    let _ = job.out.send(Err(GeneratorError::EngineStopped));
+                }
+                if abort {
+                    for (_, active) in self.active.drain() {
+                        let _ = active.job.out.send(Err(GeneratorError::EngineStopped));
+                    }
+                    self.groups.clear();
+                    for slot in &mut self.slots {
+                        let _ = slot.batch.retain_requests(|_| false);
+                    }
+                }
+            }
+        }
+    }
+
+    fn activate(&mut self, serving: Serving, expected: Option<String>) -> Result<Activated> {
+        let previous = Arc::clone(&self.current().serving.version);
+        if let Some(expected) = expected.filter(|e| !e.is_empty()) {
+            if *expected != *previous {
+                return Err(GeneratorError::FailedPrecondition(format!(
+                    "expected version `{expected}` to be serving, but `{previous}` is; another swap happened first"
+                )));
+            }
+        }
+        if self.served_versions.contains(&serving.version) {
+            return Err(GeneratorError::invalid(
+                "version",
+                format!(
+                    "`{}` was served before; every swap needs a new version name",
+                    serving.version
+                ),
+            ));
+        }
+        self.served_versions.insert(Arc::clone(&serving.version));
+        self.metrics.set_version(&serving.version);
+        if let Ok(mut shared) = self.shared.write() {
+            *shared = serving.clone();
+        }
+        self.slots.push(Slot::new(serving));
+        self.release_idle_slots();
+        Ok(Activated { previous })
+    }
+
+    fn admit(&mut self) {
+        if self.draining {
+            return;
+        }
+        let mut admitted: Vec<(u64, Job)> = Vec::new();
+        let (mut tokens, mut seqs) = (self.running_tokens(), self.running_sequences());
+        let current = Arc::clone(&self.current().serving.version);
+        loop {
+            let job = match self.pending.take() {
+                Some(job) => job,
+                None => match self.jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            if job.out.is_closed() {
+                continue; // cancelled while queued
+            }
+            if let Some(expected) = job.expected_version.as_deref().filter(|e| !e.is_empty()) {
+                if expected != &*current {
+                    let _ = job.out.send(Err(GeneratorError::FailedPrecondition(format!(
+                        "expected version `{expected}`, but `{current}` is serving"
+                    ))));
+                    continue;
+                }
+            }
+            let fits = tokens + job.tokens() <= self.config.token_budget
+                && seqs + job.sequences() <= self.config.max_batch_sequences;
+            if !fits && (seqs > 0 || !admitted.is_empty()) {
+                self.pending = Some(job);
+                break;
+            }
+            tokens += job.tokens();
+            seqs += job.sequences();
+            self.next_id += 1;
+            admitted.push((self.next_id, job));
+        }
+        self.metrics
+            .queue_depth
+            .set((self.jobs.len() + usize::from(self.pending.is_some())) as i64);
+        if admitted.is_empty() {
+            return;
+        }
+        let mut requests = Vec::new();
+        let mut streams = Vec::new();
+        let mut job_groups = Vec::with_capacity(admitted.len());
+        for (job_id, job) in &admitted {
+            let mut groups = Vec::with_capacity(job.prompts.len());
+            for (p, prompt) in job.prompts.iter().enumerate() {
+                self.next_id += 1;
+                let group = self.next_id;
+                self.groups.insert(group, (*job_id, p as u32));
+                groups.push(group);
+                requests.push(GenerationRequest {
+                    id: group,
+                    prompt_ids: prompt.clone(),
+                    params: job.params.clone(),
+                });
+                // The prompt index seeds the sequence's generator with the request's seed, so a
+                // sample does not depend on which other requests share the batch.
+                streams.push(p as u64);
+            }
+            job_groups.push(groups);
+        }
+        let slot = self.slots.last_mut().expect("current slot");
+        let model = Arc::clone(&slot.serving.model);
+        let result = slot.batch.admit(model.model(), &requests, &streams);
+        let now = Instant::now();
+        for ((job_id, job), groups) in admitted.into_iter().zip(job_groups) {
+            if let Err(err) = &result {
+                let _ = job.out.send(Err(GeneratorError::FailedPrecondition(format!(
+                    "prefill failed: {err}"
+                ))));
+                for g in groups {
+                    self.groups.remove(&g);
+                }
+                continue;
+            }
+            self.metrics
+                .time_to_first_token
+                .observe((now - job.enqueued).as_secs_f64());
+            job.span.in_scope(
+                || tracing::debug!(sequences = job.sequences(), version = %current, "admitted"),
+            );
+            let remaining = job.sequences();
+            self.active.insert(
+                job_id,
+                ActiveJob {
+                    job,
+                    remaining,
+                    version: Arc::clone(&current),
+                    groups,
+                },
+            );
+        }
+        let running = self.running_sequences() as i64;
+        self.metrics.running_sequences.set(running);
+        if running > self.metrics.peak_running_sequences.get() {
+            self.metrics.peak_running_sequences.set(running);
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let cancelled: Vec<u64> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.job.out.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        if cancelled.is_empty() {
+            return;
+        }
+        let mut dead_groups = HashSet::new();
+        for id in cancelled {
+            if let Some(active) = self.active.remove(&id) {
+                active
+                    .job
+                    .span
+                    .in_scope(|| tracing::info!("client cancelled; freeing its sequences"));
+                for g in active.groups {
+                    self.groups.remove(&g);
+                    dead_groups.insert(g);
+                }
+            }
+        }
+        for slot in &mut self.slots {
+            if let Err(err) = slot.batch.retain_requests(|id| !dead_groups.contains(&id)) {
+                tracing::error!(%err, "dropping cancelled sequences failed");
+            }
+        }
+        self.metrics
+            .running_sequences
+            .set(self.running_sequences() as i64);
+    }
+
+    fn step(&mut self) {
+        let started = Instant::now();
+        let mut tokens = 0usize;
+        let mut finished = Vec::new();
+        let mut failed_groups = Vec::new();
+        for slot in &mut self.slots {
+            if slot.batch.is_empty() {
+                continue;
+            }
+            tokens += slot.batch.len();
+            let model = Arc::clone(&slot.serving.model);
+            match slot.batch.step(model.model(), model.tokenizer()) {
+                Ok(done) => finished.extend(done),
+                Err(err) => {
+                    tracing::error!(%err, version = %slot.serving.version, "decode step failed");
+                    failed_groups.extend(slot.batch.request_ids());
+                    let _ = slot.batch.retain_requests(|_| false);
+                }
+            }
+        }
+        self.metrics.generated_tokens.inc_by(tokens as u64);
+        let elapsed = started.elapsed().as_secs_f64();
+        if elapsed > 0.0 {
+            self.metrics.tokens_per_second.set(tokens as f64 / elapsed);
+        }
+        for g in failed_groups {
+            if let Some((job_id, _)) = self.groups.remove(&g) {
+                if let Some(active) = self.active.remove(&job_id) {
+                    let _ = active.job.out.send(Err(GeneratorError::FailedPrecondition(
+                        "decoding failed; see server logs".into(),
+                    )));
+                }
+            }
+        }
+        for seq in finished {
+            let Some(&(job_id, prompt_index)) = self.groups.get(&seq.request_id) else {
+                continue;
+            };
+            let Some(active) = self.active.get_mut(&job_id) else {
+                continue;
+            };
+            let mut token_ids = seq.token_ids;
+            let mut logprobs = seq.logprobs;
+            if seq.finish_reason == FinishReason::Eos {
+                token_ids.pop();
+                logprobs.pop();
+            }
+            let completion = Completion {
+                prompt_index,
+                sample_index: seq.sample_index as u32,
+                model_version: Arc::clone(&active.version),
+                finish_reason: seq.finish_reason,
+                text: seq.text,
+                token_ids,
+                logprobs: if active.job.return_logprobs {
+                    logprobs
+                } else {
+                    Vec::new()
+                },
+                prompt_tokens: active.job.prompts[prompt_index as usize].len() as u32,
+            };
+            // A closed receiver is a cancellation, handled before the next step.
+            let _ = active.job.out.send(Ok(completion));
+            self.metrics.completions.inc();
+            active.remaining -= 1;
+            if active.remaining == 0 {
+                if let Some(done) = self.active.remove(&job_id) {
+                    for g in &done.groups {
+                        self.groups.remove(g);
+                    }
+                    done.job.span.in_scope(|| {
+                        tracing::debug!(
+                            elapsed_ms = done.job.enqueued.elapsed().as_millis() as u64,
+                            "request finished"
+                        )
+                    });
+                }
+            }
+        }
+        self.release_idle_slots();
+        self.metrics
+            .running_sequences
+            .set(self.running_sequences() as i64);
+    }
+
+    /// Drops older versions with nothing left running; the current one always stays.
+    fn release_idle_slots(&mut self) {
+        let last = self.slots.len() - 1;
+        let mut index = 0;
+        self.slots.retain(|s| {
+            let keep = index == last || !s.batch.is_empty();
+            index += 1;
+            keep
+        });
+    }
+
+    fn logprobs(
+        &self,
+        items: &[(Vec<u32>, Vec<u32>)],
+        expected: Option<&str>,
+    ) -> Result<(Arc<str>, Vec<Vec<f32>>)> {
+        let slot = self.current();
+        let version = Arc::clone(&slot.serving.version);
+        if let Some(expected) = expected.filter(|e| !e.is_empty()) {
+            if expected != &*version {
+                return Err(GeneratorError::FailedPrecondition(format!(
+                    "expected version `{expected}`, but `{version}` is serving"
+                )));
+            }
+        }
+        let model = slot.serving.model.model();
+        let mut out = Vec::with_capacity(items.len());
+        for (prompt, continuation) in items {
+            let ids: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
+            let input = candle_core::Tensor::from_vec(ids.clone(), (1, ids.len()), model.device())
+                .map_err(hir_model::ModelError::from)?;
+            let logits = model.forward(&input, &[vec![1u8; ids.len()]])?;
+            let logits = logits
+                .squeeze(0)
+                .and_then(|l| l.to_dtype(candle_core::DType::F32))
+                .and_then(|l| l.to_vec2::<f32>())
+                .map_err(hir_model::ModelError::from)?;
+            let mut lps = Vec::with_capacity(continuation.len());
+            for (k, &token) in continuation.iter().enumerate() {
+                let row = &logits[prompt.len() + k - 1];
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+                lps.push(row[token as usize] - lse);
+            }
+            out.push(lps);
+        }
+        Ok((version, out))
+    }
+}
+
+enum Wake {
+    Control(Control),
+    Job(Job),
+}

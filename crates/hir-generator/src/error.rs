@@ -1,0 +1,73 @@
+//! The generator's error type and its one mapping to gRPC status codes.
+
+/// Everything the generator can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GeneratorError {
+    /// A request field is invalid; the message names the field.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The field, e.g. `sampling.top_p` or `prompts[3]`.
+        field: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// The server is not in a state to do it (wrong version, not loaded, shutting down).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The request queue is full; retry later.
+    #[error("{0}")]
+    Overloaded(String),
+    /// A checkpoint is missing, corrupt or does not fit the served model.
+    #[error("checkpoint refused: {0}")]
+    Checkpoint(String),
+    /// A step ran past its deadline.
+    #[error("{0} did not finish within {1:?}")]
+    DeadlineExceeded(&'static str, std::time::Duration),
+    /// The engine thread is gone (the server is shutting down).
+    #[error("the generation engine has stopped; the server is shutting down")]
+    EngineStopped,
+    /// The model failed while running.
+    #[error("model error: {0}")]
+    Model(#[from] hir_model::ModelError),
+    /// A file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl GeneratorError {
+    /// An invalid field.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<GeneratorError> for tonic::Status {
+    fn from(err: GeneratorError) -> Self {
+        let message = err.to_string();
+        match err {
+            GeneratorError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
+            GeneratorError::FailedPrecondition(_) | GeneratorError::Checkpoint(_) => {
+                tonic::Status::failed_precondition(message)
+            }
+            GeneratorError::Overloaded(_) => tonic::Status::resource_exhausted(message),
+            GeneratorError::DeadlineExceeded(..) => tonic::Status::deadline_exceeded(message),
+            GeneratorError::EngineStopped => tonic::Status::unavailable(message),
+            GeneratorError::Model(_) | GeneratorError::Io { .. } => {
+                tonic::Status::internal(message)
+            }
+        }
+    }
+}
+
+/// Result alias of the generator.
+pub type Result<T, E = GeneratorError> = std::result::Result<T, E>;

@@ -1,0 +1,304 @@
+//! The hindsight generator: serves `hir.v1.GeneratorService` over gRPC.
+//!
+//! * [`engine`]: the continuous-batching engine on its own thread.
+//! * [`service`]: the gRPC service; validates requests into engine jobs.
+//! * [`swap`]: checkpoint references, digests, uploads.
+//! * [`config`]: typed configuration.
+//! * [`metrics`]: Prometheus metrics.
+//!
+//! [`Application`] wires them together with health, reflection, the bearer-token layer and
+//! the metrics endpoint; `hir-generator` and `hir serve generator` run it.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod service;
+pub mod swap;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use candle_core::Device;
+use hir_model::{LoadedModel, WeightMode};
+use hir_proto::pb::generator_service_server::GeneratorServiceServer;
+use hir_runtime::auth::{BearerAuthLayer, Guard};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::{GeneratorConfig, Weights};
+use crate::engine::{EngineHandle, Serving};
+use crate::metrics::Metrics;
+
+pub use error::{GeneratorError, Result};
+
+/// The RPCs that change what the generator serves.
+pub const MUTATING_METHODS: [&str; 2] = [
+    "/hir.v1.GeneratorService/SwapWeights",
+    "/hir.v1.GeneratorService/UploadWeights",
+];
+
+/// A generator with its model loaded, warmed up and its sockets bound.
+pub struct Application {
+    config: GeneratorConfig,
+    grpc: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+    device: Device,
+    mode: WeightMode,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("listen", &self.grpc.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses `cpu` or `cuda:N`.
+pub fn parse_device(name: &str) -> anyhow::Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        other => {
+            let ordinal = other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .with_context(|| format!("device `{other}`: expected `cpu` or `cuda:N`"))?;
+            Device::new_cuda(ordinal).with_context(|| {
+                format!("device `{other}` (is this a build with the `cuda` feature?)")
+            })
+        }
+    }
+}
+
+/// The weight mode for `weights` and `model` on `device`.
+pub fn weight_mode(weights: Weights, model: &std::path::Path, device: &Device) -> WeightMode {
+    let dense = |dtype| WeightMode::Dense(dtype);
+    match weights {
+        Weights::Quantized => WeightMode::Quantized,
+        Weights::F32 => dense(candle_core::DType::F32),
+        Weights::Bf16 => dense(candle_core::DType::BF16),
+        Weights::Auto if model.extension().is_some_and(|e| e == "gguf") => WeightMode::Quantized,
+        Weights::Auto if device.is_cuda() => dense(candle_core::DType::BF16),
+        Weights::Auto => dense(candle_core::DType::F32),
+    }
+}
+
+impl Application {
+    /// Loads the model, starts and warms up the engine and binds the sockets.
+    pub async fn build(config: GeneratorConfig) -> anyhow::Result<Self> {
+        let device = parse_device(&config.device)?;
+        let mode = weight_mode(config.weights, &config.model, &device);
+        let path = config.model.clone();
+        let (model, sha256) = {
+            let device = device.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(LoadedModel, String)> {
+                let model = LoadedModel::load(&path, &device, mode)
+                    .with_context(|| format!("loading {}", path.display()))?;
+                let digest_of = if path.is_dir() {
+                    path.join(swap::MANIFEST)
+                } else {
+                    path.clone()
+                };
+                let sha256 = if digest_of.is_file() {
+                    hir_model::checkpoint::sha256_file(&digest_of)?
+                } else {
+                    String::new()
+                };
+                Ok((model, sha256))
+            })
+            .await??
+        };
+        let metrics = Metrics::new();
+        let serving = Serving {
+            version: Arc::from(config.version.as_str()),
+            model: Arc::new(model),
+            sha256,
+            activated_at: SystemTime::now(),
+        };
+        let engine = {
+            let metrics = Arc::clone(&metrics);
+            let engine_config = config.engine;
+            tokio::task::spawn_blocking(move || engine::start(serving, engine_config, metrics))
+                .await??
+        };
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics {addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            config,
+            grpc,
+            metrics_listener,
+            engine,
+            metrics,
+            device,
+            mode,
+        })
+    }
+
+    /// The bound gRPC address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The bound metrics address, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` resolves, then stops admitting requests, gives running streams
+    /// `shutdown_grace_secs` to finish, cancels what is left and returns.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (reporter, health) = hir_proto::health_service();
+        let reflection = hir_proto::reflection_service()?;
+        let service = service::Generator::new(
+            self.engine.clone(),
+            self.config.limits,
+            self.config.swap.clone(),
+            self.device.clone(),
+            self.mode,
+            Arc::clone(&self.metrics),
+        );
+        let guard = if self.config.auth.guard_generate {
+            Guard::AllButProbes
+        } else {
+            Guard::Methods(MUTATING_METHODS.iter().map(|m| m.to_string()).collect())
+        };
+        // Authentication runs before any service sees the request.
+        let auth = BearerAuthLayer::new(self.config.auth.token.clone(), guard);
+        let max = self.config.limits.max_message_bytes;
+        let generator = GeneratorServiceServer::new(service)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        reporter
+            .set_serving::<GeneratorServiceServer<service::Generator>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+
+        let addr = self.local_addr();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(listener) = self.metrics_listener {
+            let registry = Arc::clone(&self.metrics.registry);
+            let mut stop = stop_rx.clone();
+            tokio::spawn(hir_runtime::metrics::serve(
+                listener,
+                registry,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            ));
+        }
+        let engine = self.engine.clone();
+        let grace = Duration::from_secs(self.config.shutdown_grace_secs);
+        let on_shutdown = async move {
+            shutdown.await;
+            tracing::info!(
+                "shutting down: no new requests; running streams get {grace:?} to finish"
+            );
+            reporter
+                .set_not_serving::<GeneratorServiceServer<service::Generator>>()
+                .await;
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            engine.drain(false);
+            let _ = stop_tx.send(true);
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                engine.drain(true);
+            });
+        };
+        tracing::info!(%addr, version = %self.engine.serving().version, "generator serving");
+        tonic::transport::Server::builder()
+            .layer(auth)
+            .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(generator)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), on_shutdown)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Command-line flags of `hir-generator` and `hir serve generator`; each overrides the
+/// configuration file and the environment.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "HIR_GENERATOR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Model to serve at start: a HF folder or a GGUF file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// gRPC address, e.g. 0.0.0.0:50051.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Prometheus /metrics address.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Folder that SwapWeights references resolve under.
+    #[arg(long)]
+    pub checkpoint_root: Option<PathBuf>,
+    /// Version name of the starting model.
+    #[arg(long)]
+    pub version: Option<String>,
+}
+
+impl ServeArgs {
+    /// The configuration: file, environment, then these flags.
+    pub fn config(&self) -> anyhow::Result<GeneratorConfig> {
+        let mut config: GeneratorConfig =
+            hir_runtime::config::load("generator", self.config.as_deref())?;
+        if let Some(m) = &self.model {
+            config.model.clone_from(m);
+        }
+        if let Some(l) = self.listen {
+            config.listen = l;
+        }
+        if let Some(l) = self.metrics_listen {
+            config.metrics_listen = Some(l);
+        }
+        if let Some(r) = &self.checkpoint_root {
+            config.swap.checkpoint_root = Some(r.clone());
+        }
+        if let Some(v) = &self.version {
+            config.version.clone_from(v);
+        }
+        Ok(config)
+    }
+}
+
+/// Runs a generator until Ctrl-C or SIGTERM.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    hir_runtime::telemetry::init(hir_runtime::telemetry::LogFormat::from_env());
+    let config = args.config()?;
+    tracing::info!(model = %config.model.display(), "loading model");
+    let app = Application::build(config).await?;
+    app.run_until(hir_runtime::shutdown::signal()).await
+}

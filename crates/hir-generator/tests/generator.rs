@@ -1,0 +1,768 @@
+//! The generator as clients see it: a real server on port 0, a real gRPC client, the tiny
+//! Llama fixture (random weights, 64-word vocabulary, 128-token context).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hir_generator::config::GeneratorConfig;
+use hir_generator::Application;
+use hir_model::{LoadedModel, WeightMode};
+use hir_proto::pb;
+use hir_proto::pb::generator_service_client::GeneratorServiceClient;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+
+const TOKEN: &str = "t0ken";
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hir-model/tests/fixtures/llama")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hir-gen-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+struct Server {
+    client: GeneratorServiceClient<Channel>,
+    channel: Channel,
+    metrics: std::net::SocketAddr,
+    root: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start(name: &str, tweak: impl FnOnce(&mut GeneratorConfig)) -> Server {
+    let root = scratch(name);
+    let mut config = GeneratorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        model: fixture(),
+        ..GeneratorConfig::default()
+    };
+    config.swap.checkpoint_root = Some(root.clone());
+    config.swap.staging_dir = root.join("staging");
+    config.auth.token = Some(TOKEN.into());
+    config.shutdown_grace_secs = 30;
+    tweak(&mut config);
+    let app = Application::build(config).await.expect("generator starts");
+    let addr = app.local_addr();
+    let metrics = app.metrics_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let done = tokio::spawn(app.run_until(async { drop(stopped.await) }));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Server {
+        client: GeneratorServiceClient::new(channel.clone()),
+        channel,
+        metrics,
+        root,
+        stop: Some(stop),
+        done,
+    }
+}
+
+fn request(
+    prompts: &[&str],
+    n: u32,
+    temperature: f32,
+    max_new: u32,
+    seed: Option<u64>,
+) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompts: prompts.iter().map(|p| p.to_string()).collect(),
+        n,
+        sampling: Some(pb::SamplingParams {
+            temperature,
+            top_k: 50,
+            top_p: 1.0,
+            max_new_tokens: max_new,
+            stop: vec![],
+            seed,
+        }),
+        return_logprobs: true,
+        ..Default::default()
+    }
+}
+
+async fn collect(
+    client: &mut GeneratorServiceClient<Channel>,
+    req: pb::GenerateRequest,
+) -> Result<Vec<pb::Completion>, tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(item) = stream.message().await? {
+        out.push(
+            item.completion
+                .expect("every response carries a completion"),
+        );
+    }
+    Ok(out)
+}
+
+fn authed<T>(message: T) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    r
+}
+
+async fn scrape(addr: std::net::SocketAddr, metric: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(metric)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("{metric} not in {text}"))
+}
+
+/// Writes the fixture with one weight changed as a checkpoint `name` under `root`; returns
+/// the SHA-256 of its manifest.
+fn perturbed_checkpoint(root: &Path, name: &str, scale: f64) -> String {
+    let model = LoadedModel::load(
+        &fixture(),
+        &candle_core::Device::Cpu,
+        WeightMode::Trainable(candle_core::DType::F32),
+    )
+    .unwrap();
+    let (_, var) = model
+        .vars()
+        .iter()
+        .find(|(n, _)| n == "lm_head.weight")
+        .expect("lm_head.weight is a var");
+    var.set(&(var.as_tensor() * scale).unwrap()).unwrap();
+    let dir = root.join(name);
+    model.save(&dir).unwrap();
+    hir_generator::swap::sha256_hex(&std::fs::read(dir.join("manifest.json")).unwrap())
+}
+
+impl Server {
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.done.await.unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[tokio::test]
+async fn completions_stream_with_their_tags() {
+    let mut s = start("tags", |_| {}).await;
+    let got = collect(
+        &mut s.client,
+        request(&["w2 w3 w4", "w5", "w6 w7 w8 w9 w10"], 2, 1.0, 12, Some(7)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.len(), 6);
+    let keys: HashSet<(u32, u32)> = got
+        .iter()
+        .map(|c| (c.prompt_index, c.sample_index))
+        .collect();
+    assert_eq!(
+        keys,
+        (0..3).flat_map(|p| (0..2).map(move |i| (p, i))).collect()
+    );
+    for c in &got {
+        assert_eq!(c.model_version, "base");
+        assert_eq!(c.seed, 7);
+        assert!(c.token_ids.len() <= 12);
+        assert_eq!(c.logprobs.len(), c.token_ids.len());
+        assert!(c.logprobs.iter().all(|&lp| lp <= 0.0 && lp.is_finite()));
+        let expected_prompt = [3, 1, 5][c.prompt_index as usize];
+        assert_eq!(c.prompt_tokens, expected_prompt);
+        let reason = pb::FinishReason::try_from(c.finish_reason).unwrap();
+        assert!(
+            reason == pb::FinishReason::Eos
+                || (reason == pb::FinishReason::Length && c.token_ids.len() == 12)
+        );
+    }
+    let info = s
+        .client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            info.version.as_str(),
+            info.architecture.as_str(),
+            info.vocab_size,
+            info.context_length
+        ),
+        ("base", "llama", 64, 128)
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn seeds_reproduce_and_greedy_is_deterministic() {
+    let mut s = start("seeds", |_| {}).await;
+    let sorted = |mut v: Vec<pb::Completion>| {
+        v.sort_by_key(|c| (c.prompt_index, c.sample_index));
+        v.into_iter().map(|c| c.token_ids).collect::<Vec<_>>()
+    };
+    let a = sorted(
+        collect(
+            &mut s.client,
+            request(&["w2 w3", "w4"], 3, 1.0, 16, Some(42)),
+        )
+        .await
+        .unwrap(),
+    );
+    let b = sorted(
+        collect(
+            &mut s.client,
+            request(&["w2 w3", "w4"], 3, 1.0, 16, Some(42)),
+        )
+        .await
+        .unwrap(),
+    );
+    let c = sorted(
+        collect(
+            &mut s.client,
+            request(&["w2 w3", "w4"], 3, 1.0, 16, Some(43)),
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(a, b, "same seed, same samples");
+    assert_ne!(a, c, "another seed, other samples");
+    let g1 = sorted(
+        collect(&mut s.client, request(&["w9 w8"], 2, 0.0, 16, None))
+            .await
+            .unwrap(),
+    );
+    let g2 = sorted(
+        collect(&mut s.client, request(&["w9 w8"], 2, 0.0, 16, None))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(g1, g2);
+    assert_eq!(g1[0], g1[1], "greedy samples of one prompt agree");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn teacher_forced_logprobs_match_sampling() {
+    let mut s = start("logprobs", |_| {}).await;
+    let got = collect(&mut s.client, request(&["w2 w3 w4"], 1, 1.0, 10, Some(3)))
+        .await
+        .unwrap();
+    let c = &got[0];
+    if c.token_ids.is_empty() {
+        return s.stop().await; // sampled EOS at once: nothing to compare
+    }
+    let probe = pb::LogProbsRequest {
+        items: vec![pb::LogProbsItem {
+            prompt_token_ids: vec![2, 3, 4],
+            continuation_token_ids: c.token_ids.clone(),
+        }],
+        expected_version: "base".into(),
+    };
+    let r = s.client.log_probs(probe).await.unwrap().into_inner();
+    assert_eq!(r.model_version, "base");
+    for (a, b) in r.results[0].logprobs.iter().zip(&c.logprobs) {
+        assert!((a - b).abs() < 1e-3, "{a} vs {b}");
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_clients_share_batches() {
+    let s = start("share", |c| c.engine.max_batch_sequences = 64).await;
+    let mut tasks = Vec::new();
+    for i in 0..12u64 {
+        let mut client = s.client.clone();
+        tasks.push(tokio::spawn(async move {
+            collect(&mut client, request(&["w2 w3 w4 w5"], 2, 1.0, 96, Some(i)))
+                .await
+                .unwrap()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().len(), 2);
+    }
+    let peak = scrape(s.metrics, "hir_generator_peak_running_sequences").await;
+    assert!(
+        peak > 2.0,
+        "requests of 2 sequences each never ran together (peak {peak})"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_request_frees_its_sequences() {
+    let mut s = start("cancel", |_| {}).await;
+    let stream = s
+        .client
+        .generate(request(&["w2 w3"], 8, 1.0, 120, Some(1)))
+        .await
+        .unwrap()
+        .into_inner();
+    drop(stream);
+    // The engine notices at its next step; poll the gauge until it reads zero.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if scrape(s.metrics, "hir_generator_running_sequences").await == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cancelled sequences were never freed"
+        );
+        tokio::task::yield_now().await;
+    }
+    // The server still answers normally.
+    assert_eq!(
+        collect(&mut s.client, request(&["w2"], 1, 0.0, 4, None))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn swap_under_load_never_mixes_versions() {
+    let mut s = start("swap", |_| {}).await;
+    let sha = perturbed_checkpoint(&s.root, "v2", 3.0);
+    let mut streams = Vec::new();
+    for i in 0..4u64 {
+        let mut client = s.client.clone();
+        streams.push(tokio::spawn(async move {
+            collect(
+                &mut client,
+                request(&["w2 w3 w4", "w7"], 2, 1.0, 100, Some(i)),
+            )
+            .await
+        }));
+    }
+    let swap = pb::SwapWeightsRequest {
+        checkpoint: "v2".into(),
+        sha256: sha,
+        version: "v2".into(),
+        expected_version: "base".into(),
+    };
+    let r = s
+        .client
+        .swap_weights(authed(swap))
+        .await
+        .expect("swap succeeds")
+        .into_inner();
+    assert_eq!(
+        (r.version.as_str(), r.previous_version.as_str()),
+        ("v2", "base")
+    );
+    assert!(r.total_ms > 0.0 && r.bytes > 0);
+    for t in streams {
+        let completions = t
+            .await
+            .unwrap()
+            .expect("streams running during the swap finish");
+        assert_eq!(completions.len(), 4);
+        let versions: HashSet<&str> = completions
+            .iter()
+            .map(|c| c.model_version.as_str())
+            .collect();
+        assert_eq!(versions.len(), 1, "one request, one version: {versions:?}");
+    }
+    let after = collect(&mut s.client, request(&["w2"], 1, 0.0, 4, None))
+        .await
+        .unwrap();
+    assert_eq!(after[0].model_version, "v2");
+    let info = s
+        .client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.version, "v2");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn bad_swaps_leave_the_old_version_serving() {
+    let mut s = start("badswap", |_| {}).await;
+    let sha = perturbed_checkpoint(&s.root, "good", 2.0);
+    // Unauthenticated.
+    let req = pb::SwapWeightsRequest {
+        checkpoint: "good".into(),
+        sha256: sha.clone(),
+        version: "v2".into(),
+        expected_version: String::new(),
+    };
+    assert_eq!(
+        s.client.swap_weights(req.clone()).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    let mut wrong = req.clone();
+    wrong.checkpoint = "../escape".into();
+    assert_eq!(
+        s.client
+            .swap_weights(authed(wrong))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    let mut wrong = req.clone();
+    wrong.sha256 = "0".repeat(64);
+    let err = s.client.swap_weights(authed(wrong)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("SHA-256"), "{}", err.message());
+    let mut wrong = req.clone();
+    wrong.expected_version = "someone-else".into();
+    let err = s.client.swap_weights(authed(wrong)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("another swap happened first"),
+        "{}",
+        err.message()
+    );
+    // A corrupt weight file behind an intact manifest.
+    let corrupt = s.root.join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    for f in std::fs::read_dir(s.root.join("good")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, corrupt.join(f.file_name().unwrap())).unwrap();
+    }
+    let weights = corrupt.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&weights, bytes).unwrap();
+    let mut bad = req.clone();
+    bad.checkpoint = "corrupt".into();
+    let err = s.client.swap_weights(authed(bad)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().contains("model.safetensors"),
+        "{}",
+        err.message()
+    );
+    let info = s
+        .client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.version, "base",
+        "every failed swap leaves the old version serving"
+    );
+    // The good one still works, once; its name cannot be reused.
+    s.client.swap_weights(authed(req.clone())).await.unwrap();
+    assert_eq!(
+        s.client.swap_weights(authed(req)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn uploads_swap_weights_without_a_shared_disk() {
+    let mut s = start("upload", |c| c.swap.checkpoint_root = None).await;
+    let src = scratch("upload-src");
+    let sha = perturbed_checkpoint(&src, "v2", 0.5);
+    let dir = src.join("v2");
+    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    let header = pb::UploadHeader {
+        version: "uploaded".into(),
+        expected_version: "base".into(),
+        sha256: sha,
+        files: files
+            .iter()
+            .map(|(n, b)| pb::UploadFile {
+                name: n.clone(),
+                size: b.len() as u64,
+            })
+            .collect(),
+    };
+    let mut messages = vec![pb::UploadWeightsRequest {
+        part: Some(pb::upload_weights_request::Part::Header(header)),
+    }];
+    for (name, bytes) in &files {
+        for (i, chunk) in bytes.chunks(10_000).enumerate() {
+            messages.push(pb::UploadWeightsRequest {
+                part: Some(pb::upload_weights_request::Part::Chunk(pb::FileChunk {
+                    name: name.clone(),
+                    offset: (i * 10_000) as u64,
+                    data: chunk.to_vec(),
+                })),
+            });
+        }
+    }
+    let r = s
+        .client
+        .upload_weights(authed(tokio_stream::iter(messages.clone())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.version, "uploaded");
+    assert_eq!(
+        collect(&mut s.client, request(&["w2"], 1, 0.0, 2, None))
+            .await
+            .unwrap()[0]
+            .model_version,
+        "uploaded"
+    );
+    // Out-of-order chunks are refused.
+    let mut shuffled = messages.clone();
+    if let Some(pb::upload_weights_request::Part::Header(h)) = &mut shuffled[0].part {
+        h.version = "again".into();
+        h.expected_version = String::new();
+    }
+    let name_of = |m: &pb::UploadWeightsRequest| match &m.part {
+        Some(pb::upload_weights_request::Part::Chunk(c)) => Some(c.name.clone()),
+        _ => None,
+    };
+    let i = (1..shuffled.len() - 1)
+        .find(|&i| name_of(&shuffled[i]) == name_of(&shuffled[i + 1]))
+        .expect("a file of several chunks");
+    shuffled.swap(i, i + 1);
+    let err = s
+        .client
+        .upload_weights(authed(tokio_stream::iter(shuffled)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // References are refused without a checkpoint root.
+    let req = pb::SwapWeightsRequest {
+        checkpoint: "x".into(),
+        sha256: "a".repeat(64),
+        version: "x".into(),
+        expected_version: String::new(),
+    };
+    assert_eq!(
+        s.client.swap_weights(authed(req)).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let staged: Vec<_> = std::fs::read_dir(s.root.join("staging"))
+        .map(|d| d.collect())
+        .unwrap_or_default();
+    assert!(staged.is_empty(), "staging folders are removed");
+    let _ = std::fs::remove_dir_all(&src);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn every_invalid_field_is_named() {
+    let mut s = start("invalid", |c| c.limits.max_n = 8).await;
+    let ok = request(&["w2 w3"], 1, 1.0, 8, None);
+    let long = vec!["w5"; 125].join(" ");
+    let cases: Vec<(&str, pb::GenerateRequest)> = vec![
+        (
+            "prompts",
+            pb::GenerateRequest {
+                prompts: vec![],
+                ..ok.clone()
+            },
+        ),
+        (
+            "prompts[1]",
+            pb::GenerateRequest {
+                prompts: vec!["w2".into(), " ".into()],
+                ..ok.clone()
+            },
+        ),
+        (
+            "prompts[0]",
+            pb::GenerateRequest {
+                prompts: vec![long],
+                ..ok.clone()
+            },
+        ),
+        ("n", pb::GenerateRequest { n: 0, ..ok.clone() }),
+        ("n", pb::GenerateRequest { n: 9, ..ok.clone() }),
+        (
+            "sampling.temperature",
+            with_sampling(&ok, |p| p.temperature = f32::NAN),
+        ),
+        (
+            "sampling.temperature",
+            with_sampling(&ok, |p| p.temperature = -1.0),
+        ),
+        ("sampling.top_p", with_sampling(&ok, |p| p.top_p = 1.5)),
+        ("sampling.top_p", with_sampling(&ok, |p| p.top_p = -0.1)),
+        (
+            "sampling.max_new_tokens",
+            with_sampling(&ok, |p| p.max_new_tokens = 0),
+        ),
+        (
+            "sampling.max_new_tokens",
+            with_sampling(&ok, |p| p.max_new_tokens = 1_000_000),
+        ),
+        (
+            "sampling.stop[0]",
+            with_sampling(&ok, |p| p.stop = vec![String::new()]),
+        ),
+    ];
+    for (field, req) in cases {
+        let err = collect(&mut s.client, req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let err = collect(
+        &mut s.client,
+        pb::GenerateRequest {
+            expected_version: "nope".into(),
+            ..ok.clone()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("nope"), "{}", err.message());
+    // A prompt that is not UTF-8, sent with a hand-made message.
+    let err = raw_generate(s.channel.clone(), b"\xff\xfe not utf-8")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("UTF-8"), "{}", err.message());
+    s.stop().await;
+}
+
+fn with_sampling(
+    req: &pb::GenerateRequest,
+    f: impl FnOnce(&mut pb::SamplingParams),
+) -> pb::GenerateRequest {
+    let mut r = req.clone();
+    f(r.sampling.as_mut().unwrap());
+    r
+}
+
+/// `GenerateRequest` with `prompts` as raw bytes, to send what a string field cannot hold.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGenerateRequest {
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    prompts: Vec<Vec<u8>>,
+    #[prost(uint32, tag = "2")]
+    n: u32,
+}
+
+async fn raw_generate(channel: Channel, prompt: &[u8]) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/hir.v1.GeneratorService/Generate");
+    let codec = tonic_prost::ProstCodec::<RawGenerateRequest, pb::GenerateResponse>::default();
+    let req = RawGenerateRequest {
+        prompts: vec![prompt.to_vec()],
+        n: 1,
+    };
+    let mut stream = grpc
+        .server_streaming(Request::new(req), path, codec)
+        .await?
+        .into_inner();
+    while stream.message().await?.is_some() {}
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_and_graceful_shutdown() {
+    let mut s = start("health", |_| {}).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "hir.v1.GeneratorService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // A stream running when shutdown starts still completes.
+    let mut client = s.client.clone();
+    let running = tokio::spawn(async move {
+        collect(&mut client, request(&["w2 w3"], 4, 1.0, 100, Some(5))).await
+    });
+    // Wait until the engine has admitted it, then stop the server.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while scrape(s.metrics, "hir_generator_running_sequences").await == 0.0 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    s.stop.take().unwrap().send(()).unwrap();
+    let completions = running
+        .await
+        .unwrap()
+        .expect("the running stream finishes during shutdown");
+    assert_eq!(completions.len(), 4);
+    s.done.await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&s.root);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_resource_exhausted_at_once() {
+    let s = start("full", |c| {
+        c.engine.queue_capacity = 1;
+        c.engine.max_batch_sequences = 2;
+    })
+    .await;
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let mut client = s.client.clone();
+        tasks.push(tokio::spawn(async move {
+            collect(&mut client, request(&["w2 w3"], 2, 1.0, 120, Some(i))).await
+        }));
+    }
+    let mut exhausted = 0;
+    let mut served = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(c) => {
+                assert_eq!(c.len(), 2);
+                served += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status.message().contains("queue is full"),
+                    "{}",
+                    status.message()
+                );
+                exhausted += 1;
+            }
+        }
+    }
+    assert!(
+        served >= 1 && exhausted >= 1,
+        "served {served}, refused {exhausted}"
+    );
+    assert_eq!(
+        scrape(s.metrics, "hir_generator_rejected_requests_total").await,
+        exhausted as f64
+    );
+    s.stop().await;
+}
