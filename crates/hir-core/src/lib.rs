@@ -7,6 +7,7 @@
 //! * [`score`]: the paper's exact-match score and a stricter answer-extraction score.
 //! * [`relabel`]: hindsight relabel policies (the paper's binary policy and a richer one).
 //! * [`suboutput`]: the sub-output truncation sampler of HIR's training phase.
+//! * [`run`]: a run's hyperparameters with the reference's defaults.
 //! * [`rng`]: the small seeded generator the samplers use.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@ pub mod error;
 pub mod prompt;
 pub mod relabel;
 pub mod rng;
+pub mod run;
 pub mod score;
 pub mod split;
 pub mod suboutput;

@@ -93,6 +93,19 @@ impl Store {
         })
     }
 
+    /// Every iteration, of any run, currently in `status`, oldest first: what a restarted
+    /// service picks up again.
+    #[tracing::instrument(name = "Listing iterations by status", skip(self))]
+    pub async fn iterations_with_status(&self, status: IterationStatus) -> Result<Vec<Iteration>> {
+        let rows = sqlx::query_as::<_, Iteration>(
+            "SELECT * FROM iterations WHERE status = $1 ORDER BY started_at, run_id, iteration",
+        )
+        .bind(status.as_str())
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows)
+    }
+
     /// Moves an iteration to `to` if its current status is one of `from`.
     ///
     /// Returns the updated iteration. Fails with

@@ -45,7 +45,8 @@ pub use feedback::NewFeedback;
 pub use iterations::{Iteration, IterationStatus};
 pub use runs::{NewRun, Run, RunStatus};
 pub use samples::{
-    InsertedSamples, IterationAccuracy, NewRelabel, NewScoredSample, Relabel, Sample,
+    ExampleSampleCount, InsertedSamples, IterationAccuracy, NewRelabel, NewScoredSample, Relabel,
+    Sample, SampleTotals,
 };
 pub use store::Store;
 pub use tasks::{Example, NewExample, NewTask, Split, Task, TaskKind};

@@ -74,6 +74,28 @@ pub struct InsertedSamples {
     pub relabels: u64,
 }
 
+/// Samples stored for one example in one iteration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct ExampleSampleCount {
+    /// The task.
+    pub task_id: i64,
+    /// The example.
+    pub example_idx: i32,
+    /// How many samples it has.
+    pub samples: i64,
+}
+
+/// Totals of one iteration's samples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+pub struct SampleTotals {
+    /// Samples stored.
+    pub samples: i64,
+    /// Correct under the paper's exact match.
+    pub correct: i64,
+    /// Correct under answer extraction.
+    pub correct_extracted: i64,
+}
+
 /// A stored sample.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct Sample {
@@ -221,6 +243,40 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         Ok(relabels)
+    }
+
+    /// How many samples each example has in one iteration of a run: the
+    /// progress a resumed sampler starts from.
+    #[tracing::instrument(name = "Counting samples per example", skip(self))]
+    pub async fn sample_counts(
+        &self,
+        run_id: Uuid,
+        iteration: i32,
+    ) -> Result<Vec<ExampleSampleCount>> {
+        let rows = sqlx::query_as::<_, ExampleSampleCount>(
+            "SELECT task_id, example_idx, count(*) AS samples FROM samples \
+             WHERE run_id = $1 AND iteration = $2 GROUP BY task_id, example_idx",
+        )
+        .bind(run_id)
+        .bind(iteration)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows)
+    }
+
+    /// Totals of one iteration's samples: stored, correct, correct under extraction.
+    #[tracing::instrument(name = "Summing an iteration's samples", skip(self))]
+    pub async fn sample_totals(&self, run_id: Uuid, iteration: i32) -> Result<SampleTotals> {
+        let totals = sqlx::query_as::<_, SampleTotals>(
+            "SELECT count(*) AS samples, count(*) FILTER (WHERE correct) AS correct, \
+             count(*) FILTER (WHERE correct_extracted) AS correct_extracted \
+             FROM samples WHERE run_id = $1 AND iteration = $2",
+        )
+        .bind(run_id)
+        .bind(iteration)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(totals)
     }
 
     /// Sampling accuracy of a run per iteration and task (the

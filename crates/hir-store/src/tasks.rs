@@ -228,6 +228,18 @@ impl Store {
             })
     }
 
+    /// Fetches a task by its id.
+    #[tracing::instrument(name = "Fetching task by id", skip(self))]
+    pub async fn get_task_by_id(&self, id: i64) -> Result<Task> {
+        sqlx::query_as::<_, Task>("SELECT * FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                what: format!("task {id}"),
+            })
+    }
+
     /// Lists a task's examples ordered by idx, optionally only one split.
     #[tracing::instrument(name = "Listing examples", skip(self))]
     pub async fn list_examples(&self, task_id: i64, split: Option<Split>) -> Result<Vec<Example>> {

@@ -1,0 +1,216 @@
+//! The hindsight relabeler: serves `hir.v1.RelabelerService` over gRPC.
+//!
+//! * [`sampler`]: samples an iteration through the generators into the store (resumable).
+//! * [`service`]: the gRPC service (sampling control, Score, SubmitFeedback).
+//! * [`tasks`]: BIG-bench tasks in the store.
+//! * [`config`], [`metrics`], [`error`].
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod sampler;
+pub mod service;
+pub mod tasks;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hir_proto::pb::relabeler_service_server::RelabelerServiceServer;
+use hir_runtime::auth::BearerAuthLayer;
+use hir_store::{IterationStatus, Store};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::RelabelerConfig;
+use crate::metrics::Metrics;
+use crate::sampler::{Generators, SamplerSettings};
+use crate::service::{ApiLimits, Relabeler};
+
+pub use error::{RelabelerError, Result};
+
+/// The RPCs that write.
+pub const MUTATING_METHODS: [&str; 2] = [
+    "/hir.v1.RelabelerService/StartSampling",
+    "/hir.v1.RelabelerService/SubmitFeedback",
+];
+
+/// A relabeler with its store migrated and its sockets bound.
+pub struct Application {
+    config: RelabelerConfig,
+    grpc: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    service: Relabeler,
+    store: Store,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("listen", &self.grpc.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Connects and migrates the store, reads the task catalog and binds the sockets.
+    pub async fn build(config: RelabelerConfig) -> anyhow::Result<Self> {
+        let store = Store::connect(&config.database_url).await?;
+        store
+            .migrate()
+            .await
+            .context("migrating the relabel store")?;
+        let catalog = hir_core::task::Catalog::discover(&config.bigbench)?;
+        let generators = Generators::new(&config.generators)?;
+        let settings = SamplerSettings {
+            concurrency: config.concurrency.max(1),
+            write_batch: config.write_batch.max(1),
+            retry_initial: Duration::from_millis(config.retry_initial_ms.max(1)),
+            retry_give_up: Duration::from_secs(config.retry_give_up_secs),
+            generator_token: config.generator_token.clone(),
+        };
+        let limits = ApiLimits {
+            max_output_bytes: config.max_output_bytes,
+            max_feedback_items: config.max_feedback_items,
+        };
+        let metrics = Metrics::new();
+        let service = Relabeler::new(
+            store.clone(),
+            catalog,
+            generators,
+            settings,
+            limits,
+            Arc::clone(&metrics),
+        );
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics {addr}"))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            config,
+            grpc,
+            metrics_listener,
+            service,
+            store,
+            metrics,
+        })
+    }
+
+    /// The bound gRPC address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The bound metrics address, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// Resumes iterations left sampling by an earlier process, then serves until `shutdown`.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        for it in self
+            .store
+            .iterations_with_status(IterationStatus::Sampling)
+            .await?
+        {
+            tracing::info!(run_id = %it.run_id, iteration = it.iteration, "resuming an interrupted iteration");
+            self.service.spawn_sampling(it.run_id, it.iteration);
+        }
+        let (reporter, health) = hir_proto::health_service();
+        let reflection = hir_proto::reflection_service()?;
+        reporter
+            .set_serving::<RelabelerServiceServer<Relabeler>>()
+            .await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(listener) = self.metrics_listener {
+            let registry = Arc::clone(&self.metrics.registry);
+            let mut stop = stop_rx.clone();
+            tokio::spawn(hir_runtime::metrics::serve(
+                listener,
+                registry,
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            ));
+        }
+        let addr = self.grpc.local_addr()?;
+        tracing::info!(%addr, "relabeler serving");
+        // Authentication runs before any service sees the request.
+        let auth = BearerAuthLayer::methods(self.config.auth_token.clone(), MUTATING_METHODS);
+        tonic::transport::Server::builder()
+            .layer(auth)
+            .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(RelabelerServiceServer::new(self.service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// Command-line flags of `hir-relabeler` and `hir serve relabeler`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "HIR_RELABELER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC address.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Postgres URL of the relabel store.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Generator address (repeatable), e.g. http://127.0.0.1:50051.
+    #[arg(long = "generator")]
+    pub generators: Vec<String>,
+    /// BIG-bench tasks folder.
+    #[arg(long)]
+    pub bigbench: Option<PathBuf>,
+}
+
+/// Runs a relabeler until Ctrl-C or SIGTERM.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    hir_runtime::telemetry::init(hir_runtime::telemetry::LogFormat::from_env());
+    let mut config: RelabelerConfig =
+        hir_runtime::config::load("relabeler", args.config.as_deref())?;
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(u) = args.database_url {
+        config.database_url = u;
+    }
+    if !args.generators.is_empty() {
+        config.generators = args.generators;
+    }
+    if let Some(b) = args.bigbench {
+        config.bigbench = b;
+    }
+    let app = Application::build(config).await?;
+    app.run_until(hir_runtime::shutdown::signal()).await
+}

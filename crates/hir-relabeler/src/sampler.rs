@@ -1,0 +1,564 @@
+//! Sampling one iteration: every training prompt of the run's tasks goes through a
+//! generator (n samples each), every completion is scored and relabeled, and everything is
+//! written to the store in batched, idempotent transactions. Then the samples are grouped
+//! into training batches and the iteration moves to SAMPLED.
+//!
+//! Resume: each prompt's samples are seeded from (run seed, iteration, task, example), so a
+//! prompt sent again gives the same samples, and the store ignores rows it already holds. A
+//! restarted sampler skips prompts that have all their samples and re-sends the others.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hir_core::relabel::{Outcome, RelabelPolicy};
+use hir_core::run::RunConfig;
+use hir_core::score::{relabel_match, score};
+use hir_proto::pb;
+use hir_proto::pb::generator_service_client::GeneratorServiceClient;
+use hir_store::{IterationStatus, NewModelVersion, NewRelabel, NewScoredSample, Store};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use crate::error::{RelabelerError, Result};
+use crate::metrics::Metrics;
+
+/// Live state of one iteration's sampling.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    /// Where the iteration stands.
+    pub status: Option<IterationStatus>,
+    /// The version sampled from.
+    pub model_version: String,
+    /// Training prompts in the iteration.
+    pub prompts_total: u64,
+    /// Prompts with all their samples stored.
+    pub prompts_done: u64,
+    /// Samples stored.
+    pub samples: u64,
+    /// Of those, correct (exact match).
+    pub correct: u64,
+    /// Of those, correct under extraction.
+    pub correct_extracted: u64,
+    /// Stored samples per second since this sampler started.
+    pub samples_per_second: f64,
+    /// Training batches created.
+    pub batches: u32,
+    /// Why it failed, or why the generator is being retried.
+    pub error: String,
+}
+
+/// Settings of the sampling pipeline.
+#[derive(Debug, Clone)]
+pub struct SamplerSettings {
+    /// Requests in flight.
+    pub concurrency: usize,
+    /// Samples per store transaction.
+    pub write_batch: usize,
+    /// First retry delay for an unavailable generator.
+    pub retry_initial: Duration,
+    /// Give up after this long.
+    pub retry_give_up: Duration,
+    /// Bearer token for the generators.
+    pub generator_token: Option<String>,
+}
+
+/// Generator clients, used round-robin.
+#[derive(Debug, Clone)]
+pub struct Generators {
+    clients: Arc<Vec<GeneratorServiceClient<Channel>>>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Generators {
+    /// Lazy channels to `addresses` (connected on first use, reconnected after failures).
+    pub fn new(addresses: &[String]) -> Result<Self> {
+        if addresses.is_empty() {
+            return Err(RelabelerError::invalid(
+                "generators",
+                "at least one generator address is required",
+            ));
+        }
+        let clients = addresses
+            .iter()
+            .map(|a| {
+                Channel::from_shared(a.clone())
+                    .map(|e| GeneratorServiceClient::new(e.connect_lazy()))
+                    .map_err(|e| RelabelerError::invalid("generators", format!("`{a}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            clients: Arc::new(clients),
+            next: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    fn pick(&self) -> GeneratorServiceClient<Channel> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        self.clients[i].clone()
+    }
+}
+
+/// One prompt to sample.
+struct Item {
+    task: usize,
+    example: usize,
+    prompt: String,
+}
+
+fn retryable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+    )
+}
+
+fn authed<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        if let Ok(value) = format!("Bearer {token}").parse() {
+            request.metadata_mut().insert("authorization", value);
+        }
+    }
+    request
+}
+
+/// What sampling needs: the store, the tasks, the generators and the settings.
+#[derive(Debug)]
+pub struct Sampler {
+    /// The relabel store.
+    pub store: Store,
+    /// BIG-bench tasks.
+    pub catalog: hir_core::task::Catalog,
+    /// The generators.
+    pub generators: Generators,
+    /// Pipeline settings.
+    pub settings: SamplerSettings,
+    /// Metrics to update.
+    pub metrics: std::sync::Arc<Metrics>,
+}
+
+impl Sampler {
+    /// Samples iteration `iteration` of `run_id` to the end; see the module docs.
+    pub async fn sample_iteration(
+        &self,
+        run_id: Uuid,
+        iteration: i32,
+        progress: &watch::Sender<Progress>,
+    ) -> Result<()> {
+        sample_iteration(self, run_id, iteration, progress).await
+    }
+}
+
+async fn sample_iteration(
+    sampler: &Sampler,
+    run_id: Uuid,
+    iteration: i32,
+    progress: &watch::Sender<Progress>,
+) -> Result<()> {
+    let Sampler {
+        store,
+        catalog,
+        generators,
+        settings,
+        metrics,
+    } = sampler;
+    let run = store.get_run(run_id).await?;
+    let config: RunConfig = serde_json::from_value(run.config.clone()).map_err(|e| {
+        RelabelerError::FailedPrecondition(format!("run {run_id} has an unreadable config: {e}"))
+    })?;
+    let policy = hir_core::relabel::policy_by_name(&run.policy)?;
+    store.ensure_iteration(run_id, iteration).await?;
+    let current = store.get_iteration(run_id, iteration).await?;
+    if !matches!(
+        current.status,
+        IterationStatus::Pending | IterationStatus::Sampling
+    ) {
+        progress.send_modify(|p| p.status = Some(current.status));
+        return Ok(());
+    }
+    store
+        .advance_iteration(
+            run_id,
+            iteration,
+            &[IterationStatus::Pending, IterationStatus::Sampling],
+            IterationStatus::Sampling,
+        )
+        .await?;
+    progress.send_modify(|p| p.status = Some(IterationStatus::Sampling));
+
+    let seed = u32::try_from(config.seed).unwrap_or(1);
+    let tasks = crate::tasks::run_tasks(store, catalog, run_id, seed).await?;
+    if tasks.is_empty() {
+        return Err(RelabelerError::FailedPrecondition(format!(
+            "run {run_id} has no tasks"
+        )));
+    }
+    let n = config.samples_per_prompt as i64;
+    let done: HashMap<(i64, i32), i64> = store
+        .sample_counts(run_id, iteration)
+        .await?
+        .into_iter()
+        .map(|c| ((c.task_id, c.example_idx), c.samples))
+        .collect();
+    let mut items = Vec::new();
+    let mut total = 0u64;
+    for (t, rt) in tasks.iter().enumerate() {
+        let limit = if config.max_train_prompts == 0 {
+            rt.train.len()
+        } else {
+            (config.max_train_prompts as usize).min(rt.train.len())
+        };
+        for &example in &rt.train[..limit] {
+            total += 1;
+            if done.get(&(rt.id, example as i32)).copied().unwrap_or(0) >= n {
+                continue;
+            }
+            let ex = &rt.task.examples[example];
+            let prompt = hir_core::prompt::Prompt::build(
+                &rt.task,
+                ex,
+                hir_core::prompt::DEFAULT_INSTRUCTION,
+                hir_core::prompt::PromptVariant::Sampler,
+            )
+            .text();
+            items.push(Item {
+                task: t,
+                example,
+                prompt,
+            });
+        }
+    }
+    let version = serving_version(store, generators, settings, run_id, iteration).await?;
+    let totals = store.sample_totals(run_id, iteration).await?;
+    progress.send_modify(|p| {
+        p.model_version.clone_from(&version.1);
+        p.prompts_total = total;
+        p.prompts_done = total - items.len() as u64;
+        p.samples = totals.samples as u64;
+        p.correct = totals.correct as u64;
+        p.correct_extracted = totals.correct_extracted as u64;
+    });
+    tracing::info!(%run_id, iteration, prompts = items.len(), skipped = total - items.len() as u64, version = %version.1, "sampling");
+
+    // Writer: batches rows into transactions and reports progress.
+    let (tx, mut rx) = mpsc::channel::<Vec<NewScoredSample>>(settings.concurrency * 2);
+    let writer = {
+        let store = store.clone();
+        let progress = progress.clone();
+        let write_batch = settings.write_batch.max(1);
+        let metrics_handle = (
+            metrics.samples.clone(),
+            metrics.correct.clone(),
+            metrics.write_seconds.clone(),
+        );
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut stored_now = 0u64;
+            let mut pending: Vec<NewScoredSample> = Vec::new();
+            let mut prompts_in_pending = 0u64;
+            let flush = |rows: Vec<NewScoredSample>, prompts: u64| {
+                let store = store.clone();
+                let progress = progress.clone();
+                let (samples_c, correct_c, write_h) = metrics_handle.clone();
+                async move {
+                    let t = Instant::now();
+                    let inserted = store.insert_scored_samples(&rows).await?;
+                    write_h.observe(t.elapsed().as_secs_f64());
+                    let correct = rows.iter().filter(|r| r.correct).count() as u64;
+                    let extracted = rows.iter().filter(|r| r.correct_extracted).count() as u64;
+                    samples_c.inc_by(inserted.samples);
+                    correct_c.inc_by(correct);
+                    progress.send_modify(|p| {
+                        p.samples += inserted.samples;
+                        p.correct += correct;
+                        p.correct_extracted += extracted;
+                        p.prompts_done += prompts;
+                    });
+                    Ok::<u64, RelabelerError>(inserted.samples)
+                }
+            };
+            loop {
+                let next = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
+                match next {
+                    Ok(Some(rows)) => {
+                        pending.extend(rows);
+                        prompts_in_pending += 1;
+                        if pending.len() < write_batch {
+                            continue;
+                        }
+                    }
+                    Ok(None) => {
+                        if !pending.is_empty() {
+                            stored_now +=
+                                flush(std::mem::take(&mut pending), prompts_in_pending).await?;
+                        }
+                        return Ok::<u64, RelabelerError>(stored_now);
+                    }
+                    Err(_) if pending.is_empty() => continue,
+                    Err(_) => {}
+                }
+                stored_now += flush(
+                    std::mem::take(&mut pending),
+                    std::mem::take(&mut prompts_in_pending),
+                )
+                .await?;
+                let rate = stored_now as f64 / started.elapsed().as_secs_f64().max(1e-9);
+                progress.send_modify(|p| p.samples_per_second = rate);
+            }
+        })
+    };
+
+    // Producer: prompts with bounded concurrency.
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));
+    let mut handles = Vec::with_capacity(items.len());
+    let policy: Arc<dyn RelabelPolicy> = Arc::from(policy);
+    let tasks = Arc::new(tasks);
+    for item in items {
+        let permit = Arc::clone(&semaphore)
+            .acquire_owned()
+            .await
+            .map_err(|_| RelabelerError::Generator("closed".into()))?;
+        let (generators, settings, tasks, policy, tx, progress) = (
+            generators.clone(),
+            settings.clone(),
+            Arc::clone(&tasks),
+            Arc::clone(&policy),
+            tx.clone(),
+            progress.clone(),
+        );
+        let (config, version) = (config.clone(), version.clone());
+        let errors = metrics.generator_errors.clone();
+        handles.push(tokio::spawn(async move {
+            let _permit = permit;
+            let rt = &tasks[item.task];
+            let seed = config.sample_seed(iteration as u32, rt.id, item.example as u32);
+            let request = pb::GenerateRequest {
+                prompts: vec![item.prompt.clone()],
+                n: config.samples_per_prompt,
+                sampling: Some(pb::SamplingParams {
+                    temperature: config.temperature,
+                    top_k: config.top_k,
+                    top_p: config.top_p,
+                    max_new_tokens: config.max_new_tokens,
+                    stop: vec![],
+                    seed: Some(seed),
+                }),
+                return_logprobs: false,
+                expected_version: version.1.clone(),
+                request_id: format!("{run_id}/{iteration}/{}/{}", rt.task.name, item.example),
+            };
+            let completions =
+                generate_with_retry(&generators, &settings, request, &progress, &errors).await?;
+            let ex = &rt.task.examples[item.example];
+            let gold = ex.answer.gold();
+            let rows = completions
+                .into_iter()
+                .map(|c| {
+                    let s = score(&ex.answer, &c.text);
+                    let outcome = Outcome {
+                        kind: rt.task.kind,
+                        correct: relabel_match(&c.text, &gold),
+                        output: &c.text,
+                        predicted: s.predicted.as_deref(),
+                    };
+                    let relabels = policy
+                        .relabel(&outcome)
+                        .map(|r| NewRelabel {
+                            policy: policy.name().to_string(),
+                            positive_instruction: r.positive,
+                            negative_instruction: r.negative,
+                        })
+                        .into_iter()
+                        .collect();
+                    NewScoredSample {
+                        run_id,
+                        iteration,
+                        task_id: rt.id,
+                        example_idx: item.example as i32,
+                        sample_idx: c.sample_index as i32,
+                        model_version_id: version.0,
+                        prompt: item.prompt.clone(),
+                        output: c.text,
+                        output_tokens: c.token_ids.iter().map(|&t| t as i32).collect(),
+                        finish_reason: finish_reason_name(c.finish_reason).into(),
+                        score: if s.exact { 1.0 } else { 0.0 },
+                        correct: s.exact,
+                        correct_extracted: s.extracted,
+                        relabels,
+                    }
+                })
+                .collect();
+            tx.send(rows)
+                .await
+                .map_err(|_| RelabelerError::FailedPrecondition("the store writer stopped".into()))
+        }));
+    }
+    drop(tx);
+    let mut first_error = None;
+    for h in handles {
+        match h.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(join) => {
+                first_error.get_or_insert(RelabelerError::FailedPrecondition(format!(
+                    "a sampling task panicked: {join}"
+                )));
+            }
+        }
+    }
+    // A store failure is the root cause of the producers' "writer stopped" errors: report it first.
+    let written = writer.await.map_err(|e| {
+        RelabelerError::FailedPrecondition(format!("the store writer panicked: {e}"))
+    })??;
+    if let Some(err) = first_error {
+        return Err(err);
+    }
+
+    let batches = store
+        .create_batches(
+            run_id,
+            iteration,
+            config.batch_size as i32,
+            config.replay_buffer,
+        )
+        .await?;
+    store
+        .advance_iteration(
+            run_id,
+            iteration,
+            &[IterationStatus::Sampling],
+            IterationStatus::Sampled,
+        )
+        .await?;
+    progress.send_modify(|p| {
+        p.batches = batches.len() as u32;
+        p.status = Some(IterationStatus::Sampled);
+        p.error.clear();
+    });
+    tracing::info!(%run_id, iteration, written, batches = batches.len(), "iteration sampled");
+    Ok(())
+}
+
+fn finish_reason_name(code: i32) -> &'static str {
+    match pb::FinishReason::try_from(code) {
+        Ok(pb::FinishReason::Eos) => "eos",
+        Ok(pb::FinishReason::Stop) => "stop",
+        Ok(pb::FinishReason::Length) => "length",
+        _ => "unspecified",
+    }
+}
+
+/// The version the generators serve, registered in the store if new: `(id, name)`.
+async fn serving_version(
+    store: &Store,
+    generators: &Generators,
+    settings: &SamplerSettings,
+    run_id: Uuid,
+    iteration: i32,
+) -> Result<(i64, String)> {
+    let info = with_retry(settings, "GetModelInfo", || {
+        let mut client = generators.pick();
+        let token = settings.generator_token.clone();
+        async move {
+            client
+                .get_model_info(authed(pb::GetModelInfoRequest {}, token.as_deref()))
+                .await
+                .map(|r| r.into_inner())
+        }
+    })
+    .await?;
+    match store.get_model_version_by_name(&info.version).await {
+        Ok(v) => Ok((v.id, v.name)),
+        Err(hir_store::StoreError::NotFound { .. }) => {
+            let sha256 = if info.sha256.len() == 64 {
+                info.sha256.clone()
+            } else {
+                "0".repeat(64)
+            };
+            let v = store
+                .register_model_version(&NewModelVersion {
+                    name: info.version.clone(),
+                    run_id: Some(run_id),
+                    iteration: Some(iteration - 1).filter(|i| *i >= 0),
+                    parent_id: None,
+                    checkpoint_uri: format!("generator:{}", info.version),
+                    sha256,
+                    metrics: serde_json::json!({}),
+                })
+                .await?;
+            Ok((v.id, v.name))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn with_retry<T, F, Fut>(settings: &SamplerSettings, what: &str, mut call: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let started = Instant::now();
+    let mut delay = settings.retry_initial;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(status) if retryable(&status) && started.elapsed() < settings.retry_give_up => {
+                tracing::warn!(what, code = ?status.code(), message = status.message(), retry_in_ms = delay.as_millis() as u64, "generator unavailable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(status) => {
+                return Err(RelabelerError::Generator(format!(
+                    "{what}: {:?}: {}",
+                    status.code(),
+                    status.message()
+                )))
+            }
+        }
+    }
+}
+
+async fn generate_with_retry(
+    generators: &Generators,
+    settings: &SamplerSettings,
+    request: pb::GenerateRequest,
+    progress: &watch::Sender<Progress>,
+    errors: &prometheus_client::metrics::counter::Counter,
+) -> Result<Vec<pb::Completion>> {
+    let result = with_retry(settings, "Generate", || {
+        let mut client = generators.pick();
+        let request = authed(request.clone(), settings.generator_token.as_deref());
+        let progress = progress.clone();
+        let errors = errors.clone();
+        async move {
+            let outcome = async {
+                let mut stream = client.generate(request).await?.into_inner();
+                let mut out = Vec::new();
+                while let Some(r) = stream.message().await? {
+                    out.extend(r.completion);
+                }
+                Ok::<_, tonic::Status>(out)
+            }
+            .await;
+            match &outcome {
+                Ok(_) => progress.send_if_modified(|p| !std::mem::take(&mut p.error).is_empty()),
+                Err(status) => {
+                    errors.inc();
+                    progress.send_modify(|p| p.error = format!("generator: {}", status.message()));
+                    false
+                }
+            };
+            outcome
+        }
+    })
+    .await?;
+    Ok(result)
+}

@@ -1,0 +1,527 @@
+//! The relabeler against a real generator (the tiny Llama fixture, in process) and a real
+//! Postgres (a fresh database per test).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hir_core::run::RunConfig;
+use hir_proto::pb;
+use hir_proto::pb::relabeler_service_client::RelabelerServiceClient;
+use hir_relabeler::config::RelabelerConfig;
+use hir_store::{IterationStatus, NewRun, Store};
+use sqlx::{Connection, Executor, PgConnection};
+use tonic::{Code, Request};
+use uuid::Uuid;
+
+const TOKEN: &str = "relabel-token";
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh, migrated database; dropped by `drop_db`.
+async fn fresh_db(name: &str) -> (String, Store) {
+    let db = format!("hir_relabeler_{name}_{}", std::process::id());
+    let mut admin = PgConnection::connect(&admin_url())
+        .await
+        .expect("DATABASE_URL reaches Postgres");
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(format!("CREATE DATABASE {db}").as_str())
+        .await
+        .unwrap();
+    let url = format!("{}/{db}", admin_url().rsplit_once('/').unwrap().0);
+    let store = Store::connect(&url).await.unwrap();
+    store.migrate().await.unwrap();
+    (url, store)
+}
+
+async fn drop_db(url: &str) {
+    let db = url.rsplit_once('/').unwrap().1.to_string();
+    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+}
+
+/// A BIG-bench folder with one multiple-choice task in the fixture's vocabulary.
+fn tiny_bigbench(name: &str, examples: usize) -> PathBuf {
+    let root = std::env::temp_dir().join(format!("hir-relabeler-bb-{name}-{}", std::process::id()));
+    let dir = root.join("tiny/mc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let examples: Vec<serde_json::Value> = (0..examples)
+        .map(|i| {
+            let (a, b) = (2 + i % 30, 33 + i % 30);
+            let correct_first = i % 2 == 0;
+            serde_json::json!({
+                "input": format!("w{a} w{b} w{}", 10 + i % 7),
+                "target_scores": { format!("w{a}"): if correct_first { 1 } else { 0 }, format!("w{b}"): if correct_first { 0 } else { 1 } }
+            })
+        })
+        .collect();
+    std::fs::write(
+        dir.join("task.json"),
+        serde_json::json!({ "examples": examples }).to_string(),
+    )
+    .unwrap();
+    root
+}
+
+fn run_config() -> RunConfig {
+    RunConfig {
+        samples_per_prompt: 2,
+        max_new_tokens: 8,
+        batch_size: 8,
+        micro_batch_size: 8,
+        ..RunConfig::default()
+    }
+}
+
+async fn create_run(store: &Store, bigbench: &std::path::Path, policy: &str) -> Uuid {
+    let id = Uuid::new_v4();
+    store
+        .create_run(&NewRun {
+            id,
+            name: format!("test-{policy}"),
+            policy: policy.into(),
+            config: serde_json::to_value(run_config()).unwrap(),
+        })
+        .await
+        .unwrap();
+    let catalog = hir_core::task::Catalog::discover(bigbench).unwrap();
+    let task = catalog.load("tiny_mc").unwrap();
+    let task_id = hir_relabeler::tasks::register(store, &task, 1)
+        .await
+        .unwrap();
+    store.add_run_tasks(id, &[task_id]).await.unwrap();
+    id
+}
+
+async fn start_generator() -> (String, tokio::sync::oneshot::Sender<()>) {
+    let config = hir_generator::config::GeneratorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        model: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hir-model/tests/fixtures/llama"),
+        ..Default::default()
+    };
+    let app = hir_generator::Application::build(config).await.unwrap();
+    let addr = format!("http://{}", app.local_addr());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async { drop(stopped.await) }));
+    (addr, stop)
+}
+
+fn relabeler_config(db: &str, generator: &str, bigbench: &std::path::Path) -> RelabelerConfig {
+    RelabelerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        database_url: db.into(),
+        bigbench: bigbench.into(),
+        generators: vec![generator.into()],
+        auth_token: Some(TOKEN.into()),
+        concurrency: 1,
+        write_batch: 4,
+        ..RelabelerConfig::default()
+    }
+}
+
+async fn start_relabeler(
+    config: RelabelerConfig,
+) -> (
+    RelabelerServiceClient<tonic::transport::Channel>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let app = hir_relabeler::Application::build(config).await.unwrap();
+    let addr = app.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async { drop(stopped.await) }));
+    (
+        RelabelerServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap(),
+        stop,
+    )
+}
+
+fn authed<T>(m: T) -> Request<T> {
+    let mut r = Request::new(m);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    r
+}
+
+/// Every stored sample of a run as comparable rows.
+async fn sample_rows(store: &Store, run: Uuid) -> Vec<(i32, i32, String, Vec<i32>, bool, String)> {
+    sqlx::query_as(
+        "SELECT s.example_idx, s.sample_idx, s.output, s.output_tokens, s.correct, r.positive_instruction \
+         FROM samples s JOIN relabels r ON r.sample_id = s.id WHERE s.run_id = $1 ORDER BY 1, 2",
+    )
+    .bind(run)
+    .fetch_all(store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iteration_fills_samples_relabels_and_batches() {
+    let (db, store) = fresh_db("iteration").await;
+    let bigbench = tiny_bigbench("iteration", 20);
+    let (generator, _g) = start_generator().await;
+    let run = create_run(&store, &bigbench, "hir").await;
+    let (mut client, _r) = start_relabeler(relabeler_config(&db, &generator, &bigbench)).await;
+
+    let unauthenticated = client
+        .start_sampling(pb::StartSamplingRequest {
+            run_id: run.to_string(),
+            iteration: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unauthenticated.code(), Code::Unauthenticated);
+    client
+        .start_sampling(authed(pb::StartSamplingRequest {
+            run_id: run.to_string(),
+            iteration: 1,
+        }))
+        .await
+        .unwrap();
+    let mut watch = client
+        .watch_sampling(pb::GetSamplingRequest {
+            run_id: run.to_string(),
+            iteration: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(status) = watch.message().await.unwrap() {
+        last = Some(status);
+    }
+    let last = last.expect("at least one status");
+    assert_eq!(last.status, pb::IterationStatus::Sampled as i32, "{last:?}");
+
+    // 20 examples: 16 train prompts x 2 samples, each with one relabel; batches of 8.
+    let rows = sample_rows(&store, run).await;
+    assert_eq!(rows.len(), 32);
+    for (_, _, output, _, correct, positive) in &rows {
+        let expected = if *correct {
+            "Solve question with correct answer."
+        } else {
+            "Solve the question with wrong answer."
+        };
+        assert_eq!(positive, expected, "output {output:?}");
+    }
+    let status = client
+        .get_sampling(pb::GetSamplingRequest {
+            run_id: run.to_string(),
+            iteration: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (status.samples, status.status),
+        (32, pb::IterationStatus::Sampled as i32)
+    );
+    assert_eq!(status.model_version, "base");
+    let batches: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT batch_idx, samples FROM batches_consumed WHERE run_id = $1 ORDER BY 1",
+    )
+    .bind(run)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(batches, vec![(0, 8), (1, 8), (2, 8), (3, 8)]);
+    assert_eq!(
+        store.get_iteration(run, 1).await.unwrap().status,
+        IterationStatus::Sampled
+    );
+    let train_examples: std::collections::BTreeSet<i32> = rows.iter().map(|r| r.0).collect();
+    let split = hir_core::split::Split::new(1, 20);
+    assert_eq!(
+        train_examples,
+        split.train.iter().map(|&i| i as i32).collect()
+    );
+
+    // Starting a sampled iteration again changes nothing.
+    client
+        .start_sampling(authed(pb::StartSamplingRequest {
+            run_id: run.to_string(),
+            iteration: 1,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(sample_rows(&store, run).await.len(), 32);
+    drop_db(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
+    let (db, store) = fresh_db("resume").await;
+    let bigbench = tiny_bigbench("resume", 400);
+    let (generator, _g) = start_generator().await;
+
+    // Reference: the same iteration, uninterrupted, in process.
+    let reference = create_run(&store, &bigbench, "hir").await;
+    let (mut client, _r) = start_relabeler(relabeler_config(&db, &generator, &bigbench)).await;
+    client
+        .start_sampling(authed(pb::StartSamplingRequest {
+            run_id: reference.to_string(),
+            iteration: 1,
+        }))
+        .await
+        .unwrap();
+    let mut watch = client
+        .watch_sampling(pb::GetSamplingRequest {
+            run_id: reference.to_string(),
+            iteration: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while watch.message().await.unwrap().is_some() {}
+    let expected = sample_rows(&store, reference).await;
+    assert_eq!(expected.len(), 320 * 2);
+
+    // The same work in a separate process, killed part-way, then restarted.
+    let run = create_run(&store, &bigbench, "hir").await;
+    store.ensure_iteration(run, 1).await.unwrap();
+    store
+        .advance_iteration(
+            run,
+            1,
+            &[IterationStatus::Pending],
+            IterationStatus::Sampling,
+        )
+        .await
+        .unwrap();
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hir-relabeler"))
+            .env("HIR_RELABELER__DATABASE_URL", &db)
+            .env("HIR_RELABELER__GENERATORS", format!("[\"{generator}\"]"))
+            .env("HIR_RELABELER__BIGBENCH", &bigbench)
+            .env("HIR_RELABELER__LISTEN", "127.0.0.1:0")
+            .env("HIR_RELABELER__METRICS_LISTEN", "127.0.0.1:0")
+            .env("HIR_RELABELER__CONCURRENCY", "1")
+            .env("HIR_RELABELER__WRITE_BATCH", "4")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("hir-relabeler starts")
+    };
+    let count = |store: Store| async move {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM samples WHERE run_id = $1")
+            .bind(run)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        n as usize
+    };
+    let mut child = spawn();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while count(store.clone()).await < 40 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relabeler process stored nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = count(store.clone()).await;
+    assert!(
+        partial < expected.len(),
+        "killed after {partial} of {} samples",
+        expected.len()
+    );
+    assert_eq!(
+        store.get_iteration(run, 1).await.unwrap().status,
+        IterationStatus::Sampling
+    );
+
+    let mut child = spawn();
+    while store.get_iteration(run, 1).await.unwrap().status != IterationStatus::Sampled {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted relabeler did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(
+        sample_rows(&store, run).await,
+        expected,
+        "nothing lost, nothing doubled, nothing different"
+    );
+    drop_db(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn score_and_feedback_validate_and_store() {
+    let (db, store) = fresh_db("api").await;
+    let bigbench = tiny_bigbench("api", 10);
+    let (generator, _g) = start_generator().await;
+    let mut config = relabeler_config(&db, &generator, &bigbench);
+    config.max_output_bytes = 64;
+    let (mut client, _r) = start_relabeler(config).await;
+
+    let scored = client
+        .score(pb::ScoreRequest {
+            task: "tiny/mc".into(),
+            example_index: 0,
+            output: "(A)".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(scored.gold, "(A)");
+    assert!(scored.score.unwrap().exact);
+    for (req, field) in [
+        (
+            pb::ScoreRequest {
+                task: "nope".into(),
+                example_index: 0,
+                output: "x".into(),
+            },
+            "task",
+        ),
+        (
+            pb::ScoreRequest {
+                task: "tiny_mc".into(),
+                example_index: 10,
+                output: "x".into(),
+            },
+            "example_index",
+        ),
+        (
+            pb::ScoreRequest {
+                task: "tiny_mc".into(),
+                example_index: 0,
+                output: "x".repeat(65),
+            },
+            "output",
+        ),
+    ] {
+        let err = client.score(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{}",
+            err.message()
+        );
+    }
+
+    let item = |id: &str, correct: bool| pb::FeedbackItem {
+        external_id: id.into(),
+        instruction: "Answer briefly.".into(),
+        query: "Which is larger, 3 or 5?".into(),
+        output: "3".into(),
+        correct,
+        answer: "3".into(),
+    };
+    let req = pb::SubmitFeedbackRequest {
+        source: "chat".into(),
+        policy: "hindsight_answer".into(),
+        run_id: String::new(),
+        items: vec![item("a", false), item("b", true)],
+    };
+    assert_eq!(
+        client
+            .submit_feedback(req.clone())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    let r = client
+        .submit_feedback(authed(req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.stored, r.duplicates, r.skipped), (2, 0, 0));
+    assert_eq!(
+        r.relabels[0].positive_instruction,
+        "Solve the question with answer 3."
+    );
+    assert_eq!(r.relabels[0].policy, "hindsight_answer");
+    let again = client
+        .submit_feedback(authed(req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.stored, again.duplicates),
+        (0, 2),
+        "a resent item is stored once"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM feedback")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+
+    let mut no_instruction = req.clone();
+    no_instruction.items[0].instruction = " ".into();
+    let mut bad_policy = req.clone();
+    bad_policy.policy = "ppo".into();
+    let mut too_long = req.clone();
+    too_long.items[1].output = "y".repeat(65);
+    let mut no_source = req.clone();
+    no_source.source = String::new();
+    for (bad, field) in [
+        (no_instruction, "items[0].instruction"),
+        (bad_policy, "policy"),
+        (too_long, "items[1].output"),
+        (no_source, "source"),
+    ] {
+        let err = client.submit_feedback(authed(bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{}",
+            err.message()
+        );
+    }
+    let farl = pb::SubmitFeedbackRequest {
+        policy: "farl".into(),
+        items: vec![item("c", false)],
+        ..req
+    };
+    let r = client
+        .submit_feedback(authed(farl))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (r.stored, r.skipped),
+        (0, 1),
+        "the filtering baseline drops wrong outputs"
+    );
+
+    let missing = pb::StartSamplingRequest {
+        run_id: Uuid::new_v4().to_string(),
+        iteration: 1,
+    };
+    assert_eq!(
+        client
+            .start_sampling(authed(missing))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    let bad = pb::StartSamplingRequest {
+        run_id: "not-a-uuid".into(),
+        iteration: 1,
+    };
+    assert_eq!(
+        client.start_sampling(authed(bad)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    drop_db(&db).await;
+}
