@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod migrate;
+mod model;
 mod tasks;
 
 use std::path::PathBuf;
@@ -26,6 +27,22 @@ enum Command {
     Score(tasks::ScoreArgs),
     /// Apply the relabel store's migrations to DATABASE_URL.
     Migrate(migrate::MigrateArgs),
+    /// Sample from a model locally (a HF folder or a GGUF file), without services.
+    Generate(model::GenerateArgs),
+    /// Inspect a model.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Run a hindsight service.
+    #[command(subcommand)]
+    Serve(Serve),
+}
+
+#[derive(Debug, Subcommand)]
+enum Serve {
+    /// The generator: streaming sampling with continuous batching and weight hot-swap.
+    Generator(hir_generator::ServeArgs),
+    /// The relabeler: samples iterations through the generators, scores, relabels, stores.
+    Relabeler(hir_relabeler::ServeArgs),
 }
 
 /// Where the BIG-bench tasks are.
@@ -47,6 +64,18 @@ fn main() -> ExitCode {
         Command::Tasks(cmd) => tasks::run(cmd),
         Command::Score(args) => tasks::score(args),
         Command::Migrate(args) => migrate::run(args),
+        Command::Generate(args) => model::generate(args),
+        Command::Model(cmd) => model::run(cmd),
+        Command::Serve(service) => tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                rt.block_on(async {
+                    match service {
+                        Serve::Generator(args) => hir_generator::serve(args).await,
+                        Serve::Relabeler(args) => hir_relabeler::serve(args).await,
+                    }
+                })
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -297,3 +297,67 @@ fn migrate_creates_the_schema_and_is_idempotent() {
         admin_conn.execute(format!("DROP DATABASE {name}").as_str()).await.unwrap();
     });
 }
+
+fn tiny_model() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../hir-model/tests/fixtures/llama")
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn model_info_describes_a_model_folder() {
+    let info = ok_json(&["model", "info", &tiny_model(), "--json"]);
+    assert_eq!(info["architecture"], "llama");
+    assert_eq!(info["vocab_size"], 64);
+    assert_eq!(info["context_length"], 128);
+    fails_with(&["model", "info", "/no/such/model"], &["/no/such/model"]);
+}
+
+#[test]
+fn generate_samples_reproducibly() {
+    let model = tiny_model();
+    let args = [
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "w2 w3 w4",
+        "--n",
+        "3",
+        "--temperature",
+        "1",
+        "--seed",
+        "9",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ];
+    let run = || {
+        let out = hir(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = run();
+    assert_eq!(first.lines().count(), 3);
+    for line in first.lines() {
+        let sample: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(sample["tokens"].as_u64().unwrap() <= 8);
+    }
+    assert_eq!(first, run(), "the same seed gives the same samples");
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            &model,
+            "--prompt",
+            "w2",
+            "--temperature=-1",
+        ],
+        &["--temperature must be finite and >= 0"],
+    );
+}
