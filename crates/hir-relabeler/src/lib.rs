@@ -39,6 +39,9 @@ pub const MUTATING_METHODS: [&str; 2] = [
     "/hir.v1.RelabelerService/SubmitFeedback",
 ];
 
+/// The health-service name that reports whether the generators can be reached.
+pub const GENERATOR_HEALTH: &str = "generator";
+
 /// A relabeler with its store migrated and its sockets bound.
 pub struct Application {
     config: RelabelerConfig,
@@ -47,6 +50,7 @@ pub struct Application {
     service: Relabeler,
     store: Store,
     metrics: Arc<Metrics>,
+    generator_health: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for Application {
@@ -67,12 +71,14 @@ impl Application {
             .context("migrating the relabel store")?;
         let catalog = hir_core::task::Catalog::discover(&config.bigbench)?;
         let generators = Generators::new(&config.generators)?;
+        let (generator_up, generator_health) = tokio::sync::watch::channel(true);
         let settings = SamplerSettings {
             concurrency: config.concurrency.max(1),
             write_batch: config.write_batch.max(1),
             retry_initial: Duration::from_millis(config.retry_initial_ms.max(1)),
             retry_give_up: Duration::from_secs(config.retry_give_up_secs),
             generator_token: config.generator_token.clone(),
+            generator_up: Arc::new(generator_up),
         };
         let limits = ApiLimits {
             max_output_bytes: config.max_output_bytes,
@@ -105,6 +111,7 @@ impl Application {
             service,
             store,
             metrics,
+            generator_health,
         })
     }
 
@@ -143,6 +150,25 @@ impl Application {
         reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
+        // `generator` in the health service says whether the generators can be reached.
+        reporter
+            .set_service_status(GENERATOR_HEALTH, tonic_health::ServingStatus::Serving)
+            .await;
+        let mut generator_health = self.generator_health.clone();
+        let health_reporter = reporter.clone();
+        tokio::spawn(async move {
+            while generator_health.changed().await.is_ok() {
+                let up = *generator_health.borrow_and_update();
+                let status = if up {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                health_reporter
+                    .set_service_status(GENERATOR_HEALTH, status)
+                    .await;
+            }
+        });
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         if let Some(listener) = self.metrics_listener {
             let registry = Arc::clone(&self.metrics.registry);

@@ -63,6 +63,8 @@ pub struct SamplerSettings {
     pub retry_give_up: Duration,
     /// Bearer token for the generators.
     pub generator_token: Option<String>,
+    /// False while the generators cannot be reached (reported by the health service).
+    pub generator_up: Arc<watch::Sender<bool>>,
 }
 
 /// Generator clients, used round-robin.
@@ -283,9 +285,12 @@ async fn sample_iteration(
                     Ok::<u64, RelabelerError>(inserted.samples)
                 }
             };
-            loop {
-                let next = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await;
-                match next {
+            // Two transactions in flight keep Postgres busy while the next chunk is built;
+            // rows are keyed naturally, so their order does not matter.
+            let mut writes = tokio::task::JoinSet::new();
+            let mut closed = false;
+            while !closed {
+                match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
                     Ok(Some(rows)) => {
                         pending.extend(rows);
                         prompts_in_pending += 1;
@@ -293,24 +298,34 @@ async fn sample_iteration(
                             continue;
                         }
                     }
-                    Ok(None) => {
-                        if !pending.is_empty() {
-                            stored_now +=
-                                flush(std::mem::take(&mut pending), prompts_in_pending).await?;
-                        }
-                        return Ok::<u64, RelabelerError>(stored_now);
-                    }
-                    Err(_) if pending.is_empty() => continue,
+                    Ok(None) => closed = true,
                     Err(_) => {}
                 }
-                stored_now += flush(
+                if pending.is_empty() {
+                    continue;
+                }
+                if writes.len() >= 2 {
+                    if let Some(done) = writes.join_next().await {
+                        stored_now += done.map_err(|e| {
+                            RelabelerError::FailedPrecondition(format!(
+                                "a store write panicked: {e}"
+                            ))
+                        })??;
+                    }
+                }
+                writes.spawn(flush(
                     std::mem::take(&mut pending),
                     std::mem::take(&mut prompts_in_pending),
-                )
-                .await?;
+                ));
                 let rate = stored_now as f64 / started.elapsed().as_secs_f64().max(1e-9);
                 progress.send_modify(|p| p.samples_per_second = rate);
             }
+            while let Some(done) = writes.join_next().await {
+                stored_now += done.map_err(|e| {
+                    RelabelerError::FailedPrecondition(format!("a store write panicked: {e}"))
+                })??;
+            }
+            Ok::<u64, RelabelerError>(stored_now)
         })
     };
 
@@ -509,8 +524,16 @@ where
     let mut delay = settings.retry_initial;
     loop {
         match call().await {
-            Ok(v) => return Ok(v),
+            Ok(v) => {
+                settings
+                    .generator_up
+                    .send_if_modified(|up| !std::mem::replace(up, true));
+                return Ok(v);
+            }
             Err(status) if retryable(&status) && started.elapsed() < settings.retry_give_up => {
+                settings
+                    .generator_up
+                    .send_if_modified(|up| std::mem::replace(up, false));
                 tracing::warn!(what, code = ?status.code(), message = status.message(), retry_in_ms = delay.as_millis() as u64, "generator unavailable; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));

@@ -324,6 +324,9 @@ async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
     let mut child = spawn();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while count(store.clone()).await < 40 {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("hir-relabeler exited early with {status}");
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the relabeler process stored nothing"
@@ -523,5 +526,88 @@ async fn score_and_feedback_validate_and_store() {
         client.start_sampling(authed(bad)).await.unwrap_err().code(),
         Code::InvalidArgument
     );
+    drop_db(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_generator_is_retried_reported_and_finally_fails_the_iteration() {
+    let (db, store) = fresh_db("dead").await;
+    let bigbench = tiny_bigbench("dead", 10);
+    let run = create_run(&store, &bigbench, "hir").await;
+    let mut config = relabeler_config(&db, "http://127.0.0.1:1", &bigbench);
+    config.retry_initial_ms = 20;
+    config.retry_give_up_secs = 2;
+    let app = hir_relabeler::Application::build(config).await.unwrap();
+    let addr = app.local_addr();
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async { drop(stopped.await) }));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = RelabelerServiceClient::new(channel.clone());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = |mut h: tonic_health::pb::health_client::HealthClient<
+        tonic::transport::Channel,
+    >| async move {
+        h.check(tonic_health::pb::HealthCheckRequest {
+            service: hir_relabeler::GENERATOR_HEALTH.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+    };
+    assert_eq!(
+        check(health.clone()).await,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    client
+        .start_sampling(authed(pb::StartSamplingRequest {
+            run_id: run.to_string(),
+            iteration: 1,
+        }))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while check(health.clone()).await
+        != tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never reported the generator down"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut watch = client
+        .watch_sampling(pb::GetSamplingRequest {
+            run_id: run.to_string(),
+            iteration: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(s) = watch.message().await.unwrap() {
+        last = Some(s);
+    }
+    let last = last.unwrap();
+    assert_eq!(last.status, pb::IterationStatus::Failed as i32, "{last:?}");
+    assert!(last.error.contains("generator"), "{}", last.error);
+    let it = store.get_iteration(run, 1).await.unwrap();
+    assert_eq!(it.status, IterationStatus::Failed);
+    let samples: i64 = sqlx::query_scalar("SELECT count(*) FROM samples")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(samples, 0);
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
     drop_db(&db).await;
 }
