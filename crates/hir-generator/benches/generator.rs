@@ -25,6 +25,7 @@ struct Args {
     sequential: usize,
     concurrency: Vec<usize>,
     swap: bool,
+    weights: hir_generator::config::Weights,
 }
 
 fn args() -> Args {
@@ -35,6 +36,7 @@ fn args() -> Args {
         sequential: 8,
         concurrency: vec![1, 8, 64],
         swap: true,
+        weights: hir_generator::config::Weights::Auto,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -50,6 +52,14 @@ fn args() -> Args {
                     .collect()
             }
             "--no-swap" => a.swap = false,
+            "--weights" => {
+                a.weights = match value().as_str() {
+                    "quantized" => hir_generator::config::Weights::Quantized,
+                    "f32" => hir_generator::config::Weights::F32,
+                    "bf16" => hir_generator::config::Weights::Bf16,
+                    _ => hir_generator::config::Weights::Auto,
+                }
+            }
             _ => {} // cargo bench passes --bench
         }
     }
@@ -119,6 +129,7 @@ async fn main() {
     };
     let swap_root = std::env::temp_dir().join(format!("hir-bench-swap-{}", std::process::id()));
     config.swap.checkpoint_root = Some(swap_root.clone());
+    config.weights = a.weights;
     config.auth.token = Some("bench".into());
     config.engine.max_batch_sequences = 4 * a.concurrency.iter().copied().max().unwrap_or(1);
     config.engine.token_budget = usize::MAX / 2;

@@ -28,7 +28,7 @@ use candle_core::Device;
 use hir_model::{LoadedModel, WeightMode};
 use hir_proto::pb::generator_service_server::GeneratorServiceServer;
 use hir_runtime::auth::{BearerAuthLayer, Guard};
-use tokio::net::TcpListener;
+use hir_runtime::listeners::Listeners;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::{GeneratorConfig, Weights};
@@ -46,8 +46,7 @@ pub const MUTATING_METHODS: [&str; 2] = [
 /// A generator with its model loaded, warmed up and its sockets bound.
 pub struct Application {
     config: GeneratorConfig,
-    grpc: TcpListener,
-    metrics_listener: Option<TcpListener>,
+    listeners: Listeners,
     engine: EngineHandle,
     metrics: Arc<Metrics>,
     device: Device,
@@ -57,7 +56,7 @@ pub struct Application {
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Application")
-            .field("listen", &self.grpc.local_addr().ok())
+            .field("listen", &self.listeners.grpc_addr())
             .finish_non_exhaustive()
     }
 }
@@ -129,21 +128,10 @@ impl Application {
             tokio::task::spawn_blocking(move || engine::start(serving, engine_config, metrics))
                 .await??
         };
-        let grpc = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        let metrics_listener = match config.metrics_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding metrics {addr}"))?,
-            ),
-            None => None,
-        };
+        let listeners = Listeners::bind(config.listen, config.metrics_listen).await?;
         Ok(Self {
             config,
-            grpc,
-            metrics_listener,
+            listeners,
             engine,
             metrics,
             device,
@@ -153,16 +141,12 @@ impl Application {
 
     /// The bound gRPC address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.grpc
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listeners.grpc_addr()
     }
 
     /// The bound metrics address, if enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
+        self.listeners.metrics_addr()
     }
 
     /// Serves until `shutdown` resolves, then stops admitting requests, gives running streams
@@ -200,18 +184,9 @@ impl Application {
             .await;
 
         let addr = self.local_addr();
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        if let Some(listener) = self.metrics_listener {
-            let registry = Arc::clone(&self.metrics.registry);
-            let mut stop = stop_rx.clone();
-            tokio::spawn(hir_runtime::metrics::serve(
-                listener,
-                registry,
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            ));
-        }
+        let (grpc, metrics_stop) = self
+            .listeners
+            .start_metrics(Arc::clone(&self.metrics.registry));
         let engine = self.engine.clone();
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
         let on_shutdown = async move {
@@ -226,7 +201,7 @@ impl Application {
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;
             engine.drain(false);
-            let _ = stop_tx.send(true);
+            metrics_stop.stop();
             let engine = engine.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
@@ -240,7 +215,7 @@ impl Application {
             .add_service(health)
             .add_service(reflection)
             .add_service(generator)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), on_shutdown)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), on_shutdown)
             .await?;
         Ok(())
     }

@@ -22,8 +22,8 @@ use std::time::Duration;
 use anyhow::Context;
 use hir_proto::pb::relabeler_service_server::RelabelerServiceServer;
 use hir_runtime::auth::BearerAuthLayer;
+use hir_runtime::listeners::Listeners;
 use hir_store::{IterationStatus, Store};
-use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::RelabelerConfig;
@@ -45,8 +45,7 @@ pub const GENERATOR_HEALTH: &str = "generator";
 /// A relabeler with its store migrated and its sockets bound.
 pub struct Application {
     config: RelabelerConfig,
-    grpc: TcpListener,
-    metrics_listener: Option<TcpListener>,
+    listeners: Listeners,
     service: Relabeler,
     store: Store,
     metrics: Arc<Metrics>,
@@ -56,7 +55,7 @@ pub struct Application {
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Application")
-            .field("listen", &self.grpc.local_addr().ok())
+            .field("listen", &self.listeners.grpc_addr())
             .finish_non_exhaustive()
     }
 }
@@ -93,21 +92,10 @@ impl Application {
             limits,
             Arc::clone(&metrics),
         );
-        let grpc = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        let metrics_listener = match config.metrics_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("binding metrics {addr}"))?,
-            ),
-            None => None,
-        };
+        let listeners = Listeners::bind(config.listen, config.metrics_listen).await?;
         Ok(Self {
             config,
-            grpc,
-            metrics_listener,
+            listeners,
             service,
             store,
             metrics,
@@ -115,18 +103,14 @@ impl Application {
         })
     }
 
-    /// The bound gRPC address.
+    /// The bound gRPC address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.grpc
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.listeners.grpc_addr()
     }
 
     /// The bound metrics address, if enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
+        self.listeners.metrics_addr()
     }
 
     /// Resumes iterations left sampling by an earlier process, then serves until `shutdown`.
@@ -169,19 +153,10 @@ impl Application {
                     .await;
             }
         });
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        if let Some(listener) = self.metrics_listener {
-            let registry = Arc::clone(&self.metrics.registry);
-            let mut stop = stop_rx.clone();
-            tokio::spawn(hir_runtime::metrics::serve(
-                listener,
-                registry,
-                async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                },
-            ));
-        }
-        let addr = self.grpc.local_addr()?;
+        let addr = self.listeners.grpc_addr();
+        let (grpc, metrics_stop) = self
+            .listeners
+            .start_metrics(Arc::clone(&self.metrics.registry));
         tracing::info!(%addr, "relabeler serving");
         // Authentication runs before any service sees the request.
         let auth = BearerAuthLayer::methods(self.config.auth_token.clone(), MUTATING_METHODS);
@@ -191,9 +166,9 @@ impl Application {
             .add_service(health)
             .add_service(reflection)
             .add_service(RelabelerServiceServer::new(self.service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc), async move {
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
                 shutdown.await;
-                let _ = stop_tx.send(true);
+                metrics_stop.stop();
             })
             .await?;
         Ok(())

@@ -155,6 +155,16 @@ fn authed<T>(m: T) -> Request<T> {
     r
 }
 
+/// A child process that is killed when the test ends, passing or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Every stored sample of a run as comparable rows.
 async fn sample_rows(store: &Store, run: Uuid) -> Vec<(i32, i32, String, Vec<i32>, bool, String)> {
     sqlx::query_as(
@@ -302,6 +312,8 @@ async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
         .unwrap();
     let spawn = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_hir-relabeler"))
+            // DATABASE_URL (the test server) would override the configured store.
+            .env("DATABASE_URL", &db)
             .env("HIR_RELABELER__DATABASE_URL", &db)
             .env("HIR_RELABELER__GENERATORS", format!("[\"{generator}\"]"))
             .env("HIR_RELABELER__BIGBENCH", &bigbench)
@@ -311,6 +323,7 @@ async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
             .env("HIR_RELABELER__WRITE_BATCH", "4")
             .env("RUST_LOG", "warn")
             .spawn()
+            .map(KillOnDrop)
             .expect("hir-relabeler starts")
     };
     let count = |store: Store| async move {
@@ -324,7 +337,7 @@ async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
     let mut child = spawn();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while count(store.clone()).await < 40 {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             panic!("hir-relabeler exited early with {status}");
         }
         assert!(
@@ -333,8 +346,8 @@ async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     let partial = count(store.clone()).await;
     assert!(
         partial < expected.len(),
@@ -346,7 +359,7 @@ async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
         IterationStatus::Sampling
     );
 
-    let mut child = spawn();
+    let child = spawn();
     while store.get_iteration(run, 1).await.unwrap().status != IterationStatus::Sampled {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -354,8 +367,7 @@ async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     assert_eq!(
         sample_rows(&store, run).await,
         expected,

@@ -5,12 +5,14 @@
 //! * [`telemetry`]: structured `tracing` logs (text or JSON).
 //! * [`auth`]: a tower layer that demands a bearer token on guarded gRPC methods.
 //! * [`metrics`]: a Prometheus `/metrics` endpoint over a `prometheus-client` registry.
+//! * [`listeners`]: the gRPC and metrics sockets of a server.
 //! * [`shutdown`]: a future that resolves on Ctrl-C or SIGTERM.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod auth;
 pub mod config;
+pub mod listeners;
 pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
