@@ -155,6 +155,34 @@ fn authed<T>(m: T) -> Request<T> {
     r
 }
 
+/// Starts sampling iteration 1 of `run` and follows its progress stream to the end; returns
+/// the last status.
+async fn sample_to_end(
+    client: &mut RelabelerServiceClient<tonic::transport::Channel>,
+    run: Uuid,
+) -> pb::SamplingStatus {
+    client
+        .start_sampling(authed(pb::StartSamplingRequest {
+            run_id: run.to_string(),
+            iteration: 1,
+        }))
+        .await
+        .unwrap();
+    let mut watch = client
+        .watch_sampling(pb::GetSamplingRequest {
+            run_id: run.to_string(),
+            iteration: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut last = None;
+    while let Some(status) = watch.message().await.unwrap() {
+        last = Some(status);
+    }
+    last.expect("at least one status")
+}
+
 /// A child process that is killed when the test ends, passing or not.
 struct KillOnDrop(std::process::Child);
 
@@ -193,26 +221,7 @@ async fn an_iteration_fills_samples_relabels_and_batches() {
         .await
         .unwrap_err();
     assert_eq!(unauthenticated.code(), Code::Unauthenticated);
-    client
-        .start_sampling(authed(pb::StartSamplingRequest {
-            run_id: run.to_string(),
-            iteration: 1,
-        }))
-        .await
-        .unwrap();
-    let mut watch = client
-        .watch_sampling(pb::GetSamplingRequest {
-            run_id: run.to_string(),
-            iteration: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut last = None;
-    while let Some(status) = watch.message().await.unwrap() {
-        last = Some(status);
-    }
-    let last = last.expect("at least one status");
+    let last = sample_to_end(&mut client, run).await;
     assert_eq!(last.status, pb::IterationStatus::Sampled as i32, "{last:?}");
 
     // 20 examples: 16 train prompts x 2 samples, each with one relabel; batches of 8.
@@ -279,22 +288,7 @@ async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
     // Reference: the same iteration, uninterrupted, in process.
     let reference = create_run(&store, &bigbench, "hir").await;
     let (mut client, _r) = start_relabeler(relabeler_config(&db, &generator, &bigbench)).await;
-    client
-        .start_sampling(authed(pb::StartSamplingRequest {
-            run_id: reference.to_string(),
-            iteration: 1,
-        }))
-        .await
-        .unwrap();
-    let mut watch = client
-        .watch_sampling(pb::GetSamplingRequest {
-            run_id: reference.to_string(),
-            iteration: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while watch.message().await.unwrap().is_some() {}
+    sample_to_end(&mut client, reference).await;
     let expected = sample_rows(&store, reference).await;
     assert_eq!(expected.len(), 320 * 2);
 
