@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use hir_model::{LoadedModel, SamplingParams, WeightMode};
+use hir_model::{LoadedModel, SamplingParams};
 use serde_json::json;
 
 #[derive(Debug, Args)]
@@ -42,6 +42,9 @@ pub struct GenerateArgs {
     /// Print one JSON object per sample.
     #[arg(long)]
     json: bool,
+    /// `cpu` or `cuda:N` (CUDA needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,14 +59,10 @@ pub enum ModelCommand {
     },
 }
 
-fn load(path: &std::path::Path) -> Result<LoadedModel> {
-    let mode = if path.extension().is_some_and(|e| e == "gguf") {
-        WeightMode::Quantized
-    } else {
-        WeightMode::Dense(candle_core::DType::F32)
-    };
-    LoadedModel::load(path, &candle_core::Device::Cpu, mode)
-        .with_context(|| format!("loading {}", path.display()))
+/// Quantized weights for a GGUF file, f32 on CPU or bf16 on CUDA for a folder.
+fn load(path: &std::path::Path, device: &candle_core::Device) -> Result<LoadedModel> {
+    let mode = hir_generator::weight_mode(hir_generator::config::Weights::Auto, path, device);
+    LoadedModel::load(path, device, mode).with_context(|| format!("loading {}", path.display()))
 }
 
 pub fn generate(args: GenerateArgs) -> Result<()> {
@@ -73,7 +72,8 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
     if args.n == 0 || args.max_new_tokens == 0 {
         anyhow::bail!("--n and --max-new-tokens must be at least 1");
     }
-    let model = load(&args.model)?;
+    let device = hir_generator::parse_device(&args.device)?;
+    let model = load(&args.model, &device)?;
     let prompt = if args.chat {
         model.chat_prompt(&args.prompt)
     } else {
@@ -124,7 +124,7 @@ pub fn generate(args: GenerateArgs) -> Result<()> {
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Info { path, json } => {
-            let model = load(&path)?;
+            let model = load(&path, &candle_core::Device::Cpu)?;
             let i = model.info();
             if json {
                 println!("{}", serde_json::to_string_pretty(i)?);
