@@ -30,9 +30,10 @@ use hir_proto::pb::generator_service_server::GeneratorServiceServer;
 use hir_runtime::auth::{BearerAuthLayer, Guard};
 use hir_runtime::listeners::Listeners;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
 
 use crate::config::{GeneratorConfig, Weights};
-use crate::engine::{EngineHandle, Serving};
+use crate::engine::Serving;
 use crate::metrics::Metrics;
 
 pub use error::{GeneratorError, Result};
@@ -43,14 +44,17 @@ pub const MUTATING_METHODS: [&str; 2] = [
     "/hir.v1.GeneratorService/UploadWeights",
 ];
 
-/// A generator with its model loaded, warmed up and its sockets bound.
+/// A generator: its sockets, and its model once loaded.
+///
+/// [`Application::bind`] only binds the sockets; [`Application::run_until`] then serves health
+/// (NOT_SERVING) and reflection at once, loads and warms up the model, and only then reports
+/// SERVING; until then the generator's RPCs answer UNAVAILABLE. [`Application::build`] loads
+/// the model before returning, for callers that want it ready first.
 pub struct Application {
     config: GeneratorConfig,
     listeners: Listeners,
-    engine: EngineHandle,
     metrics: Arc<Metrics>,
-    device: Device,
-    mode: WeightMode,
+    service: service::Lazy,
 }
 
 impl std::fmt::Debug for Application {
@@ -79,7 +83,7 @@ pub fn parse_device(name: &str) -> anyhow::Result<Device> {
 
 /// The weight mode for `weights` and `model` on `device`.
 pub fn weight_mode(weights: Weights, model: &std::path::Path, device: &Device) -> WeightMode {
-    let dense = |dtype| WeightMode::Dense(dtype);
+    let dense = WeightMode::Dense;
     match weights {
         Weights::Quantized => WeightMode::Quantized,
         Weights::F32 => dense(candle_core::DType::F32),
@@ -90,53 +94,73 @@ pub fn weight_mode(weights: Weights, model: &std::path::Path, device: &Device) -
     }
 }
 
-impl Application {
-    /// Loads the model, starts and warms up the engine and binds the sockets.
-    pub async fn build(config: GeneratorConfig) -> anyhow::Result<Self> {
-        let device = parse_device(&config.device)?;
-        let mode = weight_mode(config.weights, &config.model, &device);
-        let path = config.model.clone();
-        let (model, sha256) = {
-            let device = device.clone();
-            tokio::task::spawn_blocking(move || -> anyhow::Result<(LoadedModel, String)> {
-                let model = LoadedModel::load(&path, &device, mode)
-                    .with_context(|| format!("loading {}", path.display()))?;
-                let digest_of = if path.is_dir() {
-                    path.join(swap::MANIFEST)
-                } else {
-                    path.clone()
-                };
-                let sha256 = if digest_of.is_file() {
-                    hir_model::checkpoint::sha256_file(&digest_of)?
-                } else {
-                    String::new()
-                };
-                Ok((model, sha256))
-            })
+/// Loads the configured model, starts and warms up the engine, and returns the service.
+async fn load(
+    config: &GeneratorConfig,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<service::Generator> {
+    let device = parse_device(&config.device)?;
+    let mode = weight_mode(config.weights, &config.model, &device);
+    let path = config.model.clone();
+    let (model, sha256) = {
+        let device = device.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(LoadedModel, String)> {
+            let model = LoadedModel::load(&path, &device, mode)
+                .with_context(|| format!("loading {}", path.display()))?;
+            let digest_of = if path.is_dir() {
+                path.join(swap::MANIFEST)
+            } else {
+                path.clone()
+            };
+            let sha256 = if digest_of.is_file() {
+                hir_model::checkpoint::sha256_file(&digest_of)?
+            } else {
+                String::new()
+            };
+            Ok((model, sha256))
+        })
+        .await??
+    };
+    let serving = Serving {
+        version: Arc::from(config.version.as_str()),
+        model: Arc::new(model),
+        sha256,
+        activated_at: SystemTime::now(),
+    };
+    let engine = {
+        let metrics = Arc::clone(&metrics);
+        let engine_config = config.engine;
+        tokio::task::spawn_blocking(move || engine::start(serving, engine_config, metrics))
             .await??
-        };
-        let metrics = Metrics::new();
-        let serving = Serving {
-            version: Arc::from(config.version.as_str()),
-            model: Arc::new(model),
-            sha256,
-            activated_at: SystemTime::now(),
-        };
-        let engine = {
-            let metrics = Arc::clone(&metrics);
-            let engine_config = config.engine;
-            tokio::task::spawn_blocking(move || engine::start(serving, engine_config, metrics))
-                .await??
-        };
+    };
+    Ok(service::Generator::new(
+        engine,
+        config.limits,
+        config.swap.clone(),
+        device,
+        mode,
+        metrics,
+    ))
+}
+
+impl Application {
+    /// Binds the sockets; the model is loaded by [`Application::run_until`].
+    pub async fn bind(config: GeneratorConfig) -> anyhow::Result<Self> {
         let listeners = Listeners::bind(config.listen, config.metrics_listen).await?;
         Ok(Self {
             config,
             listeners,
-            engine,
-            metrics,
-            device,
-            mode,
+            metrics: Metrics::new(),
+            service: service::Lazy::default(),
         })
+    }
+
+    /// Binds the sockets and loads, starts and warms up the model before returning.
+    pub async fn build(config: GeneratorConfig) -> anyhow::Result<Self> {
+        let app = Self::bind(config).await?;
+        app.service
+            .set(load(&app.config, Arc::clone(&app.metrics)).await?);
+        Ok(app)
     }
 
     /// The bound gRPC address (useful with port 0).
@@ -149,22 +173,16 @@ impl Application {
         self.listeners.metrics_addr()
     }
 
-    /// Serves until `shutdown` resolves, then stops admitting requests, gives running streams
-    /// `shutdown_grace_secs` to finish, cancels what is left and returns.
+    /// Serves until `shutdown` resolves, loading the model first if [`Application::build`] did
+    /// not; then stops admitting requests, gives running streams `shutdown_grace_secs` to
+    /// finish, cancels what is left and returns. A model that fails to load ends the server
+    /// with that error.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let (reporter, health) = hir_proto::health_service();
         let reflection = hir_proto::reflection_service()?;
-        let service = service::Generator::new(
-            self.engine.clone(),
-            self.config.limits,
-            self.config.swap.clone(),
-            self.device.clone(),
-            self.mode,
-            Arc::clone(&self.metrics),
-        );
         let guard = if self.config.auth.guard_generate {
             Guard::AllButProbes
         } else {
@@ -173,42 +191,75 @@ impl Application {
         // Authentication runs before any service sees the request.
         let auth = BearerAuthLayer::new(self.config.auth.token.clone(), guard);
         let max = self.config.limits.max_message_bytes;
-        let generator = GeneratorServiceServer::new(service)
+        let generator = GeneratorServiceServer::new(self.service.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-        reporter
-            .set_serving::<GeneratorServiceServer<service::Generator>>()
-            .await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        let set_health = move |status| {
+            let reporter = reporter.clone();
+            async move {
+                reporter
+                    .set_service_status(GeneratorServiceServer::<service::Lazy>::NAME, status)
+                    .await;
+                reporter.set_service_status("", status).await;
+            }
+        };
+
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
+        if self.service.is_ready() {
+            set_health(tonic_health::ServingStatus::Serving).await;
+        } else {
+            set_health(tonic_health::ServingStatus::NotServing).await;
+            let (config, metrics, lazy, set_health) = (
+                self.config.clone(),
+                Arc::clone(&self.metrics),
+                self.service.clone(),
+                set_health.clone(),
+            );
+            tokio::spawn(async move {
+                tracing::info!(model = %config.model.display(), "loading model; health is NOT_SERVING until it is warmed up");
+                match load(&config, metrics).await {
+                    Ok(ready) => {
+                        lazy.set(ready);
+                        set_health(tonic_health::ServingStatus::Serving).await;
+                        tracing::info!(version = %config.version, "model loaded and warmed up; serving");
+                    }
+                    Err(err) => {
+                        let _ = failed_tx.send(err);
+                    }
+                }
+            });
+        }
 
         let addr = self.local_addr();
         let (grpc, metrics_stop) = self
             .listeners
             .start_metrics(Arc::clone(&self.metrics.registry));
-        let engine = self.engine.clone();
+        let lazy = self.service.clone();
         let grace = Duration::from_secs(self.config.shutdown_grace_secs);
+        let load_error = Arc::new(std::sync::Mutex::new(None));
+        let load_error_slot = Arc::clone(&load_error);
         let on_shutdown = async move {
-            shutdown.await;
+            tokio::select! {
+                () = shutdown => {}
+                Ok(err) = failed_rx => {
+                    tracing::error!(error = %format!("{err:#}"), "the model failed to load");
+                    *load_error_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+                }
+            }
             tracing::info!(
                 "shutting down: no new requests; running streams get {grace:?} to finish"
             );
-            reporter
-                .set_not_serving::<GeneratorServiceServer<service::Generator>>()
-                .await;
-            reporter
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
-            engine.drain(false);
+            set_health(tonic_health::ServingStatus::NotServing).await;
             metrics_stop.stop();
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                engine.drain(true);
-            });
+            if let Some(engine) = lazy.engine() {
+                engine.drain(false);
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    engine.drain(true);
+                });
+            }
         };
-        tracing::info!(%addr, version = %self.engine.serving().version, "generator serving");
+        tracing::info!(%addr, "generator listening");
         tonic::transport::Server::builder()
             .layer(auth)
             .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
@@ -217,7 +268,11 @@ impl Application {
             .add_service(generator)
             .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), on_shutdown)
             .await?;
-        Ok(())
+        let failed = load_error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match failed {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
     }
 }
 
@@ -273,7 +328,6 @@ impl ServeArgs {
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     hir_runtime::telemetry::init(hir_runtime::telemetry::LogFormat::from_env());
     let config = args.config()?;
-    tracing::info!(model = %config.model.display(), "loading model");
-    let app = Application::build(config).await?;
+    let app = Application::bind(config).await?;
     app.run_until(hir_runtime::shutdown::signal()).await
 }

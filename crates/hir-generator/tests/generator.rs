@@ -766,3 +766,18 @@ async fn a_full_queue_answers_resource_exhausted_at_once() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_model_that_fails_to_load_ends_the_server_with_the_reason() {
+    let config = GeneratorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        model: PathBuf::from("/no/such/model"),
+        ..GeneratorConfig::default()
+    };
+    let app = Application::bind(config)
+        .await
+        .expect("binding needs no model");
+    let err = app.run_until(std::future::pending()).await.unwrap_err();
+    assert!(format!("{err:#}").contains("/no/such/model"), "{err:#}");
+}

@@ -29,11 +29,53 @@ async fn serves_smollm2_over_grpc() {
         model: smollm2(),
         ..GeneratorConfig::default()
     };
-    let app = Application::build(config).await.expect("SmolLM2 loads");
+    // Bind only: the model loads while health already answers.
+    let app = Application::bind(config).await.expect("binds");
     let addr = app.local_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let done = tokio::spawn(app.run_until(async { drop(stopped.await) }));
-    let mut client = GeneratorServiceClient::connect(format!("http://{addr}"))
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = GeneratorServiceClient::new(channel.clone());
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = |mut h: tonic_health::pb::health_client::HealthClient<
+        tonic::transport::Channel,
+    >| async move {
+        h.check(tonic_health::pb::HealthCheckRequest {
+            service: "hir.v1.GeneratorService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+    };
+    use tonic_health::pb::health_check_response::ServingStatus;
+    // Loading and warming up SmolLM2 takes about a second; these calls take milliseconds.
+    assert_eq!(
+        status(health.clone()).await,
+        ServingStatus::NotServing as i32,
+        "not serving while loading"
+    );
+    let early = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), tonic::Code::Unavailable);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    while status(health.clone()).await != ServingStatus::Serving as i32 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the model never finished loading"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap();
 
