@@ -466,6 +466,15 @@ impl Engine {
 
     fn admit(&mut self) {
         if self.draining {
+            // Shutting down: whatever still arrives is refused rather than left waiting.
+            let refused = self
+                .pending
+                .take()
+                .into_iter()
+                .chain(std::iter::from_fn(|| self.jobs.try_recv().ok()));
+            for job in refused.collect::<Vec<_>>() {
+                let _ = job.out.send(Err(GeneratorError::EngineStopped));
+            }
             return;
         }
         let mut admitted: Vec<(u64, Job)> = Vec::new();
