@@ -445,17 +445,26 @@ async fn sample_iteration(
             config.replay_buffer,
         )
         .await?;
-    store
+    let status = match store
         .advance_iteration(
             run_id,
             iteration,
             &[IterationStatus::Sampling],
             IterationStatus::Sampled,
         )
-        .await?;
+        .await
+    {
+        Ok(it) => it.status,
+        // Another sampler (a second replica) finished the same iteration first: its rows are
+        // the same rows, so this one has nothing left to do.
+        Err(hir_store::StoreError::InvalidTransition { .. }) => {
+            store.get_iteration(run_id, iteration).await?.status
+        }
+        Err(err) => return Err(err.into()),
+    };
     progress.send_modify(|p| {
         p.batches = batches.len() as u32;
-        p.status = Some(IterationStatus::Sampled);
+        p.status = Some(status);
         p.error.clear();
     });
     tracing::info!(%run_id, iteration, written, batches = batches.len(), "iteration sampled");

@@ -617,3 +617,23 @@ async fn an_unreachable_generator_is_retried_reported_and_finally_fails_the_iter
         .unwrap();
     drop_db(&db).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relabelers_on_one_iteration_store_each_sample_once() {
+    let (db, store) = fresh_db("replicas").await;
+    let bigbench = tiny_bigbench("replicas", 40);
+    let (generator, _g) = start_generator().await;
+    let run = create_run(&store, &bigbench, "hir").await;
+    let (mut a, _ra) = start_relabeler(relabeler_config(&db, &generator, &bigbench)).await;
+    let (mut b, _rb) = start_relabeler(relabeler_config(&db, &generator, &bigbench)).await;
+    let (first, second) = tokio::join!(sample_to_end(&mut a, run), sample_to_end(&mut b, run));
+    for last in [first, second] {
+        assert_eq!(last.status, pb::IterationStatus::Sampled as i32, "{last:?}");
+    }
+    assert_eq!(sample_rows(&store, run).await.len(), 32 * 2);
+    assert_eq!(
+        store.get_iteration(run, 1).await.unwrap().status,
+        IterationStatus::Sampled
+    );
+    drop_db(&db).await;
+}
