@@ -781,3 +781,21 @@ async fn a_model_that_fails_to_load_ends_the_server_with_the_reason() {
     let err = app.run_until(std::future::pending()).await.unwrap_err();
     assert!(format!("{err:#}").contains("/no/such/model"), "{err:#}");
 }
+
+#[tokio::test]
+async fn text_never_contains_the_end_of_sequence_token() {
+    // The fixture's tokenizer does not mark `<eos>` special; the text must still omit it.
+    let mut s = start("eos-text", |_| {}).await;
+    let got = collect(&mut s.client, request(&["w2 w3 w4"], 16, 1.0, 64, Some(11)))
+        .await
+        .unwrap();
+    assert!(
+        got.iter()
+            .any(|c| c.finish_reason == pb::FinishReason::Eos as i32),
+        "some sample ends with EOS"
+    );
+    for c in &got {
+        assert!(!c.text.contains("<eos>"), "{:?}", c.text);
+    }
+    s.stop().await;
+}

@@ -367,9 +367,17 @@ impl DecodeBatch {
                 Some(reason) => {
                     let text = match text {
                         Some(t) => t,
-                        None => tokenizer
-                            .decode(&seq.tokens, true)
-                            .map_err(ModelError::tokenizer)?,
+                        // The end-of-sequence token is not part of the text, even for a
+                        // tokenizer that does not mark it special.
+                        None => {
+                            let body = match reason {
+                                FinishReason::Eos => &seq.tokens[..seq.tokens.len() - 1],
+                                _ => &seq.tokens[..],
+                            };
+                            tokenizer
+                                .decode(body, true)
+                                .map_err(ModelError::tokenizer)?
+                        }
                     };
                     done.push((
                         i,
