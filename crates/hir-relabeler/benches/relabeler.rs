@@ -110,10 +110,12 @@ async fn run_once(
     store.add_run_tasks(run, tasks).await.unwrap();
     let sampler = Sampler {
         store: store.clone(),
-        catalog: hir_core::task::Catalog::discover(
-            &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/bigbench"),
-        )
-        .unwrap(),
+        tasks: hir_relabeler::tasks::TaskCache::new(
+            hir_core::task::Catalog::discover(
+                &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/bigbench"),
+            )
+            .unwrap(),
+        ),
         generators: Generators::new(&[generator.to_string()]).unwrap(),
         settings: SamplerSettings {
             concurrency: 32,

@@ -135,8 +135,8 @@ fn authed<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
 pub struct Sampler {
     /// The relabel store.
     pub store: Store,
-    /// BIG-bench tasks.
-    pub catalog: hir_core::task::Catalog,
+    /// BIG-bench tasks, each parsed once.
+    pub tasks: crate::tasks::TaskCache,
     /// The generators.
     pub generators: Generators,
     /// Pipeline settings.
@@ -165,7 +165,7 @@ async fn sample_iteration(
 ) -> Result<()> {
     let Sampler {
         store,
-        catalog,
+        tasks: task_cache,
         generators,
         settings,
         metrics,
@@ -195,7 +195,7 @@ async fn sample_iteration(
     progress.send_modify(|p| p.status = Some(IterationStatus::Sampling));
 
     let seed = u32::try_from(config.seed).unwrap_or(1);
-    let tasks = crate::tasks::run_tasks(store, catalog, run_id, seed).await?;
+    let tasks = crate::tasks::run_tasks(store, task_cache, run_id, seed).await?;
     if tasks.is_empty() {
         return Err(RelabelerError::FailedPrecondition(format!(
             "run {run_id} has no tasks"

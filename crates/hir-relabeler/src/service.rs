@@ -57,7 +57,7 @@ impl Relabeler {
     ) -> Self {
         let sampler = Sampler {
             store,
-            catalog,
+            tasks: crate::tasks::TaskCache::new(catalog),
             generators,
             settings,
             metrics,
@@ -326,8 +326,8 @@ impl RelabelerService for Relabeler {
         let task = self
             .inner
             .sampler
-            .catalog
-            .load(&req.task)
+            .tasks
+            .get(&req.task)
             .map_err(|e| RelabelerError::invalid("task", e.to_string()))?;
         let example = task
             .example(req.example_index as usize)

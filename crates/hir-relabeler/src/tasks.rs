@@ -1,7 +1,8 @@
 //! BIG-bench tasks in the relabel store: registering a task (its examples, split, prompts
 //! and gold answers) and loading a run's tasks back with their answers for scoring.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use hir_core::prompt::{Prompt, PromptVariant, DEFAULT_INSTRUCTION};
 use hir_core::split::{Split, SplitSide};
@@ -70,10 +71,47 @@ pub struct RunTask {
     pub train: Vec<usize>,
 }
 
-/// Loads the tasks of a run from the store and the BIG-bench folder.
+/// The BIG-bench catalog with each task parsed once: Score answers from memory instead of
+/// re-reading a task file (up to a few MB of JSON) on every call.
+#[derive(Debug)]
+pub struct TaskCache {
+    catalog: Catalog,
+    loaded: Mutex<HashMap<String, Arc<Task>>>,
+}
+
+impl TaskCache {
+    /// An empty cache over `catalog`.
+    pub fn new(catalog: Catalog) -> Self {
+        Self {
+            catalog,
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The task named `name_or_path` (name or path), parsed on first use.
+    pub fn get(&self, name_or_path: &str) -> Result<Arc<Task>> {
+        let name = self.catalog.find(name_or_path)?.name.clone();
+        if let Some(task) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&name)
+        {
+            return Ok(Arc::clone(task));
+        }
+        let task = Arc::new(self.catalog.load(&name)?);
+        self.loaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, Arc::clone(&task));
+        Ok(task)
+    }
+}
+
+/// Loads the tasks of a run from the store and the task cache.
 pub async fn run_tasks(
     store: &Store,
-    catalog: &Catalog,
+    tasks: &TaskCache,
     run_id: uuid::Uuid,
     seed: u32,
 ) -> Result<Vec<RunTask>> {
@@ -81,13 +119,9 @@ pub async fn run_tasks(
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         let row = store.get_task_by_id(id).await?;
-        let task = catalog.load(&row.name)?;
+        let task = tasks.get(&row.name)?;
         let train = Split::new(seed, task.examples.len()).train;
-        out.push(RunTask {
-            id,
-            task: Arc::new(task),
-            train,
-        });
+        out.push(RunTask { id, task, train });
     }
     Ok(out)
 }
