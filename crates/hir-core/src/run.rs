@@ -9,6 +9,8 @@ use crate::error::{CoreError, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
+    /// The starting model (a Hugging Face folder or a GGUF file) as the trainer sees it.
+    pub model: String,
     /// AdamW learning rate, constant.
     pub learning_rate: f64,
     /// Effective batch size in examples (reached by gradient accumulation).
@@ -54,6 +56,7 @@ pub struct RunConfig {
 impl Default for RunConfig {
     fn default() -> Self {
         Self {
+            model: String::new(),
             learning_rate: 5e-4,
             batch_size: 64,
             micro_batch_size: 8,

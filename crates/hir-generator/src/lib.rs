@@ -67,18 +67,7 @@ impl std::fmt::Debug for Application {
 
 /// Parses `cpu` or `cuda:N`.
 pub fn parse_device(name: &str) -> anyhow::Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        other => {
-            let ordinal = other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .with_context(|| format!("device `{other}`: expected `cpu` or `cuda:N`"))?;
-            Device::new_cuda(ordinal).with_context(|| {
-                format!("device `{other}` (is this a build with the `cuda` feature?)")
-            })
-        }
-    }
+    Ok(hir_model::parse_device(name)?)
 }
 
 /// The weight mode for `weights` and `model` on `device`.

@@ -36,3 +36,21 @@ pub use generate::{
 };
 pub use loaded::{LoadedModel, ModelInfo};
 pub use weights::WeightMode;
+
+/// The device named `cpu` or `cuda:N` (the latter needs a build with the `cuda` feature).
+pub fn parse_device(name: &str) -> Result<candle_core::Device> {
+    if name == "cpu" {
+        return Ok(candle_core::Device::Cpu);
+    }
+    let ordinal = name
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse::<usize>().ok())
+        .ok_or_else(|| {
+            ModelError::InvalidConfig(format!("device `{name}`: expected `cpu` or `cuda:N`"))
+        })?;
+    candle_core::Device::new_cuda(ordinal).map_err(|e| {
+        ModelError::InvalidConfig(format!(
+            "device `{name}`: {e} (is this a build with the `cuda` feature?)"
+        ))
+    })
+}

@@ -246,6 +246,64 @@ impl AdamW {
         self.step
     }
 
+    /// The first and second moments of each variable, as f32 tensors on the
+    /// CPU (`None` for a variable that has not been updated yet).
+    pub fn moments(&self) -> Result<Vec<Option<(Tensor, Tensor)>>> {
+        let cpu = candle_core::Device::Cpu;
+        self.moments
+            .iter()
+            .zip(&self.vars)
+            .map(|(m, var)| {
+                Ok(match m {
+                    None => None,
+                    Some(Moments::Host(m, v)) => Some((
+                        Tensor::from_slice(m, var.shape(), &cpu)?,
+                        Tensor::from_slice(v, var.shape(), &cpu)?,
+                    )),
+                    Some(Moments::Device(m, v)) => Some((m.to_device(&cpu)?, v.to_device(&cpu)?)),
+                })
+            })
+            .collect()
+    }
+
+    /// Restores the step count and the moments saved by [`AdamW::moments`];
+    /// every moment must have its variable's shape.
+    pub fn restore(&mut self, step: u64, moments: Vec<Option<(Tensor, Tensor)>>) -> Result<()> {
+        if moments.len() != self.vars.len() {
+            return Err(ModelError::InvalidRequest(format!(
+                "optimizer state has {} variables, the model {}",
+                moments.len(),
+                self.vars.len()
+            )));
+        }
+        let mut restored = Vec::with_capacity(moments.len());
+        for (i, (slot, var)) in moments.into_iter().zip(&self.vars).enumerate() {
+            restored.push(match slot {
+                None => None,
+                Some((m, v)) => {
+                    if m.shape() != var.shape() || v.shape() != var.shape() {
+                        return Err(ModelError::InvalidRequest(format!(
+                            "optimizer moments of variable {i} have shapes {:?} and {:?}, the \
+                             variable {:?}",
+                            m.shape(),
+                            v.shape(),
+                            var.shape()
+                        )));
+                    }
+                    let (m, v) = (m.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+                    Some(if var.device().is_cpu() {
+                        Moments::Host(m.flatten_all()?.to_vec1()?, v.flatten_all()?.to_vec1()?)
+                    } else {
+                        Moments::Device(m.to_device(var.device())?, v.to_device(var.device())?)
+                    })
+                }
+            });
+        }
+        self.moments = restored;
+        self.step = step;
+        Ok(())
+    }
+
     /// Applies one update from the accumulated gradients (variables without a
     /// gradient are left alone).
     pub fn step(&mut self, grads: &GradAccumulator) -> Result<()> {
@@ -351,6 +409,11 @@ impl Trainer {
         &self.opt
     }
 
+    /// The optimizer, to restore its state.
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.opt
+    }
+
     /// Back-propagates `loss` (divided by the accumulation steps) and, once
     /// enough micro-batches are in, clips and steps. Returns a report when a
     /// step was taken.
@@ -407,6 +470,34 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
         }
+    }
+
+    #[test]
+    fn restored_moments_continue_exactly_like_the_original() {
+        let dev = Device::Cpu;
+        let run = |restore_after: Option<usize>| {
+            let var = Var::new(&[1.0f32, -2.0, 0.5], &dev).unwrap();
+            let mut opt = AdamW::new(vec![var.clone()], AdamWConfig::default());
+            for step in 0..4 {
+                if restore_after == Some(step) {
+                    let saved = opt.moments().unwrap();
+                    let mut fresh = AdamW::new(vec![var.clone()], AdamWConfig::default());
+                    fresh.restore(opt.steps(), saved).unwrap();
+                    opt = fresh;
+                }
+                let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
+                let mut acc = GradAccumulator::new(1);
+                acc.add(std::slice::from_ref(&var), &loss.backward().unwrap(), 1.0)
+                    .unwrap();
+                opt.step(&acc).unwrap();
+            }
+            var.as_tensor().to_vec1::<f32>().unwrap()
+        };
+        assert_eq!(run(None), run(Some(2)));
+        let var = Var::new(&[1.0f32], &dev).unwrap();
+        let mut opt = AdamW::new(vec![var], AdamWConfig::default());
+        let bad = Tensor::zeros(2, DType::F32, &dev).unwrap();
+        assert!(opt.restore(1, vec![Some((bad.clone(), bad))]).is_err());
     }
 
     #[test]

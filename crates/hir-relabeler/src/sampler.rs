@@ -17,6 +17,7 @@ use hir_core::run::RunConfig;
 use hir_core::score::{relabel_match, score};
 use hir_proto::pb;
 use hir_proto::pb::generator_service_client::GeneratorServiceClient;
+use hir_runtime::auth::with_bearer;
 use hir_store::{IterationStatus, NewModelVersion, NewRelabel, NewScoredSample, Store};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
@@ -118,16 +119,6 @@ fn retryable(status: &tonic::Status) -> bool {
             | tonic::Code::Unknown
             | tonic::Code::Cancelled
     )
-}
-
-fn authed<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(token) = token {
-        if let Ok(value) = format!("Bearer {token}").parse() {
-            request.metadata_mut().insert("authorization", value);
-        }
-    }
-    request
 }
 
 /// What sampling needs: the store, the tasks, the generators and the settings.
@@ -437,14 +428,15 @@ async fn sample_iteration(
         return Err(err);
     }
 
-    let batches = store
-        .create_batches(
-            run_id,
-            iteration,
-            config.batch_size as i32,
-            config.replay_buffer,
-        )
-        .await?;
+    let plan = hir_store::BatchPlan {
+        batch_size: config.batch_size as i32,
+        include_replay: config.replay_buffer,
+        policy: Some(policy.name().to_string()),
+        epochs: config.epochs_per_iteration as i32,
+        shuffle_seed: Some(config.seed.wrapping_add(iteration as u64) as i64),
+        max_batches: Some(config.max_steps_per_iteration as i32).filter(|m| *m > 0),
+    };
+    let batches = store.create_batches(run_id, iteration, &plan).await?;
     let status = match store
         .advance_iteration(
             run_id,
@@ -493,7 +485,7 @@ async fn serving_version(
         let token = settings.generator_token.clone();
         async move {
             client
-                .get_model_info(authed(pb::GetModelInfoRequest {}, token.as_deref()))
+                .get_model_info(with_bearer(pb::GetModelInfoRequest {}, token.as_deref()))
                 .await
                 .map(|r| r.into_inner())
         }
@@ -567,7 +559,7 @@ async fn generate_with_retry(
 ) -> Result<Vec<pb::Completion>> {
     let result = with_retry(settings, "Generate", || {
         let mut client = generators.pick();
-        let request = authed(request.clone(), settings.generator_token.as_deref());
+        let request = with_bearer(request.clone(), settings.generator_token.as_deref());
         let progress = progress.clone();
         let errors = errors.clone();
         async move {

@@ -78,6 +78,7 @@ fn run_config() -> RunConfig {
         max_new_tokens: 8,
         batch_size: 8,
         micro_batch_size: 8,
+        epochs_per_iteration: 2,
         ..RunConfig::default()
     }
 }
@@ -224,7 +225,8 @@ async fn an_iteration_fills_samples_relabels_and_batches() {
     let last = sample_to_end(&mut client, run).await;
     assert_eq!(last.status, pb::IterationStatus::Sampled as i32, "{last:?}");
 
-    // 20 examples: 16 train prompts x 2 samples, each with one relabel; batches of 8.
+    // 20 examples: 16 train prompts x 2 samples, each with one relabel; 2 epochs of
+    // batches of 8.
     let rows = sample_rows(&store, run).await;
     assert_eq!(rows.len(), 32);
     for (_, _, output, _, correct, positive) in &rows {
@@ -255,7 +257,7 @@ async fn an_iteration_fills_samples_relabels_and_batches() {
     .fetch_all(store.pool())
     .await
     .unwrap();
-    assert_eq!(batches, vec![(0, 8), (1, 8), (2, 8), (3, 8)]);
+    assert_eq!(batches, (0..8).map(|i| (i, 8)).collect::<Vec<_>>());
     assert_eq!(
         store.get_iteration(run, 1).await.unwrap().status,
         IterationStatus::Sampled

@@ -23,6 +23,15 @@ pub enum Guard {
     AllButProbes,
 }
 
+/// A client request carrying `token` as a bearer token (none when `token` is `None`).
+pub fn with_bearer<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = token.and_then(|t| format!("Bearer {t}").parse().ok()) {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
 /// The layer; clone it into a `tonic::transport::Server::builder().layer(..)`.
 #[derive(Debug, Clone)]
 pub struct BearerAuthLayer {

@@ -61,13 +61,48 @@ pub struct TrainingBatch {
     pub done_at: Option<DateTime<Utc>>,
 }
 
+/// How [`Store::create_batches`] cuts an iteration's samples into batches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPlan {
+    /// Samples per batch (the effective batch size of one optimizer step).
+    pub batch_size: i32,
+    /// Also use every earlier iteration's samples (a replay buffer).
+    pub include_replay: bool,
+    /// Only samples with a relabel under this policy.
+    pub policy: Option<String>,
+    /// Passes over the samples.
+    pub epochs: i32,
+    /// Shuffle each pass with this seed; `None` keeps sample-id order.
+    pub shuffle_seed: Option<i64>,
+    /// Keep only the first this many batches.
+    pub max_batches: Option<i32>,
+}
+
+impl BatchPlan {
+    /// One pass in sample-id order over all of the iteration's samples.
+    pub fn new(batch_size: i32) -> Self {
+        Self {
+            batch_size,
+            include_replay: false,
+            policy: None,
+            epochs: 1,
+            shuffle_seed: None,
+            max_batches: None,
+        }
+    }
+}
+
 impl Store {
-    /// Groups samples into batches of `batch_size` for an iteration and
+    /// Cuts the samples chosen by `plan` into batches for an iteration and
     /// returns the iteration's batches ordered by `batch_idx`.
     ///
-    /// The samples are the iteration's own or, with `include_replay`, all of
-    /// the run's samples from iterations `0..=iteration`. They are ordered by
-    /// sample id, so the same samples always give the same batches.
+    /// The samples are the iteration's own or, with `plan.include_replay`,
+    /// all of the run's samples from iterations `0..=iteration`; with
+    /// `plan.policy` only samples relabeled under that policy. Each of
+    /// `plan.epochs` passes orders them by sample id, or shuffles them with
+    /// `plan.shuffle_seed` (a different order per epoch, the same for the same
+    /// seed), and cuts them every `batch_size` rows; batches are numbered
+    /// across epochs. `plan.max_batches` keeps only the first batches.
     ///
     /// Idempotent: when the iteration already has batches they are returned
     /// unchanged (samples stored since are not added). The iteration must exist.
@@ -76,13 +111,25 @@ impl Store {
         &self,
         run_id: Uuid,
         iteration: i32,
-        batch_size: i32,
-        include_replay: bool,
+        plan: &BatchPlan,
     ) -> Result<Vec<TrainingBatch>> {
         validate_non_negative("iteration", iteration.into())?;
-        if batch_size <= 0 {
+        if plan.batch_size <= 0 {
             return Err(StoreError::Invalid(format!(
-                "batch_size must be > 0, got {batch_size}"
+                "batch_size must be > 0, got {}",
+                plan.batch_size
+            )));
+        }
+        if plan.epochs <= 0 {
+            return Err(StoreError::Invalid(format!(
+                "epochs must be > 0, got {}",
+                plan.epochs
+            )));
+        }
+        if plan.max_batches.is_some_and(|m| m <= 0) {
+            return Err(StoreError::Invalid(format!(
+                "max_batches must be > 0 when set, got {:?}",
+                plan.max_batches
             )));
         }
         let mut tx = self.pool().begin().await?;
@@ -110,28 +157,54 @@ impl Store {
         .await?;
 
         if !already {
-            // Number the chosen samples by id, cut every batch_size rows, create
-            // one batch per cut, then attach the samples to their batch.
+            // Number the chosen samples within each epoch (by id, or by a seeded hash),
+            // cut every batch_size rows, create one batch per cut, then attach the
+            // samples to their batch.
             sqlx::query(
-                "WITH chosen AS (
-                     SELECT id, ((row_number() OVER (ORDER BY id)) - 1) / $3 AS batch_idx
-                     FROM samples
-                     WHERE run_id = $1
-                       AND (iteration = $2 OR ($4 AND iteration < $2))
+                "WITH pool AS (
+                     SELECT s.id FROM samples s
+                     WHERE s.run_id = $1
+                       AND (s.iteration = $2 OR ($4 AND s.iteration < $2))
+                       AND ($5::text IS NULL OR EXISTS (
+                           SELECT 1 FROM relabels r WHERE r.sample_id = s.id AND r.policy = $5))
+                 ),
+                 per_epoch AS (
+                     SELECT ((count(*) + $3 - 1) / $3) AS n FROM pool
+                 ),
+                 chosen AS (
+                     SELECT pool.id,
+                            e.epoch * per_epoch.n
+                              + ((row_number() OVER (
+                                    PARTITION BY e.epoch
+                                    ORDER BY CASE WHEN $6::int8 IS NULL THEN ''
+                                             ELSE md5($6::text || ':' || e.epoch || ':' || pool.id)
+                                             END,
+                                             pool.id)) - 1) / $3 AS batch_idx
+                     FROM pool
+                     CROSS JOIN generate_series(0, $7 - 1) AS e(epoch)
+                     CROSS JOIN per_epoch
+                 ),
+                 kept AS (
+                     SELECT id, batch_idx FROM chosen
+                     WHERE $8::int8 IS NULL OR batch_idx < $8
                  ),
                  created AS (
                      INSERT INTO training_batches (run_id, iteration, batch_idx)
-                     SELECT DISTINCT $1, $2, batch_idx::int4 FROM chosen
+                     SELECT DISTINCT $1, $2, batch_idx::int4 FROM kept
                      RETURNING id, batch_idx
                  )
                  INSERT INTO batch_samples (batch_id, sample_id)
-                 SELECT created.id, chosen.id
-                 FROM chosen JOIN created ON created.batch_idx = chosen.batch_idx",
+                 SELECT created.id, kept.id
+                 FROM kept JOIN created ON created.batch_idx = kept.batch_idx",
             )
             .bind(run_id)
             .bind(iteration)
-            .bind(i64::from(batch_size))
-            .bind(include_replay)
+            .bind(i64::from(plan.batch_size))
+            .bind(plan.include_replay)
+            .bind(plan.policy.as_deref())
+            .bind(plan.shuffle_seed)
+            .bind(plan.epochs)
+            .bind(plan.max_batches.map(i64::from))
             .execute(&mut *tx)
             .await
             .map_err(db_error("creating training batches"))?;
@@ -284,6 +357,23 @@ impl Store {
                     what: format!("training batch {batch_id}"),
                 })?;
         Err(StoreError::Conflict(lease_problem(&current, owner)))
+    }
+
+    /// Gives every batch of a run that `owner` leased back to the queue: a
+    /// restarted trainer under the same name does not wait for its old leases
+    /// to expire. Returns how many were released.
+    #[tracing::instrument(name = "Releasing an owner's leases", skip(self))]
+    pub async fn release_leases_of(&self, run_id: Uuid, owner: &str) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE training_batches
+             SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL
+             WHERE run_id = $1 AND status = 'leased' AND lease_owner = $2",
+        )
+        .bind(run_id)
+        .bind(owner)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected())
     }
 
     /// Fetches a batch by id.

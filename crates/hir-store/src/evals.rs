@@ -127,4 +127,17 @@ impl Store {
         .await?;
         Ok(rows)
     }
+
+    /// Test accuracy of every version a run evaluated, per iteration, task and prompt
+    /// style, ordered by iteration.
+    #[tracing::instrument(name = "Reading a run's eval accuracy", skip(self))]
+    pub async fn run_eval_accuracy(&self, run_id: Uuid) -> Result<Vec<EvalAccuracy>> {
+        Ok(sqlx::query_as::<_, EvalAccuracy>(
+            "SELECT * FROM eval_accuracy WHERE run_id = $1
+             ORDER BY iteration, task, prompt_style",
+        )
+        .bind(run_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
 }

@@ -106,6 +106,17 @@ impl Store {
         Ok(rows)
     }
 
+    /// Every iteration of a run, in order.
+    #[tracing::instrument(name = "Listing iterations of a run", skip(self))]
+    pub async fn list_iterations(&self, run_id: Uuid) -> Result<Vec<Iteration>> {
+        Ok(sqlx::query_as::<_, Iteration>(
+            "SELECT * FROM iterations WHERE run_id = $1 ORDER BY iteration",
+        )
+        .bind(run_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Moves an iteration to `to` if its current status is one of `from`.
     ///
     /// Returns the updated iteration. Fails with

@@ -10,6 +10,7 @@
 //! - [`versions`]: model checkpoints, bound to one checksum per name;
 //! - [`samples`]: scored outputs with their hindsight relabels, written in bulk;
 //! - [`batches`]: a training work queue with leases;
+//! - [`training`]: the trainer's committed state (step and snapshot);
 //! - [`evals`]: evaluation results and accuracy;
 //! - [`feedback`]: relabeled tuples submitted by other systems.
 //!
@@ -36,9 +37,10 @@ pub mod samples;
 mod store;
 pub mod tasks;
 mod text_enum;
+pub mod training;
 pub mod versions;
 
-pub use batches::{BatchStatus, TrainingBatch};
+pub use batches::{BatchPlan, BatchStatus, TrainingBatch};
 pub use error::{Result, StoreError};
 pub use evals::{EvalAccuracy, NewEvalResult};
 pub use feedback::NewFeedback;
@@ -50,6 +52,7 @@ pub use samples::{
 };
 pub use store::Store;
 pub use tasks::{Example, NewExample, NewTask, Split, Task, TaskKind};
+pub use training::{IterationTraining, NewTrainerState, TrainerState};
 pub use versions::{ModelVersion, NewModelVersion};
 
 /// The store's schema migrations, embedded from the workspace's `migrations/` folder.

@@ -153,4 +153,17 @@ impl Store {
                 .await?;
         Ok(ids)
     }
+
+    /// Every run in `status`, oldest first: what a restarted trainer drives again.
+    #[tracing::instrument(name = "Listing runs by status", skip(self))]
+    pub async fn runs_with_status(&self, status: RunStatus) -> Result<Vec<Run>> {
+        Ok(
+            sqlx::query_as::<_, Run>(
+                "SELECT * FROM runs WHERE status = $1 ORDER BY created_at, id",
+            )
+            .bind(status.as_str())
+            .fetch_all(self.pool())
+            .await?,
+        )
+    }
 }

@@ -105,4 +105,16 @@ impl Store {
                 what: format!("model version {name:?}"),
             })
     }
+
+    /// Model versions, newest first; only `run_id`'s when given.
+    #[tracing::instrument(name = "Listing model versions", skip(self))]
+    pub async fn list_model_versions(&self, run_id: Option<Uuid>) -> Result<Vec<ModelVersion>> {
+        Ok(sqlx::query_as::<_, ModelVersion>(
+            "SELECT * FROM model_versions WHERE $1::uuid IS NULL OR run_id = $1
+             ORDER BY created_at DESC, id DESC",
+        )
+        .bind(run_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
 }

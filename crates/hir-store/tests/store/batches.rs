@@ -1,4 +1,4 @@
-use hir_store::{BatchStatus, Store, StoreError};
+use hir_store::{BatchPlan, BatchStatus, Store, StoreError};
 use serde_json::json;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
@@ -18,7 +18,7 @@ async fn batched(f: &Fixture, n: i32, size: i32) -> Vec<hir_store::TrainingBatch
         .await
         .unwrap();
     f.store
-        .create_batches(f.run_id, 0, size, false)
+        .create_batches(f.run_id, 0, &BatchPlan::new(size))
         .await
         .unwrap()
 }
@@ -58,7 +58,11 @@ async fn batches_cover_the_iterations_samples_in_id_order(pool: PgPool) {
 async fn creating_batches_twice_returns_the_same_batches(pool: PgPool) {
     let f = fixture(pool).await;
     let first = batched(&f, 10, 4).await;
-    let second = f.store.create_batches(f.run_id, 0, 4, false).await.unwrap();
+    let second = f
+        .store
+        .create_batches(f.run_id, 0, &BatchPlan::new(4))
+        .await
+        .unwrap();
     assert_eq!(first, second);
     assert_eq!(f.count("training_batches").await, 3);
     assert_eq!(f.count("batch_samples").await, 10);
@@ -81,7 +85,14 @@ async fn replay_batches_include_earlier_iterations_samples(pool: PgPool) {
 
     let replay = f
         .store
-        .create_batches(f.run_id, 1, 100, true)
+        .create_batches(
+            f.run_id,
+            1,
+            &BatchPlan {
+                include_replay: true,
+                ..BatchPlan::new(100)
+            },
+        )
         .await
         .unwrap();
     let ids = f.store.batch_sample_ids(replay[0].id).await.unwrap();
@@ -91,7 +102,7 @@ async fn replay_batches_include_earlier_iterations_samples(pool: PgPool) {
 
     let own = f
         .store
-        .create_batches(f.run_id, 2, 100, false)
+        .create_batches(f.run_id, 2, &BatchPlan::new(100))
         .await
         .unwrap();
     assert_eq!(
@@ -105,7 +116,7 @@ async fn bad_batch_arguments_are_refused(pool: PgPool) {
     let f = fixture(pool).await;
     let err = f
         .store
-        .create_batches(f.run_id, 0, 0, false)
+        .create_batches(f.run_id, 0, &BatchPlan::new(0))
         .await
         .unwrap_err();
     assert!(
@@ -114,7 +125,7 @@ async fn bad_batch_arguments_are_refused(pool: PgPool) {
     );
     let err = f
         .store
-        .create_batches(f.run_id, 5, 4, false)
+        .create_batches(f.run_id, 5, &BatchPlan::new(4))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
@@ -406,4 +417,161 @@ async fn releasing_a_batch_puts_it_back_and_only_the_owner_may(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!((again[0].id, again[0].attempts), (id, 2));
+}
+
+/// The sample ids of each batch, in batch order.
+async fn contents(f: &Fixture, batches: &[hir_store::TrainingBatch]) -> Vec<Vec<i64>> {
+    let mut out = Vec::new();
+    for b in batches {
+        out.push(f.store.batch_sample_ids(b.id).await.unwrap());
+    }
+    out
+}
+
+#[sqlx::test(migrator = "hir_store::MIGRATOR")]
+async fn epochs_are_seeded_shuffles_that_each_cover_every_sample(pool: PgPool) {
+    let f = fixture(pool).await;
+    f.store
+        .insert_scored_samples(&f.samples(0, 10, 5))
+        .await
+        .unwrap();
+    let plan = BatchPlan {
+        epochs: 3,
+        shuffle_seed: Some(7),
+        ..BatchPlan::new(4)
+    };
+    let batches = f.store.create_batches(f.run_id, 0, &plan).await.unwrap();
+    assert_eq!(
+        batches.iter().map(|b| b.batch_idx).collect::<Vec<_>>(),
+        (0..9).collect::<Vec<_>>(),
+        "3 epochs of ceil(10 / 4) batches"
+    );
+    let all = sample_ids(&f, 0).await;
+    let got = contents(&f, &batches).await;
+    let mut epochs = Vec::new();
+    for epoch in got.chunks(3) {
+        assert_eq!(
+            epoch.iter().map(Vec::len).collect::<Vec<_>>(),
+            [4, 4, 2],
+            "an epoch is cut like one pass"
+        );
+        let mut ids: Vec<i64> = epoch.concat();
+        let order = ids.clone();
+        ids.sort_unstable();
+        assert_eq!(ids, all, "each epoch holds every sample once");
+        epochs.push(order);
+    }
+    assert!(
+        epochs[0] != epochs[1] || epochs[1] != epochs[2],
+        "epochs are shuffled differently"
+    );
+    assert_ne!(epochs[0], all, "the order is shuffled, not by id");
+}
+
+#[sqlx::test(migrator = "hir_store::MIGRATOR")]
+async fn a_policy_filter_and_a_cap_limit_the_batches(pool: PgPool) {
+    let f = fixture(pool).await;
+    f.store
+        .insert_scored_samples(&f.samples(0, 6, 3))
+        .await
+        .unwrap();
+    let none = f
+        .store
+        .create_batches(
+            f.run_id,
+            0,
+            &BatchPlan {
+                policy: Some("farl".into()),
+                ..BatchPlan::new(2)
+            },
+        )
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "no sample is relabeled under farl");
+
+    f.store.ensure_iteration(f.run_id, 1).await.unwrap();
+    f.store
+        .insert_scored_samples(&f.samples(1, 6, 3))
+        .await
+        .unwrap();
+    let capped = f
+        .store
+        .create_batches(
+            f.run_id,
+            1,
+            &BatchPlan {
+                policy: Some(crate::helpers::POLICY.into()),
+                epochs: 2,
+                max_batches: Some(4),
+                ..BatchPlan::new(2)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(capped.len(), 4, "2 epochs of 3 batches, capped at 4");
+    let err = f
+        .store
+        .create_batches(
+            f.run_id,
+            1,
+            &BatchPlan {
+                epochs: 0,
+                ..BatchPlan::new(2)
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Invalid(ref m) if m.contains("epochs")),
+        "{err}"
+    );
+}
+
+#[sqlx::test(migrator = "hir_store::MIGRATOR")]
+async fn a_restarted_owner_gives_its_old_leases_back_at_once(pool: PgPool) {
+    let f = fixture(pool).await;
+    batched(&f, 6, 2).await;
+    let mine = f
+        .store
+        .lease_batches(f.run_id, "trainer-0", 2, MINUTE)
+        .await
+        .unwrap();
+    let theirs = f
+        .store
+        .lease_batches(f.run_id, "trainer-1", 1, MINUTE)
+        .await
+        .unwrap();
+    // The same owner leasing again does not get its own live leases a second time.
+    assert!(f
+        .store
+        .lease_batches(f.run_id, "trainer-0", 5, MINUTE)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        f.store
+            .release_leases_of(f.run_id, "trainer-0")
+            .await
+            .unwrap(),
+        2
+    );
+    let again = f
+        .store
+        .lease_batches(f.run_id, "trainer-0", 5, MINUTE)
+        .await
+        .unwrap();
+    assert_eq!(
+        again.iter().map(|b| b.id).collect::<Vec<_>>(),
+        mine.iter().map(|b| b.id).collect::<Vec<_>>(),
+        "only its own batches come back, not the other trainer's"
+    );
+    assert_eq!(
+        f.store
+            .get_batch(theirs[0].id)
+            .await
+            .unwrap()
+            .lease_owner
+            .as_deref(),
+        Some("trainer-1")
+    );
 }

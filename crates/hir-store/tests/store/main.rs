@@ -12,5 +12,6 @@ mod iterations;
 mod migrations;
 mod runs_tasks;
 mod samples;
+mod training;
 mod versions;
 mod views;

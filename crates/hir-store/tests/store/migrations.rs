@@ -28,7 +28,9 @@ async fn migrations_create_every_table_and_view(pool: PgPool) {
             "sample_details",
             "samples",
             "tasks",
+            "trainer_states",
             "training_batches",
+            "training_steps",
         ]
     );
 }

@@ -1,4 +1,4 @@
-use hir_store::{NewEvalResult, NewRelabel};
+use hir_store::{BatchPlan, NewEvalResult, NewRelabel};
 use serde_json::json;
 use sqlx::PgPool;
 use std::time::Duration;
@@ -149,7 +149,10 @@ async fn batches_consumed_reports_size_owner_and_progress(pool: PgPool) {
         .insert_scored_samples(&f.samples(0, 5, 2))
         .await
         .unwrap();
-    f.store.create_batches(f.run_id, 0, 3, false).await.unwrap();
+    f.store
+        .create_batches(f.run_id, 0, &BatchPlan::new(3))
+        .await
+        .unwrap();
     let leased = f
         .store
         .lease_batches(f.run_id, "trainer-a", 1, Duration::from_secs(60))

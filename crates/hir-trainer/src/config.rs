@@ -1,0 +1,79 @@
+//! The trainer's typed configuration: defaults, then a TOML file, then
+//! `HIR_TRAINER__*` environment variables, then command-line flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the trainer is configured with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainerConfig {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` address (none disables it).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Postgres URL of the relabel store.
+    pub database_url: String,
+    /// BIG-bench tasks folder.
+    pub bigbench: PathBuf,
+    /// The relabeler that samples each iteration.
+    pub relabeler: String,
+    /// Bearer token for the relabeler's mutating calls.
+    pub relabeler_token: Option<String>,
+    /// Every generator to swap new versions into; evaluation is spread over them.
+    pub generators: Vec<String>,
+    /// Bearer token for the generators.
+    pub generator_token: Option<String>,
+    /// Bearer token that guards this trainer's mutating calls.
+    pub auth_token: Option<String>,
+    /// Where new versions are written (`<run>/it<k>/`), in Hugging Face layout.
+    pub checkpoint_dir: PathBuf,
+    /// Stream checkpoints to the generators (`UploadWeights`) instead of asking them to
+    /// load `<run>/it<k>` under their own `swap.checkpoint_root` (which must then be the
+    /// same volume as `checkpoint_dir`).
+    pub upload: bool,
+    /// Where resumable training state (weights, optimizer moments) is kept.
+    pub state_dir: PathBuf,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Optimizer steps between durable commits of the training state. A crash loses at
+    /// most this many steps of work, which are then redone exactly.
+    pub commit_every_steps: u32,
+    /// Lease on training batches, in seconds; a crashed trainer's batches return to the
+    /// queue after it.
+    pub lease_secs: u64,
+    /// Prompts per evaluation request.
+    pub eval_batch: usize,
+    /// Mean absolute log-probability difference allowed between the trainer's model and
+    /// a generator's after a swap.
+    pub probe_tolerance: f64,
+    /// Name of this trainer in batch leases (default: host name and process id).
+    pub owner: Option<String>,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50053)),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9453))),
+            database_url: "postgres://postgres@127.0.0.1:5432/hindsight".into(),
+            bigbench: PathBuf::from("data/bigbench"),
+            relabeler: "http://127.0.0.1:50052".into(),
+            relabeler_token: None,
+            generators: vec!["http://127.0.0.1:50051".into()],
+            generator_token: None,
+            auth_token: None,
+            checkpoint_dir: PathBuf::from("checkpoints"),
+            upload: false,
+            state_dir: PathBuf::from("trainer-state"),
+            device: "cpu".into(),
+            commit_every_steps: 8,
+            lease_secs: 900,
+            eval_batch: 16,
+            probe_tolerance: 0.05,
+            owner: None,
+        }
+    }
+}

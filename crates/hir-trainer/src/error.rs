@@ -1,0 +1,134 @@
+//! The trainer's error type and its one mapping to gRPC status codes.
+
+use std::path::PathBuf;
+
+/// Everything the trainer can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainerError {
+    /// A request field is invalid; the message names the field.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The field, e.g. `tasks[1]` or `hyperparameters.learning_rate`.
+        field: String,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// A run does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The run's state does not allow the call, or its data is unusable.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A run id was reused with a different configuration.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The run was asked to stop; its last step is committed.
+    #[error("the run was stopped")]
+    Stopped,
+    /// A generator or the relabeler failed or could not be reached.
+    #[error("{service}: {message}")]
+    Remote {
+        /// Which service, e.g. `generator http://10.0.0.5:50051`.
+        service: String,
+        /// What it said.
+        message: String,
+    },
+    /// A generator serves something other than what was swapped in.
+    #[error("verification failed: {0}")]
+    Verification(String),
+    /// The relabel store failed.
+    #[error("relabel store: {0}")]
+    Store(#[from] hir_store::StoreError),
+    /// The model failed to load, train or save.
+    #[error("model: {0}")]
+    Model(#[from] hir_model::ModelError),
+    /// BIG-bench data or a run configuration is unusable.
+    #[error("{0}")]
+    Core(#[from] hir_core::CoreError),
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl TrainerError {
+    /// An invalid field.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A failed call to another service.
+    pub fn remote(service: impl Into<String>, status: &tonic::Status) -> Self {
+        Self::Remote {
+            service: service.into(),
+            message: format!("{:?}: {}", status.code(), status.message()),
+        }
+    }
+}
+
+impl From<candle_core::Error> for TrainerError {
+    fn from(err: candle_core::Error) -> Self {
+        Self::Model(err.into())
+    }
+}
+
+impl From<hir_relabeler::RelabelerError> for TrainerError {
+    fn from(err: hir_relabeler::RelabelerError) -> Self {
+        use hir_relabeler::RelabelerError as R;
+        match err {
+            R::Store(e) => Self::Store(e),
+            R::Core(e) => Self::Core(e),
+            R::InvalidArgument { field, reason } => Self::InvalidArgument { field, reason },
+            R::NotFound(m) => Self::NotFound(m),
+            other => Self::FailedPrecondition(other.to_string()),
+        }
+    }
+}
+
+impl From<TrainerError> for tonic::Status {
+    fn from(err: TrainerError) -> Self {
+        use hir_store::StoreError;
+        let message = err.to_string();
+        match err {
+            TrainerError::InvalidArgument { .. } | TrainerError::Core(_) => {
+                tonic::Status::invalid_argument(message)
+            }
+            TrainerError::Store(StoreError::Invalid(_)) => tonic::Status::invalid_argument(message),
+            TrainerError::NotFound(_) | TrainerError::Store(StoreError::NotFound { .. }) => {
+                tonic::Status::not_found(message)
+            }
+            TrainerError::FailedPrecondition(_)
+            | TrainerError::Stopped
+            | TrainerError::Verification(_)
+            | TrainerError::Model(_)
+            | TrainerError::Store(StoreError::InvalidTransition { .. }) => {
+                tonic::Status::failed_precondition(message)
+            }
+            TrainerError::AlreadyExists(_) | TrainerError::Store(StoreError::Conflict(_)) => {
+                tonic::Status::already_exists(message)
+            }
+            TrainerError::Remote { .. } | TrainerError::Io { .. } | TrainerError::Store(_) => {
+                tonic::Status::unavailable(message)
+            }
+        }
+    }
+}
+
+/// Result alias of the trainer.
+pub type Result<T, E = TrainerError> = std::result::Result<T, E>;

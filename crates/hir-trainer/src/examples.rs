@@ -1,0 +1,254 @@
+//! Building HIR training examples from relabeled samples, with sub-output relabeling
+//! exactly as the reference (HIR.md §1.5), adapted to a decoder-only model (§7): what the
+//! reference feeds the encoder (instruction, query, output prefix) is the prompt part of
+//! one sequence, and only the label span carries loss.
+//!
+//! For a sample with output tokens `o` (ending in end-of-sequence, appended when the
+//! generator stopped for another reason, as the reference's tokenizer does):
+//! 1. draw a span `start..end` of `o` ([`hir_core::suboutput::sample_span`]);
+//! 2. decide its case from the decoded prefix `o[..end]` and the gold answer
+//!    ([`hir_core::suboutput::plan`]), swapping the instructions when a wrong sample's
+//!    prefix agrees with the gold answer;
+//! 3. prompt = instruction + the sample's query + `o[..start]`; labels = `o[start..end]`,
+//!    re-tokenized from its text and ended with end-of-sequence except in case (b).
+//!
+//! The negative sequence has the same labels under the other instruction.
+
+use hir_core::rng::SplitMix64;
+use hir_core::suboutput::{plan, sample_span, SubOutputCase};
+use hir_model::train::Example;
+
+use crate::error::{Result, TrainerError};
+
+/// Tokenization the examples need (implemented by the loaded model).
+pub trait Codec {
+    /// Token ids of `text`, adding no special tokens.
+    fn encode(&self, text: &str) -> Result<Vec<u32>>;
+    /// Text of `ids`, special tokens skipped.
+    fn decode(&self, ids: &[u32]) -> Result<String>;
+    /// The end-of-sequence id appended to labels.
+    fn eos(&self) -> u32;
+    /// Whether `id` ends a sequence (a model may have several such ids).
+    fn is_eos(&self, id: u32) -> bool {
+        id == self.eos()
+    }
+}
+
+impl Codec for hir_model::LoadedModel {
+    fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(hir_model::LoadedModel::encode(self, text)?)
+    }
+    fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(hir_model::LoadedModel::decode(self, ids)?)
+    }
+    fn eos(&self) -> u32 {
+        self.pad_token_id()
+    }
+    fn is_eos(&self, id: u32) -> bool {
+        self.eos_token_ids().contains(&id)
+    }
+}
+
+/// A relabeled sample, as the store holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelabeledSample {
+    /// The sample's id in the store.
+    pub sample_id: i64,
+    /// Seeds the sample's span (with the batch); from the sample's natural key, so the
+    /// same work in another database draws the same spans.
+    pub seed_key: u64,
+    /// The prompt it was sampled from: instruction, blank line, query.
+    pub prompt: String,
+    /// Its output tokens as generated.
+    pub output_tokens: Vec<u32>,
+    /// Whether the whole output was correct.
+    pub correct: bool,
+    /// The gold answer.
+    pub gold: String,
+    /// The instruction it is trained under.
+    pub positive: String,
+    /// The instruction it is contrasted against.
+    pub negative: String,
+}
+
+/// One training pair: the same labels under the positive and the negative instruction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HirExample {
+    /// Under the positive instruction.
+    pub positive: Example,
+    /// Under the negative instruction.
+    pub negative: Example,
+    /// The sub-output case the span fell into.
+    pub case: SubOutputCase,
+}
+
+impl HirExample {
+    /// Tokens of both sequences.
+    pub fn tokens(&self) -> usize {
+        self.positive.prompt.len()
+            + self.positive.completion.len()
+            + self.negative.prompt.len()
+            + self.negative.completion.len()
+    }
+}
+
+/// The seed key of a sample: its (iteration, task, example, sample index).
+pub fn seed_key(iteration: i32, task_id: i64, example_idx: i32, sample_idx: i32) -> u64 {
+    let mut rng = SplitMix64::new((iteration as u64) << 48 ^ (task_id as u64) << 32);
+    rng.next_u64() ^ ((example_idx as u64) << 16 | sample_idx as u64)
+}
+
+/// The seed of one sample's span in one batch (given by its iteration and index): a
+/// batch trained again after a crash draws the same spans.
+pub fn span_seed(run_seed: u64, iteration: i32, batch_idx: i32, seed_key: u64) -> u64 {
+    SplitMix64::new(
+        run_seed ^ ((iteration as u64) << 40 | batch_idx as u64).rotate_left(7) ^ seed_key,
+    )
+    .next_u64()
+}
+
+/// Builds the training pair of one sample; see the module docs.
+pub fn build(
+    sample: &RelabeledSample,
+    codec: &dyn Codec,
+    rng: &mut SplitMix64,
+) -> Result<HirExample> {
+    let eos = codec.eos();
+    let mut out = sample.output_tokens.clone();
+    if !out.last().is_some_and(|&t| codec.is_eos(t)) {
+        out.push(eos);
+    }
+    let span = sample_span(out.len(), rng);
+    let prefix_text = codec.decode(&out[..span.end])?;
+    let p = plan(span, out.len(), &prefix_text, &sample.gold, sample.correct);
+    let (pos_instr, neg_instr) = if p.swap_instructions {
+        (&sample.negative, &sample.positive)
+    } else {
+        (&sample.positive, &sample.negative)
+    };
+    let Some(split) = sample.prompt.find("\n\n") else {
+        return Err(TrainerError::FailedPrecondition(format!(
+            "sample {}: its prompt has no blank line after the instruction, so the \
+             instruction cannot be relabeled",
+            sample.sample_id
+        )));
+    };
+    let body = &sample.prompt[split..];
+    let labels = if p.retokenize_with_eos {
+        let mut l = codec.encode(&codec.decode(&out[span.start..span.end])?)?;
+        l.push(eos);
+        l
+    } else {
+        out[span.start..span.end].to_vec()
+    };
+    let side = |instruction: &str| -> Result<Example> {
+        let text = format!("{instruction}{body}");
+        let mut prompt = codec.encode(text.trim_start_matches(' '))?;
+        prompt.extend_from_slice(&out[..span.start]);
+        Ok(Example {
+            prompt,
+            completion: labels.clone(),
+        })
+    };
+    Ok(HirExample {
+        positive: side(pos_instr)?,
+        negative: side(neg_instr)?,
+        case: p.case,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One token per character; id 0 is end-of-sequence.
+    struct Chars;
+
+    impl Codec for Chars {
+        fn encode(&self, text: &str) -> Result<Vec<u32>> {
+            Ok(text.chars().map(|c| c as u32).collect())
+        }
+        fn decode(&self, ids: &[u32]) -> Result<String> {
+            Ok(ids
+                .iter()
+                .filter(|&&i| i != 0)
+                .filter_map(|&i| char::from_u32(i))
+                .collect())
+        }
+        fn eos(&self) -> u32 {
+            0
+        }
+    }
+
+    fn sample(output: &str, correct: bool) -> RelabeledSample {
+        let (pos, neg) = if correct { ("P", "N") } else { ("N", "P") };
+        RelabeledSample {
+            sample_id: 1,
+            seed_key: 1,
+            prompt: "Solve.\n\nQ: q\nA:".into(),
+            output_tokens: Chars.encode(output).unwrap(),
+            correct,
+            gold: "(C)".into(),
+            positive: pos.into(),
+            negative: neg.into(),
+        }
+    }
+
+    fn ids(s: &str) -> Vec<u32> {
+        Chars.encode(s).unwrap()
+    }
+
+    #[test]
+    fn short_outputs_are_trained_whole_with_eos_under_their_relabel() {
+        // "(A" + EOS is 3 tokens: never truncated, case (c).
+        let ex = build(&sample("(A", false), &Chars, &mut SplitMix64::new(3)).unwrap();
+        assert_eq!(ex.case, SubOutputCase::Other);
+        assert_eq!(ex.positive.prompt, ids("N\n\nQ: q\nA:"));
+        assert_eq!(ex.negative.prompt, ids("P\n\nQ: q\nA:"));
+        let mut want = ids("(A");
+        want.push(0);
+        assert_eq!(ex.positive.completion, want);
+        assert_eq!(ex.negative.completion, want);
+    }
+
+    #[test]
+    fn every_case_of_the_reference_appears_with_its_rules() {
+        // A wrong "(C)x" (gold "(C)"): 5 tokens with EOS. Spans over many seeds reach
+        // (a) prefix "(C)" == gold, (b) prefix "(" or "(C" inside the gold, and (c).
+        let s = sample("(C)x", false);
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..200 {
+            let ex = build(&s, &Chars, &mut SplitMix64::new(seed)).unwrap();
+            seen.insert(format!("{:?}", ex.case));
+            let labels = &ex.positive.completion;
+            match ex.case {
+                SubOutputCase::PrefixIsAnswer | SubOutputCase::PrefixInAnswer => {
+                    // A wrong sample whose prefix agrees with the gold is trained as correct.
+                    assert!(ex.positive.prompt.starts_with(&ids("P\n\n")), "{ex:?}");
+                    assert!(ex.negative.prompt.starts_with(&ids("N\n\n")));
+                }
+                SubOutputCase::Other => {
+                    assert!(ex.positive.prompt.starts_with(&ids("N\n\n")), "{ex:?}");
+                    assert_eq!(labels.last(), Some(&0), "case (c) ends in EOS");
+                }
+            }
+            if ex.case == SubOutputCase::PrefixInAnswer {
+                assert_ne!(labels.last(), Some(&0), "case (b) has no EOS");
+            }
+            // The output before the span moved into the prompt.
+            let body = ids("\n\nQ: q\nA:");
+            let moved = &ex.positive.prompt[1 + body.len()..];
+            assert!(ids("(C)x").starts_with(moved), "{moved:?}");
+            assert_eq!(ex.positive.completion, ex.negative.completion);
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+    }
+
+    #[test]
+    fn a_prompt_without_an_instruction_line_is_refused() {
+        let mut s = sample("(C)", true);
+        s.prompt = "Q: q\nA:".into();
+        let err = build(&s, &Chars, &mut SplitMix64::new(1)).unwrap_err();
+        assert!(err.to_string().contains("no blank line"), "{err}");
+    }
+}

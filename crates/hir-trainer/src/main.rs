@@ -1,0 +1,23 @@
+//! `hir-trainer`: drives HIR runs, trains, checkpoints and hot-swaps the generators.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+
+/// The hindsight trainer: train on relabeled samples, swap, evaluate, repeat.
+#[derive(Debug, Parser)]
+#[command(name = "hir-trainer", version, about)]
+struct Cli {
+    #[command(flatten)]
+    serve: hir_trainer::ServeArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match hir_trainer::serve(Cli::parse().serve).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! `hir.v1.TrainerService`: requests are validated into runs here, and each running run
+//! gets a driver task ([`crate::driver`]).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use hir_core::run::RunConfig;
+use hir_proto::pb;
+use hir_proto::pb::trainer_service_server::TrainerService;
+use hir_store::{ModelVersion, NewRun, RunStatus, StoreError};
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::driver::{self, run_status_to_pb, timestamp, Context, Events};
+use crate::error::{Result, TrainerError};
+
+/// A run driven by this trainer.
+struct Active {
+    stop: watch::Sender<bool>,
+    events: Events,
+}
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct Trainer {
+    ctx: Arc<Context>,
+    active: Arc<Mutex<HashMap<Uuid, Active>>>,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer").finish_non_exhaustive()
+    }
+}
+
+fn parse_run_id(field: &str, s: &str) -> Result<Uuid> {
+    Uuid::parse_str(s.trim())
+        .map_err(|e| TrainerError::invalid(field, format!("{s:?} is not a UUID: {e}")))
+}
+
+/// Applies the set knobs of `h` over the reference defaults.
+pub fn hyperparameters_to_config(model: &str, h: Option<&pb::Hyperparameters>) -> RunConfig {
+    let mut c = RunConfig {
+        model: model.to_string(),
+        ..RunConfig::default()
+    };
+    let Some(h) = h else { return c };
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = h.$f { c.$f = v.into(); } )* };
+    }
+    set!(
+        learning_rate,
+        batch_size,
+        micro_batch_size,
+        epochs_per_iteration,
+        label_smoothing,
+        entropy_coef,
+        contrastive_coef,
+        samples_per_prompt,
+        iterations,
+        temperature,
+        top_k,
+        top_p,
+        max_new_tokens,
+        max_grad_norm,
+        weight_decay,
+        seed,
+        replay_buffer,
+        max_train_prompts,
+        max_test_prompts,
+        max_steps_per_iteration
+    );
+    c
+}
+
+/// Every knob of `c`, as used.
+pub fn config_to_hyperparameters(c: &RunConfig) -> pb::Hyperparameters {
+    pb::Hyperparameters {
+        learning_rate: Some(c.learning_rate),
+        batch_size: Some(c.batch_size),
+        micro_batch_size: Some(c.micro_batch_size),
+        epochs_per_iteration: Some(c.epochs_per_iteration),
+        label_smoothing: Some(c.label_smoothing),
+        entropy_coef: Some(c.entropy_coef),
+        contrastive_coef: Some(c.contrastive_coef),
+        samples_per_prompt: Some(c.samples_per_prompt),
+        iterations: Some(c.iterations),
+        temperature: Some(c.temperature),
+        top_k: Some(c.top_k),
+        top_p: Some(c.top_p),
+        max_new_tokens: Some(c.max_new_tokens),
+        max_grad_norm: Some(c.max_grad_norm),
+        weight_decay: Some(c.weight_decay),
+        seed: Some(c.seed),
+        replay_buffer: Some(c.replay_buffer),
+        max_train_prompts: Some(c.max_train_prompts),
+        max_test_prompts: Some(c.max_test_prompts),
+        max_steps_per_iteration: Some(c.max_steps_per_iteration),
+    }
+}
+
+/// A model version on the wire.
+pub fn version_to_pb(v: &ModelVersion, parent: Option<&str>) -> pb::ModelVersion {
+    pb::ModelVersion {
+        version: v.name.clone(),
+        run_id: v.run_id.map(|r| r.to_string()).unwrap_or_default(),
+        iteration: v.iteration.unwrap_or(0) as u32,
+        parent_version: parent.unwrap_or_default().to_string(),
+        checkpoint_uri: v.checkpoint_uri.clone(),
+        sha256: v.sha256.clone(),
+        created_at: Some(timestamp(v.created_at)),
+        metrics: v
+            .metrics
+            .as_object()
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+impl Trainer {
+    /// A service over the shared context.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self {
+            ctx,
+            active: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn active(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Active>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The event channel of a run (created when nobody drives it here).
+    fn events(&self, run_id: Uuid) -> Events {
+        self.active()
+            .entry(run_id)
+            .or_insert_with(|| Active {
+                stop: watch::channel(false).0,
+                events: Events::new(1024),
+            })
+            .events
+            .clone()
+    }
+
+    /// Starts driving a run in the background unless this trainer already drives it.
+    pub fn spawn_driver(&self, run_id: Uuid) {
+        let stop_rx = {
+            let mut active = self.active();
+            let entry = active.entry(run_id).or_insert_with(|| Active {
+                stop: watch::channel(false).0,
+                events: Events::new(1024),
+            });
+            if entry.stop.receiver_count() > 0 {
+                return;
+            }
+            entry.stop.send_replace(false);
+            entry.stop.subscribe()
+        };
+        let (ctx, events) = (Arc::clone(&self.ctx), self.events(run_id));
+        tokio::spawn(async move {
+            ctx.metrics.active_runs.inc();
+            events.emit(pb::run_event::Event::RunStatus(
+                pb::RunStatus::Running as i32,
+            ));
+            // The driver holds `stop_rx`; when it is dropped the run is no longer driven here.
+            let outcome = driver::drive(&ctx, run_id, stop_rx, &events).await;
+            driver::finish(&ctx.store, run_id, &outcome, &events).await;
+            ctx.metrics.active_runs.dec();
+        });
+    }
+
+    /// Validates a StartRun request into (run id, name, policy, config, task names).
+    fn validate_start(
+        &self,
+        r: &pb::StartRunRequest,
+    ) -> Result<(Uuid, String, RunConfig, Vec<String>)> {
+        let run_id = if r.run_id.trim().is_empty() {
+            Uuid::new_v4()
+        } else {
+            parse_run_id("run_id", &r.run_id)?
+        };
+        if r.tasks.is_empty() {
+            return Err(TrainerError::invalid(
+                "tasks",
+                "name at least one BIG-bench task, e.g. tracking_shuffled_objects_three_objects",
+            ));
+        }
+        let mut names = Vec::with_capacity(r.tasks.len());
+        for (i, t) in r.tasks.iter().enumerate() {
+            let task = self
+                .ctx
+                .tasks
+                .get(t)
+                .map_err(|e| TrainerError::invalid(format!("tasks[{i}]"), e.to_string()))?;
+            names.push(task.name.clone());
+        }
+        if r.model.trim().is_empty() {
+            return Err(TrainerError::invalid(
+                "model",
+                "give the starting model: a Hugging Face folder or a .gguf file the trainer can read",
+            ));
+        }
+        let model = Path::new(&r.model);
+        if !(model.is_dir() && model.join("config.json").is_file()
+            || model.is_file() && model.extension().is_some_and(|e| e == "gguf"))
+        {
+            return Err(TrainerError::invalid(
+                "model",
+                format!(
+                    "{:?} is neither a model folder with config.json nor a .gguf file on the \
+                     trainer's disk",
+                    r.model
+                ),
+            ));
+        }
+        let policy = if r.policy.is_empty() {
+            "hir"
+        } else {
+            r.policy.as_str()
+        };
+        hir_core::relabel::policy_by_name(policy)
+            .map_err(|e| TrainerError::invalid("policy", e.to_string()))?;
+        let config = hyperparameters_to_config(&r.model, r.hyperparameters.as_ref());
+        config.validate().map_err(|e| match e {
+            hir_core::CoreError::InvalidArgument { field, reason } => {
+                TrainerError::invalid(format!("hyperparameters.{field}"), reason)
+            }
+            other => TrainerError::invalid("hyperparameters", other.to_string()),
+        })?;
+        Ok((run_id, policy.to_string(), config, names))
+    }
+
+    /// The run as the API shows it.
+    pub async fn run_to_pb(&self, run_id: Uuid) -> Result<pb::Run> {
+        let store = &self.ctx.store;
+        let run = store.get_run(run_id).await?;
+        let config = driver::run_config(&run)?;
+        let mut tasks = Vec::new();
+        for id in store.run_task_ids(run_id).await? {
+            tasks.push(store.get_task_by_id(id).await?.name);
+        }
+        let training = store.training_summary(run_id).await?;
+        let evals = store.run_eval_accuracy(run_id).await?;
+        let mut iterations = Vec::new();
+        for it in store.list_iterations(run_id).await? {
+            let totals = store.sample_totals(run_id, it.iteration).await?;
+            let t = training.iter().find(|t| t.iteration == it.iteration);
+            let eval: Vec<&hir_store::EvalAccuracy> = evals
+                .iter()
+                .filter(|e| e.iteration == Some(it.iteration))
+                .collect();
+            iterations.push(pb::IterationSummary {
+                iteration: it.iteration as u32,
+                status: hir_relabeler::service::status_to_pb(it.status) as i32,
+                model_version: eval.first().map(|e| e.version.clone()).unwrap_or_default(),
+                samples: totals.samples as u64,
+                sample_accuracy: if totals.samples > 0 {
+                    totals.correct as f64 / totals.samples as f64
+                } else {
+                    0.0
+                },
+                train_loss: t.and_then(|t| t.mean_loss).unwrap_or(0.0),
+                steps: t.map_or(0, |t| t.steps as u64),
+                eval: eval
+                    .iter()
+                    .map(|e| pb::TaskAccuracy {
+                        task: e.task.clone(),
+                        examples: e.n as u32,
+                        exact: e.accuracy,
+                        extracted: e.accuracy_extracted,
+                    })
+                    .collect(),
+                error: it.error.unwrap_or_default(),
+            });
+        }
+        Ok(pb::Run {
+            run_id: run.id.to_string(),
+            name: run.name,
+            status: run_status_to_pb(run.status) as i32,
+            tasks,
+            model: config.model.clone(),
+            policy: run.policy,
+            hyperparameters: Some(config_to_hyperparameters(&config)),
+            current_iteration: iterations.last().map_or(0, |i| i.iteration),
+            error: run.error.unwrap_or_default(),
+            created_at: Some(timestamp(run.created_at)),
+            updated_at: Some(timestamp(run.updated_at)),
+            iterations,
+        })
+    }
+
+    async fn start_run(&self, r: pb::StartRunRequest) -> Result<pb::Run> {
+        let (run_id, policy, config, task_names) = self.validate_start(&r)?;
+        let store = &self.ctx.store;
+        let name = if r.name.trim().is_empty() {
+            format!("{policy} on {}", task_names.join(", "))
+        } else {
+            r.name.clone()
+        };
+        let run = store
+            .create_run(&NewRun {
+                id: run_id,
+                name,
+                policy,
+                config: serde_json::to_value(&config)
+                    .map_err(|e| TrainerError::FailedPrecondition(format!("run config: {e}")))?,
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => TrainerError::AlreadyExists(m),
+                other => other.into(),
+            })?;
+        if run.status == RunStatus::Pending {
+            let seed = crate::eval::seed_of(&config);
+            let mut ids = Vec::new();
+            for t in &task_names {
+                let task = self.ctx.tasks.get(t)?;
+                ids.push(hir_relabeler::tasks::register(store, &task, seed).await?);
+            }
+            store.add_run_tasks(run_id, &ids).await?;
+            store
+                .set_run_status(run_id, RunStatus::Running, None)
+                .await?;
+            tracing::info!(%run_id, tasks = ?task_names, "run started");
+            self.spawn_driver(run_id);
+        }
+        self.run_to_pb(run_id).await
+    }
+
+    async fn stop_run(&self, run_id: Uuid) -> Result<pb::Run> {
+        let run = self.ctx.store.get_run(run_id).await?;
+        // A run driven here stops after its current step commits; the driver records it.
+        let driven = match self.active().get(&run_id) {
+            Some(a) if a.stop.receiver_count() > 0 => {
+                a.stop.send_replace(true);
+                true
+            }
+            _ => false,
+        };
+        if !driven {
+            match run.status {
+                RunStatus::Running | RunStatus::Pending => {
+                    self.ctx
+                        .store
+                        .set_run_status(run_id, RunStatus::Stopped, None)
+                        .await?;
+                }
+                RunStatus::Stopped => {}
+                other => {
+                    return Err(TrainerError::FailedPrecondition(format!(
+                        "run {run_id} is {other}; only a running run can be stopped"
+                    )))
+                }
+            }
+        }
+        self.run_to_pb(run_id).await
+    }
+
+    async fn resume_run(&self, run_id: Uuid) -> Result<pb::Run> {
+        let store = &self.ctx.store;
+        let run = store.get_run(run_id).await?;
+        match run.status {
+            RunStatus::Stopped | RunStatus::Failed | RunStatus::Running => {}
+            other => {
+                return Err(TrainerError::FailedPrecondition(format!(
+                    "run {run_id} is {other}; only a stopped or failed run can be resumed"
+                )))
+            }
+        }
+        // A failed iteration goes back to the last stage it completed.
+        for it in store.list_iterations(run_id).await? {
+            if it.status == hir_store::IterationStatus::Failed {
+                let k = it.iteration;
+                let back = if store
+                    .get_model_version_by_name(&driver::version_name(run_id, k as u32))
+                    .await
+                    .is_ok()
+                {
+                    hir_store::IterationStatus::Trained
+                } else if store
+                    .training_summary(run_id)
+                    .await?
+                    .iter()
+                    .any(|t| t.iteration == k && t.batches > 0)
+                {
+                    hir_store::IterationStatus::Training
+                } else if k == 0 {
+                    hir_store::IterationStatus::Evaluating
+                } else {
+                    hir_store::IterationStatus::Pending
+                };
+                store
+                    .advance_iteration(run_id, k, &[hir_store::IterationStatus::Failed], back)
+                    .await?;
+            }
+        }
+        store
+            .set_run_status(run_id, RunStatus::Running, None)
+            .await?;
+        self.spawn_driver(run_id);
+        self.run_to_pb(run_id).await
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RunEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl TrainerService for Trainer {
+    async fn start_run(
+        &self,
+        request: Request<pb::StartRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        Ok(Response::new(
+            Trainer::start_run(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let run_id = parse_run_id("run_id", &request.get_ref().run_id)?;
+        Ok(Response::new(self.run_to_pb(run_id).await?))
+    }
+
+    type WatchRunStream = EventStream;
+
+    async fn watch_run(
+        &self,
+        request: Request<pb::GetRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let run_id = parse_run_id("run_id", &request.get_ref().run_id)?;
+        // Subscribe before reading the snapshot so no event falls in between.
+        let mut rx = self.events(run_id).0.subscribe();
+        let snapshot = self.run_to_pb(run_id).await?;
+        let this = self.clone();
+        let stream = async_stream(move |tx| async move {
+            let terminal = |s: i32| {
+                s == pb::RunStatus::Done as i32
+                    || s == pb::RunStatus::Failed as i32
+                    || s == pb::RunStatus::Stopped as i32
+            };
+            let done = terminal(snapshot.status);
+            let _ = tx
+                .send(Ok(pb::RunEvent {
+                    at: Some(driver::now()),
+                    event: Some(pb::run_event::Event::Snapshot(snapshot)),
+                }))
+                .await;
+            if done {
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(event) => {
+                        let end = matches!(event.event, Some(pb::run_event::Event::RunStatus(s)) if terminal(s));
+                        if tx.send(Ok(event)).await.is_err() || end {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // A slow watcher skips ahead to the run as it is now.
+                        let Ok(now) = this.run_to_pb(run_id).await else {
+                            return;
+                        };
+                        let end = terminal(now.status);
+                        let event = pb::RunEvent {
+                            at: Some(driver::now()),
+                            event: Some(pb::run_event::Event::Snapshot(now)),
+                        };
+                        if tx.send(Ok(event)).await.is_err() || end {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn stop_run(
+        &self,
+        request: Request<pb::StopRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let run_id = parse_run_id("run_id", &request.get_ref().run_id)?;
+        Ok(Response::new(Trainer::stop_run(self, run_id).await?))
+    }
+
+    async fn resume_run(
+        &self,
+        request: Request<pb::ResumeRunRequest>,
+    ) -> Result<Response<pb::Run>, Status> {
+        let run_id = parse_run_id("run_id", &request.get_ref().run_id)?;
+        Ok(Response::new(Trainer::resume_run(self, run_id).await?))
+    }
+
+    async fn list_checkpoints(
+        &self,
+        request: Request<pb::ListCheckpointsRequest>,
+    ) -> Result<Response<pb::ListCheckpointsResponse>, Status> {
+        let run = &request.get_ref().run_id;
+        let run_id = if run.trim().is_empty() {
+            None
+        } else {
+            Some(parse_run_id("run_id", run)?)
+        };
+        let versions = self
+            .ctx
+            .store
+            .list_model_versions(run_id)
+            .await
+            .map_err(TrainerError::from)?;
+        let names: HashMap<i64, String> = versions.iter().map(|v| (v.id, v.name.clone())).collect();
+        Ok(Response::new(pb::ListCheckpointsResponse {
+            versions: versions
+                .iter()
+                .map(|v| {
+                    version_to_pb(
+                        v,
+                        v.parent_id.and_then(|p| names.get(&p)).map(String::as_str),
+                    )
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// A stream fed by a task through a bounded channel.
+fn async_stream<F, Fut>(f: F) -> EventStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::RunEvent, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,284 @@
+//! The training state of a run: the model's weights as candle `Var`s, AdamW with fp32
+//! moments, and the optimizer step, together with its durable snapshots.
+//!
+//! A snapshot is a folder `step-<N>/` holding the model in Hugging Face layout (with its
+//! `manifest.json`), `optimizer.safetensors` (first and second moments by variable name),
+//! `trainer.json` (step, iteration) and `snapshot.json`, the SHA-256 of the other three.
+//! The SHA-256 of `snapshot.json` identifies the snapshot in the store. A snapshot is
+//! written under a temporary name and renamed into place, so a crash never leaves a
+//! half-written one under its real name.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use hir_core::run::RunConfig;
+use hir_model::loss::HirLossConfig;
+use hir_model::train::{AdamWConfig, TrainBatch, Trainer};
+use hir_model::{LoadedModel, WeightMode};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, TrainerError};
+use crate::examples::HirExample;
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct StepStats {
+    /// Optimizer step within the run, from 1.
+    pub step: u64,
+    /// Total loss, averaged over the step's examples.
+    pub loss: f64,
+    /// Label-smoothed cross-entropy under the positive instruction.
+    pub loss_supervised: f64,
+    /// Two-way contrastive term.
+    pub loss_contrastive: f64,
+    /// Mean entropy of the predictions.
+    pub entropy: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Examples in the step.
+    pub examples: usize,
+    /// Tokens processed (both sequences of every example).
+    pub tokens: usize,
+}
+
+/// `trainer.json` of a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SnapshotInfo {
+    step: u64,
+    iteration: u32,
+}
+
+/// A model being trained, with its optimizer.
+#[derive(Debug)]
+pub struct TrainState {
+    /// The model and tokenizer.
+    pub model: LoadedModel,
+    trainer: Trainer,
+    loss: HirLossConfig,
+    micro_batch: usize,
+}
+
+impl TrainState {
+    /// Loads the starting model for training with the run's optimizer settings.
+    pub fn load(path: &Path, device: &Device, config: &RunConfig) -> Result<Self> {
+        let model =
+            LoadedModel::load(path, device, WeightMode::Trainable(candle_core::DType::F32))?;
+        let trainer = model.trainer(
+            AdamWConfig {
+                lr: config.learning_rate,
+                weight_decay: config.weight_decay,
+                ..AdamWConfig::default()
+            },
+            1,
+            (config.max_grad_norm > 0.0).then_some(config.max_grad_norm),
+        )?;
+        Ok(Self {
+            model,
+            trainer,
+            loss: HirLossConfig {
+                epsilon: config.label_smoothing,
+                contrastive_coef: config.contrastive_coef,
+                entropy_coef: config.entropy_coef,
+            },
+            micro_batch: config.micro_batch_size.max(1) as usize,
+        })
+    }
+
+    /// Optimizer steps taken.
+    pub fn step_count(&self) -> u64 {
+        self.trainer.optimizer().steps()
+    }
+
+    /// One optimizer step over `examples`: micro-batches of the configured size, their
+    /// gradients accumulated (weighted by examples), clipped, then AdamW.
+    pub fn step(&mut self, examples: &[HirExample]) -> Result<StepStats> {
+        if examples.is_empty() {
+            return Err(TrainerError::FailedPrecondition(
+                "a training step needs at least one example".into(),
+            ));
+        }
+        let chunks: Vec<&[HirExample]> = examples.chunks(self.micro_batch).collect();
+        self.trainer.accumulation_steps = chunks.len();
+        let total = examples.len() as f64;
+        let pad = self.model.pad_token_id();
+        let device = self.model.model().device().clone();
+        let mut stats = StepStats {
+            examples: examples.len(),
+            ..StepStats::default()
+        };
+        let mut report = None;
+        for chunk in &chunks {
+            let pos: Vec<_> = chunk.iter().map(|e| e.positive.clone()).collect();
+            let neg: Vec<_> = chunk.iter().map(|e| e.negative.clone()).collect();
+            let pos = TrainBatch::new(&pos, pad, &device)?;
+            let neg = TrainBatch::new(&neg, pad, &device)?;
+            let l = hir_model::train::hir_loss(self.model.model(), &pos, &neg, &self.loss)?;
+            let share = chunk.len() as f64 / total;
+            // The trainer divides by the number of micro-batches; weigh by examples instead.
+            let scaled = l.total.affine(share * chunks.len() as f64, 0.0)?;
+            stats.loss += share * f64::from(l.total.to_scalar::<f32>()?);
+            stats.loss_supervised += share * f64::from(l.label_smoothed);
+            stats.loss_contrastive += share * f64::from(l.contrastive);
+            stats.entropy += share * f64::from(l.entropy);
+            stats.tokens += chunk.iter().map(HirExample::tokens).sum::<usize>();
+            report = self.trainer.backward(&scaled)?;
+        }
+        let report = report
+            .ok_or_else(|| TrainerError::FailedPrecondition("the optimizer did not step".into()))?;
+        stats.step = report.step;
+        stats.grad_norm = report.grad_norm;
+        Ok(stats)
+    }
+
+    /// Log-probabilities of each `continuation` token after `prompt` and the tokens
+    /// before it.
+    pub fn logprobs(&self, prompt: &[u32], continuation: &[u32]) -> Result<Vec<f32>> {
+        let ids: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
+        let device = self.model.model().device().clone();
+        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &device)?;
+        let logits = self
+            .model
+            .model()
+            .forward(&input, &[vec![1u8; ids.len()]])?;
+        let lp = log_softmax(&logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?)?;
+        let rows: Vec<Vec<f32>> = lp.to_vec2()?;
+        Ok(continuation
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| rows[prompt.len() + i - 1][t as usize])
+            .collect())
+    }
+
+    /// Writes a snapshot of this state as `dir/step-<N>` and returns its folder and the
+    /// SHA-256 of its `snapshot.json`.
+    pub fn save_snapshot(&self, dir: &Path, iteration: u32) -> Result<(PathBuf, String)> {
+        let step = self.step_count();
+        let final_dir = dir.join(format!("step-{step}"));
+        let tmp = dir.join(format!(".step-{step}.tmp"));
+        for d in [&tmp, &final_dir] {
+            if d.exists() {
+                std::fs::remove_dir_all(d).map_err(|e| TrainerError::io(d, e))?;
+            }
+        }
+        self.model.save(&tmp)?;
+        let names: Vec<&str> = self.model.vars().iter().map(|(n, _)| n.as_str()).collect();
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (name, m) in names.iter().zip(self.trainer.optimizer().moments()?) {
+            if let Some((m, v)) = m {
+                tensors.insert(format!("m.{name}"), m);
+                tensors.insert(format!("v.{name}"), v);
+            }
+        }
+        let opt_path = tmp.join("optimizer.safetensors");
+        candle_core::safetensors::save(&tensors, &opt_path)?;
+        write_json(&tmp.join("trainer.json"), &SnapshotInfo { step, iteration })?;
+        let mut files = BTreeMap::new();
+        for name in ["manifest.json", "optimizer.safetensors", "trainer.json"] {
+            files.insert(
+                name.to_string(),
+                hir_model::checkpoint::sha256_file(&tmp.join(name))?,
+            );
+        }
+        let snapshot = tmp.join("snapshot.json");
+        write_json(&snapshot, &files)?;
+        let sha = hir_model::checkpoint::sha256_file(&snapshot)?;
+        sync_dir(&tmp)?;
+        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainerError::io(&final_dir, e))?;
+        sync_dir(dir)?;
+        Ok((final_dir, sha))
+    }
+
+    /// Loads the snapshot in `dir` after checking it against `sha256` (of its
+    /// `snapshot.json`) and every file against its digest.
+    pub fn load_snapshot(
+        dir: &Path,
+        sha256: &str,
+        device: &Device,
+        config: &RunConfig,
+    ) -> Result<(Self, u32)> {
+        let snapshot = dir.join("snapshot.json");
+        let got = hir_model::checkpoint::sha256_file(&snapshot)?;
+        if got != sha256 {
+            return Err(TrainerError::FailedPrecondition(format!(
+                "{}: SHA-256 {got}, but the store committed {sha256}; the snapshot was \
+                 changed or replaced, so the run cannot resume from it",
+                snapshot.display()
+            )));
+        }
+        let files: BTreeMap<String, String> = read_json(&snapshot)?;
+        for (name, want) in &files {
+            let actual = hir_model::checkpoint::sha256_file(&dir.join(name))?;
+            if &actual != want {
+                return Err(TrainerError::FailedPrecondition(format!(
+                    "{}: SHA-256 {actual}, the snapshot lists {want}; it is corrupt",
+                    dir.join(name).display()
+                )));
+            }
+        }
+        let info: SnapshotInfo = read_json(&dir.join("trainer.json"))?;
+        let mut state = Self::load(dir, device, config)?;
+        let opt_path = dir.join("optimizer.safetensors");
+        let mut saved = candle_core::safetensors::load(&opt_path, &Device::Cpu)?;
+        let moments = state
+            .model
+            .vars()
+            .iter()
+            .map(|(name, _)| {
+                match (
+                    saved.remove(&format!("m.{name}")),
+                    saved.remove(&format!("v.{name}")),
+                ) {
+                    (Some(m), Some(v)) => Some((m, v)),
+                    _ => None,
+                }
+            })
+            .collect();
+        state.trainer.optimizer_mut().restore(info.step, moments)?;
+        Ok((state, info.iteration))
+    }
+}
+
+/// `log_softmax` over the last dimension.
+fn log_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let max = logits.max_keepdim(candle_core::D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(candle_core::D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| TrainerError::FailedPrecondition(format!("{}: {e}", path.display())))?;
+    std::fs::write(path, bytes).map_err(|e| TrainerError::io(path, e))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| TrainerError::io(path, e))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| TrainerError::FailedPrecondition(format!("{}: {e}", path.display())))
+}
+
+/// Flushes a folder's entries (new files, a rename) to disk.
+fn sync_dir(dir: &Path) -> Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| TrainerError::io(dir, e))
+}
+
+/// Removes snapshots in `dir` other than `keep` (older ones, and newer ones a crash left
+/// uncommitted).
+pub fn prune_snapshots(dir: &Path, keep: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if path != keep && (name.starts_with("step-") || name.starts_with(".step-")) {
+            std::fs::remove_dir_all(&path).map_err(|e| TrainerError::io(&path, e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,696 @@
+//! The trainer against the real generator and relabeler (in process, the tiny Llama
+//! fixture), a real Postgres (a fresh database per test) and, for the crash test, the
+//! `hir-trainer` binary killed and restarted.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hir_core::run::RunConfig;
+use hir_proto::pb;
+use hir_proto::pb::generator_service_client::GeneratorServiceClient;
+use hir_proto::pb::trainer_service_client::TrainerServiceClient;
+use hir_store::{IterationStatus, NewRun, RunStatus, Store};
+use hir_trainer::config::TrainerConfig;
+use sqlx::{Connection, Executor, PgConnection};
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use uuid::Uuid;
+
+const TOKEN: &str = "trainer-token";
+const TEST_EXAMPLES: usize = 5;
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn fixture_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hir-model/tests/fixtures/llama")
+}
+
+/// A fresh, migrated database, dropped when the test passes.
+struct Db {
+    url: String,
+    store: Store,
+}
+
+impl Db {
+    async fn fresh(name: &str) -> Self {
+        let db = format!("hir_trainer_{name}_{}", std::process::id());
+        let mut admin = PgConnection::connect(&admin_url())
+            .await
+            .expect("DATABASE_URL reaches Postgres");
+        admin
+            .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
+            .await
+            .unwrap();
+        admin
+            .execute(format!("CREATE DATABASE {db}").as_str())
+            .await
+            .unwrap();
+        let url = format!("{}/{db}", admin_url().rsplit_once('/').unwrap().0);
+        let store = Store::connect(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        Self { url, store }
+    }
+
+    async fn drop_db(self) {
+        self.store.pool().close().await;
+        let db = self.url.rsplit_once('/').unwrap().1.to_string();
+        let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+        admin
+            .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
+            .await
+            .unwrap();
+    }
+}
+
+/// A scratch folder with a BIG-bench task in the fixture's vocabulary (25 examples: 20
+/// train, 5 test), a checkpoint folder and a state folder.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("hir-trainer-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let dir = root.join("bigbench/tiny/mc");
+        std::fs::create_dir_all(&dir).unwrap();
+        let examples: Vec<serde_json::Value> = (0..20 + TEST_EXAMPLES)
+            .map(|i| {
+                let (a, b) = (2 + i % 30, 33 + i % 30);
+                serde_json::json!({
+                    "input": format!("w{a} w{b} w{}", 10 + i % 7),
+                    "target_scores": { format!("w{a}"): i32::from(i % 2 == 0), format!("w{b}"): i32::from(i % 2 == 1) }
+                })
+            })
+            .collect();
+        std::fs::write(
+            dir.join("task.json"),
+            serde_json::json!({ "examples": examples }).to_string(),
+        )
+        .unwrap();
+        Self(root)
+    }
+    fn bigbench(&self) -> PathBuf {
+        self.0.join("bigbench")
+    }
+    fn checkpoints(&self) -> PathBuf {
+        self.0.join("checkpoints")
+    }
+    fn state(&self) -> PathBuf {
+        self.0.join("state")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Stops a service when dropped.
+struct Running(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
+
+fn stopper() -> (
+    Running,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    (Running(tx), async move { drop(rx.await) })
+}
+
+/// A generator on port 0; `checkpoint_root` enables swaps by reference.
+async fn start_generator(checkpoint_root: Option<&Path>) -> (String, Running) {
+    let mut config = hir_generator::config::GeneratorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        model: fixture_model(),
+        ..Default::default()
+    };
+    config.auth.token = Some(TOKEN.into());
+    config.swap.checkpoint_root = checkpoint_root.map(Path::to_path_buf);
+    if let Some(root) = checkpoint_root {
+        std::fs::create_dir_all(root).unwrap();
+    }
+    let app = hir_generator::Application::build(config).await.unwrap();
+    let addr = format!("http://{}", app.local_addr());
+    let (running, stop) = stopper();
+    tokio::spawn(app.run_until(stop));
+    (addr, running)
+}
+
+async fn start_relabeler(db: &str, generator: &str, bigbench: &Path) -> (String, Running) {
+    let config = hir_relabeler::config::RelabelerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        database_url: db.into(),
+        bigbench: bigbench.into(),
+        generators: vec![generator.into()],
+        generator_token: Some(TOKEN.into()),
+        auth_token: Some(TOKEN.into()),
+        concurrency: 1,
+        write_batch: 8,
+        ..Default::default()
+    };
+    let app = hir_relabeler::Application::build(config).await.unwrap();
+    let addr = format!("http://{}", app.local_addr());
+    let (running, stop) = stopper();
+    tokio::spawn(app.run_until(stop));
+    (addr, running)
+}
+
+fn trainer_config(db: &str, relabeler: &str, generator: &str, scratch: &Scratch) -> TrainerConfig {
+    TrainerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        database_url: db.into(),
+        bigbench: scratch.bigbench(),
+        relabeler: relabeler.into(),
+        relabeler_token: Some(TOKEN.into()),
+        generators: vec![generator.into()],
+        generator_token: Some(TOKEN.into()),
+        auth_token: Some(TOKEN.into()),
+        checkpoint_dir: scratch.checkpoints(),
+        state_dir: scratch.state(),
+        commit_every_steps: 2,
+        owner: Some("trainer-test".into()),
+        ..Default::default()
+    }
+}
+
+async fn start_trainer(config: TrainerConfig) -> (TrainerServiceClient<Channel>, Running) {
+    let app = hir_trainer::Application::build(config).await.unwrap();
+    let addr = format!("http://{}", app.local_addr());
+    let (running, stop) = stopper();
+    tokio::spawn(app.run_until(stop));
+    (TrainerServiceClient::connect(addr).await.unwrap(), running)
+}
+
+fn authed<T>(m: T) -> Request<T> {
+    hir_runtime::auth::with_bearer(m, Some(TOKEN))
+}
+
+/// Small knobs: 2 iterations of 20 prompts × 2 samples, 2 epochs of batches of 8.
+fn hyperparameters() -> pb::Hyperparameters {
+    pb::Hyperparameters {
+        iterations: Some(2),
+        samples_per_prompt: Some(2),
+        batch_size: Some(8),
+        micro_batch_size: Some(4),
+        epochs_per_iteration: Some(2),
+        max_new_tokens: Some(6),
+        learning_rate: Some(1e-3),
+        ..Default::default()
+    }
+}
+
+fn start_request(hp: pb::Hyperparameters, policy: &str) -> pb::StartRunRequest {
+    pb::StartRunRequest {
+        run_id: Uuid::new_v4().to_string(),
+        name: "tiny".into(),
+        tasks: vec!["tiny_mc".into()],
+        model: fixture_model().to_string_lossy().into_owned(),
+        policy: policy.into(),
+        hyperparameters: Some(hp),
+    }
+}
+
+/// Follows a run's events until it stops, finishes or fails.
+async fn watch_to_end(
+    client: &mut TrainerServiceClient<Channel>,
+    run_id: &str,
+) -> Vec<pb::RunEvent> {
+    let mut stream = client
+        .watch_run(pb::GetRunRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while let Some(e) = tokio::time::timeout_at(deadline, stream.message())
+        .await
+        .expect("the run ends within 10 minutes")
+        .unwrap()
+    {
+        events.push(e);
+    }
+    events
+}
+
+async fn model_sha(folder: &str) -> String {
+    hir_model::checkpoint::sha256_file(&Path::new(folder).join("model.safetensors")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_samples_trains_swaps_and_evaluates_every_iteration() {
+    let db = Db::fresh("loop").await;
+    let scratch = Scratch::new("loop");
+    let (generator, _g) = start_generator(Some(&scratch.checkpoints())).await;
+    let (relabeler, _r) = start_relabeler(&db.url, &generator, &scratch.bigbench()).await;
+    let (mut client, _t) =
+        start_trainer(trainer_config(&db.url, &relabeler, &generator, &scratch)).await;
+
+    let request = start_request(hyperparameters(), "hir");
+    let run = client
+        .start_run(authed(request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.run_id, request.run_id);
+    assert_eq!(
+        run.hyperparameters.as_ref().unwrap().label_smoothing,
+        Some(0.2),
+        "defaults filled in"
+    );
+    // StartRun is idempotent on run_id.
+    let again = client
+        .start_run(authed(request.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.run_id, run.run_id);
+
+    let events = watch_to_end(&mut client, &run.run_id).await;
+    let run = client
+        .get_run(pb::GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        run.status,
+        pb::RunStatus::Done as i32,
+        "error: {}",
+        run.error
+    );
+    assert_eq!(
+        run.iterations.len(),
+        3,
+        "the base evaluation and 2 iterations"
+    );
+    for it in &run.iterations {
+        assert_eq!(it.status, pb::IterationStatus::Done as i32);
+        assert_eq!(it.eval.len(), 1);
+        assert_eq!(it.eval[0].examples as usize, TEST_EXAMPLES);
+    }
+    assert_eq!(run.iterations[1].samples, 20 * 2);
+    // 40 samples in batches of 8, 2 epochs: 10 steps in iteration 1; the replay buffer
+    // doubles iteration 2.
+    assert_eq!(run.iterations[1].steps, 10);
+    assert_eq!(run.iterations[2].steps, 20);
+    assert!(run.iterations[1].train_loss.is_finite() && run.iterations[1].train_loss > 0.0);
+
+    // Events: steps numbered 1..=30 once each, a checkpoint, swap and eval per iteration.
+    let steps: Vec<u64> = events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Some(pb::run_event::Event::Step(s)) => Some(s.step),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, (1..=30).collect::<Vec<_>>());
+    let count = |f: fn(&pb::run_event::Event) -> bool| {
+        events
+            .iter()
+            .filter(|e| e.event.as_ref().is_some_and(f))
+            .count()
+    };
+    assert_eq!(
+        count(|e| matches!(e, pb::run_event::Event::Checkpoint(_))),
+        2
+    );
+    assert_eq!(count(|e| matches!(e, pb::run_event::Event::Swap(_))), 2);
+    assert_eq!(count(|e| matches!(e, pb::run_event::Event::Eval(_))), 3);
+
+    // The generator serves the last version, and the versions form a chain.
+    let mut generator_client = GeneratorServiceClient::connect(generator.clone())
+        .await
+        .unwrap();
+    let info = generator_client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.version, format!("{}-it002", run.run_id));
+    let versions = client
+        .list_checkpoints(pb::ListCheckpointsRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(versions.len(), 2);
+    assert_eq!(versions[0].version, info.version);
+    assert_eq!(versions[0].parent_version, versions[1].version);
+    assert_eq!(
+        versions[0].sha256, info.sha256,
+        "the generator verified the same manifest"
+    );
+
+    // The store: every batch done once, steps in order, state at the last step, evals.
+    let store = &db.store;
+    let run_id: Uuid = run.run_id.parse().unwrap();
+    let rows: Vec<(i64, i32)> = sqlx::query_as(
+        "SELECT step, iteration FROM training_steps WHERE run_id = $1 ORDER BY step",
+    )
+    .bind(run_id)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        (1..=30).collect::<Vec<_>>()
+    );
+    assert_eq!(store.trainer_state(run_id).await.unwrap().unwrap().step, 30);
+    let evals: i64 = sqlx::query_scalar("SELECT count(*) FROM eval_results WHERE run_id = $1")
+        .bind(run_id)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(evals as usize, 3 * TEST_EXAMPLES);
+    // Training changed the weights.
+    let base =
+        hir_model::checkpoint::sha256_file(&fixture_model().join("model.safetensors")).unwrap();
+    assert_ne!(model_sha(&versions[1].checkpoint_uri).await, base);
+    assert_ne!(
+        model_sha(&versions[0].checkpoint_uri).await,
+        model_sha(&versions[1].checkpoint_uri).await
+    );
+
+    // Resuming a finished run is refused.
+    let err = client
+        .resume_run(authed(pb::ResumeRunRequest {
+            run_id: run.run_id.clone(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_refused_and_a_run_without_training_data_fails_with_the_reason() {
+    let db = Db::fresh("bad").await;
+    let scratch = Scratch::new("bad");
+    let (generator, _g) = start_generator(Some(&scratch.checkpoints())).await;
+    let (relabeler, _r) = start_relabeler(&db.url, &generator, &scratch.bigbench()).await;
+    let (mut client, _t) =
+        start_trainer(trainer_config(&db.url, &relabeler, &generator, &scratch)).await;
+
+    let good = start_request(hyperparameters(), "hir");
+    let unauthenticated = client.start_run(good.clone()).await.unwrap_err();
+    assert_eq!(unauthenticated.code(), Code::Unauthenticated);
+
+    let cases: Vec<(pb::StartRunRequest, &str)> = vec![
+        (
+            pb::StartRunRequest {
+                tasks: vec![],
+                ..good.clone()
+            },
+            "tasks",
+        ),
+        (
+            pb::StartRunRequest {
+                tasks: vec!["tiny_mc".into(), "no_such_task".into()],
+                ..good.clone()
+            },
+            "tasks[1]",
+        ),
+        (
+            pb::StartRunRequest {
+                model: "/nonexistent/model".into(),
+                ..good.clone()
+            },
+            "model",
+        ),
+        (
+            pb::StartRunRequest {
+                policy: "ppo".into(),
+                ..good.clone()
+            },
+            "policy",
+        ),
+        (
+            pb::StartRunRequest {
+                run_id: "not-a-uuid".into(),
+                ..good.clone()
+            },
+            "run_id",
+        ),
+        (
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    learning_rate: Some(-1.0),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+            "hyperparameters.learning_rate",
+        ),
+        (
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    batch_size: Some(0),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+            "hyperparameters.batch_size",
+        ),
+        (
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    top_p: Some(1.5),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+            "hyperparameters.top_p",
+        ),
+    ];
+    for (request, field) in cases {
+        let err = client.start_run(authed(request)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let unknown = client
+        .get_run(pb::GetRunRequest {
+            run_id: Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    // The same run id with another configuration is refused.
+    let farl = start_request(hyperparameters(), "farl");
+    let run = client
+        .start_run(authed(farl.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let conflict = client
+        .start_run(authed(pb::StartRunRequest {
+            name: "other".into(),
+            ..farl.clone()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists, "{conflict:?}");
+
+    // The random tiny model never answers correctly, so FARL keeps no sample: the run
+    // fails with the reason, on the iteration that had nothing to train on.
+    watch_to_end(&mut client, &run.run_id).await;
+    let run = client
+        .get_run(pb::GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.status, pb::RunStatus::Failed as i32);
+    assert!(run.error.contains("no training batches"), "{}", run.error);
+    assert_eq!(run.iterations[1].status, pb::IterationStatus::Failed as i32);
+    assert!(
+        run.iterations[1].error.contains("farl"),
+        "{}",
+        run.iterations[1].error
+    );
+    db.drop_db().await;
+}
+
+/// A child process that is killed when the test ends, passing or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A run created in the store as running, which a trainer starting up drives.
+async fn create_running_run(store: &Store, bigbench: &Path) -> Uuid {
+    let id = Uuid::new_v4();
+    let config = hir_trainer::service::hyperparameters_to_config(
+        &fixture_model().to_string_lossy(),
+        Some(&hyperparameters()),
+    );
+    store
+        .create_run(&NewRun {
+            id,
+            name: "resume".into(),
+            policy: "hir".into(),
+            config: serde_json::to_value(&config).unwrap(),
+        })
+        .await
+        .unwrap();
+    let task = hir_core::task::Catalog::discover(bigbench)
+        .unwrap()
+        .load("tiny_mc")
+        .unwrap();
+    let task_id = hir_relabeler::tasks::register(store, &task, 1)
+        .await
+        .unwrap();
+    store.add_run_tasks(id, &[task_id]).await.unwrap();
+    store
+        .set_run_status(id, RunStatus::Running, None)
+        .await
+        .unwrap();
+    id
+}
+
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while !done().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn final_weights(store: &Store, run: Uuid) -> String {
+    let v = store
+        .get_model_version_by_name(&format!("{run}-it002"))
+        .await
+        .unwrap();
+    model_sha(&v.checkpoint_uri).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_trainer_resumes_with_no_step_lost_or_repeated() {
+    // Reference: the run uninterrupted, in process, swapping by reference.
+    let reference = {
+        let db = Db::fresh("reference").await;
+        let scratch = Scratch::new("reference");
+        let (generator, _g) = start_generator(Some(&scratch.checkpoints())).await;
+        let (relabeler, _r) = start_relabeler(&db.url, &generator, &scratch.bigbench()).await;
+        let run = create_running_run(&db.store, &scratch.bigbench()).await;
+        let _t = start_trainer(trainer_config(&db.url, &relabeler, &generator, &scratch)).await;
+        let store = db.store.clone();
+        wait_for("the reference run", async || {
+            store.get_run(run).await.unwrap().status != RunStatus::Running
+        })
+        .await;
+        assert_eq!(db.store.get_run(run).await.unwrap().status, RunStatus::Done);
+        let weights = final_weights(&db.store, run).await;
+        db.drop_db().await;
+        weights
+    };
+
+    // The same run in a trainer process that uploads its checkpoints (the generator has
+    // no checkpoint root), committing every step, killed after a few steps.
+    let db = Db::fresh("killed").await;
+    let scratch = Scratch::new("killed");
+    let (generator, _g) = start_generator(None).await;
+    let (relabeler, _r) = start_relabeler(&db.url, &generator, &scratch.bigbench()).await;
+    let run = create_running_run(&db.store, &scratch.bigbench()).await;
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hir-trainer"))
+            .env("DATABASE_URL", &db.url)
+            .env("HIR_TRAINER__LISTEN", "127.0.0.1:0")
+            .env("HIR_TRAINER__METRICS_LISTEN", "127.0.0.1:0")
+            .env("HIR_TRAINER__BIGBENCH", scratch.bigbench())
+            .env("HIR_TRAINER__RELABELER", &relabeler)
+            .env("HIR_TRAINER__RELABELER_TOKEN", TOKEN)
+            .env("HIR_TRAINER__GENERATORS", format!("[\"{generator}\"]"))
+            .env("HIR_TRAINER__GENERATOR_TOKEN", TOKEN)
+            .env("HIR_TRAINER__CHECKPOINT_DIR", scratch.checkpoints())
+            .env("HIR_TRAINER__STATE_DIR", scratch.state())
+            .env("HIR_TRAINER__UPLOAD", "true")
+            .env("HIR_TRAINER__COMMIT_EVERY_STEPS", "1")
+            .env("HIR_TRAINER__OWNER", "trainer-proc")
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .map(KillOnDrop)
+            .expect("hir-trainer starts")
+    };
+    let mut child = spawn();
+    let store = db.store.clone();
+    wait_for("three committed steps", async || {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("hir-trainer exited early with {status}");
+        }
+        store
+            .trainer_state(run)
+            .await
+            .unwrap()
+            .is_some_and(|s| s.step >= 3)
+    })
+    .await;
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let at_kill = db.store.trainer_state(run).await.unwrap().unwrap().step;
+    assert!(at_kill < 30, "killed before the end (at step {at_kill})");
+
+    let _child = spawn();
+    wait_for("the resumed run", async || {
+        store.get_run(run).await.unwrap().status != RunStatus::Running
+    })
+    .await;
+    let finished = db.store.get_run(run).await.unwrap();
+    assert_eq!(finished.status, RunStatus::Done, "{:?}", finished.error);
+    let steps: Vec<i64> =
+        sqlx::query_scalar("SELECT step FROM training_steps WHERE run_id = $1 ORDER BY step")
+            .bind(run)
+            .fetch_all(db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(steps, (1..=30).collect::<Vec<_>>(), "every step once");
+    assert_eq!(
+        final_weights(&db.store, run).await,
+        reference,
+        "the resumed run ends with bit-identical weights"
+    );
+    assert_eq!(
+        db.store.get_iteration(run, 2).await.unwrap().status,
+        IterationStatus::Done
+    );
+    db.drop_db().await;
+}
+
+#[test]
+fn unset_hyperparameters_take_the_reference_values() {
+    let c = hir_trainer::service::hyperparameters_to_config("m", None);
+    assert_eq!(
+        c,
+        RunConfig {
+            model: "m".into(),
+            ..RunConfig::default()
+        }
+    );
+    let h = hir_trainer::service::config_to_hyperparameters(&c);
+    assert_eq!(
+        hir_trainer::service::hyperparameters_to_config("m", Some(&h)),
+        c
+    );
+}
