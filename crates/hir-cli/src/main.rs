@@ -1,8 +1,11 @@
 //! `hir`: the hindsight command line.
 #![forbid(unsafe_code)]
 
+mod client;
+mod demo;
 mod migrate;
 mod model;
+mod report;
 mod tasks;
 
 use std::path::PathBuf;
@@ -35,6 +38,26 @@ enum Command {
     /// Run a hindsight service.
     #[command(subcommand)]
     Serve(Serve),
+    /// The whole loop on this machine: model, database, services, a short run, a report.
+    Demo(demo::DemoArgs),
+    /// Start a run on the trainer.
+    Run(Box<client::RunArgs>),
+    /// A run's status and per-iteration results.
+    Status(client::RunIdArgs),
+    /// Follow a run's progress live until it ends.
+    Watch(client::RunIdArgs),
+    /// Stop a run after its current training step commits.
+    Stop(client::RunIdArgs),
+    /// Resume a stopped or failed run from its last committed state.
+    Resume(client::RunIdArgs),
+    /// Registered model versions.
+    Checkpoints(client::CheckpointArgs),
+    /// Greedy accuracy of what a generator serves on a task's test split.
+    Eval(client::EvalArgs),
+    /// A run's report: a table, `report.md` and an accuracy chart (`accuracy.svg`).
+    Report(report::ReportArgs),
+    /// Check a service's gRPC health; exits 0 when it is serving.
+    Health(client::HealthArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -43,6 +66,8 @@ enum Serve {
     Generator(hir_generator::ServeArgs),
     /// The relabeler: samples iterations through the generators, scores, relabels, stores.
     Relabeler(hir_relabeler::ServeArgs),
+    /// The trainer: drives runs, trains, checkpoints, swaps the generators, evaluates.
+    Trainer(hir_trainer::ServeArgs),
 }
 
 /// Where the BIG-bench tasks are.
@@ -58,6 +83,12 @@ pub struct BigBench {
     pub dir: PathBuf,
 }
 
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(f))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -66,16 +97,23 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate::run(args),
         Command::Generate(args) => model::generate(args),
         Command::Model(cmd) => model::run(cmd),
-        Command::Serve(service) => tokio::runtime::Runtime::new()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| {
-                rt.block_on(async {
-                    match service {
-                        Serve::Generator(args) => hir_generator::serve(args).await,
-                        Serve::Relabeler(args) => hir_relabeler::serve(args).await,
-                    }
-                })
-            }),
+        Command::Serve(service) => block_on(async {
+            match service {
+                Serve::Generator(args) => hir_generator::serve(args).await,
+                Serve::Relabeler(args) => hir_relabeler::serve(args).await,
+                Serve::Trainer(args) => hir_trainer::serve(args).await,
+            }
+        }),
+        Command::Demo(args) => block_on(demo::run(args)),
+        Command::Run(args) => block_on(client::run(*args)),
+        Command::Status(args) => block_on(client::status(args)),
+        Command::Watch(args) => block_on(client::watch_cmd(args)),
+        Command::Stop(args) => block_on(client::stop(args)),
+        Command::Resume(args) => block_on(client::resume(args)),
+        Command::Checkpoints(args) => block_on(client::checkpoints(args)),
+        Command::Eval(args) => block_on(client::eval(args)),
+        Command::Report(args) => block_on(report::report(args)),
+        Command::Health(args) => block_on(client::health(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

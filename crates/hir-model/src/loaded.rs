@@ -266,6 +266,11 @@ impl LoadedModel {
         )
     }
 
+    /// The model itself, dropping the tokenizer.
+    pub fn into_model(self) -> Model {
+        self.model
+    }
+
     /// The chat template (Jinja source), if the model has one.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()

@@ -29,7 +29,13 @@ impl LogFormat {
 /// Installs the global subscriber, writing to stderr. Safe to call more than once: later
 /// calls do nothing (tests start several servers in one process).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with_default(format, "info");
+}
+
+/// Like [`init`], with `default` as the filter when `RUST_LOG` is not set (an interactive
+/// command that draws progress bars wants `warn`).
+pub fn init_with_default(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Text => registry

@@ -1,1 +1,338 @@
-fn main() {}
+//! Training throughput of HIR's supervised phase.
+//!
+//! For SmolLM2-135M (the GGUF of `scripts/fetch-model.sh`, dequantized to f32) and a
+//! FLAN-T5-base-shaped model (random weights, 248M parameters), prints the step time and
+//! training tokens/s of one optimizer step over HIR pairs (positive and negative sequence
+//! per example, AdamW with clipping), and of the reference implementation's step, which
+//! runs a third, redundant forward pass (HIR.md §1.6), measured in the same process.
+//!
+//! Run: `cargo bench -p hir-trainer --bench trainer [-- --device cuda:0] [--random] [quick]`.
+//! SmolLM2 pairs are built by the trainer's own example builder from TSO-3 prompts;
+//! `--random` uses random weights of SmolLM2's shape and random pairs of the same lengths.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use hir_core::rng::SplitMix64;
+use hir_model::loss::{self, HirLossConfig};
+use hir_model::train::{AdamWConfig, TrainBatch, Trainer};
+use hir_model::weights::Weights;
+use hir_model::WeightMode;
+use hir_trainer::examples::{self, HirExample, RelabeledSample};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn smollm2_path() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let path = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.is_file() {
+        let ok = std::process::Command::new("bash")
+            .arg(root.join("scripts/fetch-model.sh"))
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "scripts/fetch-model.sh failed");
+    }
+    path
+}
+
+/// Timed steps: (median step seconds, tokens per step).
+struct Timing {
+    step_s: f64,
+    tokens: usize,
+}
+
+impl Timing {
+    fn tps(&self) -> f64 {
+        self.tokens as f64 / self.step_s
+    }
+}
+
+/// HIR pairs of TSO-3 training prompts with plausible outputs, built like the trainer does.
+fn smollm2_examples(model: &hir_model::LoadedModel, n: usize) -> Vec<HirExample> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/bigbench");
+    let catalog = hir_core::task::Catalog::discover(&root).expect("BIG-bench data");
+    let task = catalog
+        .load("tracking_shuffled_objects_three_objects")
+        .expect("TSO-3");
+    (0..n)
+        .map(|i| {
+            let ex = &task.examples[i];
+            let prompt = hir_core::prompt::Prompt::build(
+                &task,
+                ex,
+                hir_core::prompt::DEFAULT_INSTRUCTION,
+                hir_core::prompt::PromptVariant::Sampler,
+            )
+            .text();
+            let output = ["(A)", "The answer is (B).", "(C) the blue ball."][i % 3];
+            let sample = RelabeledSample {
+                sample_id: i as i64,
+                seed_key: i as u64,
+                prompt,
+                output_tokens: hir_model::LoadedModel::encode(model, output).expect("encodes"),
+                correct: i % 2 == 0,
+                gold: ex.answer.gold(),
+                positive: "Solve the question with wrong answer.".into(),
+                negative: "Solve the question with correct answer.".into(),
+            };
+            examples::build(&sample, model, &mut SplitMix64::new(i as u64)).expect("builds")
+        })
+        .collect()
+}
+
+/// SmolLM2-135M's shape (for random weights where the GGUF is not at hand).
+fn smollm2_config() -> hir_model::llama::Config {
+    serde_json::from_value(serde_json::json!({
+        "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+        "max_position_embeddings": 8192, "tie_word_embeddings": true
+    }))
+    .expect("static config")
+}
+
+/// Random pairs shaped like the trainer's TSO-3 pairs: ~220 prompt tokens, 6 labels.
+fn random_pairs(n: usize) -> Vec<HirExample> {
+    let mut rng = SplitMix64::new(3);
+    let mut ids =
+        |len: usize| -> Vec<u32> { (0..len).map(|_| 3 + rng.below(49000) as u32).collect() };
+    (0..n)
+        .map(|i| {
+            let completion = ids(6);
+            let prompt = ids(210 + 4 * (i % 5));
+            let mut neg_prompt = prompt.clone();
+            neg_prompt[..8].copy_from_slice(&ids(8));
+            HirExample {
+                positive: hir_model::train::Example {
+                    prompt,
+                    completion: completion.clone(),
+                },
+                negative: hir_model::train::Example {
+                    prompt: neg_prompt,
+                    completion,
+                },
+                case: hir_core::suboutput::SubOutputCase::Other,
+            }
+        })
+        .collect()
+}
+
+fn smollm2(device: &Device, steps: usize, random: bool) -> (Timing, Timing, &'static str) {
+    let micro = 4;
+    let (model, vars, pairs, pad, label) = if random {
+        let w = Weights::random(1, 0.02, device, WeightMode::Trainable(DType::F32));
+        let model = hir_model::llama::Model::new(&smollm2_config(), &w).expect("builds");
+        (
+            model,
+            w.vars(),
+            random_pairs(8),
+            2,
+            "random weights, TSO-3-shaped pairs",
+        )
+    } else {
+        let loaded = hir_model::LoadedModel::load(
+            &smollm2_path(),
+            device,
+            WeightMode::Trainable(DType::F32),
+        )
+        .expect("SmolLM2 loads");
+        let pairs = smollm2_examples(&loaded, 8);
+        let (pad, vars) = (loaded.pad_token_id(), loaded.vars().to_vec());
+        (
+            loaded.into_model(),
+            vars,
+            pairs,
+            pad,
+            "the GGUF dequantized, 8 TSO-3 pairs",
+        )
+    };
+    let tokens: usize = pairs.iter().map(HirExample::tokens).sum();
+    let cfg = HirLossConfig::default();
+    let mut trainer = Trainer::new(&vars, AdamWConfig::default(), 2, Some(1.0));
+    let mut run = |three_forwards: bool| {
+        let mut times = Vec::new();
+        for _ in 0..steps + 1 {
+            let t = Instant::now();
+            for chunk in pairs.chunks(micro) {
+                let pos: Vec<_> = chunk.iter().map(|e| e.positive.clone()).collect();
+                let neg: Vec<_> = chunk.iter().map(|e| e.negative.clone()).collect();
+                let pos = TrainBatch::new(&pos, pad, device).expect("batch");
+                let neg = TrainBatch::new(&neg, pad, device).expect("batch");
+                let (pl, py) = pos.aligned_logits(&model).expect("forward");
+                let (nl, ny) = neg.aligned_logits(&model).expect("forward");
+                let l = if three_forwards {
+                    // The reference: `outputs` and `outputs_pos` are the same computation.
+                    let (pl2, _) = pos.aligned_logits(&model).expect("forward");
+                    reference_loss(&pl, &pl2, &py, &nl, &ny, &cfg)
+                } else {
+                    loss::hir_loss(&pl, &py, &nl, &ny, &cfg)
+                        .expect("loss")
+                        .total
+                };
+                trainer.backward(&l).expect("backward");
+            }
+            sync(device);
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.remove(0); // warm-up
+        Timing {
+            step_s: median(times),
+            tokens,
+        }
+    };
+    let ours = run(false);
+    let reference = run(true);
+    (ours, reference, label)
+}
+
+/// The reference's loss graph: supervised and entropy terms from the first forward, the
+/// contrastive term from a second forward of the same positive sequences.
+fn reference_loss(
+    first: &Tensor,
+    second: &Tensor,
+    labels: &Tensor,
+    neg: &Tensor,
+    neg_labels: &Tensor,
+    cfg: &HirLossConfig,
+) -> Tensor {
+    let ls = loss::label_smoothed_cross_entropy(first, labels, cfg.epsilon).expect("ls");
+    let con = loss::contrastive_loss(
+        &loss::sequence_mean_logprob(second, labels).expect("lp"),
+        &loss::sequence_mean_logprob(neg, neg_labels).expect("lp"),
+        cfg.epsilon,
+    )
+    .expect("con");
+    let h = loss::mean_entropy(first, labels).expect("h");
+    ((ls + con).expect("add") - h.affine(cfg.entropy_coef, 0.0).expect("h")).expect("sub")
+}
+
+/// FLAN-T5-base's shape: 12 + 12 layers, d_model 768, 12 heads, gated-GELU, 32,128 tokens.
+fn t5_base_config() -> hir_model::t5::Config {
+    serde_json::from_value(serde_json::json!({
+        "model_type": "t5", "vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048,
+        "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12,
+        "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+        "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": false, "decoder_start_token_id": 0, "pad_token_id": 0,
+        "eos_token_id": 1
+    }))
+    .expect("static config")
+}
+
+/// Padded encoder inputs, mask and label rows (-100 padded) of `b` rows.
+fn t5_batch(
+    rng: &mut SplitMix64,
+    b: usize,
+    src: usize,
+    tgt: usize,
+    device: &Device,
+) -> (Tensor, Vec<Vec<u8>>, Vec<Vec<i64>>) {
+    let ids: Vec<u32> = (0..b * src).map(|_| 2 + rng.below(32000) as u32).collect();
+    let labels: Vec<Vec<i64>> = (0..b)
+        .map(|_| {
+            let mut row: Vec<i64> = (0..tgt - 1).map(|_| 2 + rng.below(32000) as i64).collect();
+            row.push(1);
+            row
+        })
+        .collect();
+    (
+        Tensor::from_vec(ids, (b, src), device).expect("ids"),
+        vec![vec![1u8; src]; b],
+        labels,
+    )
+}
+
+fn t5(device: &Device, steps: usize) -> (Timing, Timing, usize) {
+    let cfg = t5_base_config();
+    let w = Weights::random(1, 0.02, device, WeightMode::Trainable(DType::F32));
+    let model = hir_model::t5::Model::new(&cfg, &w).expect("T5 builds");
+    let vars = w.vars();
+    let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut trainer = Trainer::new(&vars, AdamWConfig::default(), 2, Some(1.0));
+    let (b, src, tgt) = (4usize, 200usize, 8usize);
+    let lcfg = HirLossConfig::default();
+    let tokens = 2 * 2 * b * (src + tgt);
+    let mut run = |three_forwards: bool| {
+        let mut rng = SplitMix64::new(11);
+        let mut times = Vec::new();
+        for _ in 0..steps + 1 {
+            let t = Instant::now();
+            for _ in 0..2 {
+                let (pos_ids, mask, labels) = t5_batch(&mut rng, b, src, tgt, device);
+                // The negative side: the same labels under another instruction.
+                let (neg_ids, _, _) = t5_batch(&mut rng, b, src, tgt, device);
+                let (dec, dec_mask) = model.shift_right(&labels).expect("shift");
+                let label_t = Tensor::new(labels.clone(), device).expect("labels");
+                let fwd =
+                    |ids: &Tensor| model.forward(ids, &mask, &dec, &dec_mask).expect("forward");
+                let pl = fwd(&pos_ids);
+                let nl = fwd(&neg_ids);
+                let l = if three_forwards {
+                    let pl2 = fwd(&pos_ids);
+                    reference_loss(&pl, &pl2, &label_t, &nl, &label_t, &lcfg)
+                } else {
+                    loss::hir_loss(&pl, &label_t, &nl, &label_t, &lcfg)
+                        .expect("loss")
+                        .total
+                };
+                trainer.backward(&l).expect("backward");
+            }
+            sync(device);
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.remove(0);
+        Timing {
+            step_s: median(times),
+            tokens,
+        }
+    };
+    let ours = run(false);
+    let reference = run(true);
+    (ours, reference, params)
+}
+
+fn sync(device: &Device) {
+    let _ = device.synchronize();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "quick");
+    let device_name = args
+        .iter()
+        .position(|a| a == "--device")
+        .and_then(|i| args.get(i + 1))
+        .map_or("cpu", String::as_str);
+    let device = hir_model::parse_device(device_name).expect("device");
+    let steps = if quick { 1 } else { 3 };
+    println!(
+        "HIR training step (AdamW, clip 1.0, 2 micro-batches), {device_name}, {} threads",
+        candle_core::utils::get_num_threads()
+    );
+    let random = args.iter().any(|a| a == "--random");
+    let (ours, reference, label) = smollm2(&device, steps, random);
+    println!(
+        "SmolLM2-135M f32, {label} ({} tokens/step): {:.3} s/step, {:.0} tok/s; \
+         reference 3-forward step {:.3} s ({:.2}x slower)",
+        ours.tokens,
+        ours.step_s,
+        ours.tps(),
+        reference.step_s,
+        reference.step_s / ours.step_s
+    );
+    let (ours, reference, params) = t5(&device, steps);
+    println!(
+        "FLAN-T5-base shape ({:.0}M params) f32, 8 pairs of 200+8 tokens ({} tokens/step): \
+         {:.3} s/step, {:.0} tok/s; reference 3-forward step {:.3} s ({:.2}x slower)",
+        params as f64 / 1e6,
+        ours.tokens,
+        ours.step_s,
+        ours.tps(),
+        reference.step_s,
+        reference.step_s / ours.step_s
+    );
+}

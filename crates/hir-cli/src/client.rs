@@ -1,0 +1,643 @@
+//! Commands against running services: `hir run`, `status`, `watch`, `stop`, `resume`,
+//! `checkpoints`, `eval` and `health`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hir_proto::pb;
+use hir_proto::pb::generator_service_client::GeneratorServiceClient;
+use hir_proto::pb::trainer_service_client::TrainerServiceClient;
+use hir_runtime::auth::with_bearer;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tonic::transport::Channel;
+
+use crate::BigBench;
+
+/// Where the trainer is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+pub struct TrainerArgs {
+    /// The trainer's gRPC address.
+    #[arg(long, env = "HIR_TRAINER", default_value = "http://127.0.0.1:50053")]
+    pub trainer: String,
+    /// Bearer token for mutating calls.
+    #[arg(long, env = "HIR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl TrainerArgs {
+    /// A connected client; fails fast with advice when nothing listens there.
+    pub async fn connect(&self) -> Result<TrainerServiceClient<Channel>> {
+        let endpoint = Channel::from_shared(self.trainer.clone())
+            .with_context(|| {
+                format!(
+                    "--trainer {:?} is not a URL like http://host:50053",
+                    self.trainer
+                )
+            })?
+            .connect_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect().await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the trainer at {} ({}); start one with `hir serve trainer`, or \
+                 point --trainer (or HIR_TRAINER) at it",
+                self.trainer,
+                root_cause(&e)
+            )
+        })?;
+        Ok(TrainerServiceClient::new(channel))
+    }
+
+    fn authed<T>(&self, message: T) -> tonic::Request<T> {
+        with_bearer(message, self.token.as_deref())
+    }
+}
+
+/// The innermost cause of an error, e.g. "Connection refused (os error 111)".
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut e = e;
+    while let Some(next) = e.source() {
+        e = next;
+    }
+    e.to_string()
+}
+
+/// A gRPC failure as one line with what to do about it.
+pub fn explain(status: tonic::Status, what: &str) -> anyhow::Error {
+    let hint = match status.code() {
+        tonic::Code::Unauthenticated => " (pass --token or set HIR_TOKEN)",
+        tonic::Code::NotFound => " (check the run id: `hir status RUN_ID`)",
+        tonic::Code::Unavailable => " (is the service running and reachable?)",
+        _ => "",
+    };
+    anyhow::anyhow!("{what}: {}{hint}", status.message())
+}
+
+/// `hir run`: every knob of a run.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
+    /// Task name or path (repeatable), e.g. tracking_shuffled_objects_three_objects.
+    #[arg(long = "task", required = true)]
+    pub tasks: Vec<String>,
+    /// The starting model as the trainer sees it: a HF folder or a GGUF file.
+    #[arg(long)]
+    pub model: String,
+    /// Relabel policy: hir, hindsight_answer or farl.
+    #[arg(long, default_value = "hir")]
+    pub policy: String,
+    /// Human-readable name.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Run id (a UUID) to make the call idempotent; generated when absent.
+    #[arg(long, default_value = "")]
+    pub run_id: String,
+    /// AdamW learning rate [5e-4].
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// Effective batch size [64].
+    #[arg(long)]
+    pub batch_size: Option<u32>,
+    /// Examples per forward/backward pass [8].
+    #[arg(long)]
+    pub micro_batch_size: Option<u32>,
+    /// Epochs per iteration [10].
+    #[arg(long)]
+    pub epochs: Option<u32>,
+    /// Label smoothing [0.2].
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
+    /// Entropy bonus weight [0.001].
+    #[arg(long)]
+    pub entropy_coef: Option<f64>,
+    /// Contrastive term weight [1.0].
+    #[arg(long)]
+    pub contrastive_coef: Option<f64>,
+    /// Samples per training prompt [4].
+    #[arg(long)]
+    pub samples_per_prompt: Option<u32>,
+    /// Iterations after the base evaluation [30].
+    #[arg(long)]
+    pub iterations: Option<u32>,
+    /// Sampling temperature [1.0].
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Sampling top-k [50].
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    /// Sampling top-p [1.0].
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// New tokens per sample and answer [256].
+    #[arg(long)]
+    pub max_new_tokens: Option<u32>,
+    /// Gradient-norm clip, 0 disables [1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// AdamW weight decay [0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Seed of split, sampling and spans [1].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Train on the current iteration's samples only (no replay buffer).
+    #[arg(long)]
+    pub no_replay: bool,
+    /// Training prompts per task at most [all].
+    #[arg(long)]
+    pub max_train_prompts: Option<u32>,
+    /// Test prompts per task at most [all].
+    #[arg(long)]
+    pub max_test_prompts: Option<u32>,
+    /// Optimizer steps per iteration at most [no cap].
+    #[arg(long)]
+    pub max_steps: Option<u32>,
+    /// Follow the run's progress until it ends.
+    #[arg(long)]
+    pub watch: bool,
+    /// Print the run as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl RunArgs {
+    /// The StartRun request.
+    pub fn request(&self) -> pb::StartRunRequest {
+        pb::StartRunRequest {
+            run_id: self.run_id.clone(),
+            name: self.name.clone(),
+            tasks: self.tasks.clone(),
+            model: self.model.clone(),
+            policy: self.policy.clone(),
+            hyperparameters: Some(pb::Hyperparameters {
+                learning_rate: self.learning_rate,
+                batch_size: self.batch_size,
+                micro_batch_size: self.micro_batch_size,
+                epochs_per_iteration: self.epochs,
+                label_smoothing: self.label_smoothing,
+                entropy_coef: self.entropy_coef,
+                contrastive_coef: self.contrastive_coef,
+                samples_per_prompt: self.samples_per_prompt,
+                iterations: self.iterations,
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                max_new_tokens: self.max_new_tokens,
+                max_grad_norm: self.max_grad_norm,
+                weight_decay: self.weight_decay,
+                seed: self.seed,
+                replay_buffer: self.no_replay.then_some(false),
+                max_train_prompts: self.max_train_prompts,
+                max_test_prompts: self.max_test_prompts,
+                max_steps_per_iteration: self.max_steps,
+            }),
+        }
+    }
+}
+
+/// A run id argument.
+#[derive(Debug, Args)]
+pub struct RunIdArgs {
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
+    /// The run's UUID.
+    pub run_id: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    let mut client = args.trainer.connect().await?;
+    let run = client
+        .start_run(args.trainer.authed(args.request()))
+        .await
+        .map_err(|s| explain(s, "StartRun"))?
+        .into_inner();
+    if args.json {
+        println!("{}", run_json(&run));
+    } else {
+        println!("run {} started ({})", run.run_id, run.name);
+    }
+    if args.watch {
+        let run = watch(&mut client, &run.run_id, !args.json).await?;
+        print_run(&run, args.json);
+        ensure_done(&run)?;
+    }
+    Ok(())
+}
+
+pub async fn status(args: RunIdArgs) -> Result<()> {
+    let run = get_run(&args.trainer, &args.run_id).await?;
+    print_run(&run, args.json);
+    Ok(())
+}
+
+pub async fn get_run(trainer: &TrainerArgs, run_id: &str) -> Result<pb::Run> {
+    let mut client = trainer.connect().await?;
+    Ok(client
+        .get_run(pb::GetRunRequest {
+            run_id: run_id.to_string(),
+        })
+        .await
+        .map_err(|s| explain(s, "GetRun"))?
+        .into_inner())
+}
+
+pub async fn watch_cmd(args: RunIdArgs) -> Result<()> {
+    let mut client = args.trainer.connect().await?;
+    let run = watch(&mut client, &args.run_id, !args.json).await?;
+    print_run(&run, args.json);
+    ensure_done(&run)
+}
+
+pub async fn stop(args: RunIdArgs) -> Result<()> {
+    let mut client = args.trainer.connect().await?;
+    let request = args.trainer.authed(pb::StopRunRequest {
+        run_id: args.run_id.clone(),
+    });
+    let run = client.stop_run(request).await;
+    show(run, "StopRun", args.json)
+}
+
+pub async fn resume(args: RunIdArgs) -> Result<()> {
+    let mut client = args.trainer.connect().await?;
+    let request = args.trainer.authed(pb::ResumeRunRequest {
+        run_id: args.run_id.clone(),
+    });
+    let run = client.resume_run(request).await;
+    show(run, "ResumeRun", args.json)
+}
+
+/// Prints the run a call returned, or explains its failure.
+fn show(
+    run: Result<tonic::Response<pb::Run>, tonic::Status>,
+    what: &str,
+    json: bool,
+) -> Result<()> {
+    let run = run.map_err(|s| explain(s, what))?.into_inner();
+    print_run(&run, json);
+    Ok(())
+}
+
+/// `hir checkpoints`: registered model versions.
+#[derive(Debug, Args)]
+pub struct CheckpointArgs {
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
+    /// Only this run's versions.
+    #[arg(long, default_value = "")]
+    pub run_id: String,
+}
+
+pub async fn checkpoints(args: CheckpointArgs) -> Result<()> {
+    let mut client = args.trainer.connect().await?;
+    let versions = client
+        .list_checkpoints(pb::ListCheckpointsRequest {
+            run_id: args.run_id.clone(),
+        })
+        .await
+        .map_err(|s| explain(s, "ListCheckpoints"))?
+        .into_inner()
+        .versions;
+    println!(
+        "{:<48} {:>9} {:<48} checkpoint",
+        "version", "iteration", "parent"
+    );
+    for v in versions {
+        println!(
+            "{:<48} {:>9} {:<48} {}",
+            v.version, v.iteration, v.parent_version, v.checkpoint_uri
+        );
+    }
+    Ok(())
+}
+
+fn ensure_done(run: &pb::Run) -> Result<()> {
+    match pb::RunStatus::try_from(run.status) {
+        Ok(pb::RunStatus::Done) => Ok(()),
+        Ok(pb::RunStatus::Stopped) => bail!(
+            "run {} was stopped; `hir resume {}` continues it",
+            run.run_id,
+            run.run_id
+        ),
+        _ => bail!(
+            "run {} failed: {}; fix the cause, then `hir resume {}`",
+            run.run_id,
+            run.error,
+            run.run_id
+        ),
+    }
+}
+
+/// Follows a run with progress bars (or silently) until it ends; returns the run then.
+pub async fn watch(
+    client: &mut TrainerServiceClient<Channel>,
+    run_id: &str,
+    bars: bool,
+) -> Result<pb::Run> {
+    let mut stream = client
+        .watch_run(pb::GetRunRequest {
+            run_id: run_id.to_string(),
+        })
+        .await
+        .map_err(|s| explain(s, "WatchRun"))?
+        .into_inner();
+    let multi = MultiProgress::new();
+    if !bars {
+        multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let style = ProgressStyle::with_template("{prefix:>12} {bar:30} {pos}/{len} {msg}")
+        .expect("valid template");
+    let iteration_bar = multi.add(ProgressBar::new(0).with_style(style.clone()));
+    iteration_bar.set_prefix("iterations");
+    let status_bar = multi.add(ProgressBar::new_spinner());
+    status_bar.enable_steady_tick(Duration::from_millis(200));
+    while let Some(event) = stream.message().await.map_err(|s| explain(s, "WatchRun"))? {
+        use pb::run_event::Event;
+        match event.event {
+            Some(Event::Snapshot(run)) => {
+                let total = run.hyperparameters.as_ref().and_then(|h| h.iterations).unwrap_or(0);
+                iteration_bar.set_length(u64::from(total));
+                let done = run
+                    .iterations
+                    .iter()
+                    .filter(|i| i.iteration > 0 && i.status == pb::IterationStatus::Done as i32)
+                    .count();
+                iteration_bar.set_position(done as u64);
+                status_bar.set_message(format!("{} ({})", run.name, status_name(run.status)));
+            }
+            Some(Event::Iteration(it)) => {
+                let s = pb::IterationStatus::try_from(it.status)
+                    .map(|s| s.as_str_name().trim_start_matches("ITERATION_STATUS_").to_lowercase())
+                    .unwrap_or_default();
+                status_bar.set_message(format!("iteration {}: {s} {}", it.iteration, it.error));
+                if it.status == pb::IterationStatus::Done as i32 && it.iteration > 0 {
+                    iteration_bar.inc(1);
+                }
+            }
+            Some(Event::Step(s)) => status_bar.set_message(format!(
+                "iteration {}: step {} loss {:.4} (supervised {:.4}, contrastive {:.4}, entropy {:.3}) {:.0} tok/s",
+                s.iteration, s.step, s.loss, s.loss_supervised, s.loss_contrastive, s.entropy, s.tokens_per_second
+            )),
+            Some(Event::Checkpoint(v)) => {
+                multi.println(format!("checkpoint {} (iteration {})", v.version, v.iteration)).ok();
+            }
+            Some(Event::Swap(s)) => {
+                multi
+                    .println(format!("{} now serves {} (swap {:.0} ms)", s.generator, s.version, s.total_ms))
+                    .ok();
+            }
+            Some(Event::Eval(e)) => {
+                if let Some(a) = e.accuracy {
+                    multi
+                        .println(format!(
+                            "iteration {} {}: exact {:.1}%, extracted {:.1}% of {} (answers: {})",
+                            e.iteration,
+                            a.task,
+                            100.0 * a.exact,
+                            100.0 * a.extracted,
+                            a.examples,
+                            predicted(&e.predicted_counts)
+                        ))
+                        .ok();
+                }
+            }
+            Some(Event::RunStatus(s)) => status_bar.set_message(status_name(s)),
+            None => {}
+        }
+    }
+    status_bar.finish_and_clear();
+    iteration_bar.finish_and_clear();
+    let mut client = client.clone();
+    Ok(client
+        .get_run(pb::GetRunRequest {
+            run_id: run_id.to_string(),
+        })
+        .await
+        .map_err(|s| explain(s, "GetRun"))?
+        .into_inner())
+}
+
+fn predicted(counts: &std::collections::HashMap<String, u32>) -> String {
+    let sorted: BTreeMap<&String, &u32> = counts.iter().collect();
+    sorted
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn status_name(s: i32) -> String {
+    pb::RunStatus::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("RUN_STATUS_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn run_json(run: &pb::Run) -> serde_json::Value {
+    serde_json::json!({
+        "run_id": run.run_id,
+        "name": run.name,
+        "status": status_name(run.status),
+        "tasks": run.tasks,
+        "policy": run.policy,
+        "error": run.error,
+        "iterations": run.iterations.iter().map(|i| serde_json::json!({
+            "iteration": i.iteration,
+            "status": pb::IterationStatus::try_from(i.status).map(|s| s.as_str_name().trim_start_matches("ITERATION_STATUS_").to_lowercase()).unwrap_or_default(),
+            "model_version": i.model_version,
+            "samples": i.samples,
+            "sample_accuracy": i.sample_accuracy,
+            "train_loss": i.train_loss,
+            "steps": i.steps,
+            "eval": i.eval.iter().map(|e| serde_json::json!({"task": e.task, "examples": e.examples, "exact": e.exact, "extracted": e.extracted})).collect::<Vec<_>>(),
+            "error": i.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints a run as a table (or JSON).
+pub fn print_run(run: &pb::Run, json: bool) {
+    if json {
+        println!("{}", run_json(run));
+        return;
+    }
+    println!(
+        "run {}  {}  [{}]  policy {}  tasks {}",
+        run.run_id,
+        run.name,
+        status_name(run.status),
+        run.policy,
+        run.tasks.join(", ")
+    );
+    if !run.error.is_empty() {
+        println!("error: {}", run.error);
+    }
+    println!("{}", crate::report::iteration_table(run));
+}
+
+/// `hir health`: exits 0 when a service reports SERVING.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The service's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Service name to check ("" is the server as a whole).
+    #[arg(long, default_value = "")]
+    pub service: String,
+}
+
+pub async fn health(args: HealthArgs) -> Result<()> {
+    let channel = Channel::from_shared(args.addr.clone())
+        .with_context(|| format!("--addr {:?} is not a URL", args.addr))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {} ({})", args.addr, root_cause(&e)))?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: args.service.clone(),
+        })
+        .await
+        .map_err(|s| explain(s, "health check"))?
+        .into_inner()
+        .status;
+    let serving = status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    if !serving {
+        bail!("{} is not serving (status {status})", args.addr);
+    }
+    println!("{}: serving", args.addr);
+    Ok(())
+}
+
+/// `hir eval`: greedy accuracy of what a generator serves on a task's test split.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The generator's gRPC address.
+    #[arg(long, env = "HIR_GENERATOR", default_value = "http://127.0.0.1:50051")]
+    pub generator: String,
+    /// Bearer token, when the generator guards generation.
+    #[arg(long, env = "HIR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Task name or path.
+    #[arg(long)]
+    pub task: String,
+    /// The version to evaluate; the call fails if the generator serves another.
+    #[arg(long, default_value = "")]
+    pub version: String,
+    /// Test prompts at most (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub max_test_prompts: usize,
+    /// New tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: u32,
+    /// Split seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u32,
+    #[command(flatten)]
+    pub bigbench: BigBench,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn eval(args: EvalArgs) -> Result<()> {
+    let catalog = hir_core::task::Catalog::discover(&args.bigbench.dir)?;
+    let task = catalog.load(&args.task)?;
+    let mut test = hir_core::split::Split::new(args.seed, task.examples.len()).test;
+    if args.max_test_prompts > 0 {
+        test.truncate(args.max_test_prompts);
+    }
+    let prompts: Vec<String> = test
+        .iter()
+        .map(|&i| {
+            hir_core::prompt::Prompt::build(
+                &task,
+                &task.examples[i],
+                hir_core::prompt::DEFAULT_INSTRUCTION,
+                hir_core::prompt::PromptVariant::Eval,
+            )
+            .text()
+        })
+        .collect();
+    let channel = Channel::from_shared(args.generator.clone())
+        .with_context(|| format!("--generator {:?} is not a URL", args.generator))?
+        .connect()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the generator at {} ({}); point --generator (or HIR_GENERATOR) at it",
+                args.generator,
+                root_cause(&e)
+            )
+        })?;
+    let mut client = GeneratorServiceClient::new(channel);
+    let mut texts = vec![String::new(); prompts.len()];
+    let mut version = String::new();
+    for (c, chunk) in prompts.chunks(16).enumerate() {
+        let request = pb::GenerateRequest {
+            prompts: chunk.to_vec(),
+            n: 1,
+            sampling: Some(pb::SamplingParams {
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                max_new_tokens: args.max_new_tokens,
+                stop: vec![],
+                seed: None,
+            }),
+            return_logprobs: false,
+            expected_version: args.version.clone(),
+            request_id: String::new(),
+        };
+        let mut stream = client
+            .generate(with_bearer(request, args.token.as_deref()))
+            .await
+            .map_err(|s| explain(s, "Generate"))?
+            .into_inner();
+        while let Some(r) = stream.message().await.map_err(|s| explain(s, "Generate"))? {
+            if let Some(comp) = r.completion {
+                version = comp.model_version;
+                if let Some(slot) = texts.get_mut(c * 16 + comp.prompt_index as usize) {
+                    *slot = comp.text;
+                }
+            }
+        }
+    }
+    let (mut exact, mut extracted) = (0usize, 0usize);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for (&i, text) in test.iter().zip(&texts) {
+        let s = hir_core::score::score(&task.examples[i].answer, text);
+        exact += usize::from(s.exact);
+        extracted += usize::from(s.extracted);
+        *counts
+            .entry(s.predicted.unwrap_or_else(|| "(none)".into()))
+            .or_default() += 1;
+    }
+    let n = test.len().max(1) as f64;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"task": task.name, "version": version, "examples": test.len(),
+                "exact": exact as f64 / n, "extracted": extracted as f64 / n, "predicted": counts})
+        );
+    } else {
+        println!(
+            "{} on {} ({} test examples): exact {:.1}%, extracted {:.1}%",
+            version,
+            task.name,
+            test.len(),
+            100.0 * exact as f64 / n,
+            100.0 * extracted as f64 / n
+        );
+        println!("answers: {counts:?}");
+    }
+    Ok(())
+}

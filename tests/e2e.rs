@@ -1,0 +1,317 @@
+//! End to end: the three services over real sockets (the tiny Llama fixture), a real
+//! Postgres, and the `hir` command driving them as a user would: `hir health`, `hir run
+//! --watch`, `hir status`, `hir checkpoints`, `hir eval`, `hir report`, and the one-line
+//! errors of bad invocations.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use hir_store::Store;
+use sqlx::{Connection, Executor, PgConnection};
+
+const TOKEN: &str = "e2e-token";
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn fixture_model() -> PathBuf {
+    repo().join("crates/hir-model/tests/fixtures/llama")
+}
+
+/// A BIG-bench folder with one task in the fixture's vocabulary: 16 train, 4 test examples.
+fn tiny_bigbench(root: &Path) -> PathBuf {
+    let dir = root.join("bigbench/tiny/mc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let examples: Vec<serde_json::Value> = (0..20)
+        .map(|i| {
+            serde_json::json!({
+                "input": format!("w{} w{} w{}", 2 + i, 33 + i, 10 + i % 7),
+                "target_scores": { format!("w{}", 2 + i): 1, format!("w{}", 33 + i): 0 }
+            })
+        })
+        .collect();
+    std::fs::write(
+        dir.join("task.json"),
+        serde_json::json!({ "examples": examples }).to_string(),
+    )
+    .unwrap();
+    root.join("bigbench")
+}
+
+fn hir(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hir"))
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env("HIR_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("hir runs")
+}
+
+fn stdout(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "hir failed: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A failure: non-zero exit and one line on stderr that contains `needle`.
+fn fails_with(o: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected a failure, got {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(err.contains(needle), "{needle:?} in {err}");
+}
+
+type Stop = tokio::sync::oneshot::Sender<()>;
+
+fn stopper() -> (Stop, impl std::future::Future<Output = ()> + Send + 'static) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    (tx, async move { drop(rx.await) })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_drives_one_full_iteration_across_the_three_services() {
+    // A fresh database.
+    let name = format!("hir_e2e_{}", std::process::id());
+    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    let db = format!("{}/{name}", admin_url().rsplit_once('/').unwrap().0);
+    let root = std::env::temp_dir().join(format!("hir-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let bigbench = tiny_bigbench(&root);
+    let checkpoints = root.join("checkpoints");
+    std::fs::create_dir_all(&checkpoints).unwrap();
+
+    // The generator swaps by reference from the trainer's checkpoint folder.
+    let mut g = hir_generator::config::GeneratorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        model: fixture_model(),
+        ..Default::default()
+    };
+    g.auth.token = Some(TOKEN.into());
+    g.swap.checkpoint_root = Some(checkpoints.clone());
+    let g = hir_generator::Application::build(g).await.unwrap();
+    let generator = format!("http://{}", g.local_addr());
+    let (_stop_g, s) = stopper();
+    tokio::spawn(g.run_until(s));
+
+    let r = hir_relabeler::Application::build(hir_relabeler::config::RelabelerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        database_url: db.clone(),
+        bigbench: bigbench.clone(),
+        generators: vec![generator.clone()],
+        generator_token: Some(TOKEN.into()),
+        auth_token: Some(TOKEN.into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let relabeler = format!("http://{}", r.local_addr());
+    let (_stop_r, s) = stopper();
+    tokio::spawn(r.run_until(s));
+
+    let t = hir_trainer::Application::build(hir_trainer::config::TrainerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        database_url: db.clone(),
+        bigbench: bigbench.clone(),
+        relabeler: relabeler.clone(),
+        relabeler_token: Some(TOKEN.into()),
+        generators: vec![generator.clone()],
+        generator_token: Some(TOKEN.into()),
+        auth_token: Some(TOKEN.into()),
+        checkpoint_dir: checkpoints.clone(),
+        state_dir: root.join("state"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let trainer = format!("http://{}", t.local_addr());
+    let (_stop_t, s) = stopper();
+    tokio::spawn(t.run_until(s));
+
+    let (gen, rel, tra) = (generator.clone(), relabeler.clone(), trainer.clone());
+    let bb = bigbench.to_string_lossy().into_owned();
+    let model = fixture_model().to_string_lossy().into_owned();
+    let out_dir = root.join("reports").to_string_lossy().into_owned();
+    let results = tokio::task::spawn_blocking(move || {
+        for addr in [&gen, &rel, &tra] {
+            stdout(&hir(&["health", "--addr", addr]));
+        }
+        let run = hir(&[
+            "run",
+            "--trainer",
+            &tra,
+            "--task",
+            "tiny_mc",
+            "--model",
+            &model,
+            "--iterations",
+            "1",
+            "--samples-per-prompt",
+            "2",
+            "--batch-size",
+            "8",
+            "--micro-batch-size",
+            "4",
+            "--epochs",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--watch",
+            "--json",
+        ]);
+        let lines: Vec<serde_json::Value> = stdout(&run)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let run_id = lines[0]["run_id"].as_str().unwrap().to_string();
+        let last = lines.last().unwrap().clone();
+        let status = stdout(&hir(&["status", "--trainer", &tra, &run_id]));
+        let checkpoints = stdout(&hir(&[
+            "checkpoints",
+            "--trainer",
+            &tra,
+            "--run-id",
+            &run_id,
+        ]));
+        let eval = stdout(&hir(&[
+            "eval",
+            "--generator",
+            &gen,
+            "--task",
+            "tiny_mc",
+            "--bigbench",
+            &bb,
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ]));
+        let report = stdout(&hir(&[
+            "report",
+            "--trainer",
+            &tra,
+            "--run",
+            &run_id,
+            "--out",
+            &out_dir,
+        ]));
+        // Bad invocations: one line, non-zero.
+        fails_with(
+            &hir(&[
+                "status",
+                "--trainer",
+                &tra,
+                "00000000-0000-0000-0000-000000000000",
+            ]),
+            "not found",
+        );
+        fails_with(&hir(&["status", "--trainer", &tra, "nope"]), "run_id");
+        fails_with(
+            &hir(&["status", "--trainer", "http://127.0.0.1:1", &run_id]),
+            "cannot reach the trainer",
+        );
+        fails_with(
+            &Command::new(env!("CARGO_BIN_EXE_hir"))
+                .args([
+                    "run",
+                    "--trainer",
+                    &tra,
+                    "--task",
+                    "tiny_mc",
+                    "--model",
+                    &model,
+                ])
+                .env_remove("HIR_TOKEN")
+                .output()
+                .unwrap(),
+            "--token",
+        );
+        (run_id, last, status, checkpoints, eval, report)
+    })
+    .await
+    .unwrap();
+    let (run_id, last, status, checkpoints_out, eval, report) = results;
+
+    assert_eq!(last["status"], "done", "{last}");
+    let iterations = last["iterations"].as_array().unwrap();
+    assert_eq!(iterations.len(), 2, "base evaluation and one iteration");
+    assert_eq!(iterations[1]["samples"], 16 * 2);
+    assert_eq!(iterations[1]["steps"], 4, "32 samples in batches of 8");
+    assert!(status.contains("| 1 | done |"), "{status}");
+    let version = format!("{run_id}-it001");
+    assert!(checkpoints_out.contains(&version), "{checkpoints_out}");
+    let eval: serde_json::Value = serde_json::from_str(eval.trim()).unwrap();
+    assert_eq!(
+        eval["version"],
+        version.as_str(),
+        "the generator serves the new version"
+    );
+    assert_eq!(eval["examples"], 4);
+    assert!(report.contains("report.md"), "{report}");
+    let md = std::fs::read_to_string(root.join("reports").join(&run_id).join("report.md")).unwrap();
+    assert!(
+        md.contains("accuracy.svg") && md.contains("| 1 | done |"),
+        "{md}"
+    );
+
+    // Rows with the right counts.
+    let store = Store::connect(&db).await.unwrap();
+    let run_uuid: uuid::Uuid = run_id.parse().unwrap();
+    let count = |sql: &'static str| {
+        let store = store.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(sql)
+                .bind(run_uuid)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            n
+        }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM samples WHERE run_id = $1").await,
+        32
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM relabels r JOIN samples s ON s.id = r.sample_id WHERE s.run_id = $1").await,
+        32
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM training_batches WHERE run_id = $1 AND status = 'done'").await,
+        4
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM eval_results WHERE run_id = $1").await,
+        2 * 4
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM model_versions WHERE run_id = $1").await,
+        1
+    );
+    store.pool().close().await;
+    let _ = std::fs::remove_dir_all(&root);
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+}
