@@ -153,6 +153,9 @@ pub struct RunArgs {
     /// Optimizer steps per iteration at most [no cap].
     #[arg(long)]
     pub max_steps: Option<u32>,
+    /// Prompts as the paper's text (`raw`) or as a chat turn (`chat`) [raw].
+    #[arg(long)]
+    pub prompt_style: Option<String>,
     /// Follow the run's progress until it ends.
     #[arg(long)]
     pub watch: bool,
@@ -191,6 +194,7 @@ impl RunArgs {
                 max_train_prompts: self.max_train_prompts,
                 max_test_prompts: self.max_test_prompts,
                 max_steps_per_iteration: self.max_steps,
+                prompt_style: self.prompt_style.clone(),
             }),
         }
     }
@@ -348,6 +352,15 @@ pub async fn watch(
     if !bars {
         multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
+    // Milestones go above the bars on a terminal, as plain lines otherwise (a log file).
+    let plain = bars && multi.is_hidden();
+    let say = |line: String| {
+        if plain {
+            println!("{line}");
+        } else {
+            multi.println(line).ok();
+        }
+    };
     let style = ProgressStyle::with_template("{prefix:>12} {bar:30} {pos}/{len} {msg}")
         .expect("valid template");
     let iteration_bar = multi.add(ProgressBar::new(0).with_style(style.clone()));
@@ -382,26 +395,23 @@ pub async fn watch(
                 s.iteration, s.step, s.loss, s.loss_supervised, s.loss_contrastive, s.entropy, s.tokens_per_second
             )),
             Some(Event::Checkpoint(v)) => {
-                multi.println(format!("checkpoint {} (iteration {})", v.version, v.iteration)).ok();
+                say(format!("checkpoint {} (iteration {})", v.version, v.iteration));
             }
-            Some(Event::Swap(s)) => {
-                multi
-                    .println(format!("{} now serves {} (swap {:.0} ms)", s.generator, s.version, s.total_ms))
-                    .ok();
-            }
+            Some(Event::Swap(s)) => say(format!(
+                "{} now serves {} (swap {:.0} ms)",
+                s.generator, s.version, s.total_ms
+            )),
             Some(Event::Eval(e)) => {
                 if let Some(a) = e.accuracy {
-                    multi
-                        .println(format!(
-                            "iteration {} {}: exact {:.1}%, extracted {:.1}% of {} (answers: {})",
-                            e.iteration,
-                            a.task,
-                            100.0 * a.exact,
-                            100.0 * a.extracted,
-                            a.examples,
-                            predicted(&e.predicted_counts)
-                        ))
-                        .ok();
+                    say(format!(
+                        "iteration {} {}: exact {:.1}%, extracted {:.1}% of {} (answers: {})",
+                        e.iteration,
+                        a.task,
+                        100.0 * a.exact,
+                        100.0 * a.extracted,
+                        a.examples,
+                        predicted(&e.predicted_counts)
+                    ));
                 }
             }
             Some(Event::RunStatus(s)) => status_bar.set_message(status_name(s)),
@@ -541,6 +551,9 @@ pub struct EvalArgs {
     /// Split seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u32,
+    /// Send each prompt as one user turn of the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
     #[command(flatten)]
     pub bigbench: BigBench,
     /// Print JSON.
@@ -596,6 +609,7 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
             return_logprobs: false,
             expected_version: args.version.clone(),
             request_id: String::new(),
+            chat: args.chat,
         };
         let mut stream = client
             .generate(with_bearer(request, args.token.as_deref()))

@@ -150,6 +150,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             epochs_per_iteration: Some(1),
             max_new_tokens: Some(16),
             learning_rate: Some(5e-5),
+            prompt_style: Some("chat".into()),
             ..Default::default()
         }),
     };

@@ -51,6 +51,41 @@ pub struct RunConfig {
     pub max_test_prompts: u32,
     /// Optimizer steps per iteration at most (0 = no cap).
     pub max_steps_per_iteration: u32,
+    /// How prompts reach the model.
+    pub prompt_style: PromptStyle,
+}
+
+/// How prompts reach the model when sampling, training and evaluating.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptStyle {
+    /// The paper's prompt text as is.
+    #[default]
+    Raw,
+    /// The same text as one user turn of the model's chat template.
+    Chat,
+}
+
+impl PromptStyle {
+    /// `raw` or `chat`, as stored with evaluation results.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromptStyle::Raw => "raw",
+            PromptStyle::Chat => "chat",
+        }
+    }
+
+    /// Parses `raw` or `chat`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "raw" => Ok(PromptStyle::Raw),
+            "chat" => Ok(PromptStyle::Chat),
+            other => Err(CoreError::InvalidArgument {
+                field: "prompt_style",
+                reason: format!("is {other:?}; must be \"raw\" or \"chat\""),
+            }),
+        }
+    }
 }
 
 impl Default for RunConfig {
@@ -77,6 +112,7 @@ impl Default for RunConfig {
             max_train_prompts: 0,
             max_test_prompts: 0,
             max_steps_per_iteration: 0,
+            prompt_style: PromptStyle::Raw,
         }
     }
 }

@@ -138,7 +138,11 @@ impl Generator {
             if text.trim().is_empty() {
                 return Err(GeneratorError::invalid(format!("prompts[{i}]"), "is empty"));
             }
-            let ids = serving.model.encode(text)?;
+            let ids = if req.chat {
+                serving.model.encode(&serving.model.chat_prompt(text))?
+            } else {
+                serving.model.encode(text)?
+            };
             if ids.is_empty() {
                 return Err(GeneratorError::invalid(
                     format!("prompts[{i}]"),

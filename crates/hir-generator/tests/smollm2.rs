@@ -127,6 +127,28 @@ async fn serves_smollm2_over_grpc() {
         );
         assert_eq!(c.model_version, "base");
     }
+
+    // `chat` wraps the plain question in the template (with its default system turn), and
+    // the model answers it.
+    let request = pb::GenerateRequest {
+        prompts: vec!["What is the capital of France?".into()],
+        n: 1,
+        chat: true,
+        sampling: Some(pb::SamplingParams {
+            temperature: 0.0,
+            max_new_tokens: 12,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut stream = client.generate(request).await.unwrap().into_inner();
+    let chat = stream.message().await.unwrap().unwrap().completion.unwrap();
+    assert!(chat.text.contains("Paris"), "{:?}", chat.text);
+    assert!(
+        chat.prompt_tokens > paris.prompt_tokens,
+        "the system turn is added: {} tokens",
+        chat.prompt_tokens
+    );
     stop.send(()).unwrap();
     done.await.unwrap().unwrap();
 }

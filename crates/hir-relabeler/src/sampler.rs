@@ -358,6 +358,7 @@ async fn sample_iteration(
                 return_logprobs: false,
                 expected_version: version.1.clone(),
                 request_id: format!("{run_id}/{iteration}/{}/{}", rt.task.name, item.example),
+                chat: config.prompt_style == hir_core::run::PromptStyle::Chat,
             };
             let completions =
                 generate_with_retry(&generators, &settings, request, &progress, &errors).await?;

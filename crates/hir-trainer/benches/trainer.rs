@@ -79,7 +79,7 @@ fn smollm2_examples(model: &hir_model::LoadedModel, n: usize) -> Vec<HirExample>
                 positive: "Solve the question with wrong answer.".into(),
                 negative: "Solve the question with correct answer.".into(),
             };
-            examples::build(&sample, model, &mut SplitMix64::new(i as u64)).expect("builds")
+            examples::build(&sample, model, false, &mut SplitMix64::new(i as u64)).expect("builds")
         })
         .collect()
 }

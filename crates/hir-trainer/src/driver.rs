@@ -438,6 +438,7 @@ impl Driver<'_> {
             }
             let samples = self.batch_samples(batch.id, gold).await?;
             let (seed, batch_it, batch_idx) = (self.config.seed, batch.iteration, batch.batch_idx);
+            let chat = self.config.prompt_style == hir_core::run::PromptStyle::Chat;
             let started = Instant::now();
             let stats = self
                 .blocking(move |state| -> Result<StepStats> {
@@ -446,7 +447,7 @@ impl Driver<'_> {
                         let mut rng = SplitMix64::new(examples::span_seed(
                             seed, batch_it, batch_idx, s.seed_key,
                         ));
-                        examples.push(examples::build(s, &state.model, &mut rng)?);
+                        examples.push(examples::build(s, &state.model, chat, &mut rng)?);
                     }
                     state.step(&examples)
                 })

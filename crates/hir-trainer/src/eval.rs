@@ -1,11 +1,12 @@
-//! Evaluation: greedy-decode every task's test split through the generators, score each
+//! Evaluation: greedy-decode every task's test split through the generators (the
+//! reference evaluator's prompt, HIR.md §3.2, as is or under the chat template), score each
 //! answer both ways (exact match and answer extraction), store per-example results and
 //! report accuracy per task with the distribution of predicted answers.
 
 use std::collections::{BTreeMap, HashMap};
 
 use hir_core::prompt::{Prompt, PromptVariant, DEFAULT_INSTRUCTION};
-use hir_core::run::RunConfig;
+use hir_core::run::{PromptStyle, RunConfig};
 use hir_core::score::score;
 use hir_relabeler::tasks::RunTask;
 use hir_store::{ModelVersion, NewEvalResult};
@@ -13,9 +14,6 @@ use uuid::Uuid;
 
 use crate::driver::Context;
 use crate::error::{Result, TrainerError};
-
-/// How evaluation prompts are built: the reference evaluator's prompt (HIR.md §3.2).
-pub const PROMPT_STYLE: &str = "raw";
 
 /// One task's evaluation.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,7 +67,8 @@ pub async fn evaluate(
             let remotes = remotes.clone();
             let chunk = chunk.to_vec();
             let (max_new, name) = (config.max_new_tokens, version.name.clone());
-            requests.spawn(async move { (c, remotes.greedy(chunk, max_new, &name).await) });
+            let chat = config.prompt_style == PromptStyle::Chat;
+            requests.spawn(async move { (c, remotes.greedy(chunk, max_new, &name, chat).await) });
         }
         let mut by_chunk = HashMap::new();
         while let Some(done) = requests.join_next().await {
@@ -96,7 +95,7 @@ pub async fn evaluate(
                 model_version_id: version.id,
                 task_id: rt.id,
                 example_idx: i as i32,
-                prompt_style: PROMPT_STYLE.into(),
+                prompt_style: config.prompt_style.as_str().into(),
                 run_id: Some(run_id),
                 iteration: Some(iteration as i32),
                 output: text,

@@ -32,6 +32,10 @@ pub trait Codec {
     fn is_eos(&self, id: u32) -> bool {
         id == self.eos()
     }
+    /// `text` as one user turn of the model's chat template.
+    fn chat(&self, text: &str) -> String {
+        text.to_string()
+    }
 }
 
 impl Codec for hir_model::LoadedModel {
@@ -46,6 +50,9 @@ impl Codec for hir_model::LoadedModel {
     }
     fn is_eos(&self, id: u32) -> bool {
         self.eos_token_ids().contains(&id)
+    }
+    fn chat(&self, text: &str) -> String {
+        self.chat_prompt(text)
     }
 }
 
@@ -107,10 +114,12 @@ pub fn span_seed(run_seed: u64, iteration: i32, batch_idx: i32, seed_key: u64) -
     .next_u64()
 }
 
-/// Builds the training pair of one sample; see the module docs.
+/// Builds the training pair of one sample; see the module docs. With `chat` the relabeled
+/// prompt is wrapped in the model's chat template, as the generator wrapped it when sampling.
 pub fn build(
     sample: &RelabeledSample,
     codec: &dyn Codec,
+    chat: bool,
     rng: &mut SplitMix64,
 ) -> Result<HirExample> {
     let eos = codec.eos();
@@ -143,7 +152,12 @@ pub fn build(
     };
     let side = |instruction: &str| -> Result<Example> {
         let text = format!("{instruction}{body}");
-        let mut prompt = codec.encode(text.trim_start_matches(' '))?;
+        let text = text.trim_start_matches(' ');
+        let mut prompt = if chat {
+            codec.encode(&codec.chat(text))?
+        } else {
+            codec.encode(text)?
+        };
         prompt.extend_from_slice(&out[..span.start]);
         Ok(Example {
             prompt,
@@ -178,6 +192,9 @@ mod tests {
         fn eos(&self) -> u32 {
             0
         }
+        fn chat(&self, text: &str) -> String {
+            format!("<{text}>")
+        }
     }
 
     fn sample(output: &str, correct: bool) -> RelabeledSample {
@@ -201,7 +218,7 @@ mod tests {
     #[test]
     fn short_outputs_are_trained_whole_with_eos_under_their_relabel() {
         // "(A" + EOS is 3 tokens: never truncated, case (c).
-        let ex = build(&sample("(A", false), &Chars, &mut SplitMix64::new(3)).unwrap();
+        let ex = build(&sample("(A", false), &Chars, false, &mut SplitMix64::new(3)).unwrap();
         assert_eq!(ex.case, SubOutputCase::Other);
         assert_eq!(ex.positive.prompt, ids("N\n\nQ: q\nA:"));
         assert_eq!(ex.negative.prompt, ids("P\n\nQ: q\nA:"));
@@ -218,7 +235,7 @@ mod tests {
         let s = sample("(C)x", false);
         let mut seen = std::collections::BTreeSet::new();
         for seed in 0..200 {
-            let ex = build(&s, &Chars, &mut SplitMix64::new(seed)).unwrap();
+            let ex = build(&s, &Chars, false, &mut SplitMix64::new(seed)).unwrap();
             seen.insert(format!("{:?}", ex.case));
             let labels = &ex.positive.completion;
             match ex.case {
@@ -245,10 +262,17 @@ mod tests {
     }
 
     #[test]
+    fn chat_style_wraps_both_relabeled_prompts_before_the_output_prefix() {
+        let ex = build(&sample("(A", false), &Chars, true, &mut SplitMix64::new(3)).unwrap();
+        assert_eq!(ex.positive.prompt, ids("<N\n\nQ: q\nA:>"));
+        assert_eq!(ex.negative.prompt, ids("<P\n\nQ: q\nA:>"));
+    }
+
+    #[test]
     fn a_prompt_without_an_instruction_line_is_refused() {
         let mut s = sample("(C)", true);
         s.prompt = "Q: q\nA:".into();
-        let err = build(&s, &Chars, &mut SplitMix64::new(1)).unwrap_err();
+        let err = build(&s, &Chars, false, &mut SplitMix64::new(1)).unwrap_err();
         assert!(err.to_string().contains("no blank line"), "{err}");
     }
 }

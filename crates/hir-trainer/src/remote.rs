@@ -239,12 +239,13 @@ impl Remotes {
     }
 
     /// Greedy completions of `prompts` from the next generator (round-robin), which must
-    /// serve `version`; one text per prompt, in order.
+    /// serve `version` (`chat`: under its chat template); one text per prompt, in order.
     pub async fn greedy(
         &self,
         prompts: Vec<String>,
         max_new_tokens: u32,
         version: &str,
+        chat: bool,
     ) -> Result<Vec<String>> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.generators.len();
         let g = &self.generators[i];
@@ -263,6 +264,7 @@ impl Remotes {
             return_logprobs: false,
             expected_version: version.to_string(),
             request_id: String::new(),
+            chat,
         };
         let mut stream = g
             .client

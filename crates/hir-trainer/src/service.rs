@@ -43,12 +43,19 @@ fn parse_run_id(field: &str, s: &str) -> Result<Uuid> {
 }
 
 /// Applies the set knobs of `h` over the reference defaults.
-pub fn hyperparameters_to_config(model: &str, h: Option<&pb::Hyperparameters>) -> RunConfig {
+pub fn hyperparameters_to_config(
+    model: &str,
+    h: Option<&pb::Hyperparameters>,
+) -> Result<RunConfig> {
     let mut c = RunConfig {
         model: model.to_string(),
         ..RunConfig::default()
     };
-    let Some(h) = h else { return c };
+    let Some(h) = h else { return Ok(c) };
+    if let Some(style) = &h.prompt_style {
+        c.prompt_style = hir_core::run::PromptStyle::parse(style)
+            .map_err(|e| TrainerError::invalid("hyperparameters.prompt_style", e.to_string()))?;
+    }
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = h.$f { c.$f = v.into(); } )* };
     }
@@ -74,7 +81,7 @@ pub fn hyperparameters_to_config(model: &str, h: Option<&pb::Hyperparameters>) -
         max_test_prompts,
         max_steps_per_iteration
     );
-    c
+    Ok(c)
 }
 
 /// Every knob of `c`, as used.
@@ -100,6 +107,7 @@ pub fn config_to_hyperparameters(c: &RunConfig) -> pb::Hyperparameters {
         max_train_prompts: Some(c.max_train_prompts),
         max_test_prompts: Some(c.max_test_prompts),
         max_steps_per_iteration: Some(c.max_steps_per_iteration),
+        prompt_style: Some(c.prompt_style.as_str().to_string()),
     }
 }
 
@@ -228,7 +236,7 @@ impl Trainer {
         };
         hir_core::relabel::policy_by_name(policy)
             .map_err(|e| TrainerError::invalid("policy", e.to_string()))?;
-        let config = hyperparameters_to_config(&r.model, r.hyperparameters.as_ref());
+        let config = hyperparameters_to_config(&r.model, r.hyperparameters.as_ref())?;
         config.validate().map_err(|e| match e {
             hir_core::CoreError::InvalidArgument { field, reason } => {
                 TrainerError::invalid(format!("hyperparameters.{field}"), reason)

@@ -471,6 +471,16 @@ async fn bad_requests_are_refused_and_a_run_without_training_data_fails_with_the
             },
             "hyperparameters.top_p",
         ),
+        (
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    prompt_style: Some("markdown".into()),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+            "hyperparameters.prompt_style",
+        ),
     ];
     for (request, field) in cases {
         let err = client.start_run(authed(request)).await.unwrap_err();
@@ -542,7 +552,8 @@ async fn create_running_run(store: &Store, bigbench: &Path) -> Uuid {
     let config = hir_trainer::service::hyperparameters_to_config(
         &fixture_model().to_string_lossy(),
         Some(&hyperparameters()),
-    );
+    )
+    .unwrap();
     store
         .create_run(&NewRun {
             id,
@@ -680,7 +691,7 @@ async fn a_killed_trainer_resumes_with_no_step_lost_or_repeated() {
 
 #[test]
 fn unset_hyperparameters_take_the_reference_values() {
-    let c = hir_trainer::service::hyperparameters_to_config("m", None);
+    let c = hir_trainer::service::hyperparameters_to_config("m", None).unwrap();
     assert_eq!(
         c,
         RunConfig {
@@ -690,7 +701,7 @@ fn unset_hyperparameters_take_the_reference_values() {
     );
     let h = hir_trainer::service::config_to_hyperparameters(&c);
     assert_eq!(
-        hir_trainer::service::hyperparameters_to_config("m", Some(&h)),
+        hir_trainer::service::hyperparameters_to_config("m", Some(&h)).unwrap(),
         c
     );
 }
