@@ -371,7 +371,7 @@ impl Driver<'_> {
                 totals.samples, self.policy
             )));
         }
-        let gold = Arc::new(self.gold_answers().await?);
+        let gold = self.gold_answers().await?;
         // Leases this trainer held before a restart cover work that was never committed.
         let released = store
             .release_leases_of(self.run_id, &self.ctx.owner)
@@ -400,7 +400,7 @@ impl Driver<'_> {
     async fn train_loop(
         &mut self,
         k: u32,
-        gold: &Arc<std::collections::HashMap<(i64, i32), String>>,
+        gold: &std::collections::HashMap<(i64, i32), String>,
         pending: &mut Vec<(i64, serde_json::Value)>,
     ) -> Result<()> {
         let ctx = self.ctx;
@@ -616,6 +616,8 @@ impl Driver<'_> {
         self.events.emit(pb::run_event::Event::Checkpoint(
             crate::service::version_to_pb(&version, None),
         ));
+        // The generators serve the previous version until the swap.
+        self.ctx.metrics.version_lag.set(1);
         Ok(version)
     }
 

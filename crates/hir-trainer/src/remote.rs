@@ -298,47 +298,100 @@ impl Remotes {
     }
 }
 
-/// The header and chunks that upload every file of a checkpoint folder.
+/// The messages that upload every file of a checkpoint folder: the header (names and
+/// sizes), then each file in chunks read as the stream is consumed, so a checkpoint is
+/// never held in memory whole.
 fn upload_messages(
     folder: &Path,
     version: &str,
     sha256: &str,
     expected: &str,
-) -> Result<Vec<pb::UploadWeightsRequest>> {
+) -> Result<UploadStream> {
     use pb::upload_weights_request::Part;
-    let mut names: Vec<String> = std::fs::read_dir(folder)
-        .map_err(|e| TrainerError::io(folder, e))?
-        .flatten()
-        .filter(|e| e.path().is_file())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
     let mut files = Vec::new();
-    let mut chunks = Vec::new();
-    for name in names {
-        let path = folder.join(&name);
-        let bytes = std::fs::read(&path).map_err(|e| TrainerError::io(&path, e))?;
-        files.push(pb::UploadFile {
-            name: name.clone(),
-            size: bytes.len() as u64,
-        });
-        for (i, data) in bytes.chunks(CHUNK).enumerate() {
-            chunks.push(pb::UploadWeightsRequest {
-                part: Some(Part::Chunk(pb::FileChunk {
-                    name: name.clone(),
-                    offset: (i * CHUNK) as u64,
-                    data: data.to_vec(),
-                })),
-            });
+    for entry in std::fs::read_dir(folder).map_err(|e| TrainerError::io(folder, e))? {
+        let entry = entry.map_err(|e| TrainerError::io(folder, e))?;
+        let meta = entry
+            .metadata()
+            .map_err(|e| TrainerError::io(entry.path(), e))?;
+        if meta.is_file() {
+            files.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+                meta.len(),
+            ));
         }
     }
+    files.sort();
     let header = pb::UploadWeightsRequest {
         part: Some(Part::Header(pb::UploadHeader {
             version: version.to_string(),
             expected_version: expected.to_string(),
             sha256: sha256.to_string(),
-            files,
+            files: files
+                .iter()
+                .map(|(name, _, size)| pb::UploadFile {
+                    name: name.clone(),
+                    size: *size,
+                })
+                .collect(),
         })),
     };
-    Ok(std::iter::once(header).chain(chunks).collect())
+    Ok(UploadStream {
+        header: Some(header),
+        files: files.into_iter().map(|(n, p, _)| (n, p)).collect(),
+        current: None,
+    })
+}
+
+/// Iterator over an upload's messages; see [`upload_messages`].
+struct UploadStream {
+    header: Option<pb::UploadWeightsRequest>,
+    files: std::collections::VecDeque<(String, std::path::PathBuf)>,
+    current: Option<(String, std::fs::File, u64)>,
+}
+
+impl Iterator for UploadStream {
+    type Item = pb::UploadWeightsRequest;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::io::Read;
+        if let Some(header) = self.header.take() {
+            return Some(header);
+        }
+        loop {
+            if self.current.is_none() {
+                let (name, path) = self.files.pop_front()?;
+                match std::fs::File::open(&path) {
+                    Ok(f) => self.current = Some((name, f, 0)),
+                    Err(e) => {
+                        // Ending early makes the generator refuse the upload as incomplete.
+                        tracing::warn!(path = %path.display(), error = %e, "cannot read a checkpoint file for upload");
+                        return None;
+                    }
+                }
+            }
+            let (name, file, offset) = self.current.as_mut()?;
+            let mut data = vec![0u8; CHUNK];
+            match file.read(&mut data) {
+                Ok(0) => self.current = None,
+                Ok(n) => {
+                    data.truncate(n);
+                    let chunk = pb::FileChunk {
+                        name: name.clone(),
+                        offset: *offset,
+                        data,
+                    };
+                    *offset += n as u64;
+                    return Some(pb::UploadWeightsRequest {
+                        part: Some(pb::upload_weights_request::Part::Chunk(chunk)),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(file = %name, error = %e, "cannot read a checkpoint file for upload");
+                    return None;
+                }
+            }
+        }
+    }
 }

@@ -446,6 +446,12 @@ impl TrainerService for Trainer {
         request: Request<pb::GetRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
         let run_id = parse_run_id("run_id", &request.get_ref().run_id)?;
+        // Only runs that exist get an event channel.
+        self.ctx
+            .store
+            .get_run(run_id)
+            .await
+            .map_err(TrainerError::from)?;
         // Subscribe before reading the snapshot so no event falls in between.
         let mut rx = self.events(run_id).0.subscribe();
         let snapshot = self.run_to_pb(run_id).await?;

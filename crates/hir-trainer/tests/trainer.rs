@@ -303,7 +303,8 @@ async fn a_run_samples_trains_swaps_and_evaluates_every_iteration() {
     assert_eq!(run.iterations[2].steps, 20);
     assert!(run.iterations[1].train_loss.is_finite() && run.iterations[1].train_loss > 0.0);
 
-    // Events: steps numbered 1..=30 once each, a checkpoint, swap and eval per iteration.
+    // Events after the watch began (the snapshot covers what came before): steps once
+    // each, in order, up to 30; a checkpoint, swap and evaluation per trained iteration.
     let steps: Vec<u64> = events
         .iter()
         .filter_map(|e| match &e.event {
@@ -311,7 +312,8 @@ async fn a_run_samples_trains_swaps_and_evaluates_every_iteration() {
             _ => None,
         })
         .collect();
-    assert_eq!(steps, (1..=30).collect::<Vec<_>>());
+    let first = steps.first().copied().unwrap_or(31);
+    assert_eq!(steps, (first..=30).collect::<Vec<_>>());
     let count = |f: fn(&pb::run_event::Event) -> bool| {
         events
             .iter()
@@ -323,7 +325,14 @@ async fn a_run_samples_trains_swaps_and_evaluates_every_iteration() {
         2
     );
     assert_eq!(count(|e| matches!(e, pb::run_event::Event::Swap(_))), 2);
-    assert_eq!(count(|e| matches!(e, pb::run_event::Event::Eval(_))), 3);
+    assert_eq!(
+        count(|e| matches!(e, pb::run_event::Event::Eval(ev) if ev.iteration > 0)),
+        2
+    );
+    assert!(matches!(
+        events[0].event,
+        Some(pb::run_event::Event::Snapshot(_))
+    ));
 
     // The generator serves the last version, and the versions form a chain.
     let mut generator_client = GeneratorServiceClient::connect(generator.clone())
@@ -493,6 +502,13 @@ async fn bad_requests_are_refused_and_a_run_without_training_data_fails_with_the
     }
     let unknown = client
         .get_run(pb::GetRunRequest {
+            run_id: Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+    let unknown = client
+        .watch_run(pb::GetRunRequest {
             run_id: Uuid::new_v4().to_string(),
         })
         .await
