@@ -213,12 +213,16 @@ enum Moments {
     Device(Tensor, Tensor),
 }
 
-/// AdamW with f32 moments, whatever the dtype of the weights. On the CPU the
-/// update is one fused pass over each variable.
+/// AdamW with f32 moments, whatever the dtype of the weights. Variables held in
+/// a lower precision (bf16 on a GPU) get an f32 master copy that the updates
+/// accumulate in, so updates smaller than the variable's rounding step are not
+/// lost. On the CPU the update is one fused pass over each variable.
 #[derive(Debug)]
 pub struct AdamW {
     vars: Vec<Var>,
     moments: Vec<Option<Moments>>,
+    /// f32 master copies of the variables that are not f32.
+    masters: Vec<Option<Tensor>>,
     step: u64,
     /// Hyper-parameters (the learning rate may be changed between steps).
     pub cfg: AdamWConfig,
@@ -231,6 +235,7 @@ impl AdamW {
         Self {
             vars,
             moments: (0..n).map(|_| None).collect(),
+            masters: vec![None; n],
             step: 0,
             cfg,
         }
@@ -264,6 +269,44 @@ impl AdamW {
                 })
             })
             .collect()
+    }
+
+    /// The f32 master copies of the variables that are not f32, on the CPU
+    /// (`None` for f32 variables and before a variable's first update).
+    pub fn masters(&self) -> Result<Vec<Option<Tensor>>> {
+        let cpu = candle_core::Device::Cpu;
+        self.masters
+            .iter()
+            .map(|m| Ok(m.as_ref().map(|m| m.to_device(&cpu)).transpose()?))
+            .collect()
+    }
+
+    /// Restores the master copies saved by [`AdamW::masters`]; every copy must
+    /// have its variable's shape.
+    pub fn restore_masters(&mut self, masters: Vec<Option<Tensor>>) -> Result<()> {
+        if masters.len() != self.vars.len() {
+            return Err(ModelError::InvalidRequest(format!(
+                "optimizer state has {} master copies, the model {} variables",
+                masters.len(),
+                self.vars.len()
+            )));
+        }
+        let mut restored = Vec::with_capacity(masters.len());
+        for (i, (m, var)) in masters.into_iter().zip(&self.vars).enumerate() {
+            restored.push(match m {
+                Some(m) if m.shape() != var.shape() => {
+                    return Err(ModelError::InvalidRequest(format!(
+                        "master copy of variable {i} has shape {:?}, the variable {:?}",
+                        m.shape(),
+                        var.shape()
+                    )))
+                }
+                Some(m) => Some(m.to_dtype(DType::F32)?.to_device(var.device())?),
+                None => None,
+            });
+        }
+        self.masters = restored;
+        Ok(())
     }
 
     /// Restores the step count and the moments saved by [`AdamW::moments`];
@@ -327,8 +370,9 @@ impl AdamW {
                     }
                 };
                 let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
-                let mut w: Vec<f32> = var
-                    .as_tensor()
+                let mut w: Vec<f32> = self.masters[i]
+                    .take()
+                    .unwrap_or_else(|| var.as_tensor().clone())
                     .flatten_all()?
                     .to_dtype(DType::F32)?
                     .to_vec1()?;
@@ -343,8 +387,11 @@ impl AdamW {
                     let upd = (m[j] * ibc1) / ((v[j] * ibc2).sqrt() + eps);
                     w[j] = w[j] * decay - lr * upd;
                 }
-                let w = Tensor::from_vec(w, var.shape(), var.device())?.to_dtype(var.dtype())?;
-                var.set(&w)?;
+                let w = Tensor::from_vec(w, var.shape(), var.device())?;
+                if var.dtype() != DType::F32 {
+                    self.masters[i] = Some(w.clone());
+                }
+                var.set(&w.to_dtype(var.dtype())?)?;
                 continue;
             }
             let (m, v) = match self.moments[i].take() {
@@ -354,10 +401,16 @@ impl AdamW {
                 ),
                 _ => ((g * (1.0 - c.beta1))?, (g.sqr()? * (1.0 - c.beta2))?),
             };
-            let w = var.as_tensor().to_dtype(DType::F32)?;
+            let w = match self.masters[i].take() {
+                Some(master) => master,
+                None => var.as_tensor().to_dtype(DType::F32)?,
+            };
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + c.eps)?)?;
             let w = ((w * (1.0 - c.lr * c.weight_decay))? - (update * c.lr)?)?;
             var.set(&w.to_dtype(var.dtype())?)?;
+            if var.dtype() != DType::F32 {
+                self.masters[i] = Some(w);
+            }
             self.moments[i] = Some(Moments::Device(m, v));
         }
         Ok(())
@@ -498,6 +551,65 @@ mod tests {
         let mut opt = AdamW::new(vec![var], AdamWConfig::default());
         let bad = Tensor::zeros(2, DType::F32, &dev).unwrap();
         assert!(opt.restore(1, vec![Some((bad.clone(), bad))]).is_err());
+    }
+
+    #[test]
+    fn bf16_variables_accumulate_updates_below_their_rounding_step_in_an_f32_master() {
+        let dev = Device::Cpu;
+        let run = |restore: bool| {
+            let var = Var::from_tensor(
+                &Tensor::new(&[1.0f32], &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap(),
+            )
+            .unwrap();
+            let cfg = AdamWConfig {
+                lr: 1e-3,
+                ..Default::default()
+            };
+            let mut opt = AdamW::new(vec![var.clone()], cfg);
+            for step in 0..6 {
+                if restore && step == 3 {
+                    let (moments, masters) = (opt.moments().unwrap(), opt.masters().unwrap());
+                    opt = AdamW::new(vec![var.clone()], cfg);
+                    opt.restore(3, moments).unwrap();
+                    opt.restore_masters(masters).unwrap();
+                }
+                let loss = var
+                    .as_tensor()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let mut acc = GradAccumulator::new(1);
+                acc.add(std::slice::from_ref(&var), &loss.backward().unwrap(), 1.0)
+                    .unwrap();
+                opt.step(&acc).unwrap();
+            }
+            let master: Vec<f32> = opt.masters().unwrap()[0]
+                .as_ref()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let value: Vec<f32> = var
+                .as_tensor()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            (master[0], value[0])
+        };
+        let (master, value) = run(false);
+        // Each step moves 1e-3, below bf16's step of 2^-7 at 1.0: without a master copy the
+        // weight would round back to 1.0 every time.
+        assert!((master - 0.994).abs() < 1e-4, "{master}");
+        assert!(value < 1.0, "{value}");
+        assert_eq!(
+            run(true),
+            (master, value),
+            "restored state continues exactly"
+        );
     }
 
     #[test]

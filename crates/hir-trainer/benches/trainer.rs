@@ -6,7 +6,8 @@
 //! per example, AdamW with clipping), and of the reference implementation's step, which
 //! runs a third, redundant forward pass (HIR.md §1.6), measured in the same process.
 //!
-//! Run: `cargo bench -p hir-trainer --bench trainer [-- --device cuda:0] [--random] [quick]`.
+//! Run: `cargo bench -p hir-trainer --bench trainer [-- --device cuda:0] [--random] [bf16] [quick]`
+//! (`bf16`: bf16 weights with f32 master copies, as the trainer trains on a GPU).
 //! SmolLM2 pairs are built by the trainer's own example builder from TSO-3 prompts;
 //! `--random` uses random weights of SmolLM2's shape and random pairs of the same lengths.
 
@@ -121,10 +122,15 @@ fn random_pairs(n: usize) -> Vec<HirExample> {
         .collect()
 }
 
-fn smollm2(device: &Device, steps: usize, random: bool) -> (Timing, Timing, &'static str) {
+fn smollm2(
+    device: &Device,
+    dtype: DType,
+    steps: usize,
+    random: bool,
+) -> (Timing, Timing, &'static str) {
     let micro = 4;
     let (model, vars, pairs, pad, label) = if random {
-        let w = Weights::random(1, 0.02, device, WeightMode::Trainable(DType::F32));
+        let w = Weights::random(1, 0.02, device, WeightMode::Trainable(dtype));
         let model = hir_model::llama::Model::new(&smollm2_config(), &w).expect("builds");
         (
             model,
@@ -134,12 +140,9 @@ fn smollm2(device: &Device, steps: usize, random: bool) -> (Timing, Timing, &'st
             "random weights, TSO-3-shaped pairs",
         )
     } else {
-        let loaded = hir_model::LoadedModel::load(
-            &smollm2_path(),
-            device,
-            WeightMode::Trainable(DType::F32),
-        )
-        .expect("SmolLM2 loads");
+        let loaded =
+            hir_model::LoadedModel::load(&smollm2_path(), device, WeightMode::Trainable(dtype))
+                .expect("SmolLM2 loads");
         let pairs = smollm2_examples(&loaded, 8);
         let (pad, vars) = (loaded.pad_token_id(), loaded.vars().to_vec());
         (
@@ -246,9 +249,9 @@ fn t5_batch(
     )
 }
 
-fn t5(device: &Device, steps: usize) -> (Timing, Timing, usize) {
+fn t5(device: &Device, dtype: DType, steps: usize) -> (Timing, Timing, usize) {
     let cfg = t5_base_config();
-    let w = Weights::random(1, 0.02, device, WeightMode::Trainable(DType::F32));
+    let w = Weights::random(1, 0.02, device, WeightMode::Trainable(dtype));
     let model = hir_model::t5::Model::new(&cfg, &w).expect("T5 builds");
     let vars = w.vars();
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
@@ -308,15 +311,23 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .map_or("cpu", String::as_str);
     let device = hir_model::parse_device(device_name).expect("device");
+    let (dtype, dtype_name) = if args.iter().any(|a| a == "bf16") {
+        (
+            DType::BF16,
+            "bf16 weights, f32 master copies and AdamW state",
+        )
+    } else {
+        (DType::F32, "f32 weights and AdamW state")
+    };
     let steps = if quick { 1 } else { 3 };
     println!(
-        "HIR training step (AdamW, clip 1.0, 2 micro-batches), {device_name}, {} threads",
+        "HIR training step (AdamW, clip 1.0, 2 micro-batches), {device_name}, {dtype_name}, {} threads",
         candle_core::utils::get_num_threads()
     );
     let random = args.iter().any(|a| a == "--random");
-    let (ours, reference, label) = smollm2(&device, steps, random);
+    let (ours, reference, label) = smollm2(&device, dtype, steps, random);
     println!(
-        "SmolLM2-135M f32, {label} ({} tokens/step): {:.3} s/step, {:.0} tok/s; \
+        "SmolLM2-135M, {label} ({} tokens/step): {:.3} s/step, {:.0} tok/s; \
          reference 3-forward step {:.3} s ({:.2}x slower)",
         ours.tokens,
         ours.step_s,
@@ -324,9 +335,9 @@ fn main() {
         reference.step_s,
         reference.step_s / ours.step_s
     );
-    let (ours, reference, params) = t5(&device, steps);
+    let (ours, reference, params) = t5(&device, dtype, steps);
     println!(
-        "FLAN-T5-base shape ({:.0}M params) f32, 8 pairs of 200+8 tokens ({} tokens/step): \
+        "FLAN-T5-base shape ({:.0}M params), 8 pairs of 200+8 tokens ({} tokens/step): \
          {:.3} s/step, {:.0} tok/s; reference 3-forward step {:.3} s ({:.2}x slower)",
         params as f64 / 1e6,
         ours.tokens,

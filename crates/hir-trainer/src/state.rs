@@ -2,7 +2,8 @@
 //! moments, and the optimizer step, together with its durable snapshots.
 //!
 //! A snapshot is a folder `step-<N>/` holding the model in Hugging Face layout (with its
-//! `manifest.json`), `optimizer.safetensors` (first and second moments by variable name),
+//! `manifest.json`), `optimizer.safetensors` (first and second moments, and the f32 master
+//! copies of bf16 weights, by variable name),
 //! `trainer.json` (step, iteration) and `snapshot.json`, the SHA-256 of the other three.
 //! The SHA-256 of `snapshot.json` identifies the snapshot in the store. A snapshot is
 //! written under a temporary name and renamed into place, so a crash never leaves a
@@ -61,9 +62,16 @@ pub struct TrainState {
 
 impl TrainState {
     /// Loads the starting model for training with the run's optimizer settings.
+    ///
+    /// Weights are f32 on the CPU; on a GPU they are bf16 for the forward and backward
+    /// passes, with f32 master copies in the optimizer.
     pub fn load(path: &Path, device: &Device, config: &RunConfig) -> Result<Self> {
-        let model =
-            LoadedModel::load(path, device, WeightMode::Trainable(candle_core::DType::F32))?;
+        let dtype = if device.is_cpu() {
+            candle_core::DType::F32
+        } else {
+            candle_core::DType::BF16
+        };
+        let model = LoadedModel::load(path, device, WeightMode::Trainable(dtype))?;
         let trainer = model.trainer(
             AdamWConfig {
                 lr: config.learning_rate,
@@ -164,10 +172,14 @@ impl TrainState {
         self.model.save(&tmp)?;
         let names: Vec<&str> = self.model.vars().iter().map(|(n, _)| n.as_str()).collect();
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        for (name, m) in names.iter().zip(self.trainer.optimizer().moments()?) {
+        let opt = self.trainer.optimizer();
+        for ((name, m), w) in names.iter().zip(opt.moments()?).zip(opt.masters()?) {
             if let Some((m, v)) = m {
                 tensors.insert(format!("m.{name}"), m);
                 tensors.insert(format!("v.{name}"), v);
+            }
+            if let Some(w) = w {
+                tensors.insert(format!("w.{name}"), w);
             }
         }
         let opt_path = tmp.join("optimizer.safetensors");
@@ -234,7 +246,15 @@ impl TrainState {
                 }
             })
             .collect();
-        state.trainer.optimizer_mut().restore(info.step, moments)?;
+        let masters = state
+            .model
+            .vars()
+            .iter()
+            .map(|(name, _)| saved.remove(&format!("w.{name}")))
+            .collect();
+        let opt = state.trainer.optimizer_mut();
+        opt.restore(info.step, moments)?;
+        opt.restore_masters(masters)?;
         Ok((state, info.iteration))
     }
 }
