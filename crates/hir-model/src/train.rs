@@ -140,11 +140,19 @@ impl GradAccumulator {
 
     /// The global L2 norm of the summed gradients.
     pub fn global_norm(&self) -> Result<f64> {
-        let mut sq = 0f64;
-        for g in self.sums.iter().flatten() {
-            sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        // One scalar per variable, summed on the device: a single read back, not one per
+        // variable (each read waits for the device).
+        let squares = self
+            .sums
+            .iter()
+            .flatten()
+            .map(|g| g.sqr()?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        if squares.is_empty() {
+            return Ok(0.0);
         }
-        Ok(sq.sqrt())
+        let sq = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f32>()?;
+        Ok(f64::from(sq).sqrt())
     }
 
     /// Scales gradients so their global norm is at most `max_norm`; returns
