@@ -229,6 +229,27 @@ impl Trainer {
                 ),
             ));
         }
+        if model.is_dir() {
+            let model_type = std::fs::read(model.join("config.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| {
+                    v.get("model_type")
+                        .and_then(|t| t.as_str())
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            if !matches!(model_type.as_str(), "llama" | "qwen2") {
+                return Err(TrainerError::invalid(
+                    "model",
+                    format!(
+                        "{:?} is a {model_type:?} model; runs train Llama-family decoders \
+                         (llama, qwen2: SmolLM2, Llama, Qwen2) for now",
+                        r.model
+                    ),
+                ));
+            }
+        }
         let policy = if r.policy.is_empty() {
             "hir"
         } else {

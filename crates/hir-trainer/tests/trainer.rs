@@ -431,6 +431,16 @@ async fn bad_requests_are_refused_and_a_run_without_training_data_fails_with_the
         ),
         (
             pb::StartRunRequest {
+                model: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../hir-model/tests/fixtures/t5")
+                    .to_string_lossy()
+                    .into_owned(),
+                ..good.clone()
+            },
+            "model",
+        ),
+        (
+            pb::StartRunRequest {
                 model: "/nonexistent/model".into(),
                 ..good.clone()
             },
