@@ -29,6 +29,7 @@ WORKDIR /src
 FROM chef AS planner
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates
+COPY tests tests
 RUN cargo chef prepare --recipe-path recipe.json
 
 # builder: dependencies first (from the recipe only), then the real sources.
@@ -37,6 +38,7 @@ COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --recipe-path recipe.json
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates
+COPY tests tests
 # hir-proto's build script compiles proto/; hir-store embeds migrations/ at compile time.
 COPY proto proto
 COPY migrations migrations
