@@ -51,6 +51,15 @@ pub struct TrainerConfig {
     pub probe_tolerance: f64,
     /// Name of this trainer in batch leases (default: host name and process id).
     pub owner: Option<String>,
+    /// How long to keep asking an unreachable or restarting relabeler before the run fails.
+    pub relabeler_give_up_secs: u64,
+}
+
+impl TrainerConfig {
+    /// [`TrainerConfig::relabeler_give_up_secs`] as a duration.
+    pub fn relabeler_give_up(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.relabeler_give_up_secs)
+    }
 }
 
 impl Default for TrainerConfig {
@@ -74,6 +83,7 @@ impl Default for TrainerConfig {
             eval_batch: 16,
             probe_tolerance: 0.05,
             owner: None,
+            relabeler_give_up_secs: 600,
         }
     }
 }

@@ -253,21 +253,28 @@ impl Driver<'_> {
             match status {
                 IterationStatus::Pending | IterationStatus::Sampling => {
                     let events = self.events;
-                    let mut last = None;
+                    let mut last: Option<(i32, String)> = None;
                     self.ctx
                         .remotes
-                        .sample(&self.run_id.to_string(), k, |s| {
-                            if last != Some(s.status) {
-                                last = Some(s.status);
-                                events.emit(pb::run_event::Event::Iteration(
-                                    pb::IterationStatusChanged {
-                                        iteration: k,
-                                        status: s.status,
-                                        error: s.error.clone(),
-                                    },
-                                ));
-                            }
-                        })
+                        .sample(
+                            &self.run_id.to_string(),
+                            k,
+                            self.ctx.config.relabeler_give_up(),
+                            |s| {
+                                // Status changes and retries become events; progress ticks do not.
+                                let now = (s.status, s.error.clone());
+                                if last.as_ref() != Some(&now) {
+                                    last = Some(now);
+                                    events.emit(pb::run_event::Event::Iteration(
+                                        pb::IterationStatusChanged {
+                                            iteration: k,
+                                            status: s.status,
+                                            error: s.error.clone(),
+                                        },
+                                    ));
+                                }
+                            },
+                        )
                         .await?;
                 }
                 IterationStatus::Sampled | IterationStatus::Training => {

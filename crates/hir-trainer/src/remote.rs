@@ -13,6 +13,14 @@ use tonic::transport::Channel;
 
 use crate::error::{Result, TrainerError};
 
+/// Why one attempt at sampling failed.
+enum SampleError {
+    /// The relabeler could not be reached or went away (UNAVAILABLE, UNKNOWN, CANCELLED).
+    Retry(tonic::Status),
+    /// It refused, or the iteration failed.
+    Fatal(TrainerError),
+}
+
 /// Bytes per upload chunk.
 const CHUNK: usize = 1 << 20;
 
@@ -104,13 +112,68 @@ impl Remotes {
     }
 
     /// Asks the relabeler to sample an iteration and waits until it is sampled; `on_status`
-    /// sees every update.
+    /// sees every update. A relabeler that is unreachable or restarts on the way (its watch
+    /// ends early) is asked again with backoff for up to `give_up`: starting is idempotent
+    /// and a restarted relabeler resumes the iteration where it stopped.
     pub async fn sample(
         &self,
         run_id: &str,
         iteration: u32,
+        give_up: std::time::Duration,
         mut on_status: impl FnMut(&pb::SamplingStatus),
     ) -> Result<pb::SamplingStatus> {
+        let started = std::time::Instant::now();
+        let mut delay = std::time::Duration::from_millis(500);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match self.sample_once(run_id, iteration, &mut on_status).await {
+                Ok(Some(done)) => return Ok(done),
+                Ok(None) => {}
+                Err(SampleError::Retry(status)) if started.elapsed() < give_up => {
+                    tracing::warn!(run_id, iteration, code = ?status.code(), message = status.message(), retry_in_ms = delay.as_millis() as u64, "relabeler unavailable; retrying");
+                    on_status(&pb::SamplingStatus {
+                        run_id: run_id.to_string(),
+                        iteration,
+                        status: pb::IterationStatus::Sampling as i32,
+                        error: format!(
+                            "relabeler {} unavailable ({}); retrying (attempt {attempt})",
+                            self.relabeler_address,
+                            status.message()
+                        ),
+                        ..Default::default()
+                    });
+                }
+                Err(SampleError::Retry(status)) => return Err(self.relabeler_error(&status)),
+                Err(SampleError::Fatal(e)) => return Err(e),
+            }
+            if started.elapsed() >= give_up {
+                return Err(TrainerError::Remote {
+                    service: format!("relabeler {}", self.relabeler_address),
+                    message: format!(
+                        "iteration {iteration} was not sampled within {} s",
+                        give_up.as_secs()
+                    ),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(std::time::Duration::from_secs(10));
+        }
+    }
+
+    /// One StartSampling and watch: `Some` when sampled, `None` when the watch ended early.
+    async fn sample_once(
+        &self,
+        run_id: &str,
+        iteration: u32,
+        on_status: &mut impl FnMut(&pb::SamplingStatus),
+    ) -> Result<Option<pb::SamplingStatus>, SampleError> {
+        let classify = |s: tonic::Status| match s.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
+                SampleError::Retry(s)
+            }
+            _ => SampleError::Fatal(self.relabeler_error(&s)),
+        };
         let request = pb::StartSamplingRequest {
             run_id: run_id.to_string(),
             iteration,
@@ -119,38 +182,31 @@ impl Remotes {
         client
             .start_sampling(with_bearer(request, self.relabeler_token.as_deref()))
             .await
-            .map_err(|s| self.relabeler_error(&s))?;
+            .map_err(classify)?;
         let mut stream = client
             .watch_sampling(pb::GetSamplingRequest {
                 run_id: run_id.to_string(),
                 iteration,
             })
             .await
-            .map_err(|s| self.relabeler_error(&s))?
+            .map_err(classify)?
             .into_inner();
-        while let Some(status) = stream
-            .message()
-            .await
-            .map_err(|s| self.relabeler_error(&s))?
-        {
+        while let Some(status) = stream.message().await.map_err(classify)? {
             on_status(&status);
             match pb::IterationStatus::try_from(status.status) {
                 Ok(pb::IterationStatus::Failed) => {
-                    return Err(TrainerError::Remote {
+                    return Err(SampleError::Fatal(TrainerError::Remote {
                         service: format!("relabeler {}", self.relabeler_address),
                         message: format!("sampling iteration {iteration} failed: {}", status.error),
-                    })
+                    }))
                 }
-                Ok(s) if s as i32 >= pb::IterationStatus::Sampled as i32 => return Ok(status),
+                Ok(s) if s as i32 >= pb::IterationStatus::Sampled as i32 => {
+                    return Ok(Some(status))
+                }
                 _ => {}
             }
         }
-        Err(TrainerError::Remote {
-            service: format!("relabeler {}", self.relabeler_address),
-            message: format!(
-                "the sampling watch of iteration {iteration} ended before it was sampled"
-            ),
-        })
+        Ok(None)
     }
 
     /// What a generator serves.

@@ -731,3 +731,79 @@ fn unset_hyperparameters_take_the_reference_values() {
         c
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relabeler_that_comes_up_late_is_waited_for() {
+    let db = Db::fresh("late").await;
+    let scratch = Scratch::new("late");
+    let (generator, _g) = start_generator(Some(&scratch.checkpoints())).await;
+    // A free port for the relabeler, not listening yet: the trainer is refused at first.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let relabeler = format!("http://127.0.0.1:{port}");
+    let (mut client, _t) =
+        start_trainer(trainer_config(&db.url, &relabeler, &generator, &scratch)).await;
+    let run = client
+        .start_run(authed(start_request(
+            pb::Hyperparameters {
+                iterations: Some(1),
+                ..hyperparameters()
+            },
+            "hir",
+        )))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stream = client
+        .watch_run(pb::GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut relabeler_running = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while let Some(event) = tokio::time::timeout_at(deadline, stream.message())
+        .await
+        .expect("the run ends")
+        .unwrap()
+    {
+        if let Some(pb::run_event::Event::Iteration(it)) = &event.event {
+            if it.error.contains("retrying") && relabeler_running.is_none() {
+                // Now bring the relabeler up on the address the trainer keeps trying.
+                let mut config = hir_relabeler::config::RelabelerConfig {
+                    listen: format!("127.0.0.1:{port}").parse().unwrap(),
+                    metrics_listen: None,
+                    database_url: db.url.clone(),
+                    bigbench: scratch.bigbench(),
+                    generators: vec![generator.clone()],
+                    generator_token: Some(TOKEN.into()),
+                    auth_token: Some(TOKEN.into()),
+                    ..Default::default()
+                };
+                config.concurrency = 1;
+                let app = hir_relabeler::Application::build(config).await.unwrap();
+                let (running, stop) = stopper();
+                tokio::spawn(app.run_until(stop));
+                relabeler_running = Some(running);
+            }
+        }
+    }
+    assert!(
+        relabeler_running.is_some(),
+        "the trainer reported its retries"
+    );
+    let run = client
+        .get_run(pb::GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(run.status, pb::RunStatus::Done as i32, "{}", run.error);
+    assert_eq!(run.iterations[1].samples, 40);
+    db.drop_db().await;
+}
