@@ -178,10 +178,13 @@ impl Trainer {
             events.emit(pb::run_event::Event::RunStatus(
                 pb::RunStatus::Running as i32,
             ));
-            // The driver holds `stop_rx`; when it is dropped the run is no longer driven here.
-            let outcome = driver::drive(&ctx, run_id, stop_rx, &events).await;
+            // While `stop_rx` lives the run counts as driven here: it is dropped only after
+            // the outcome is recorded, so a resume cannot start a second driver whose status
+            // the first one's outcome would then overwrite.
+            let outcome = driver::drive(&ctx, run_id, stop_rx.clone(), &events).await;
             driver::finish(&ctx.store, run_id, &outcome, &events).await;
             ctx.metrics.active_runs.dec();
+            drop(stop_rx);
         });
     }
 

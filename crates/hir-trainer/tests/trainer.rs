@@ -807,3 +807,101 @@ async fn a_relabeler_that_comes_up_late_is_waited_for() {
     assert_eq!(run.iterations[1].samples, 40);
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_run_commits_its_steps_and_resumes_without_repeating_any() {
+    let db = Db::fresh("stop").await;
+    let scratch = Scratch::new("stop");
+    let (generator, _g) = start_generator(Some(&scratch.checkpoints())).await;
+    let (relabeler, _r) = start_relabeler(&db.url, &generator, &scratch.bigbench()).await;
+    let mut config = trainer_config(&db.url, &relabeler, &generator, &scratch);
+    config.commit_every_steps = 4;
+    let (mut client, _t) = start_trainer(config).await;
+    let run = client
+        .start_run(authed(start_request(hyperparameters(), "hir")))
+        .await
+        .unwrap()
+        .into_inner();
+    let run_id: Uuid = run.run_id.parse().unwrap();
+
+    // Stop as soon as a step is seen.
+    let mut stream = client
+        .watch_run(pb::GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stopped_at = None;
+    while let Some(event) = stream.message().await.unwrap() {
+        if let Some(pb::run_event::Event::Step(s)) = &event.event {
+            if stopped_at.is_none() {
+                stopped_at = Some(s.step);
+                client
+                    .stop_run(authed(pb::StopRunRequest {
+                        run_id: run.run_id.clone(),
+                    }))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let stopped = client
+        .get_run(pb::GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        stopped.status,
+        pb::RunStatus::Stopped as i32,
+        "{}",
+        stopped.error
+    );
+    // The steps taken before the stop were committed, though fewer than commit_every_steps.
+    let committed = db.store.trainer_state(run_id).await.unwrap().unwrap().step;
+    assert!(committed >= 1 && committed < 30, "committed {committed}");
+    let done: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM training_batches WHERE run_id = $1 AND status = 'done'",
+    )
+    .bind(run_id)
+    .fetch_one(db.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        done, committed,
+        "a batch is done exactly when its step is committed"
+    );
+
+    let resumed = client
+        .resume_run(authed(pb::ResumeRunRequest {
+            run_id: run.run_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.status, pb::RunStatus::Running as i32);
+    watch_to_end(&mut client, &run.run_id).await;
+    let finished = client
+        .get_run(pb::GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        finished.status,
+        pb::RunStatus::Done as i32,
+        "{}",
+        finished.error
+    );
+    let steps: Vec<i64> =
+        sqlx::query_scalar("SELECT step FROM training_steps WHERE run_id = $1 ORDER BY step")
+            .bind(run_id)
+            .fetch_all(db.store.pool())
+            .await
+            .unwrap();
+    assert_eq!(steps, (1..=30).collect::<Vec<_>>(), "every step once");
+    db.drop_db().await;
+}
