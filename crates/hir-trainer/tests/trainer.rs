@@ -861,7 +861,7 @@ async fn a_stopped_run_commits_its_steps_and_resumes_without_repeating_any() {
     );
     // The steps taken before the stop were committed, though fewer than commit_every_steps.
     let committed = db.store.trainer_state(run_id).await.unwrap().unwrap().step;
-    assert!(committed >= 1 && committed < 30, "committed {committed}");
+    assert!((1..30).contains(&committed), "committed {committed}");
     let done: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM training_batches WHERE run_id = $1 AND status = 'done'",
     )
