@@ -24,7 +24,6 @@ use hir_proto::pb::relabeler_service_server::RelabelerServiceServer;
 use hir_runtime::auth::BearerAuthLayer;
 use hir_runtime::listeners::Listeners;
 use hir_store::{IterationStatus, Store};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::RelabelerConfig;
 use crate::metrics::Metrics;
@@ -153,23 +152,13 @@ impl Application {
                     .await;
             }
         });
-        let addr = self.listeners.grpc_addr();
-        let (grpc, metrics_stop) = self
-            .listeners
-            .start_metrics(Arc::clone(&self.metrics.registry));
-        tracing::info!(%addr, "relabeler serving");
-        // Authentication runs before any service sees the request.
+        tracing::info!(addr = %self.listeners.grpc_addr(), "relabeler serving");
         let auth = BearerAuthLayer::methods(self.config.auth_token.clone(), MUTATING_METHODS);
-        tonic::transport::Server::builder()
-            .layer(auth)
-            .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-            .add_service(health)
+        let routes = tonic::service::Routes::new(health)
             .add_service(reflection)
-            .add_service(RelabelerServiceServer::new(self.service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
-                shutdown.await;
-                metrics_stop.stop();
-            })
+            .add_service(RelabelerServiceServer::new(self.service));
+        self.listeners
+            .serve(Arc::clone(&self.metrics.registry), auth, routes, shutdown)
             .await?;
         Ok(())
     }

@@ -29,7 +29,6 @@ use hir_proto::pb::trainer_service_server::TrainerServiceServer;
 use hir_runtime::auth::BearerAuthLayer;
 use hir_runtime::listeners::Listeners;
 use hir_store::{RunStatus, Store};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::TrainerConfig;
 use crate::driver::Context;
@@ -135,22 +134,13 @@ impl Application {
         reporter
             .set_service_status("", tonic_health::ServingStatus::Serving)
             .await;
-        let addr = self.listeners.grpc_addr();
-        let (grpc, metrics_stop) = self
-            .listeners
-            .start_metrics(Arc::clone(&self.metrics.registry));
-        tracing::info!(%addr, "trainer serving");
+        tracing::info!(addr = %self.listeners.grpc_addr(), "trainer serving");
         let auth = BearerAuthLayer::methods(self.config.auth_token.clone(), MUTATING_METHODS);
-        tonic::transport::Server::builder()
-            .layer(auth)
-            .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-            .add_service(health)
+        let routes = tonic::service::Routes::new(health)
             .add_service(reflection)
-            .add_service(TrainerServiceServer::new(self.service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
-                shutdown.await;
-                metrics_stop.stop();
-            })
+            .add_service(TrainerServiceServer::new(self.service));
+        self.listeners
+            .serve(Arc::clone(&self.metrics.registry), auth, routes, shutdown)
             .await?;
         Ok(())
     }
