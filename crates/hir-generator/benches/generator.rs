@@ -3,6 +3,10 @@
 //!
 //! `cargo bench -p hir-generator --bench generator [-- --max-new-tokens 32 --sequential 8 --concurrency 1,8,64]`
 //!
+//! On a GPU host without the GGUF: `--export-shape DIR` (here) writes SmolLM2's config and
+//! tokenizer to DIR; `--random-from DIR --device cuda:0 --weights bf16` (there) serves a
+//! model of that shape with random weights.
+//!
 //! * Throughput: C concurrent requests of 4 samples each (distinct BIG-bench prompts)
 //!   against the same kind of requests sent one at a time, as the reference's sampling loop
 //!   does.
@@ -26,6 +30,9 @@ struct Args {
     concurrency: Vec<usize>,
     swap: bool,
     weights: hir_generator::config::Weights,
+    device: String,
+    export_shape: Option<PathBuf>,
+    random_from: Option<PathBuf>,
 }
 
 fn args() -> Args {
@@ -37,6 +44,9 @@ fn args() -> Args {
         concurrency: vec![1, 8, 64],
         swap: true,
         weights: hir_generator::config::Weights::Auto,
+        device: "cpu".into(),
+        export_shape: None,
+        random_from: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +62,9 @@ fn args() -> Args {
                     .collect()
             }
             "--no-swap" => a.swap = false,
+            "--device" => a.device = value(),
+            "--export-shape" => a.export_shape = Some(PathBuf::from(value())),
+            "--random-from" => a.random_from = Some(PathBuf::from(value())),
             "--weights" => {
                 a.weights = match value().as_str() {
                     "quantized" => hir_generator::config::Weights::Quantized,
@@ -63,7 +76,7 @@ fn args() -> Args {
             _ => {} // cargo bench passes --bench
         }
     }
-    if !a.model.is_file() && !a.model.is_dir() {
+    if a.random_from.is_none() && !a.model.is_file() && !a.model.is_dir() {
         let status = std::process::Command::new("bash")
             .arg(root.join("scripts/fetch-model.sh"))
             .status()
@@ -73,8 +86,50 @@ fn args() -> Args {
     a
 }
 
+/// Writes the model's config and tokenizer files (no weights) to `dir`.
+fn export_shape(model: &std::path::Path, dir: &std::path::Path) {
+    let m = hir_model::LoadedModel::load(
+        model,
+        &candle_core::Device::Cpu,
+        hir_model::WeightMode::Dense(candle_core::DType::F32),
+    )
+    .expect("model loads");
+    let tmp = std::env::temp_dir().join(format!("hir-bench-shape-{}", std::process::id()));
+    m.save(&tmp).expect("saves");
+    std::fs::create_dir_all(dir).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        if tmp.join(f).is_file() {
+            std::fs::copy(tmp.join(f), dir.join(f)).unwrap();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
+/// A model folder with the config and tokenizer of `shape` and random weights.
+fn random_model(shape: &std::path::Path, out: &std::path::Path) {
+    let cfg: hir_model::llama::Config =
+        serde_json::from_slice(&std::fs::read(shape.join("config.json")).unwrap()).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(shape.join("tokenizer.json")).unwrap();
+    let w = hir_model::weights::Weights::random(
+        1,
+        0.02,
+        &candle_core::Device::Cpu,
+        hir_model::WeightMode::Dense(candle_core::DType::F32),
+    );
+    let model = hir_model::llama::Model::new(&cfg, &w).expect("builds");
+    let eos = cfg.eos_ids();
+    hir_model::LoadedModel::from_parts(model, tokenizer, vec![], eos)
+        .expect("assembles")
+        .save(out)
+        .expect("saves");
+}
+
 fn prompts(count: usize) -> Vec<String> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/bigbench");
+    let mut root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/bigbench");
+    if !root.is_dir() {
+        // A binary run away from its build tree, from the repository root.
+        root = PathBuf::from("data/bigbench");
+    }
     let task = Catalog::discover(&root)
         .unwrap()
         .load("tracking_shuffled_objects_three_objects")
@@ -120,7 +175,21 @@ async fn one(
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let a = args();
+    let mut a = args();
+    if let Some(dir) = &a.export_shape {
+        export_shape(&a.model, dir);
+        println!(
+            "wrote the config and tokenizer of {} to {}",
+            a.model.display(),
+            dir.display()
+        );
+        return;
+    }
+    if let Some(shape) = a.random_from.clone() {
+        let out = std::env::temp_dir().join(format!("hir-bench-random-{}", std::process::id()));
+        random_model(&shape, &out);
+        a.model = out;
+    }
     let mut config = GeneratorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
@@ -130,6 +199,7 @@ async fn main() {
     let swap_root = std::env::temp_dir().join(format!("hir-bench-swap-{}", std::process::id()));
     config.swap.checkpoint_root = Some(swap_root.clone());
     config.weights = a.weights;
+    config.device = a.device.clone();
     config.auth.token = Some("bench".into());
     config.engine.max_batch_sequences = 4 * a.concurrency.iter().copied().max().unwrap_or(1);
     config.engine.token_budget = usize::MAX / 2;
@@ -202,7 +272,11 @@ async fn main() {
         let dense = hir_model::LoadedModel::load(
             &a.model,
             &candle_core::Device::Cpu,
-            hir_model::WeightMode::Dense(candle_core::DType::F32),
+            hir_model::WeightMode::Dense(if a.device == "cpu" {
+                candle_core::DType::F32
+            } else {
+                candle_core::DType::BF16
+            }),
         )
         .expect("dense load");
         let dir = swap_root.join("dense");
@@ -245,6 +319,9 @@ async fn main() {
             r.total_ms / raw_ms
         );
         let _ = std::fs::remove_dir_all(&swap_root);
+    }
+    if a.random_from.is_some() {
+        let _ = std::fs::remove_dir_all(&a.model);
     }
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
