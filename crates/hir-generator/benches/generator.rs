@@ -301,7 +301,8 @@ async fn main() {
             .insert("authorization", "Bearer bench".parse().unwrap());
         let r = client.swap_weights(req).await.expect("swap").into_inner();
         println!(
-            "\nSwap: SmolLM2-135M dense f32 checkpoint, {:.0} MB",
+            "\nSwap: SmolLM2-135M dense {} checkpoint, {:.0} MB",
+            if a.device == "cpu" { "f32" } else { "bf16" },
             bytes as f64 / 1e6
         );
         println!("| step | ms |");
