@@ -330,11 +330,20 @@ impl DecodeBatch {
             return Ok(Vec::new());
         };
         let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        // Sampling reads the whole vocabulary for every sequence: spread the sequences over
+        // the cores (each has its own generator, so the result does not depend on it).
+        let picks: Vec<(u32, f32)> = {
+            use rayon::prelude::*;
+            self.seqs
+                .par_iter_mut()
+                .zip(rows.par_iter())
+                .map(|(seq, row)| sample(row, &seq.params, &mut seq.rng))
+                .collect()
+        };
         let mut done = Vec::new();
         let mut keep = Vec::new();
         let mut next_tokens = Vec::new();
-        for (i, (seq, row)) in self.seqs.iter_mut().zip(rows.iter()).enumerate() {
-            let (tok, lp) = sample(row, &seq.params, &mut seq.rng);
+        for (i, (seq, &(tok, lp))) in self.seqs.iter_mut().zip(picks.iter()).enumerate() {
             seq.tokens.push(tok);
             seq.logprobs.push(lp);
             let finish = if self.eos.contains(&tok) {
