@@ -227,7 +227,7 @@ async fn sample_iteration(
             });
         }
     }
-    let version = serving_version(store, generators, settings, run_id, iteration).await?;
+    let version = serving_version(store, generators, settings).await?;
     let totals = store.sample_totals(run_id, iteration).await?;
     progress.send_modify(|p| {
         p.model_version.clone_from(&version.1);
@@ -478,8 +478,6 @@ async fn serving_version(
     store: &Store,
     generators: &Generators,
     settings: &SamplerSettings,
-    run_id: Uuid,
-    iteration: i32,
 ) -> Result<(i64, String)> {
     let info = with_retry(settings, "GetModelInfo", || {
         let mut client = generators.pick();
@@ -492,26 +490,36 @@ async fn serving_version(
         }
     })
     .await?;
+    let v = register_served_version(store, &info).await?;
+    Ok((v.id, v.name))
+}
+
+/// The version a generator reports serving, registered in the store if it is new. A version
+/// first seen at a generator (a base model it was started with) belongs to no run; versions
+/// a trainer produces are registered by the trainer before they are served.
+pub async fn register_served_version(
+    store: &Store,
+    info: &pb::ModelInfo,
+) -> Result<hir_store::ModelVersion> {
     match store.get_model_version_by_name(&info.version).await {
-        Ok(v) => Ok((v.id, v.name)),
+        Ok(v) => Ok(v),
         Err(hir_store::StoreError::NotFound { .. }) => {
             let sha256 = if info.sha256.len() == 64 {
                 info.sha256.clone()
             } else {
                 "0".repeat(64)
             };
-            let v = store
+            Ok(store
                 .register_model_version(&NewModelVersion {
                     name: info.version.clone(),
-                    run_id: Some(run_id),
-                    iteration: Some(iteration - 1).filter(|i| *i >= 0),
+                    run_id: None,
+                    iteration: None,
                     parent_id: None,
                     checkpoint_uri: format!("generator:{}", info.version),
                     sha256,
                     metrics: serde_json::json!({}),
                 })
-                .await?;
-            Ok((v.id, v.name))
+                .await?)
         }
         Err(e) => Err(e.into()),
     }

@@ -250,6 +250,12 @@ async fn an_iteration_fills_samples_relabels_and_batches() {
         (32, pb::IterationStatus::Sampled as i32)
     );
     assert_eq!(status.model_version, "base");
+    let base = store.get_model_version_by_name("base").await.unwrap();
+    assert_eq!(
+        (base.run_id, base.iteration),
+        (None, None),
+        "a version first seen at a generator belongs to no run, so any run may replace it"
+    );
     let batches: Vec<(i32, i64)> = sqlx::query_as(
         "SELECT batch_idx, samples FROM batches_consumed WHERE run_id = $1 ORDER BY 1",
     )

@@ -184,35 +184,7 @@ impl Driver<'_> {
     async fn serving_base_version(&self) -> Result<ModelVersion> {
         let g = &self.ctx.remotes.generators()[0];
         let info = self.ctx.remotes.model_info(g).await?;
-        match self
-            .ctx
-            .store
-            .get_model_version_by_name(&info.version)
-            .await
-        {
-            Ok(v) => Ok(v),
-            Err(StoreError::NotFound { .. }) => {
-                let sha256 = if info.sha256.len() == 64 {
-                    info.sha256.clone()
-                } else {
-                    "0".repeat(64)
-                };
-                Ok(self
-                    .ctx
-                    .store
-                    .register_model_version(&NewModelVersion {
-                        name: info.version.clone(),
-                        run_id: None,
-                        iteration: None,
-                        parent_id: None,
-                        checkpoint_uri: format!("generator:{}", info.version),
-                        sha256,
-                        metrics: serde_json::json!({}),
-                    })
-                    .await?)
-            }
-            Err(e) => Err(e.into()),
-        }
+        Ok(hir_relabeler::sampler::register_served_version(&self.ctx.store, &info).await?)
     }
 
     async fn evaluate(&self, k: u32, version: &ModelVersion) -> Result<Vec<TaskEval>> {
