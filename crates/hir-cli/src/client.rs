@@ -382,9 +382,7 @@ pub async fn watch(
                 status_bar.set_message(format!("{} ({})", run.name, status_name(run.status)));
             }
             Some(Event::Iteration(it)) => {
-                let s = pb::IterationStatus::try_from(it.status)
-                    .map(|s| s.as_str_name().trim_start_matches("ITERATION_STATUS_").to_lowercase())
-                    .unwrap_or_default();
+                let s = iteration_status_name(it.status);
                 status_bar.set_message(format!("iteration {}: {s} {}", it.iteration, it.error));
                 if it.status == pb::IterationStatus::Done as i32 && it.iteration > 0 {
                     iteration_bar.inc(1);
@@ -439,11 +437,23 @@ fn predicted(counts: &std::collections::HashMap<String, u32>) -> String {
         .join(", ")
 }
 
+/// A run status as a word, e.g. `running`.
 pub fn status_name(s: i32) -> String {
     pb::RunStatus::try_from(s)
         .map(|s| {
             s.as_str_name()
                 .trim_start_matches("RUN_STATUS_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// An iteration status as a word, e.g. `training`.
+pub fn iteration_status_name(s: i32) -> String {
+    pb::IterationStatus::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("ITERATION_STATUS_")
                 .to_lowercase()
         })
         .unwrap_or_else(|_| "unknown".into())
@@ -459,7 +469,7 @@ fn run_json(run: &pb::Run) -> serde_json::Value {
         "error": run.error,
         "iterations": run.iterations.iter().map(|i| serde_json::json!({
             "iteration": i.iteration,
-            "status": pb::IterationStatus::try_from(i.status).map(|s| s.as_str_name().trim_start_matches("ITERATION_STATUS_").to_lowercase()).unwrap_or_default(),
+            "status": iteration_status_name(i.status),
             "model_version": i.model_version,
             "samples": i.samples,
             "sample_accuracy": i.sample_accuracy,

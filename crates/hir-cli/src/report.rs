@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use hir_proto::pb;
 
-use crate::client::{get_run, status_name, TrainerArgs};
+use crate::client::{get_run, iteration_status_name, status_name, TrainerArgs};
 
 /// `hir report`.
 #[derive(Debug, Args)]
@@ -44,13 +44,7 @@ pub fn iteration_table(run: &pb::Run) -> String {
     );
     let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---|---:|---:|");
     for it in &run.iterations {
-        let status = pb::IterationStatus::try_from(it.status)
-            .map(|s| {
-                s.as_str_name()
-                    .trim_start_matches("ITERATION_STATUS_")
-                    .to_lowercase()
-            })
-            .unwrap_or_default();
+        let status = iteration_status_name(it.status);
         let evals: Vec<Option<&pb::TaskAccuracy>> = if it.eval.is_empty() {
             vec![None]
         } else {
