@@ -574,22 +574,7 @@ pub struct EvalArgs {
 pub async fn eval(args: EvalArgs) -> Result<()> {
     let catalog = hir_core::task::Catalog::discover(&args.bigbench.dir)?;
     let task = catalog.load(&args.task)?;
-    let mut test = hir_core::split::Split::new(args.seed, task.examples.len()).test;
-    if args.max_test_prompts > 0 {
-        test.truncate(args.max_test_prompts);
-    }
-    let prompts: Vec<String> = test
-        .iter()
-        .map(|&i| {
-            hir_core::prompt::Prompt::build(
-                &task,
-                &task.examples[i],
-                hir_core::prompt::DEFAULT_INSTRUCTION,
-                hir_core::prompt::PromptVariant::Eval,
-            )
-            .text()
-        })
-        .collect();
+    let (test, prompts) = hir_trainer::eval::test_prompts(&task, args.seed, args.max_test_prompts);
     let channel = Channel::from_shared(args.generator.clone())
         .with_context(|| format!("--generator {:?} is not a URL", args.generator))?
         .connect()
@@ -635,33 +620,23 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
             }
         }
     }
-    let (mut exact, mut extracted) = (0usize, 0usize);
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for (&i, text) in test.iter().zip(&texts) {
-        let s = hir_core::score::score(&task.examples[i].answer, text);
-        exact += usize::from(s.exact);
-        extracted += usize::from(s.extracted);
-        *counts
-            .entry(s.predicted.unwrap_or_else(|| "(none)".into()))
-            .or_default() += 1;
-    }
-    let n = test.len().max(1) as f64;
+    let (eval, _) = hir_trainer::eval::tally(&task, &test, &texts);
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"task": task.name, "version": version, "examples": test.len(),
-                "exact": exact as f64 / n, "extracted": extracted as f64 / n, "predicted": counts})
+            serde_json::json!({"task": eval.task, "version": version, "examples": eval.examples,
+                "exact": eval.exact, "extracted": eval.extracted, "predicted": eval.predicted})
         );
     } else {
         println!(
             "{} on {} ({} test examples): exact {:.1}%, extracted {:.1}%",
             version,
-            task.name,
-            test.len(),
-            100.0 * exact as f64 / n,
-            100.0 * extracted as f64 / n
+            eval.task,
+            eval.examples,
+            100.0 * eval.exact,
+            100.0 * eval.extracted
         );
-        println!("answers: {counts:?}");
+        println!("answers: {:?}", eval.predicted);
     }
     Ok(())
 }

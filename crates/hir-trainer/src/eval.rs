@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use hir_core::prompt::{Prompt, PromptVariant, DEFAULT_INSTRUCTION};
 use hir_core::run::{PromptStyle, RunConfig};
-use hir_core::score::score;
+use hir_core::score::{score, Score};
+use hir_core::task::Task;
 use hir_relabeler::tasks::RunTask;
 use hir_store::{ModelVersion, NewEvalResult};
 use uuid::Uuid;
@@ -44,23 +45,8 @@ pub async fn evaluate(
     let (store, remotes, eval_batch) = (&ctx.store, &ctx.remotes, ctx.config.eval_batch);
     let mut out = Vec::with_capacity(tasks.len());
     for rt in tasks {
-        let n = rt.task.examples.len();
-        let mut test = hir_core::split::Split::new(seed_of(config), n).test;
-        if config.max_test_prompts > 0 {
-            test.truncate(config.max_test_prompts as usize);
-        }
-        let prompts: Vec<String> = test
-            .iter()
-            .map(|&i| {
-                Prompt::build(
-                    &rt.task,
-                    &rt.task.examples[i],
-                    DEFAULT_INSTRUCTION,
-                    PromptVariant::Eval,
-                )
-                .text()
-            })
-            .collect();
+        let (test, prompts) =
+            test_prompts(&rt.task, seed_of(config), config.max_test_prompts as usize);
         // Chunks go out concurrently, spread over the generators.
         let mut requests = tokio::task::JoinSet::new();
         for (c, chunk) in prompts.chunks(eval_batch.max(1)).enumerate() {
@@ -81,43 +67,78 @@ pub async fn evaluate(
         for c in 0..by_chunk.len() {
             texts.extend(by_chunk.remove(&c).unwrap_or_default());
         }
-        let mut results = Vec::with_capacity(test.len());
-        let mut predicted = BTreeMap::new();
-        let (mut exact, mut extracted) = (0u32, 0u32);
-        for (&i, text) in test.iter().zip(texts) {
-            let s = score(&rt.task.examples[i].answer, &text);
-            exact += u32::from(s.exact);
-            extracted += u32::from(s.extracted);
-            *predicted
-                .entry(s.predicted.clone().unwrap_or_else(|| "(none)".into()))
-                .or_insert(0) += 1;
-            results.push(NewEvalResult {
+        let (eval, scores) = tally(&rt.task, &test, &texts);
+        let results: Vec<NewEvalResult> = test
+            .iter()
+            .zip(texts)
+            .zip(scores)
+            .map(|((&i, output), s)| NewEvalResult {
                 model_version_id: version.id,
                 task_id: rt.id,
                 example_idx: i as i32,
                 prompt_style: config.prompt_style.as_str().into(),
                 run_id: Some(run_id),
                 iteration: Some(iteration as i32),
-                output: text,
+                output,
                 correct: s.exact,
                 correct_extracted: s.extracted,
                 predicted: s.predicted,
-            });
-        }
+            })
+            .collect();
         store.record_eval_results(&results).await?;
-        let total = results.len().max(1) as f64;
-        let eval = TaskEval {
-            task: rt.task.name.clone(),
-            examples: results.len() as u32,
-            exact: f64::from(exact) / total,
-            extracted: f64::from(extracted) / total,
-            predicted,
-        };
         tracing::info!(%run_id, iteration, task = %eval.task, exact = eval.exact, extracted = eval.extracted, "evaluated");
         on_task(&eval);
         out.push(eval);
     }
     Ok(out)
+}
+
+/// The test split of `task` under `seed` (at most `max` examples; 0 = all) and the
+/// reference evaluator's prompt of each.
+pub fn test_prompts(task: &Task, seed: u32, max: usize) -> (Vec<usize>, Vec<String>) {
+    let mut test = hir_core::split::Split::new(seed, task.examples.len()).test;
+    if max > 0 {
+        test.truncate(max);
+    }
+    let prompts = test
+        .iter()
+        .map(|&i| {
+            Prompt::build(
+                task,
+                &task.examples[i],
+                DEFAULT_INSTRUCTION,
+                PromptVariant::Eval,
+            )
+            .text()
+        })
+        .collect();
+    (test, prompts)
+}
+
+/// Scores the answers `texts` to the examples `test` of `task`: the task's accuracy under
+/// both scores with the count of each predicted answer, and each answer's score.
+pub fn tally(task: &Task, test: &[usize], texts: &[String]) -> (TaskEval, Vec<Score>) {
+    let scores: Vec<Score> = test
+        .iter()
+        .zip(texts)
+        .map(|(&i, text)| score(&task.examples[i].answer, text))
+        .collect();
+    let mut predicted = BTreeMap::new();
+    for s in &scores {
+        *predicted
+            .entry(s.predicted.clone().unwrap_or_else(|| "(none)".into()))
+            .or_insert(0) += 1;
+    }
+    let total = scores.len().max(1) as f64;
+    let count = |f: fn(&Score) -> bool| scores.iter().filter(|s| f(s)).count() as f64;
+    let eval = TaskEval {
+        task: task.name.clone(),
+        examples: scores.len() as u32,
+        exact: count(|s| s.exact) / total,
+        extracted: count(|s| s.extracted) / total,
+        predicted,
+    };
+    (eval, scores)
 }
 
 /// The split seed of a run (the reference's numpy seed).
