@@ -62,8 +62,8 @@ pub fn shift_for_causal(logits: &Tensor, labels: &Tensor) -> Result<(Tensor, Ten
     Ok((logits.narrow(1, 0, t - 1)?, labels.narrow(1, 1, t - 1)?))
 }
 
-/// Log-probabilities `[B, T, V]` in f32.
-fn log_probs(logits: &Tensor) -> Result<Tensor> {
+/// Log-probabilities over the last dimension (the vocabulary), in f32.
+pub fn log_probs(logits: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::log_softmax(
         &logits.to_dtype(DType::F32)?,
         D::Minus1,

@@ -149,7 +149,7 @@ impl TrainState {
             .model
             .model()
             .forward(&input, &[vec![1u8; ids.len()]])?;
-        let lp = log_softmax(&logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?)?;
+        let lp = hir_model::loss::log_probs(&logits.squeeze(0)?)?;
         let rows: Vec<Vec<f32>> = lp.to_vec2()?;
         Ok(continuation
             .iter()
@@ -257,14 +257,6 @@ impl TrainState {
         opt.restore_masters(masters)?;
         Ok((state, info.iteration))
     }
-}
-
-/// `log_softmax` over the last dimension.
-fn log_softmax(logits: &Tensor) -> candle_core::Result<Tensor> {
-    let max = logits.max_keepdim(candle_core::D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(candle_core::D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
