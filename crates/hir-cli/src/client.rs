@@ -29,28 +29,41 @@ pub struct TrainerArgs {
 impl TrainerArgs {
     /// A connected client; fails fast with advice when nothing listens there.
     pub async fn connect(&self) -> Result<TrainerServiceClient<Channel>> {
-        let endpoint = Channel::from_shared(self.trainer.clone())
-            .with_context(|| {
-                format!(
-                    "--trainer {:?} is not a URL like http://host:50053",
-                    self.trainer
-                )
-            })?
-            .connect_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect().await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach the trainer at {} ({}); start one with `hir serve trainer`, or \
-                 point --trainer (or HIR_TRAINER) at it",
-                self.trainer,
-                root_cause(&e)
-            )
-        })?;
+        let channel = connect(
+            &self.trainer,
+            "--trainer",
+            "the trainer",
+            "; start one with `hir serve trainer`, or point --trainer (or HIR_TRAINER) at it",
+            None,
+        )
+        .await?;
         Ok(TrainerServiceClient::new(channel))
     }
 
     fn authed<T>(&self, message: T) -> tonic::Request<T> {
         with_bearer(message, self.token.as_deref())
     }
+}
+
+/// A channel to `url` (given by `flag`), connected within 5 s; an unreachable service is
+/// one line naming `what` and ending in `hint`.
+async fn connect(
+    url: &str,
+    flag: &str,
+    what: &str,
+    hint: &str,
+    request_timeout: Option<Duration>,
+) -> Result<Channel> {
+    let mut endpoint = Channel::from_shared(url.to_string())
+        .with_context(|| format!("{flag} {url:?} is not a URL like http://host:port"))?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(t) = request_timeout {
+        endpoint = endpoint.timeout(t);
+    }
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {what} at {url} ({}){hint}", root_cause(&e)))
 }
 
 /// The innermost cause of an error, e.g. "Connection refused (os error 111)".
@@ -513,13 +526,14 @@ pub struct HealthArgs {
 }
 
 pub async fn health(args: HealthArgs) -> Result<()> {
-    let channel = Channel::from_shared(args.addr.clone())
-        .with_context(|| format!("--addr {:?} is not a URL", args.addr))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach {} ({})", args.addr, root_cause(&e)))?;
+    let channel = connect(
+        &args.addr,
+        "--addr",
+        "the service",
+        "",
+        Some(Duration::from_secs(5)),
+    )
+    .await?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let status = client
         .check(tonic_health::pb::HealthCheckRequest {
@@ -575,17 +589,14 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
     let catalog = hir_core::task::Catalog::discover(&args.bigbench.dir)?;
     let task = catalog.load(&args.task)?;
     let (test, prompts) = hir_trainer::eval::test_prompts(&task, args.seed, args.max_test_prompts);
-    let channel = Channel::from_shared(args.generator.clone())
-        .with_context(|| format!("--generator {:?} is not a URL", args.generator))?
-        .connect()
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach the generator at {} ({}); point --generator (or HIR_GENERATOR) at it",
-                args.generator,
-                root_cause(&e)
-            )
-        })?;
+    let channel = connect(
+        &args.generator,
+        "--generator",
+        "the generator",
+        "; point --generator (or HIR_GENERATOR) at it",
+        None,
+    )
+    .await?;
     let mut client = GeneratorServiceClient::new(channel);
     let mut texts = vec![String::new(); prompts.len()];
     let mut version = String::new();
