@@ -361,3 +361,42 @@ fn generate_samples_reproducibly() {
         &["--temperature must be finite and >= 0"],
     );
 }
+
+#[test]
+fn a_flan_t5_folder_has_info_and_generates() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../hir-model/tests/fixtures/t5")
+        .to_string_lossy()
+        .into_owned();
+    let info = ok_json(&["model", "info", &model, "--json"]);
+    assert_eq!(info["architecture"], "t5");
+    assert_eq!(info["vocab_size"], 64);
+    assert_eq!(info["eos_token_ids"], serde_json::json!([1]));
+    let out = hir(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "w5 w6 w7",
+        "--n",
+        "2",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["text"], lines[1]["text"], "greedy samples agree");
+    assert!(lines[0]["tokens"].as_u64().unwrap() <= 6);
+}

@@ -5,12 +5,14 @@
 //!
 //! On a GPU host without the GGUF: `--export-shape DIR` (here) writes SmolLM2's config and
 //! tokenizer to DIR; `--random-from DIR --device cuda:0 --weights bf16` (there) serves a
-//! model of that shape with random weights.
+//! model of that shape with random weights. `--random-t5-base` serves a FLAN-T5-base-shaped
+//! model with random weights and a word-level tokenizer over the prompts' words.
 //!
 //! * Throughput: C concurrent requests of 4 samples each (distinct BIG-bench prompts)
 //!   against the same kind of requests sent one at a time, as the reference's sampling loop
 //!   does.
-//! * Swap: SwapWeights of a dense SmolLM2 checkpoint against reading the same bytes.
+//! * Swap: SwapWeights of a dense checkpoint of the served model against reading the same
+//!   bytes.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -33,6 +35,7 @@ struct Args {
     device: String,
     export_shape: Option<PathBuf>,
     random_from: Option<PathBuf>,
+    random_t5_base: bool,
 }
 
 fn args() -> Args {
@@ -47,6 +50,7 @@ fn args() -> Args {
         device: "cpu".into(),
         export_shape: None,
         random_from: None,
+        random_t5_base: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -65,6 +69,7 @@ fn args() -> Args {
             "--device" => a.device = value(),
             "--export-shape" => a.export_shape = Some(PathBuf::from(value())),
             "--random-from" => a.random_from = Some(PathBuf::from(value())),
+            "--random-t5-base" => a.random_t5_base = true,
             "--weights" => {
                 a.weights = match value().as_str() {
                     "quantized" => hir_generator::config::Weights::Quantized,
@@ -76,7 +81,8 @@ fn args() -> Args {
             _ => {} // cargo bench passes --bench
         }
     }
-    if a.random_from.is_none() && !a.model.is_file() && !a.model.is_dir() {
+    let random = a.random_from.is_some() || a.random_t5_base;
+    if !random && !a.model.is_file() && !a.model.is_dir() {
         let status = std::process::Command::new("bash")
             .arg(root.join("scripts/fetch-model.sh"))
             .status()
@@ -121,6 +127,43 @@ fn random_model(shape: &std::path::Path, out: &std::path::Path) {
     hir_model::LoadedModel::from_parts(model, tokenizer, vec![], eos)
         .expect("assembles")
         .save(out)
+        .expect("saves");
+}
+
+/// A FLAN-T5-base-shaped folder with random weights and a word-level tokenizer over the
+/// words of `texts` (T5's special ids: `<pad>` 0, `</s>` 1, `<unk>` 2).
+fn random_t5_base(texts: &[String], out: &std::path::Path) {
+    use tokenizers::models::wordlevel::WordLevel;
+    let cfg = hir_model::t5::Config::flan_t5_base();
+    let mut vocab: std::collections::HashMap<String, u32> = ["<pad>", "</s>", "<unk>"]
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.to_string(), i as u32))
+        .collect();
+    for word in texts.iter().flat_map(|t| t.split_whitespace()) {
+        let next = vocab.len() as u32;
+        if (next as usize) < cfg.vocab_size {
+            vocab.entry(word.to_string()).or_insert(next);
+        }
+    }
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("<unk>".into())
+        .build()
+        .expect("vocabulary is valid");
+    let mut tokenizer = tokenizers::Tokenizer::new(model);
+    tokenizer.with_pre_tokenizer(Some(
+        tokenizers::pre_tokenizers::whitespace::WhitespaceSplit,
+    ));
+    let w = hir_model::weights::Weights::random(
+        1,
+        0.02,
+        &candle_core::Device::Cpu,
+        hir_model::WeightMode::Dense(candle_core::DType::F32),
+    );
+    hir_model::t5::Model::new(&cfg, &w)
+        .expect("builds")
+        .save(out, Some(&tokenizer))
         .expect("saves");
 }
 
@@ -185,10 +228,22 @@ async fn main() {
         );
         return;
     }
+    let random = a.random_from.is_some() || a.random_t5_base;
+    let max_c = a
+        .concurrency
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(1)
+        .max(a.sequential);
+    let prompts = prompts(max_c);
+    let random_dir = std::env::temp_dir().join(format!("hir-bench-random-{}", std::process::id()));
     if let Some(shape) = a.random_from.clone() {
-        let out = std::env::temp_dir().join(format!("hir-bench-random-{}", std::process::id()));
-        random_model(&shape, &out);
-        a.model = out;
+        random_model(&shape, &random_dir);
+        a.model = random_dir.clone();
+    } else if a.random_t5_base {
+        random_t5_base(&prompts, &random_dir);
+        a.model = random_dir.clone();
     }
     let mut config = GeneratorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -217,15 +272,11 @@ async fn main() {
     let mut client = GeneratorServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-
-    let max_c = a
-        .concurrency
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(1)
-        .max(a.sequential);
-    let prompts = prompts(max_c);
+    let info = client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .expect("model info")
+        .into_inner();
 
     // The reference's loop: one request after another.
     let t = Instant::now();
@@ -301,7 +352,9 @@ async fn main() {
             .insert("authorization", "Bearer bench".parse().unwrap());
         let r = client.swap_weights(req).await.expect("swap").into_inner();
         println!(
-            "\nSwap: SmolLM2-135M dense {} checkpoint, {:.0} MB",
+            "\nSwap: {} ({:.0} M parameters) dense {} checkpoint, {:.0} MB",
+            info.architecture,
+            info.parameters as f64 / 1e6,
             if a.device == "cpu" { "f32" } else { "bf16" },
             bytes as f64 / 1e6
         );
@@ -321,8 +374,8 @@ async fn main() {
         );
         let _ = std::fs::remove_dir_all(&swap_root);
     }
-    if a.random_from.is_some() {
-        let _ = std::fs::remove_dir_all(&a.model);
+    if random {
+        let _ = std::fs::remove_dir_all(&random_dir);
     }
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();

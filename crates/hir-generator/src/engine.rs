@@ -280,13 +280,13 @@ pub fn start(
 }
 
 fn warm_up(model: &LoadedModel) -> Result<()> {
-    let prompt = model.encode("Hello")?;
+    let prompt = model.encode_prompt("Hello")?;
     let prompt = if prompt.is_empty() {
         vec![model.pad_token_id()]
     } else {
         prompt
     };
-    let mut batch = DecodeBatch::new(model.model(), model.eos_token_ids(), model.pad_token_id());
+    let mut batch = DecodeBatch::new(model.eos_token_ids(), model.pad_token_id());
     batch.admit(
         model.model(),
         &[GenerationRequest {
@@ -311,7 +311,7 @@ struct Slot {
 impl Slot {
     fn new(serving: Serving) -> Self {
         let m = &serving.model;
-        let batch = DecodeBatch::new(m.model(), m.eos_token_ids(), m.pad_token_id());
+        let batch = DecodeBatch::new(m.eos_token_ids(), m.pad_token_id());
         Self { serving, batch }
     }
 }
@@ -719,26 +719,10 @@ impl Engine {
             }
         }
         let model = slot.serving.model.model();
-        let mut out = Vec::with_capacity(items.len());
-        for (prompt, continuation) in items {
-            let ids: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
-            let input = candle_core::Tensor::from_vec(ids.clone(), (1, ids.len()), model.device())
-                .map_err(hir_model::ModelError::from)?;
-            let logits = model.forward(&input, &[vec![1u8; ids.len()]])?;
-            let logits = logits
-                .squeeze(0)
-                .and_then(|l| l.to_dtype(candle_core::DType::F32))
-                .and_then(|l| l.to_vec2::<f32>())
-                .map_err(hir_model::ModelError::from)?;
-            let mut lps = Vec::with_capacity(continuation.len());
-            for (k, &token) in continuation.iter().enumerate() {
-                let row = &logits[prompt.len() + k - 1];
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
-                lps.push(row[token as usize] - lse);
-            }
-            out.push(lps);
-        }
+        let out = items
+            .iter()
+            .map(|(prompt, continuation)| model.continuation_logprobs(prompt, continuation))
+            .collect::<hir_model::Result<Vec<_>>>()?;
         Ok((version, out))
     }
 }

@@ -139,9 +139,11 @@ impl Generator {
                 return Err(GeneratorError::invalid(format!("prompts[{i}]"), "is empty"));
             }
             let ids = if req.chat {
-                serving.model.encode(&serving.model.chat_prompt(text))?
+                serving
+                    .model
+                    .encode_prompt(&serving.model.chat_prompt(text))?
             } else {
-                serving.model.encode(text)?
+                serving.model.encode_prompt(text)?
             };
             if ids.is_empty() {
                 return Err(GeneratorError::invalid(
@@ -159,7 +161,7 @@ impl Generator {
                     ),
                 ));
             }
-            if ids.len() + max_new > context {
+            if serving.model.model().context_needed(ids.len(), max_new) > context {
                 return Err(GeneratorError::invalid(
                     format!("prompts[{i}]"),
                     format!("{} tokens plus max_new_tokens {max_new} exceed the model's context of {context}", ids.len()),
@@ -447,7 +449,11 @@ impl GeneratorService for Generator {
                 )
                 .into());
             }
-            if item.prompt_token_ids.len() + item.continuation_token_ids.len() > context {
+            let needed = serving.model.model().context_needed(
+                item.prompt_token_ids.len(),
+                item.continuation_token_ids.len(),
+            );
+            if needed > context {
                 return Err(GeneratorError::invalid(
                     format!("items[{i}]"),
                     format!("longer than the context of {context}"),

@@ -1,5 +1,6 @@
 //! The generator as clients see it: a real server on port 0, a real gRPC client, the tiny
-//! Llama fixture (random weights, 64-word vocabulary, 128-token context).
+//! Llama fixture (random weights, 64-word vocabulary, 128-token context) and the tiny
+//! FLAN-T5 fixture.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,10 @@ const TOKEN: &str = "t0ken";
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hir-model/tests/fixtures/llama")
+}
+
+fn t5_fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hir-model/tests/fixtures/t5")
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -133,8 +138,13 @@ async fn scrape(addr: std::net::SocketAddr, metric: &str) -> f64 {
 /// Writes the fixture with one weight changed as a checkpoint `name` under `root`; returns
 /// the SHA-256 of its manifest.
 fn perturbed_checkpoint(root: &Path, name: &str, scale: f64) -> String {
+    perturbed_checkpoint_of(&fixture(), root, name, scale)
+}
+
+/// [`perturbed_checkpoint`] of another model folder.
+fn perturbed_checkpoint_of(model: &Path, root: &Path, name: &str, scale: f64) -> String {
     let model = LoadedModel::load(
-        &fixture(),
+        model,
         &candle_core::Device::Cpu,
         WeightMode::Trainable(candle_core::DType::F32),
     )
@@ -797,5 +807,96 @@ async fn text_never_contains_the_end_of_sequence_token() {
     for c in &got {
         assert!(!c.text.contains("<eos>"), "{:?}", c.text);
     }
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn serves_and_swaps_a_t5_model() {
+    let mut s = start("t5", |c| c.model = t5_fixture()).await;
+    let info = s
+        .client
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            info.architecture.as_str(),
+            info.vocab_size,
+            info.context_length
+        ),
+        ("t5", 64, 512)
+    );
+    let sorted = |mut v: Vec<pb::Completion>| {
+        v.sort_by_key(|c| (c.prompt_index, c.sample_index));
+        v
+    };
+    let req = || request(&["w5 w6 w7", "w9"], 3, 1.0, 8, Some(5));
+    let a = sorted(collect(&mut s.client, req()).await.unwrap());
+    let b = sorted(collect(&mut s.client, req()).await.unwrap());
+    assert_eq!(a.len(), 6);
+    assert_eq!(
+        a.iter().map(|c| &c.token_ids).collect::<Vec<_>>(),
+        b.iter().map(|c| &c.token_ids).collect::<Vec<_>>(),
+        "the same seed gives the same samples"
+    );
+    for c in &a {
+        assert_eq!(c.model_version, "base");
+        // The encoder input ends with </s>.
+        assert_eq!(c.prompt_tokens, [4, 2][c.prompt_index as usize]);
+        assert!(c.token_ids.len() <= 8 && c.logprobs.len() == c.token_ids.len());
+    }
+    // Teacher-forced log-probabilities of a sample equal those it was sampled with.
+    let c = a
+        .iter()
+        .find(|c| !c.token_ids.is_empty())
+        .expect("a non-empty sample");
+    let prompt_ids = [vec![5, 6, 7, 1], vec![9, 1]][c.prompt_index as usize].clone();
+    let probe = |expected: &str| pb::LogProbsRequest {
+        items: vec![pb::LogProbsItem {
+            prompt_token_ids: prompt_ids.clone(),
+            continuation_token_ids: c.token_ids.clone(),
+        }],
+        expected_version: expected.into(),
+    };
+    let before = s
+        .client
+        .log_probs(probe("base"))
+        .await
+        .unwrap()
+        .into_inner();
+    for (x, y) in before.results[0].logprobs.iter().zip(&c.logprobs) {
+        assert!((x - y).abs() < 1e-3, "{x} vs {y}");
+    }
+    // A T5 checkpoint swaps in; a Llama one cannot replace a T5 model.
+    let sha = perturbed_checkpoint_of(&t5_fixture(), &s.root, "t5v2", 3.0);
+    let swap = |checkpoint: &str, sha256: String, version: &str| pb::SwapWeightsRequest {
+        checkpoint: checkpoint.into(),
+        sha256,
+        version: version.into(),
+        expected_version: String::new(),
+    };
+    let llama_sha = perturbed_checkpoint(&s.root, "llama", 1.0);
+    let err = s
+        .client
+        .swap_weights(authed(swap("llama", llama_sha, "bad")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    let r = s
+        .client
+        .swap_weights(authed(swap("t5v2", sha, "v2")))
+        .await
+        .expect("a T5 checkpoint swaps in")
+        .into_inner();
+    assert_eq!(
+        (r.version.as_str(), r.previous_version.as_str()),
+        ("v2", "base")
+    );
+    let after = s.client.log_probs(probe("v2")).await.unwrap().into_inner();
+    assert_eq!(after.model_version, "v2");
+    assert_ne!(after.results[0].logprobs, before.results[0].logprobs);
+    let got = collect(&mut s.client, req()).await.unwrap();
+    assert!(got.iter().all(|c| c.model_version == "v2"));
     s.stop().await;
 }

@@ -78,7 +78,7 @@ fn decode_tps(m: &LoadedModel, batch: usize, prompt_len: usize, steps: usize) ->
         })
         .collect();
     let streams: Vec<u64> = (0..batch as u64).collect();
-    let mut b = DecodeBatch::new(model, &[], m.pad_token_id());
+    let mut b = DecodeBatch::new(&[], m.pad_token_id());
     b.admit(model, &reqs, &streams).expect("admit");
     b.step(model, m.tokenizer()).expect("first step");
     let t = Instant::now();
@@ -113,7 +113,8 @@ fn train_tps(m: &LoadedModel, b: usize, t: usize, steps: usize) -> (f64, f32, f3
     let (mut first, mut last) = (0.0, 0.0);
     for s in 0..steps {
         let t0 = Instant::now();
-        let loss = hir_model::train::lm_loss(m.model(), &batch, 0.0).expect("loss");
+        let loss = hir_model::train::lm_loss(m.model().as_llama().expect("llama"), &batch, 0.0)
+            .expect("loss");
         let l = loss.to_scalar::<f32>().expect("scalar");
         tr.backward(&loss).expect("step");
         times.push(t0.elapsed().as_secs_f64());

@@ -128,7 +128,10 @@ impl LoadedModel {
     /// Saves the model in Hugging Face layout with a manifest. Weights are
     /// written in their current dtype; quantized models cannot be saved.
     pub fn save(&self, dir: &Path) -> Result<Manifest> {
-        let model = self.model();
+        let model = match self.model() {
+            crate::AnyModel::T5(m) => return m.save(dir, Some(self.tokenizer())),
+            crate::AnyModel::Llama(m) => m,
+        };
         let tensors: HashMap<String, candle_core::Tensor> =
             model.named_tensors()?.into_iter().collect();
         let mut cfg = model.config().clone();

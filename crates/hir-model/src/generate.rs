@@ -1,8 +1,9 @@
 //! Batched sampling with a KV cache.
 //!
 //! Prompts of different lengths are left-padded into one batch with a key
-//! padding mask; each prompt is prefilled once and its cache is copied for the
-//! `n` samples drawn from it. Every sequence has its own random generator,
+//! padding mask (for T5, the encoder input is right-padded and the decoder
+//! cache left-padded); each prompt is prefilled once and its cache is copied
+//! for the `n` samples drawn from it. Every sequence has its own random generator,
 //! seeded from `(seed, stream, sample index)`, so its tokens do not depend on
 //! which other sequences share the batch (up to floating-point differences
 //! caused by padding).
@@ -19,8 +20,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::arch::{AnyModel, BatchCache};
 use crate::error::{ModelError, Result};
-use crate::llama::{Batch, KvCache, Model};
+use crate::llama::Batch;
 use crate::weights::mix;
 
 /// How to pick tokens and when to stop.
@@ -151,7 +153,8 @@ struct SeqState {
 #[derive(Debug)]
 pub struct DecodeBatch {
     seqs: Vec<SeqState>,
-    cache: KvCache,
+    /// `None` while the batch is empty.
+    cache: Option<BatchCache>,
     key_mask: Vec<Vec<u8>>,
     /// Next-token logits `[B, V]` for every sequence, f32.
     logits: Option<Tensor>,
@@ -163,8 +166,8 @@ pub struct DecodeBatch {
 #[derive(Debug)]
 pub struct Prefill {
     /// The prompts' cache, `[P, ...]`, left-padded to the longest prompt.
-    pub cache: KvCache,
-    /// Key padding mask, one row per prompt.
+    pub cache: BatchCache,
+    /// Key padding mask of the (decoder) cache, one row per prompt.
     pub key_mask: Vec<Vec<u8>>,
     /// Logits of the next token `[P, V]` (f32).
     pub logits: Tensor,
@@ -172,20 +175,33 @@ pub struct Prefill {
     pub next_pos: Vec<u32>,
 }
 
-/// Runs the prompts through the model in one left-padded batch.
-pub fn prefill(model: &Model, prompts: &[&[u32]], pad_id: u32) -> Result<Prefill> {
+/// Runs the prompts through the model in one batch: a left-padded forward pass for a
+/// decoder-only model; for T5 the encoder and the decoder start token.
+pub fn prefill(model: &AnyModel, prompts: &[&[u32]], pad_id: u32) -> Result<Prefill> {
     if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
         return Err(ModelError::InvalidRequest(
             "prompts must be non-empty".into(),
         ));
     }
     let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    if t > model.config().max_position_embeddings {
+    if t > model.context_length() {
         return Err(ModelError::InvalidRequest(format!(
             "prompt of {t} tokens exceeds the context of {}",
-            model.config().max_position_embeddings
+            model.context_length()
         )));
     }
+    let model = match model {
+        AnyModel::T5(m) => {
+            let (cache, logits) = m.prefill(prompts, pad_id)?;
+            return Ok(Prefill {
+                cache: BatchCache::T5(cache),
+                key_mask: vec![vec![1u8]; prompts.len()],
+                logits: logits.to_dtype(candle_core::DType::F32)?,
+                next_pos: vec![1; prompts.len()],
+            });
+        }
+        AnyModel::Llama(m) => m,
+    };
     let mut ids = Vec::with_capacity(prompts.len() * t);
     let mut mask = Vec::with_capacity(prompts.len());
     for p in prompts {
@@ -208,7 +224,7 @@ pub fn prefill(model: &Model, prompts: &[&[u32]], pad_id: u32) -> Result<Prefill
         Some(&mut cache),
     )?;
     Ok(Prefill {
-        cache,
+        cache: BatchCache::Llama(cache),
         key_mask: mask,
         logits: logits.to_dtype(candle_core::DType::F32)?,
         next_pos: prompts.iter().map(|p| p.len() as u32).collect(),
@@ -217,10 +233,10 @@ pub fn prefill(model: &Model, prompts: &[&[u32]], pad_id: u32) -> Result<Prefill
 
 impl DecodeBatch {
     /// An empty batch. `eos` ends a sequence; `pad_id` fills padding (any valid id).
-    pub fn new(model: &Model, eos: &[u32], pad_id: u32) -> Self {
+    pub fn new(eos: &[u32], pad_id: u32) -> Self {
         Self {
             seqs: Vec::new(),
-            cache: model.new_cache(),
+            cache: None,
             key_mask: Vec::new(),
             logits: None,
             eos: eos.iter().copied().collect(),
@@ -240,7 +256,7 @@ impl DecodeBatch {
 
     /// Cached length (including padding).
     pub fn cache_len(&self) -> usize {
-        self.cache.seq_len()
+        self.cache.as_ref().map_or(0, BatchCache::seq_len)
     }
 
     /// Prefills `requests` (each prompt once) and adds their `n` samples to the
@@ -248,7 +264,7 @@ impl DecodeBatch {
     /// `params.seed`: the same (seed, stream) gives the same samples.
     pub fn admit(
         &mut self,
-        model: &Model,
+        model: &AnyModel,
         requests: &[GenerationRequest],
         streams: &[u64],
     ) -> Result<()> {
@@ -289,43 +305,52 @@ impl DecodeBatch {
         let logits = pre
             .logits
             .index_select(&Tensor::new(rows.as_slice(), pre.logits.device())?, 0)?;
-        if self.seqs.is_empty() {
-            self.cache = cache;
-            self.key_mask = mask;
-            self.logits = Some(logits);
-            self.seqs = new_seqs;
-            return Ok(());
-        }
-        // Left-pad the shorter cache so both have the same length.
-        let (cur, new) = (self.cache.seq_len(), cache.seq_len());
-        let len = cur.max(new);
-        if cur < len {
-            self.cache = self.cache.left_pad(len)?;
-            for m in &mut self.key_mask {
-                let mut p = vec![0u8; len - cur];
-                p.extend_from_slice(m);
-                *m = p;
+        let current = match &self.cache {
+            Some(c) if !self.seqs.is_empty() => c,
+            _ => {
+                self.cache = Some(cache);
+                self.key_mask = mask;
+                self.logits = Some(logits);
+                self.seqs = new_seqs;
+                return Ok(());
             }
-        }
+        };
+        // Left-pad the shorter cache so both have the same length; nothing changes on error.
+        let (cur, new) = (current.seq_len(), cache.seq_len());
+        let len = cur.max(new);
         if new < len {
             cache = cache.left_pad(len)?;
-            for m in &mut mask {
-                let mut p = vec![0u8; len - new];
+        }
+        let merged = if cur < len {
+            BatchCache::concat(&current.left_pad(len)?, &cache)?
+        } else {
+            BatchCache::concat(current, &cache)?
+        };
+        let old = self.logits.as_ref().expect("a non-empty batch has logits");
+        let logits = Tensor::cat(&[old, &logits], 0)?;
+        let pad_rows = |rows: &mut [Vec<u8>], by: usize| {
+            for m in rows {
+                let mut p = vec![0u8; by];
                 p.extend_from_slice(m);
                 *m = p;
             }
-        }
-        self.cache = KvCache::concat(&[&self.cache, &cache])?;
+        };
+        pad_rows(&mut self.key_mask, len - cur);
+        pad_rows(&mut mask, len - new);
+        self.cache = Some(merged);
+        self.logits = Some(logits);
         self.key_mask.extend(mask);
-        let old = self.logits.take().expect("a non-empty batch has logits");
-        self.logits = Some(Tensor::cat(&[&old, &logits], 0)?);
         self.seqs.extend(new_seqs);
         Ok(())
     }
 
     /// Samples one token for every sequence, returns the sequences that
     /// finished, and runs the rest one step forward.
-    pub fn step(&mut self, model: &Model, tokenizer: &Tokenizer) -> Result<Vec<GeneratedSequence>> {
+    pub fn step(
+        &mut self,
+        model: &AnyModel,
+        tokenizer: &Tokenizer,
+    ) -> Result<Vec<GeneratedSequence>> {
         let Some(logits) = self.logits.take() else {
             return Ok(Vec::new());
         };
@@ -369,8 +394,8 @@ impl DecodeBatch {
             });
             let finish = finish.or_else(|| {
                 (seq.tokens.len() >= seq.params.max_new_tokens
-                    || seq.next_pos as usize + 1 >= model.config().max_position_embeddings)
-                    .then_some(FinishReason::Length)
+                    || seq.next_pos as usize + 1 >= model.context_length())
+                .then_some(FinishReason::Length)
             });
             match finish {
                 Some(reason) => {
@@ -415,16 +440,12 @@ impl DecodeBatch {
         for m in &mut self.key_mask {
             m.push(1);
         }
-        let positions: Vec<Vec<u32>> = self.seqs.iter().map(|s| vec![s.next_pos]).collect();
-        let input = Tensor::from_vec(next_tokens, (self.seqs.len(), 1), model.device())?;
-        let logits = model.forward_last(
-            &Batch {
-                input_ids: &input,
-                key_mask: &self.key_mask,
-                positions: &positions,
-            },
-            Some(&mut self.cache),
-        )?;
+        let positions: Vec<u32> = self.seqs.iter().map(|s| s.next_pos).collect();
+        let cache = self
+            .cache
+            .as_mut()
+            .expect("a batch with running sequences has a cache");
+        let logits = model.decode_step(next_tokens, &self.key_mask, &positions, cache)?;
         for s in &mut self.seqs {
             s.next_pos += 1;
         }
@@ -437,7 +458,7 @@ impl DecodeBatch {
         if keep.is_empty() {
             self.seqs.clear();
             self.key_mask.clear();
-            self.cache = KvCache::new(0);
+            self.cache = None;
             self.logits = None;
             return Ok(());
         }
@@ -452,11 +473,22 @@ impl DecodeBatch {
         let lead = (0..mask[0].len())
             .take_while(|&j| mask.iter().all(|m| m[j] == 0))
             .count();
-        self.cache = self.cache.select(keep)?.trim_front(lead)?;
+        let cache = self
+            .cache
+            .as_ref()
+            .expect("a batch with running sequences has a cache");
+        self.cache = Some(cache.select(keep)?.trim_front(lead)?);
         self.key_mask = mask.into_iter().map(|m| m[lead..].to_vec()).collect();
         self.seqs = seqs;
         Ok(())
     }
+}
+
+/// `log softmax(row)[token]`.
+pub fn log_softmax_at(row: &[f32], token: u32) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    row[token as usize] - lse
 }
 
 /// Picks a token from one row of logits; returns it with its model log-probability.
@@ -536,7 +568,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl Rng) -> (u32, f
 /// time, and returns each request's samples ordered by sample index.
 /// Request i uses stream i for its random generators.
 pub fn generate(
-    model: &Model,
+    model: &AnyModel,
     tokenizer: &Tokenizer,
     eos: &[u32],
     pad_id: u32,
@@ -555,7 +587,7 @@ pub fn generate(
         ));
     }
     for (c, chunk) in requests.chunks(max_batch.max(1)).enumerate() {
-        let mut batch = DecodeBatch::new(model, eos, pad_id);
+        let mut batch = DecodeBatch::new(eos, pad_id);
         let base = (c * max_batch.max(1)) as u64;
         let streams: Vec<u64> = (0..chunk.len() as u64).map(|i| base + i).collect();
         batch.admit(model, chunk, &streams)?;

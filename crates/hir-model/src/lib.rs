@@ -1,6 +1,7 @@
 //! Models for hindsight: Llama-family decoders (SmolLM2, Qwen2) and FLAN-T5,
 //! loaded from Hugging Face folders or GGUF files, with batched generation
-//! and the training pieces of Hindsight Instruction Relabeling.
+//! (both architectures, behind [`AnyModel`]) and the training pieces of
+//! Hindsight Instruction Relabeling.
 //!
 //! The entry point is [`LoadedModel::load`]:
 //!
@@ -17,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+mod arch;
 pub mod checkpoint;
 pub mod error;
 pub mod generate;
@@ -30,6 +32,7 @@ pub mod weights;
 
 mod loaded;
 
+pub use arch::{AnyModel, BatchCache};
 pub use error::{ModelError, Result};
 pub use generate::{
     DecodeBatch, FinishReason, GeneratedSequence, GenerationRequest, SamplingParams,

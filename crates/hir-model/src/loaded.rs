@@ -7,16 +7,18 @@ use candle_core::{Device, Var};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::arch::AnyModel;
 use crate::error::{ModelError, Result};
 use crate::generate::{generate, GeneratedSequence, GenerationRequest, SamplingParams};
 use crate::gguf::{GgufFile, GgufSource};
-use crate::llama::{Config, Model};
+use crate::llama::{self, Config};
+use crate::t5;
 use crate::weights::{SafetensorsSource, WeightMode, Weights};
 
 /// What a loaded model is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
-    /// `model_type` (`llama`, `qwen2`).
+    /// `model_type` (`llama`, `qwen2`, `t5`).
     pub architecture: String,
     /// Number of parameters.
     pub parameters: usize,
@@ -24,7 +26,7 @@ pub struct ModelInfo {
     pub dtype: String,
     /// Vocabulary size of the model.
     pub vocab_size: usize,
-    /// Context length.
+    /// Context length (for T5, the longest encoder input).
     pub context_length: usize,
     /// End-of-sequence token ids.
     pub eos_token_ids: Vec<u32>,
@@ -32,12 +34,13 @@ pub struct ModelInfo {
     pub source: PathBuf,
 }
 
-/// A Llama-family model with its tokenizer, ready to generate or train.
+/// A Llama-family or T5 model with its tokenizer, ready to generate or train.
 #[derive(Debug)]
 pub struct LoadedModel {
-    model: Model,
+    model: AnyModel,
     tokenizer: Tokenizer,
     info: ModelInfo,
+    pad_id: u32,
     vars: Vec<(String, Var)>,
     chat_system: Option<String>,
     chatml: bool,
@@ -80,6 +83,7 @@ impl LoadedModel {
     /// `model.safetensors` or a sharded index, `tokenizer.json`) or a `.gguf` file.
     ///
     /// `WeightMode::Quantized` needs a GGUF file; from a folder it loads f32.
+    /// A folder whose `config.json` says `"model_type": "t5"` loads FLAN-T5.
     pub fn load(path: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
         if path.is_dir() {
             Self::load_hf(path, device, mode)
@@ -98,9 +102,6 @@ impl LoadedModel {
     }
 
     fn load_hf(dir: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
-        if dir.join(crate::checkpoint::MANIFEST).is_file() {
-            crate::checkpoint::verify(dir)?;
-        }
         let cfg_path = dir.join("config.json");
         if !cfg_path.is_file() {
             return Err(ModelError::MissingFile { path: cfg_path });
@@ -111,8 +112,14 @@ impl LoadedModel {
             .and_then(|v| v.as_str())
             .unwrap_or("")
             .to_string();
+        if model_type == "t5" {
+            return Self::load_t5(dir, device, mode);
+        }
         if !matches!(model_type.as_str(), "llama" | "qwen2") {
             return Err(ModelError::UnsupportedArchitecture(model_type));
+        }
+        if dir.join(crate::checkpoint::MANIFEST).is_file() {
+            crate::checkpoint::verify(dir)?;
         }
         let cfg: Config =
             serde_json::from_value(raw).map_err(|e| ModelError::json(&cfg_path, e))?;
@@ -130,7 +137,7 @@ impl LoadedModel {
         };
         let src = SafetensorsSource::open(&safetensors_files(dir)?)?;
         let w = Weights::new(Arc::new(src), device, mode);
-        let model = Model::new(&cfg, &w)?;
+        let model = llama::Model::new(&cfg, &w)?;
         let mut eos = cfg.eos_ids();
         if let Ok(gen) = read_json::<serde_json::Value>(&dir.join("generation_config.json")) {
             if let Some(e) = gen.get("eos_token_id") {
@@ -159,7 +166,48 @@ impl LoadedModel {
                     .and_then(|t| t.as_str())
                     .map(str::to_string)
             });
-        Self::assemble(model, tokenizer, w.vars(), mode, eos, chat, dir, false)
+        let pad = eos.first().copied().unwrap_or(0);
+        Self::assemble(
+            model.into(),
+            tokenizer,
+            w.vars(),
+            mode,
+            (eos, pad),
+            chat,
+            dir,
+            false,
+        )
+    }
+
+    fn load_t5(dir: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.is_file() {
+            return Err(ModelError::MissingFile { path: tok_path });
+        }
+        let mode = match mode {
+            WeightMode::Quantized | WeightMode::QuantizedAsIs => {
+                WeightMode::Dense(candle_core::DType::F32)
+            }
+            m => m,
+        };
+        let t5::LoadedT5 {
+            model,
+            tokenizer,
+            vars,
+        } = t5::load_folder(dir, device, mode)?;
+        let tokenizer = tokenizer.ok_or(ModelError::MissingFile { path: tok_path })?;
+        let cfg = model.config();
+        let (eos, pad) = (vec![cfg.eos_token_id], cfg.pad_token_id);
+        Self::assemble(
+            model.into(),
+            tokenizer,
+            vars,
+            mode,
+            (eos, pad),
+            None,
+            dir,
+            false,
+        )
     }
 
     fn load_gguf(path: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
@@ -176,14 +224,15 @@ impl LoadedModel {
         }
         let src = GgufSource::new(file.clone(), &cfg, mode.is_quantized());
         let w = Weights::new(Arc::new(src), device, mode);
-        let model = Model::new(&cfg, &w)?;
-        let eos = file.eos_token_id().into_iter().collect();
+        let model = llama::Model::new(&cfg, &w)?;
+        let eos: Vec<u32> = file.eos_token_id().into_iter().collect();
+        let pad = eos.first().copied().unwrap_or(0);
         Self::assemble(
-            model,
+            model.into(),
             tokenizer,
             w.vars(),
             mode,
-            eos,
+            (eos, pad),
             file.chat_template(),
             path,
             true,
@@ -192,38 +241,45 @@ impl LoadedModel {
 
     #[allow(clippy::too_many_arguments)]
     fn assemble(
-        model: Model,
+        model: AnyModel,
         tokenizer: Tokenizer,
         vars: Vec<(String, Var)>,
         mode: WeightMode,
-        eos: Vec<u32>,
+        (eos, pad_id): (Vec<u32>, u32),
         chat_template: Option<String>,
         source: &Path,
         exact_vocab: bool,
     ) -> Result<Self> {
-        let cfg = model.config();
+        let vocab_size = model.vocab_size();
         let n_tok = tokenizer.get_vocab_size(true);
-        if n_tok > cfg.vocab_size || (exact_vocab && n_tok != cfg.vocab_size) {
+        if n_tok > vocab_size || (exact_vocab && n_tok != vocab_size) {
             return Err(ModelError::TokenizerMismatch(format!(
-                "tokenizer has {n_tok} tokens, the model's vocabulary is {}",
-                cfg.vocab_size
+                "tokenizer has {n_tok} tokens, the model's vocabulary is {vocab_size}"
             )));
         }
-        if let Some(bad) = eos.iter().find(|&&e| e as usize >= cfg.vocab_size) {
+        if let Some(bad) = eos
+            .iter()
+            .chain([&pad_id])
+            .find(|&&e| e as usize >= vocab_size)
+        {
             return Err(ModelError::TokenizerMismatch(format!(
-                "EOS id {bad} is outside the vocabulary"
+                "EOS or padding id {bad} is outside the vocabulary"
             )));
         }
         let dtype = match mode {
             WeightMode::Quantized | WeightMode::QuantizedAsIs => "quantized".to_string(),
             m => format!("{:?}", m.dtype()).to_lowercase(),
         };
+        let parameters = match &model {
+            AnyModel::Llama(m) => m.config().num_parameters(),
+            AnyModel::T5(m) => m.named_tensors().iter().map(|(_, t)| t.elem_count()).sum(),
+        };
         let info = ModelInfo {
-            architecture: cfg.model_type.clone(),
-            parameters: cfg.num_parameters(),
+            architecture: model.architecture().to_string(),
+            parameters,
             dtype,
-            vocab_size: cfg.vocab_size,
-            context_length: cfg.max_position_embeddings,
+            vocab_size,
+            context_length: model.context_length(),
             eos_token_ids: eos,
             source: source.to_path_buf(),
         };
@@ -235,6 +291,7 @@ impl LoadedModel {
             model,
             tokenizer,
             info,
+            pad_id,
             vars,
             chat_system,
             chatml,
@@ -242,13 +299,19 @@ impl LoadedModel {
         })
     }
 
-    /// Wraps an already built model and tokenizer (tests, checkpoints).
+    /// Wraps an already built model and tokenizer (tests, checkpoints). A T5 model pads
+    /// with its config's `pad_token_id`, a decoder-only one with the first EOS id.
     pub fn from_parts(
-        model: Model,
+        model: impl Into<AnyModel>,
         tokenizer: Tokenizer,
         vars: Vec<(String, Var)>,
         eos: Vec<u32>,
     ) -> Result<Self> {
+        let model = model.into();
+        let pad = match &model {
+            AnyModel::T5(m) => m.config().pad_token_id,
+            AnyModel::Llama(_) => eos.first().copied().unwrap_or(0),
+        };
         let mode = if vars.is_empty() {
             WeightMode::Dense(model.dtype())
         } else {
@@ -259,7 +322,7 @@ impl LoadedModel {
             tokenizer,
             vars,
             mode,
-            eos,
+            (eos, pad),
             None,
             Path::new(""),
             false,
@@ -267,7 +330,7 @@ impl LoadedModel {
     }
 
     /// The model itself, dropping the tokenizer.
-    pub fn into_model(self) -> Model {
+    pub fn into_model(self) -> AnyModel {
         self.model
     }
 
@@ -287,8 +350,13 @@ impl LoadedModel {
     }
 
     /// The model.
-    pub fn model(&self) -> &Model {
+    pub fn model(&self) -> &AnyModel {
         &self.model
+    }
+
+    /// The decoder-only model, or an error saying that `what` needs one.
+    pub fn llama(&self, what: &str) -> Result<&llama::Model> {
+        self.model.llama(what)
     }
 
     /// Trainable variables with their Hugging Face names (empty unless loaded
@@ -302,9 +370,9 @@ impl LoadedModel {
         &self.info.eos_token_ids
     }
 
-    /// Token id used to pad batches (the first EOS id, else 0).
+    /// Token id used to pad batches: T5's `pad_token_id`, else the first EOS id (or 0).
     pub fn pad_token_id(&self) -> u32 {
-        self.info.eos_token_ids.first().copied().unwrap_or(0)
+        self.pad_id
     }
 
     /// Tokenizes `text`, special tokens in the text included, without adding any.
@@ -315,6 +383,19 @@ impl LoadedModel {
             .map_err(ModelError::tokenizer)?
             .get_ids()
             .to_vec())
+    }
+
+    /// Tokenizes a prompt for generation. T5's encoder input ends with EOS, as its
+    /// tokenizer adds; a decoder-only prompt is [`LoadedModel::encode`]'s.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode(text)?;
+        if self.model.is_encoder_decoder() {
+            let eos = self.info.eos_token_ids.first().copied();
+            if let Some(eos) = eos.filter(|e| ids.last() != Some(e)) {
+                ids.push(eos);
+            }
+        }
+        Ok(ids)
     }
 
     /// Decodes ids, skipping special tokens.
@@ -375,7 +456,7 @@ impl LoadedModel {
             .map(|(i, p)| {
                 Ok(GenerationRequest {
                     id: i as u64,
-                    prompt_ids: self.encode(p)?,
+                    prompt_ids: self.encode_prompt(p)?,
                     params: params.clone(),
                 })
             })

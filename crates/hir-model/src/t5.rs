@@ -8,7 +8,10 @@
 //! <https://huggingface.co/docs/transformers/model_doc/flan-t5>.
 //!
 //! Batches carry padding masks for encoder and decoder. All ops are
-//! differentiable; there is no KV cache (generation recomputes the decoder).
+//! differentiable. For sampling, [`Model::prefill`] encodes the prompts once and
+//! keeps each decoder layer's cross-attention keys and values in a [`T5Cache`],
+//! together with the decoder's self-attention KV cache, so that
+//! [`Model::decode_step`] runs one token per sequence.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,6 +20,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
+use crate::kv_cache::{KvCache, LayerKv};
 use crate::weights::{Linear, SafetensorsSource, WeightMode, Weights};
 
 /// Hugging Face `config.json` of a T5 model.
@@ -116,6 +120,20 @@ impl Config {
     /// Decoder depth.
     pub fn decoder_layers(&self) -> usize {
         self.num_decoder_layers.unwrap_or(self.num_layers)
+    }
+
+    /// FLAN-T5-base's shape: 12 + 12 layers, d_model 768, 12 heads, gated-GELU,
+    /// 32,128 tokens, untied `lm_head` (for benchmarks with random weights).
+    pub fn flan_t5_base() -> Self {
+        serde_json::from_value(serde_json::json!({
+            "model_type": "t5", "vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048,
+            "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12,
+            "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+            "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
+            "tie_word_embeddings": false, "decoder_start_token_id": 0, "pad_token_id": 0,
+            "eos_token_id": 1, "n_positions": 512
+        }))
+        .expect("static config parses")
     }
 
     /// A tiny FLAN-T5-shaped configuration for tests.
@@ -223,17 +241,37 @@ impl Attention {
 
     /// `bias` `[B or 1, H, Tq, Tk]` holds position bias plus mask.
     fn forward(&self, x: &Tensor, kv: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let q = self.heads(&self.q.forward(x)?)?;
-        let k = self.heads(&self.k.forward(kv)?)?;
-        let v = self.heads(&self.v.forward(kv)?)?;
+        let (k, v) = self.keys_values(kv)?;
+        self.attend(&q, &k, &v, bias)
+    }
+
+    /// Keys and values `[B, H, T, d_kv]` of `kv` `[B, T, d_model]`.
+    fn keys_values(&self, kv: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            self.heads(&self.k.forward(kv)?)?,
+            self.heads(&self.v.forward(kv)?)?,
+        ))
+    }
+
+    /// Unscaled dot-product attention of queries `[B, H, Tq, d_kv]` over keys and values
+    /// `[B, H, Tk, d_kv]`, then the output projection: `[B, Tq, d_model]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
         let p = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-            .to_dtype(x.dtype())?;
-        let y = p
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, t, self.n_heads * self.d_kv))?;
+            .to_dtype(q.dtype())?;
+        let y = p.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((
+            b,
+            t,
+            self.n_heads * self.d_kv,
+        ))?;
         self.o.forward(&y)
     }
 }
@@ -595,6 +633,196 @@ impl Model {
         Ok(seqs.into_iter().map(|s| s[1..].to_vec()).collect())
     }
 
+    /// An empty sampling cache.
+    pub fn new_cache(&self) -> T5Cache {
+        T5Cache {
+            self_kv: KvCache::new(self.cfg.decoder_layers()),
+            cross: Vec::new(),
+            enc_mask: Vec::new(),
+        }
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The longest input the model takes (`n_positions`, 512 when the config has none;
+    /// T5's relative positions have no hard limit).
+    pub fn context_length(&self) -> usize {
+        self.cfg
+            .extra
+            .get("n_positions")
+            .and_then(|v| v.as_u64())
+            .map_or(512, |n| n as usize)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            Some(bad) => Err(ModelError::InvalidRequest(format!(
+                "token id {bad} out of vocabulary ({})",
+                self.cfg.vocab_size
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Encodes the prompts (right-padded with `pad_id`), keeps every decoder layer's
+    /// cross-attention keys and values, and runs the decoder start token: returns the cache
+    /// and the logits of the first generated token `[P, V]`.
+    pub fn prefill(&self, prompts: &[&[u32]], pad_id: u32) -> Result<(T5Cache, Tensor)> {
+        let ts = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        if prompts.is_empty() || prompts.iter().any(|p| p.is_empty()) {
+            return Err(ModelError::InvalidRequest(
+                "prompts must be non-empty".into(),
+            ));
+        }
+        let mut ids = Vec::with_capacity(prompts.len() * ts);
+        let mut enc_mask = Vec::with_capacity(prompts.len());
+        for p in prompts {
+            self.check_ids(p)?;
+            ids.extend_from_slice(p);
+            ids.extend(std::iter::repeat_n(pad_id, ts - p.len()));
+            let mut m = vec![1u8; p.len()];
+            m.resize(ts, 0);
+            enc_mask.push(m);
+        }
+        let input = Tensor::from_vec(ids, (prompts.len(), ts), &self.device)?;
+        let enc = self.encode(&input, &enc_mask)?;
+        let cross = self
+            .decoder
+            .blocks
+            .iter()
+            .map(|b| {
+                let (attn, _) = b
+                    .cross
+                    .as_ref()
+                    .expect("decoder blocks attend to the encoder");
+                Ok(attn.keys_values(&enc)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut cache = T5Cache {
+            self_kv: KvCache::new(self.cfg.decoder_layers()),
+            cross,
+            enc_mask,
+        };
+        let start = vec![self.cfg.decoder_start_token_id; prompts.len()];
+        let logits = self.decode_step(&start, &vec![vec![1u8]; prompts.len()], &mut cache)?;
+        Ok((cache, logits))
+    }
+
+    /// Runs one decoder token per sequence against the cache: `tokens[b]` is the next input
+    /// of row b, `key_mask[b]` marks the real decoder positions of the row, the new token's
+    /// included (its last entry). Appends to the cache and returns logits `[B, V]`.
+    pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        key_mask: &[Vec<u8>],
+        cache: &mut T5Cache,
+    ) -> Result<Tensor> {
+        let b = tokens.len();
+        let tk = cache.self_kv.seq_len() + 1;
+        if key_mask.len() != b
+            || key_mask
+                .iter()
+                .any(|m| m.len() != tk || m.last() != Some(&1))
+            || cache.enc_mask.len() != b
+        {
+            return Err(ModelError::InvalidRequest(format!(
+                "decoder mask must be [{b}][{tk}] ending in 1, for a cache of {} rows",
+                cache.enc_mask.len()
+            )));
+        }
+        self.check_ids(tokens)?;
+        let c = &self.cfg;
+        let eps = c.layer_norm_epsilon;
+        let ids = Tensor::from_vec(tokens.to_vec(), b, &self.device)?;
+        let mut x = self
+            .shared
+            .index_select(&ids, 0)?
+            .reshape((b, 1, c.d_model))?;
+        // Relative position of every cached key to the new token, per row.
+        let mut buckets = Vec::with_capacity(b * tk);
+        for m in key_mask {
+            let query = m.iter().filter(|&&v| v != 0).count() as i64 - 1;
+            let mut pos = 0i64;
+            for &v in m {
+                buckets.push(relative_position_bucket(
+                    pos - query,
+                    false,
+                    c.relative_attention_num_buckets,
+                    c.relative_attention_max_distance,
+                ) as u32);
+                pos += i64::from(v != 0);
+            }
+        }
+        let rel = self.decoder.blocks[0]
+            .self_attn
+            .rel_bias
+            .as_ref()
+            .expect("the first block has the relative attention bias");
+        let idx = Tensor::from_vec(buckets, b * tk, &self.device)?;
+        let self_bias = rel
+            .index_select(&idx, 0)?
+            .reshape((b, tk, c.num_heads))?
+            .transpose(1, 2)?
+            .unsqueeze(2)?
+            .broadcast_add(&mask_bias(key_mask, 1, false, self.dtype, &self.device)?)?;
+        let cross_bias = mask_bias(&cache.enc_mask, 1, false, self.dtype, &self.device)?;
+        for (i, block) in self.decoder.blocks.iter().enumerate() {
+            let h = t5_norm(&x, &block.ln_self, eps)?;
+            let a = &block.self_attn;
+            let q = a.heads(&a.q.forward(&h)?)?;
+            let (k, v) = a.keys_values(&h)?;
+            let (k, v) = match cache.self_kv.layer_mut(i) {
+                Some(layer) => layer.append(&k, &v)?,
+                slot => {
+                    *slot = Some(LayerKv::new(&k, &v)?);
+                    (k, v)
+                }
+            };
+            x = (&x + a.attend(&q, &k, &v, &self_bias)?)?;
+            let (attn, ln) = block
+                .cross
+                .as_ref()
+                .expect("decoder blocks attend to the encoder");
+            let h = t5_norm(&x, ln, eps)?;
+            let q = attn.heads(&attn.q.forward(&h)?)?;
+            let (ck, cv) = &cache.cross[i];
+            x = (&x + attn.attend(&q, ck, cv, &cross_bias)?)?;
+            let h = t5_norm(&x, &block.ln_ff, eps)?;
+            x = (&x + block.ff.forward(&h)?)?;
+        }
+        let h = t5_norm(&x, &self.decoder.final_ln, eps)?;
+        let h = if c.scales_decoder_output() {
+            (h * (c.d_model as f64).powf(-0.5))?
+        } else {
+            h
+        };
+        Ok(self.lm_head.forward(&h)?.squeeze(1)?)
+    }
+
+    /// Log-probabilities of `continuation` given the encoder input `prompt`, one per token.
+    pub fn continuation_logprobs(&self, prompt: &[u32], continuation: &[u32]) -> Result<Vec<f32>> {
+        if prompt.is_empty() || continuation.is_empty() {
+            return Err(ModelError::InvalidRequest(
+                "prompt and continuation must be non-empty".into(),
+            ));
+        }
+        self.check_ids(prompt)?;
+        self.check_ids(continuation)?;
+        let labels: Vec<i64> = continuation.iter().map(|&t| t as i64).collect();
+        let (dec, dmask) = self.shift_right(std::slice::from_ref(&labels))?;
+        let src = Tensor::from_vec(prompt.to_vec(), (1, prompt.len()), &self.device)?;
+        let logits = self.forward(&src, &[vec![1u8; prompt.len()]], &dec, &dmask)?;
+        let rows = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(continuation
+            .iter()
+            .zip(&rows)
+            .map(|(&t, row)| crate::generate::log_softmax_at(row, t))
+            .collect())
+    }
+
     /// All weights under their Hugging Face names (for saving).
     pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("shared.weight".to_string(), self.shared.clone())];
@@ -643,6 +871,124 @@ impl Model {
             }
         }
         out
+    }
+}
+
+/// The sampling state of a batch of T5 sequences: the decoder's self-attention KV cache,
+/// each decoder layer's cross-attention keys and values over the encoded prompts, and the
+/// prompts' padding mask. Rows are sequences; the batch surgery mirrors [`KvCache`]'s.
+#[derive(Debug)]
+pub struct T5Cache {
+    self_kv: KvCache,
+    /// Per decoder layer, keys and values `[B, H, Ts, d_kv]` of the encoder output.
+    cross: Vec<(Tensor, Tensor)>,
+    enc_mask: Vec<Vec<u8>>,
+}
+
+impl T5Cache {
+    /// Cached decoder length (including padding).
+    pub fn seq_len(&self) -> usize {
+        self.self_kv.seq_len()
+    }
+
+    /// Keeps the rows `idx` (in that order; repeats allowed) and drops encoder columns
+    /// that no kept row uses.
+    pub fn select(&self, idx: &[u32]) -> Result<Self> {
+        let enc_mask: Vec<Vec<u8>> = idx
+            .iter()
+            .map(|&i| self.enc_mask[i as usize].clone())
+            .collect();
+        let Some((k0, _)) = self.cross.first() else {
+            return Ok(Self {
+                self_kv: self.self_kv.select(idx)?,
+                cross: Vec::new(),
+                enc_mask,
+            });
+        };
+        let used = enc_mask
+            .iter()
+            .map(|m| m.iter().rposition(|&v| v != 0).map_or(0, |p| p + 1))
+            .max()
+            .unwrap_or(0);
+        let ids = Tensor::new(idx, k0.device())?;
+        let cross = self
+            .cross
+            .iter()
+            .map(|(k, v)| {
+                let pick = |t: &Tensor| t.index_select(&ids, 0)?.narrow(2, 0, used)?.contiguous();
+                Ok((pick(k)?, pick(v)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            self_kv: self.self_kv.select(idx)?,
+            cross,
+            enc_mask: enc_mask.into_iter().map(|m| m[..used].to_vec()).collect(),
+        })
+    }
+
+    /// Left-pads the decoder cache to `len` positions (padded keys must be masked).
+    pub fn left_pad(&self, len: usize) -> Result<Self> {
+        Ok(Self {
+            self_kv: self.self_kv.left_pad(len)?,
+            cross: self.cross.clone(),
+            enc_mask: self.enc_mask.clone(),
+        })
+    }
+
+    /// Drops the first `n` decoder positions of every row (all-padding columns).
+    pub fn trim_front(&self, n: usize) -> Result<Self> {
+        Ok(Self {
+            self_kv: self.self_kv.trim_front(n)?,
+            cross: self.cross.clone(),
+            enc_mask: self.enc_mask.clone(),
+        })
+    }
+
+    /// Stacks caches of equal decoder length along the batch; encoder outputs of different
+    /// lengths are right-padded (and masked) to the longest.
+    pub fn concat(caches: &[&T5Cache]) -> Result<Self> {
+        let ts = caches
+            .iter()
+            .flat_map(|c| c.enc_mask.first())
+            .map(|m| m.len())
+            .max()
+            .unwrap_or(0);
+        let layers = caches.iter().map(|c| c.cross.len()).max().unwrap_or(0);
+        let mut cross = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let mut ks = Vec::new();
+            let mut vs = Vec::new();
+            for c in caches.iter().filter(|c| !c.cross.is_empty()) {
+                let (k, v) = &c.cross[i];
+                let extra = ts - k.dim(2)?;
+                let pad = |t: &Tensor| -> candle_core::Result<Tensor> {
+                    if extra == 0 {
+                        return Ok(t.clone());
+                    }
+                    let (b, h, _, d) = t.dims4()?;
+                    let z = Tensor::zeros((b, h, extra, d), t.dtype(), t.device())?;
+                    Tensor::cat(&[t, &z], 2)
+                };
+                ks.push(pad(k)?);
+                vs.push(pad(v)?);
+            }
+            cross.push((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?));
+        }
+        let enc_mask = caches
+            .iter()
+            .flat_map(|c| c.enc_mask.iter())
+            .map(|m| {
+                let mut m = m.clone();
+                m.resize(ts, 0);
+                m
+            })
+            .collect();
+        let self_kvs: Vec<&KvCache> = caches.iter().map(|c| &c.self_kv).collect();
+        Ok(Self {
+            self_kv: KvCache::concat(&self_kvs)?,
+            cross,
+            enc_mask,
+        })
     }
 }
 

@@ -9,12 +9,13 @@
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use crate::arch::AnyModel;
 use crate::error::{ModelError, Result};
-use crate::llama::Model;
 use crate::loss::{self, HirLoss, HirLossConfig, IGNORE_INDEX};
+use crate::{llama, t5};
 
-/// One example for a decoder-only model: the prompt carries no loss, the
-/// completion does.
+/// One training example: the prompt carries no loss, the completion does. A decoder-only
+/// model reads them as one sequence; T5 encodes the prompt and decodes the completion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     /// Prompt tokens (instruction, query, output prefix).
@@ -26,18 +27,120 @@ pub struct Example {
 /// A right-padded training batch.
 #[derive(Debug, Clone)]
 pub struct TrainBatch {
-    /// Token ids `[B, T]`.
+    /// Token ids `[B, T]` (for T5, the encoder's).
     pub input_ids: Tensor,
     /// Padding mask, `[B][T]`.
     pub mask: Vec<Vec<u8>>,
-    /// Labels `[B, T]`: the token at each completion position, else -100.
+    /// Labels `[B, T]` (`[B, T_dec]` for T5): the token at each completion position,
+    /// else -100.
     pub labels: Tensor,
     /// Number of labelled tokens.
     pub n_labels: usize,
+    /// For T5: decoder inputs (the labels shifted right) and their mask.
+    pub decoder: Option<(Tensor, Vec<Vec<u8>>)>,
+}
+
+/// A model that turns a [`TrainBatch`] into logits aligned with its labels.
+pub trait TrainLogits {
+    /// Logits `[B, T, V]` and labels `[B, T]`, position by position.
+    fn aligned_logits(&self, batch: &TrainBatch) -> Result<(Tensor, Tensor)>;
+}
+
+impl TrainLogits for llama::Model {
+    fn aligned_logits(&self, batch: &TrainBatch) -> Result<(Tensor, Tensor)> {
+        if batch.decoder.is_some() {
+            return Err(ModelError::InvalidRequest(
+                "an encoder-decoder batch given to a decoder-only model".into(),
+            ));
+        }
+        let logits = self.forward(&batch.input_ids, &batch.mask)?;
+        loss::shift_for_causal(&logits, &batch.labels)
+    }
+}
+
+impl TrainLogits for t5::Model {
+    fn aligned_logits(&self, batch: &TrainBatch) -> Result<(Tensor, Tensor)> {
+        let Some((dec, dec_mask)) = &batch.decoder else {
+            return Err(ModelError::InvalidRequest(
+                "a decoder-only batch given to T5; build it with TrainBatch::for_model".into(),
+            ));
+        };
+        let logits = self.forward(&batch.input_ids, &batch.mask, dec, dec_mask)?;
+        Ok((logits, batch.labels.clone()))
+    }
+}
+
+impl TrainLogits for AnyModel {
+    fn aligned_logits(&self, batch: &TrainBatch) -> Result<(Tensor, Tensor)> {
+        match self {
+            Self::Llama(m) => m.aligned_logits(batch),
+            Self::T5(m) => m.aligned_logits(batch),
+        }
+    }
 }
 
 impl TrainBatch {
-    /// Builds a right-padded batch (`pad_id` fills padding).
+    /// The batch layout `model` trains on: [`TrainBatch::new`] for a decoder-only model,
+    /// [`TrainBatch::seq2seq`] for T5.
+    pub fn for_model(
+        model: &AnyModel,
+        examples: &[Example],
+        pad_id: u32,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        match model {
+            AnyModel::Llama(_) => Self::new(examples, pad_id, device),
+            AnyModel::T5(m) => Self::seq2seq(m, examples, pad_id, device),
+        }
+    }
+
+    /// An encoder-decoder batch: prompts right-padded as the encoder input, completions as
+    /// labels (right-padded with -100), decoder inputs shifted right behind the start token.
+    pub fn seq2seq(
+        model: &t5::Model,
+        examples: &[Example],
+        pad_id: u32,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        if examples.is_empty()
+            || examples
+                .iter()
+                .any(|e| e.completion.is_empty() || e.prompt.is_empty())
+        {
+            return Err(ModelError::InvalidRequest(
+                "a batch needs examples with non-empty prompts and completions".into(),
+            ));
+        }
+        let ts = examples.iter().map(|e| e.prompt.len()).max().unwrap_or(0);
+        let tt = examples
+            .iter()
+            .map(|e| e.completion.len())
+            .max()
+            .unwrap_or(0);
+        let mut ids = Vec::with_capacity(examples.len() * ts);
+        let mut mask = Vec::with_capacity(examples.len());
+        let mut labels = Vec::with_capacity(examples.len());
+        for e in examples {
+            ids.extend_from_slice(&e.prompt);
+            ids.extend(std::iter::repeat_n(pad_id, ts - e.prompt.len()));
+            let mut m = vec![1u8; e.prompt.len()];
+            m.resize(ts, 0);
+            mask.push(m);
+            let mut l: Vec<i64> = e.completion.iter().map(|&x| i64::from(x)).collect();
+            l.resize(tt, IGNORE_INDEX);
+            labels.push(l);
+        }
+        let decoder = model.shift_right(&labels)?;
+        Ok(Self {
+            input_ids: Tensor::from_vec(ids, (examples.len(), ts), device)?,
+            mask,
+            labels: Tensor::new(labels, device)?,
+            n_labels: examples.iter().map(|e| e.completion.len()).sum(),
+            decoder: Some(decoder),
+        })
+    }
+
+    /// Builds a right-padded decoder-only batch (`pad_id` fills padding).
     pub fn new(examples: &[Example], pad_id: u32, device: &candle_core::Device) -> Result<Self> {
         if examples.is_empty() || examples.iter().any(|e| e.completion.is_empty()) {
             return Err(ModelError::InvalidRequest(
@@ -71,32 +174,27 @@ impl TrainBatch {
             mask,
             labels: Tensor::from_vec(labels, (b, t), device)?,
             n_labels,
+            decoder: None,
         })
-    }
-
-    /// Logits and labels aligned for the loss (position t predicts t+1).
-    pub fn aligned_logits(&self, model: &Model) -> Result<(Tensor, Tensor)> {
-        let logits = model.forward(&self.input_ids, &self.mask)?;
-        loss::shift_for_causal(&logits, &self.labels)
     }
 }
 
-/// Plain causal-LM loss (label-smoothed cross-entropy) of a batch.
-pub fn lm_loss(model: &Model, batch: &TrainBatch, epsilon: f64) -> Result<Tensor> {
-    let (logits, labels) = batch.aligned_logits(model)?;
+/// Plain language-model loss (label-smoothed cross-entropy) of a batch.
+pub fn lm_loss(model: &impl TrainLogits, batch: &TrainBatch, epsilon: f64) -> Result<Tensor> {
+    let (logits, labels) = model.aligned_logits(batch)?;
     loss::label_smoothed_cross_entropy(&logits, &labels, epsilon)
 }
 
 /// The HIR loss of paired batches: `pos[i]` and `neg[i]` share a completion
 /// under the relabeled and the opposite instruction.
 pub fn hir_loss(
-    model: &Model,
+    model: &impl TrainLogits,
     pos: &TrainBatch,
     neg: &TrainBatch,
     cfg: &HirLossConfig,
 ) -> Result<HirLoss> {
-    let (pl, py) = pos.aligned_logits(model)?;
-    let (nl, ny) = neg.aligned_logits(model)?;
+    let (pl, py) = model.aligned_logits(pos)?;
+    let (nl, ny) = model.aligned_logits(neg)?;
     loss::hir_loss(&pl, &py, &nl, &ny, cfg)
 }
 

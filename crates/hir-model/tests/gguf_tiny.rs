@@ -91,7 +91,7 @@ fn gguf_weights_are_renamed_and_unpermuted() {
         WeightMode::Trainable(DType::F32),
     ] {
         let m = LoadedModel::load(&path, &Device::Cpu, mode).unwrap();
-        let d: f32 = (logits(m.model()) - &want)
+        let d: f32 = (logits(m.model().as_llama().unwrap()) - &want)
             .unwrap()
             .abs()
             .unwrap()

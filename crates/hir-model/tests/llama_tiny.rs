@@ -228,7 +228,7 @@ fn seeded_samples_do_not_depend_on_batch_composition() {
     let tok = lm.tokenizer();
     let target = request(7, "what is it?", p.clone());
     let run = |others: Vec<GenerationRequest>| {
-        let mut batch = DecodeBatch::new(model, &[0], 0);
+        let mut batch = DecodeBatch::new(&[0], 0);
         let mut reqs = others;
         let streams: Vec<u64> = (0..reqs.len() as u64).map(|i| 100 + i).collect();
         reqs.push(target.clone());
@@ -263,7 +263,7 @@ fn sequences_can_be_admitted_into_a_running_batch() {
     let g = SamplingParams::greedy(8);
     let first = request(1, "first prompt", g.clone());
     let late = request(2, "late", g.clone());
-    let mut batch = DecodeBatch::new(model, &[0], 0);
+    let mut batch = DecodeBatch::new(&[0], 0);
     batch
         .admit(model, std::slice::from_ref(&first), &[0])
         .unwrap();
@@ -387,8 +387,15 @@ fn checkpoints_reload_bit_exactly_and_refuse_corruption() {
     let manifest = lm.save(&dir).unwrap();
     assert!(manifest.files.contains_key("model.safetensors"));
     let back = LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap();
-    let a = lm.model().named_tensors().unwrap();
-    let b: HashMap<String, Tensor> = back.model().named_tensors().unwrap().into_iter().collect();
+    let a = lm.model().as_llama().unwrap().named_tensors().unwrap();
+    let b: HashMap<String, Tensor> = back
+        .model()
+        .as_llama()
+        .unwrap()
+        .named_tensors()
+        .unwrap()
+        .into_iter()
+        .collect();
     assert_eq!(a.len(), b.len());
     for (name, t) in &a {
         let u = &b[name];
@@ -463,8 +470,8 @@ fn sharded_safetensors_folders_load() {
     let x = Tensor::new(&[[3u32, 4, 5]], &Device::Cpu).unwrap();
     let mask = [vec![1u8; 3]];
     let d = max_abs_diff(
-        &lm.model().forward(&x, &mask).unwrap(),
-        &back.model().forward(&x, &mask).unwrap(),
+        &lm.model().as_llama().unwrap().forward(&x, &mask).unwrap(),
+        &back.model().as_llama().unwrap().forward(&x, &mask).unwrap(),
     );
     assert_eq!(d, 0.0);
 }
@@ -476,7 +483,7 @@ fn cancelled_requests_leave_the_others_untouched() {
     let g = SamplingParams::greedy(10);
     let keep = request(1, "keep this one", g.clone());
     let drop = request(2, "drop me", SamplingParams { n: 2, ..g.clone() });
-    let mut batch = DecodeBatch::new(model, &[], 0);
+    let mut batch = DecodeBatch::new(&[], 0);
     batch.admit(model, &[keep.clone(), drop], &[0, 1]).unwrap();
     assert_eq!(batch.request_ids(), [1, 2].into_iter().collect());
     batch.step(model, tok).unwrap();

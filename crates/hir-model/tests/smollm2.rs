@@ -22,7 +22,12 @@ fn last_logits(m: &LoadedModel, prompt: &str) -> Vec<f32> {
     let ids = m.encode(prompt).unwrap();
     let t = ids.len();
     let x = Tensor::from_vec(ids, (1, t), &Device::Cpu).unwrap();
-    let logits = m.model().forward(&x, &[vec![1u8; t]]).unwrap();
+    let logits = m
+        .model()
+        .as_llama()
+        .unwrap()
+        .forward(&x, &[vec![1u8; t]])
+        .unwrap();
     logits
         .get(0)
         .unwrap()
@@ -161,7 +166,7 @@ fn dequantized_smollm2_trains_on_a_fixed_batch() {
     let mut trainer = Trainer::new(m.vars(), cfg, 1, Some(1.0));
     let mut losses = Vec::new();
     for _ in 0..3 {
-        let loss = hir_model::train::lm_loss(m.model(), &batch, 0.0).unwrap();
+        let loss = hir_model::train::lm_loss(m.model().as_llama().unwrap(), &batch, 0.0).unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
         trainer.backward(&loss).unwrap();
     }

@@ -187,3 +187,167 @@ fn t5_checkpoints_reload_bit_exactly_and_refuse_corruption() {
         other => panic!("expected ChecksumMismatch, got {:?}", other.map(|_| ())),
     }
 }
+
+fn loaded_t5(name: &str, seed: u64) -> hir_model::LoadedModel {
+    let dir = common::tiny_t5_folder(name, seed);
+    hir_model::LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap()
+}
+
+#[test]
+fn t5_folder_loads_as_a_generating_model() {
+    let lm = loaded_t5("t5_loaded", 3);
+    let info = lm.info();
+    assert_eq!(info.architecture, "t5");
+    assert_eq!((info.vocab_size, info.context_length), (64, 512));
+    assert_eq!(info.eos_token_ids, vec![1]);
+    assert_eq!(lm.pad_token_id(), 0);
+    let expected_params: usize = lm
+        .model()
+        .as_t5()
+        .unwrap()
+        .named_tensors()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    assert_eq!(info.parameters, expected_params);
+    // The encoder input ends with </s>, as T5's tokenizer adds; once.
+    let ids = lm.encode_prompt("abc").unwrap();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(ids.last(), Some(&1));
+    assert_eq!(lm.encode_prompt("abc</s>").unwrap(), ids);
+    // No chat template: the chat prompt is the text.
+    assert_eq!(lm.chat_prompt("abc"), "abc");
+}
+
+#[test]
+fn t5_greedy_generation_with_the_cache_matches_full_recomputation() {
+    let lm = loaded_t5("t5_greedy", 4);
+    let m = lm.model().as_t5().unwrap();
+    let prompts = ["what is 2 + 3?", "hi", "a longer prompt, with more words."];
+    let got = lm
+        .generate_text(
+            &prompts.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+            &hir_model::SamplingParams::greedy(12),
+        )
+        .unwrap();
+    for (p, out) in prompts.iter().zip(&got) {
+        let ids = lm.encode_prompt(p).unwrap();
+        let src = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+        let want = m.greedy(&src, &[vec![1; ids.len()]], 12).unwrap().remove(0);
+        // The reference pads after EOS; the batch stops there.
+        let want: Vec<u32> = match want.iter().position(|&t| t == 1) {
+            Some(e) => want[..=e].to_vec(),
+            None => want,
+        };
+        assert_eq!(out[0].token_ids, want, "prompt {p:?}");
+        assert_eq!(out[0].logprobs.len(), want.len());
+        // Sampled log-probabilities agree with a full teacher-forced pass.
+        let full = lm.model().continuation_logprobs(&ids, &want).unwrap();
+        for (a, b) in out[0].logprobs.iter().zip(&full) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn t5_sampling_is_seeded_and_shares_the_prompt() {
+    let lm = loaded_t5("t5_sampling", 5);
+    let params = hir_model::SamplingParams {
+        temperature: 1.0,
+        top_k: Some(20),
+        top_p: 0.95,
+        seed: 11,
+        max_new_tokens: 10,
+        stop: Vec::new(),
+        n: 4,
+    };
+    let prompts = vec!["abc".to_string(), "a much longer prompt".to_string()];
+    let a = lm.generate_text(&prompts, &params).unwrap();
+    let b = lm.generate_text(&prompts, &params).unwrap();
+    assert_eq!(a, b, "the same seed gives the same samples");
+    assert_eq!(a[0].len(), 4);
+    let distinct: std::collections::HashSet<_> = a[1].iter().map(|s| &s.token_ids).collect();
+    assert!(distinct.len() > 1, "n samples differ: {:?}", a[1]);
+    let other = lm
+        .generate_text(&prompts, &hir_model::SamplingParams { seed: 12, ..params })
+        .unwrap();
+    assert_ne!(a, other);
+}
+
+#[test]
+fn t5_sequences_admitted_mid_batch_decode_as_if_alone() {
+    use hir_model::{DecodeBatch, GenerationRequest, SamplingParams};
+    let lm = loaded_t5("t5_continuous", 6);
+    let (model, tok) = (lm.model(), lm.tokenizer());
+    let req = |id: u64, text: &str| GenerationRequest {
+        id,
+        prompt_ids: lm.encode_prompt(text).unwrap(),
+        params: SamplingParams::greedy(8),
+    };
+    let alone = |r: &GenerationRequest| {
+        let mut b = DecodeBatch::new(lm.eos_token_ids(), lm.pad_token_id());
+        b.admit(model, std::slice::from_ref(r), &[0]).unwrap();
+        let mut out = Vec::new();
+        while !b.is_empty() {
+            out.extend(b.step(model, tok).unwrap());
+        }
+        out.remove(0).token_ids
+    };
+    let (first, second) = (req(1, "the first prompt is long"), req(2, "short"));
+    let mut batch = DecodeBatch::new(lm.eos_token_ids(), lm.pad_token_id());
+    batch
+        .admit(model, std::slice::from_ref(&first), &[0])
+        .unwrap();
+    let mut done = Vec::new();
+    for _ in 0..3 {
+        done.extend(batch.step(model, tok).unwrap());
+    }
+    // A second request joins with a shorter encoder input and a shorter decoder cache.
+    batch
+        .admit(model, std::slice::from_ref(&second), &[0])
+        .unwrap();
+    while !batch.is_empty() {
+        done.extend(batch.step(model, tok).unwrap());
+    }
+    for r in [&first, &second] {
+        let got = done.iter().find(|s| s.request_id == r.id).unwrap();
+        assert_eq!(got.token_ids, alone(r), "request {}", r.id);
+    }
+}
+
+#[test]
+fn t5_checkpoint_round_trips_through_loaded_model() {
+    let lm = loaded_t5("t5_roundtrip_src", 7);
+    let dir = common::scratch("t5_roundtrip_dst");
+    lm.save(&dir).unwrap();
+    let back =
+        hir_model::LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap();
+    assert_eq!(back.info().architecture, "t5");
+    let prompts = vec!["abc".to_string()];
+    let p = hir_model::SamplingParams::greedy(8);
+    assert_eq!(
+        lm.generate_text(&prompts, &p).unwrap(),
+        back.generate_text(&prompts, &p).unwrap()
+    );
+    // A corrupted weight file is refused by its manifest digest.
+    let w = dir.join("model.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&w, bytes).unwrap();
+    match hir_model::LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::F32)) {
+        Err(ModelError::ChecksumMismatch { path, .. }) => assert_eq!(path, w),
+        other => panic!("expected a checksum mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn t5_folder_without_a_tokenizer_is_refused_for_generation() {
+    let dir = common::tiny_t5_folder("t5_no_tokenizer", 8);
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    std::fs::remove_file(dir.join(hir_model::checkpoint::MANIFEST)).unwrap();
+    match hir_model::LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::F32)) {
+        Err(ModelError::MissingFile { path }) => assert!(path.ends_with("tokenizer.json")),
+        other => panic!("expected a missing tokenizer, got {other:?}"),
+    }
+}

@@ -17,7 +17,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use hir_core::rng::SplitMix64;
 use hir_model::loss::{self, HirLossConfig};
-use hir_model::train::{AdamWConfig, TrainBatch, Trainer};
+use hir_model::train::{AdamWConfig, TrainBatch, TrainLogits, Trainer};
 use hir_model::weights::Weights;
 use hir_model::WeightMode;
 use hir_trainer::examples::{self, HirExample, RelabeledSample};
@@ -146,7 +146,10 @@ fn smollm2(
         let pairs = smollm2_examples(&loaded, 8);
         let (pad, vars) = (loaded.pad_token_id(), loaded.vars().to_vec());
         (
-            loaded.into_model(),
+            match loaded.into_model() {
+                hir_model::AnyModel::Llama(m) => m,
+                hir_model::AnyModel::T5(_) => panic!("SmolLM2 is decoder-only"),
+            },
             vars,
             pairs,
             pad,
@@ -165,11 +168,11 @@ fn smollm2(
                 let neg: Vec<_> = chunk.iter().map(|e| e.negative.clone()).collect();
                 let pos = TrainBatch::new(&pos, pad, device).expect("batch");
                 let neg = TrainBatch::new(&neg, pad, device).expect("batch");
-                let (pl, py) = pos.aligned_logits(&model).expect("forward");
-                let (nl, ny) = neg.aligned_logits(&model).expect("forward");
+                let (pl, py) = model.aligned_logits(&pos).expect("forward");
+                let (nl, ny) = model.aligned_logits(&neg).expect("forward");
                 let l = if three_forwards {
                     // The reference: `outputs` and `outputs_pos` are the same computation.
-                    let (pl2, _) = pos.aligned_logits(&model).expect("forward");
+                    let (pl2, _) = model.aligned_logits(&pos).expect("forward");
                     reference_loss(&pl, &pl2, &py, &nl, &ny, &cfg)
                 } else {
                     loss::hir_loss(&pl, &py, &nl, &ny, &cfg)
@@ -213,19 +216,6 @@ fn reference_loss(
     ((ls + con).expect("add") - h.affine(cfg.entropy_coef, 0.0).expect("h")).expect("sub")
 }
 
-/// FLAN-T5-base's shape: 12 + 12 layers, d_model 768, 12 heads, gated-GELU, 32,128 tokens.
-fn t5_base_config() -> hir_model::t5::Config {
-    serde_json::from_value(serde_json::json!({
-        "model_type": "t5", "vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048,
-        "num_layers": 12, "num_decoder_layers": 12, "num_heads": 12,
-        "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-        "layer_norm_epsilon": 1e-6, "feed_forward_proj": "gated-gelu",
-        "tie_word_embeddings": false, "decoder_start_token_id": 0, "pad_token_id": 0,
-        "eos_token_id": 1
-    }))
-    .expect("static config")
-}
-
 /// Padded encoder inputs, mask and label rows (-100 padded) of `b` rows.
 fn t5_batch(
     rng: &mut SplitMix64,
@@ -250,7 +240,7 @@ fn t5_batch(
 }
 
 fn t5(device: &Device, dtype: DType, steps: usize) -> (Timing, Timing, usize) {
-    let cfg = t5_base_config();
+    let cfg = hir_model::t5::Config::flan_t5_base();
     let w = Weights::random(1, 0.02, device, WeightMode::Trainable(dtype));
     let model = hir_model::t5::Model::new(&cfg, &w).expect("T5 builds");
     let vars = w.vars();

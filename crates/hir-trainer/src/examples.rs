@@ -12,7 +12,8 @@
 //! 3. prompt = instruction + the sample's query + `o[..start]`; labels = `o[start..end]`,
 //!    re-tokenized from its text and ended with end-of-sequence except in case (b).
 //!
-//! The negative sequence has the same labels under the other instruction.
+//! The negative sequence has the same labels under the other instruction. For T5 the
+//! prompt is the encoder input, as in the reference, and ends with end-of-sequence.
 
 use hir_core::rng::SplitMix64;
 use hir_core::suboutput::{plan, sample_span, SubOutputCase};
@@ -36,6 +37,10 @@ pub trait Codec {
     fn chat(&self, text: &str) -> String {
         text.to_string()
     }
+    /// Whether the prompt is an encoder input (T5), which ends with end-of-sequence.
+    fn encoder_decoder(&self) -> bool {
+        false
+    }
 }
 
 impl Codec for hir_model::LoadedModel {
@@ -46,13 +51,19 @@ impl Codec for hir_model::LoadedModel {
         Ok(hir_model::LoadedModel::decode(self, ids)?)
     }
     fn eos(&self) -> u32 {
-        self.pad_token_id()
+        self.eos_token_ids()
+            .first()
+            .copied()
+            .unwrap_or(self.pad_token_id())
     }
     fn is_eos(&self, id: u32) -> bool {
         self.eos_token_ids().contains(&id)
     }
     fn chat(&self, text: &str) -> String {
         self.chat_prompt(text)
+    }
+    fn encoder_decoder(&self) -> bool {
+        self.model().is_encoder_decoder()
     }
 }
 
@@ -159,6 +170,9 @@ pub fn build(
             codec.encode(text)?
         };
         prompt.extend_from_slice(&out[..span.start]);
+        if codec.encoder_decoder() {
+            prompt.push(eos);
+        }
         Ok(Example {
             prompt,
             completion: labels.clone(),

@@ -242,12 +242,12 @@ impl Trainer {
                         .map(str::to_owned)
                 })
                 .unwrap_or_default();
-            if !matches!(model_type.as_str(), "llama" | "qwen2") {
+            if !matches!(model_type.as_str(), "llama" | "qwen2" | "t5") {
                 return Err(TrainerError::invalid(
                     "model",
                     format!(
-                        "{:?} is a {model_type:?} model; runs train Llama-family decoders \
-                         (llama, qwen2: SmolLM2, Llama, Qwen2) for now",
+                        "{:?} is a {model_type:?} model; runs train llama, qwen2 (SmolLM2, \
+                         Llama, Qwen2) and t5 (FLAN-T5) models",
                         r.model
                     ),
                 ));

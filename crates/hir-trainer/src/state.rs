@@ -119,9 +119,10 @@ impl TrainState {
         for chunk in &chunks {
             let pos: Vec<_> = chunk.iter().map(|e| e.positive.clone()).collect();
             let neg: Vec<_> = chunk.iter().map(|e| e.negative.clone()).collect();
-            let pos = TrainBatch::new(&pos, pad, &device)?;
-            let neg = TrainBatch::new(&neg, pad, &device)?;
-            let l = hir_model::train::hir_loss(self.model.model(), &pos, &neg, &self.loss)?;
+            let model = self.model.model();
+            let pos = TrainBatch::for_model(model, &pos, pad, &device)?;
+            let neg = TrainBatch::for_model(model, &neg, pad, &device)?;
+            let l = hir_model::train::hir_loss(model, &pos, &neg, &self.loss)?;
             let share = chunk.len() as f64 / total;
             // The trainer divides by the number of micro-batches; weigh by examples instead.
             let scaled = l.total.affine(share * chunks.len() as f64, 0.0)?;
@@ -142,20 +143,10 @@ impl TrainState {
     /// Log-probabilities of each `continuation` token after `prompt` and the tokens
     /// before it.
     pub fn logprobs(&self, prompt: &[u32], continuation: &[u32]) -> Result<Vec<f32>> {
-        let ids: Vec<u32> = prompt.iter().chain(continuation).copied().collect();
-        let device = self.model.model().device().clone();
-        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &device)?;
-        let logits = self
+        Ok(self
             .model
             .model()
-            .forward(&input, &[vec![1u8; ids.len()]])?;
-        let lp = hir_model::loss::log_probs(&logits.squeeze(0)?)?;
-        let rows: Vec<Vec<f32>> = lp.to_vec2()?;
-        Ok(continuation
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| rows[prompt.len() + i - 1][t as usize])
-            .collect())
+            .continuation_logprobs(prompt, continuation)?)
     }
 
     /// Writes a snapshot of this state as `dir/step-<N>` and returns its folder and the

@@ -28,6 +28,10 @@ fn fixture_model() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hir-model/tests/fixtures/llama")
 }
 
+fn t5_fixture_model() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hir-model/tests/fixtures/t5")
+}
+
 /// A fresh, migrated database, dropped when the test passes.
 struct Db {
     url: String,
@@ -119,12 +123,17 @@ fn stopper() -> (
     (Running(tx), async move { drop(rx.await) })
 }
 
-/// A generator on port 0; `checkpoint_root` enables swaps by reference.
+/// A generator of the tiny Llama on port 0; `checkpoint_root` enables swaps by reference.
 async fn start_generator(checkpoint_root: Option<&Path>) -> (String, Running) {
+    start_generator_of(fixture_model(), checkpoint_root).await
+}
+
+/// A generator of `model` on port 0.
+async fn start_generator_of(model: PathBuf, checkpoint_root: Option<&Path>) -> (String, Running) {
     let mut config = hir_generator::config::GeneratorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
-        model: fixture_model(),
+        model,
         ..Default::default()
     };
     config.auth.token = Some(TOKEN.into());
@@ -411,6 +420,10 @@ async fn bad_requests_are_refused_and_a_run_without_training_data_fails_with_the
         start_trainer(trainer_config(&db.url, &relabeler, &generator, &scratch)).await;
 
     let good = start_request(hyperparameters(), "hir");
+    // A folder of an architecture no run trains.
+    let unsupported = scratch.0.join("gpt2");
+    std::fs::create_dir_all(&unsupported).unwrap();
+    std::fs::write(unsupported.join("config.json"), r#"{"model_type": "gpt2"}"#).unwrap();
     let unauthenticated = client.start_run(good.clone()).await.unwrap_err();
     assert_eq!(unauthenticated.code(), Code::Unauthenticated);
 
@@ -431,10 +444,7 @@ async fn bad_requests_are_refused_and_a_run_without_training_data_fails_with_the
         ),
         (
             pb::StartRunRequest {
-                model: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                    .join("../hir-model/tests/fixtures/t5")
-                    .to_string_lossy()
-                    .into_owned(),
+                model: unsupported.to_string_lossy().into_owned(),
                 ..good.clone()
             },
             "model",
@@ -903,5 +913,84 @@ async fn a_stopped_run_commits_its_steps_and_resumes_without_repeating_any() {
             .await
             .unwrap();
     assert_eq!(steps, (1..=30).collect::<Vec<_>>(), "every step once");
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flan_t5_run_trains_the_encoder_decoder_and_swaps_it_in() {
+    let db = Db::fresh("t5").await;
+    let scratch = Scratch::new("t5");
+    let (generator, _g) =
+        start_generator_of(t5_fixture_model(), Some(&scratch.checkpoints())).await;
+    let (relabeler, _r) = start_relabeler(&db.url, &generator, &scratch.bigbench()).await;
+    let (mut client, _t) =
+        start_trainer(trainer_config(&db.url, &relabeler, &generator, &scratch)).await;
+    let request = pb::StartRunRequest {
+        model: t5_fixture_model().to_string_lossy().into_owned(),
+        hyperparameters: Some(pb::Hyperparameters {
+            iterations: Some(1),
+            ..hyperparameters()
+        }),
+        ..start_request(hyperparameters(), "hir")
+    };
+    let run = client
+        .start_run(authed(request))
+        .await
+        .unwrap()
+        .into_inner();
+    watch_to_end(&mut client, &run.run_id).await;
+    let run = client
+        .get_run(pb::GetRunRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        run.status,
+        pb::RunStatus::Done as i32,
+        "error: {}",
+        run.error
+    );
+    assert_eq!(
+        run.iterations.len(),
+        2,
+        "the base evaluation and 1 iteration"
+    );
+    assert_eq!(run.iterations[1].samples, 20 * 2);
+    assert_eq!(run.iterations[1].steps, 10);
+    assert!(run.iterations[1].train_loss.is_finite() && run.iterations[1].train_loss > 0.0);
+    for it in &run.iterations {
+        assert_eq!(it.eval[0].examples as usize, TEST_EXAMPLES);
+    }
+    // The generator serves the trained T5 (it verified the manifest and passed the probe).
+    let info = GeneratorServiceClient::connect(generator.clone())
+        .await
+        .unwrap()
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.version, format!("{}-it001", run.run_id));
+    assert_eq!(info.architecture, "t5");
+    let versions = client
+        .list_checkpoints(pb::ListCheckpointsRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    let base =
+        hir_model::checkpoint::sha256_file(&t5_fixture_model().join("model.safetensors")).unwrap();
+    assert_ne!(model_sha(&versions[0].checkpoint_uri).await, base);
+    // The checkpoint is a T5 folder that loads and generates.
+    let trained = hir_model::LoadedModel::load(
+        Path::new(&versions[0].checkpoint_uri),
+        &candle_core::Device::Cpu,
+        hir_model::WeightMode::Dense(candle_core::DType::F32),
+    )
+    .unwrap();
+    assert_eq!(trained.info().architecture, "t5");
     db.drop_db().await;
 }

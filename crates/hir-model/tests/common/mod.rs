@@ -17,15 +17,27 @@ pub const CHARS: &str = "abcdefghijklmnopqrstuvwxyz0123456789 .,?!:;()ABCDEFGHIJ
 
 /// A character-level tokenizer with 64 ids.
 pub fn char_tokenizer() -> Tokenizer {
+    special_char_tokenizer(&["<eos>", "<unk>"], "<unk>")
+}
+
+/// A character-level tokenizer with 64 ids laid out as T5's: `<pad>` 0, `</s>` 1, `<unk>` 2.
+pub fn t5_char_tokenizer() -> Tokenizer {
+    special_char_tokenizer(&["<pad>", "</s>", "<unk>"], "<unk>")
+}
+
+/// `specials` take the first ids (and are skipped when decoding), characters the rest.
+fn special_char_tokenizer(specials: &[&str], unk: &str) -> Tokenizer {
     let mut vocab = std::collections::HashMap::new();
-    vocab.insert("<eos>".to_string(), 0u32);
-    vocab.insert("<unk>".to_string(), 1u32);
-    for (i, c) in CHARS.chars().take(62).enumerate() {
-        vocab.insert(c.to_string(), i as u32 + 2);
+    for (i, s) in specials.iter().enumerate() {
+        vocab.insert(s.to_string(), i as u32);
+    }
+    let n = specials.len();
+    for (i, c) in CHARS.chars().take(64 - n).enumerate() {
+        vocab.insert(c.to_string(), (i + n) as u32);
     }
     let model = WordLevel::builder()
         .vocab(vocab.into_iter().collect())
-        .unk_token("<unk>".into())
+        .unk_token(unk.into())
         .build()
         .expect("vocab is valid");
     let mut tok = Tokenizer::new(model);
@@ -37,9 +49,27 @@ pub fn char_tokenizer() -> Tokenizer {
         )
         .expect("regex is valid"),
     ));
-    tok.add_special_tokens([tokenizers::AddedToken::from("<eos>", true)])
-        .expect("adds");
+    tok.add_special_tokens(
+        specials
+            .iter()
+            .map(|s| tokenizers::AddedToken::from(*s, true)),
+    )
+    .expect("adds");
     tok
+}
+
+/// A folder holding a tiny random FLAN-T5 (seeded) with [`t5_char_tokenizer`].
+pub fn tiny_t5_folder(name: &str, seed: u64) -> PathBuf {
+    let w = Weights::random(
+        seed,
+        0.3,
+        &Device::Cpu,
+        WeightMode::Dense(candle_core::DType::F32),
+    );
+    let m = hir_model::t5::Model::new(&hir_model::t5::Config::tiny(), &w).expect("tiny T5 builds");
+    let dir = scratch(name);
+    m.save(&dir, Some(&t5_char_tokenizer())).expect("saves");
+    dir
 }
 
 /// A tiny random Llama (seeded) in the given mode.
