@@ -351,3 +351,67 @@ fn t5_folder_without_a_tokenizer_is_refused_for_generation() {
         other => panic!("expected a missing tokenizer, got {other:?}"),
     }
 }
+
+#[test]
+fn t5_training_batches_shift_labels_and_the_hir_loss_falls() {
+    use hir_model::train::{hir_loss, AdamWConfig, Example, TrainBatch, Trainer};
+    let (m, vars) = tiny(WeightMode::Trainable(DType::F32));
+    let model = hir_model::AnyModel::from(m);
+    let pos = [
+        Example {
+            prompt: vec![5, 6, 7, 1],
+            completion: vec![20, 21, 1],
+        },
+        Example {
+            prompt: vec![8, 1],
+            completion: vec![30, 1],
+        },
+    ];
+    let neg: Vec<Example> = pos
+        .iter()
+        .map(|e| Example {
+            prompt: [&[40u32][..], &e.prompt].concat(),
+            completion: e.completion.clone(),
+        })
+        .collect();
+    let b = TrainBatch::for_model(&model, &pos, 0, &Device::Cpu).unwrap();
+    // Encoder input right-padded; labels -100-padded; decoder input behind the start token.
+    assert_eq!(b.mask, vec![vec![1, 1, 1, 1], vec![1, 1, 0, 0]]);
+    let labels: Vec<Vec<i64>> = b.labels.to_vec2().unwrap();
+    assert_eq!(labels, vec![vec![20, 21, 1], vec![30, 1, IGNORE_INDEX]]);
+    let (dec, dec_mask) = b.decoder.clone().unwrap();
+    assert_eq!(
+        dec.to_vec2::<u32>().unwrap(),
+        vec![vec![0, 20, 21], vec![0, 30, 1]]
+    );
+    assert_eq!(dec_mask, vec![vec![1, 1, 1], vec![1, 1, 0]]);
+    assert_eq!(b.n_labels, 5);
+    // A decoder-only batch is refused by T5, with the way out.
+    let flat = TrainBatch::new(&pos, 0, &Device::Cpu).unwrap();
+    let err = hir_model::train::lm_loss(&model, &flat, 0.0).unwrap_err();
+    assert!(err.to_string().contains("for_model"), "{err}");
+
+    let n = TrainBatch::for_model(&model, &neg, 0, &Device::Cpu).unwrap();
+    let cfg = hir_model::loss::HirLossConfig::default();
+    let mut trainer = Trainer::new(
+        &vars,
+        AdamWConfig {
+            lr: 3e-3,
+            ..Default::default()
+        },
+        1,
+        Some(1.0),
+    );
+    let first = hir_loss(&model, &b, &n, &cfg).unwrap();
+    let first_total: f32 = first.total.to_scalar().unwrap();
+    for _ in 0..20 {
+        let l = hir_loss(&model, &b, &n, &cfg).unwrap();
+        trainer.backward(&l.total).unwrap();
+    }
+    let last: f32 = hir_loss(&model, &b, &n, &cfg)
+        .unwrap()
+        .total
+        .to_scalar()
+        .unwrap();
+    assert!(last < first_total - 0.5, "loss {first_total} -> {last}");
+}

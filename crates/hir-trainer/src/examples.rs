@@ -211,6 +211,24 @@ mod tests {
         }
     }
 
+    /// [`Chars`] as an encoder-decoder model's codec.
+    struct EncoderChars;
+
+    impl Codec for EncoderChars {
+        fn encode(&self, text: &str) -> Result<Vec<u32>> {
+            Chars.encode(text)
+        }
+        fn decode(&self, ids: &[u32]) -> Result<String> {
+            Chars.decode(ids)
+        }
+        fn eos(&self) -> u32 {
+            0
+        }
+        fn encoder_decoder(&self) -> bool {
+            true
+        }
+    }
+
     fn sample(output: &str, correct: bool) -> RelabeledSample {
         let (pos, neg) = if correct { ("P", "N") } else { ("N", "P") };
         RelabeledSample {
@@ -240,6 +258,31 @@ mod tests {
         want.push(0);
         assert_eq!(ex.positive.completion, want);
         assert_eq!(ex.negative.completion, want);
+    }
+
+    #[test]
+    fn encoder_inputs_end_with_eos_after_the_output_prefix() {
+        // A long output, so that spans start after the first token for some seeds.
+        let s = sample("(B) because it is so", false);
+        let mut with_prefix = 0;
+        for seed in 0..50 {
+            let dec = build(&s, &Chars, false, &mut SplitMix64::new(seed)).unwrap();
+            let enc = build(&s, &EncoderChars, false, &mut SplitMix64::new(seed)).unwrap();
+            // The same span and labels; the encoder input is the prompt plus EOS.
+            assert_eq!(enc.positive.completion, dec.positive.completion);
+            for (e, d) in [
+                (&enc.positive, &dec.positive),
+                (&enc.negative, &dec.negative),
+            ] {
+                assert_eq!(e.prompt.last(), Some(&0));
+                assert_eq!(&e.prompt[..e.prompt.len() - 1], d.prompt.as_slice());
+            }
+            with_prefix += usize::from(dec.positive.prompt.len() > ids("N\n\nQ: q\nA:").len());
+        }
+        assert!(
+            with_prefix > 0,
+            "some spans keep an output prefix in the input"
+        );
     }
 
     #[test]
