@@ -22,7 +22,8 @@ const TASK: &str = "tracking_shuffled_objects_three_objects";
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// The model: a GGUF file or a HF folder (fetched when it is the default and missing).
+    /// The model: a GGUF file or a HF folder, Llama-family or FLAN-T5 (fetched when it is the
+    /// default and missing).
     #[arg(long, default_value = MODEL)]
     pub model: PathBuf,
     /// BIG-bench tasks folder.

@@ -161,6 +161,15 @@ fn perturbed_checkpoint_of(model: &Path, root: &Path, name: &str, scale: f64) ->
 }
 
 impl Server {
+    /// What the server says it serves.
+    async fn info(&mut self) -> pb::ModelInfo {
+        self.client
+            .get_model_info(pb::GetModelInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     async fn stop(mut self) {
         self.stop.take().unwrap().send(()).unwrap();
         self.done.await.unwrap().unwrap();
@@ -200,12 +209,7 @@ async fn completions_stream_with_their_tags() {
                 || (reason == pb::FinishReason::Length && c.token_ids.len() == 12)
         );
     }
-    let info = s
-        .client
-        .get_model_info(pb::GetModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = s.info().await;
     assert_eq!(
         (
             info.version.as_str(),
@@ -395,12 +399,7 @@ async fn swap_under_load_never_mixes_versions() {
         .await
         .unwrap();
     assert_eq!(after[0].model_version, "v2");
-    let info = s
-        .client
-        .get_model_info(pb::GetModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = s.info().await;
     assert_eq!(info.version, "v2");
     s.stop().await;
 }
@@ -465,12 +464,7 @@ async fn bad_swaps_leave_the_old_version_serving() {
         "{}",
         err.message()
     );
-    let info = s
-        .client
-        .get_model_info(pb::GetModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = s.info().await;
     assert_eq!(
         info.version, "base",
         "every failed swap leaves the old version serving"
@@ -813,12 +807,7 @@ async fn text_never_contains_the_end_of_sequence_token() {
 #[tokio::test]
 async fn serves_and_swaps_a_t5_model() {
     let mut s = start("t5", |c| c.model = t5_fixture()).await;
-    let info = s
-        .client
-        .get_model_info(pb::GetModelInfoRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let info = s.info().await;
     assert_eq!(
         (
             info.architecture.as_str(),

@@ -166,17 +166,7 @@ impl LoadedModel {
                     .and_then(|t| t.as_str())
                     .map(str::to_string)
             });
-        let pad = eos.first().copied().unwrap_or(0);
-        Self::assemble(
-            model.into(),
-            tokenizer,
-            w.vars(),
-            mode,
-            (eos, pad),
-            chat,
-            dir,
-            false,
-        )
+        Self::decoder_only(model, tokenizer, &w, eos, chat, dir, false)
     }
 
     fn load_t5(dir: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
@@ -226,16 +216,29 @@ impl LoadedModel {
         let w = Weights::new(Arc::new(src), device, mode);
         let model = llama::Model::new(&cfg, &w)?;
         let eos: Vec<u32> = file.eos_token_id().into_iter().collect();
+        Self::decoder_only(model, tokenizer, &w, eos, file.chat_template(), path, true)
+    }
+
+    /// A decoder-only model pads with its first EOS id.
+    fn decoder_only(
+        model: llama::Model,
+        tokenizer: Tokenizer,
+        w: &Weights,
+        eos: Vec<u32>,
+        chat_template: Option<String>,
+        source: &Path,
+        exact_vocab: bool,
+    ) -> Result<Self> {
         let pad = eos.first().copied().unwrap_or(0);
         Self::assemble(
             model.into(),
             tokenizer,
             w.vars(),
-            mode,
+            w.mode(),
             (eos, pad),
-            file.chat_template(),
-            path,
-            true,
+            chat_template,
+            source,
+            exact_vocab,
         )
     }
 

@@ -224,11 +224,12 @@ fn start_request(hp: pb::Hyperparameters, policy: &str) -> pb::StartRunRequest {
     }
 }
 
-/// Follows a run's events until it stops, finishes or fails.
+/// Follows a run's events until it stops, finishes or fails; returns them with the run
+/// as `GetRun` then describes it.
 async fn watch_to_end(
     client: &mut TrainerServiceClient<Channel>,
     run_id: &str,
-) -> Vec<pb::RunEvent> {
+) -> (Vec<pb::RunEvent>, pb::Run) {
     let mut stream = client
         .watch_run(pb::GetRunRequest {
             run_id: run_id.into(),
@@ -245,7 +246,14 @@ async fn watch_to_end(
     {
         events.push(e);
     }
-    events
+    let run = client
+        .get_run(pb::GetRunRequest {
+            run_id: run_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (events, run)
 }
 
 async fn model_sha(folder: &str) -> String {
@@ -281,14 +289,7 @@ async fn a_run_samples_trains_swaps_and_evaluates_every_iteration() {
         .into_inner();
     assert_eq!(again.run_id, run.run_id);
 
-    let events = watch_to_end(&mut client, &run.run_id).await;
-    let run = client
-        .get_run(pb::GetRunRequest {
-            run_id: run.run_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (events, run) = watch_to_end(&mut client, &run.run_id).await;
     assert_eq!(
         run.status,
         pb::RunStatus::Done as i32,
@@ -553,14 +554,7 @@ async fn bad_requests_are_refused_and_a_run_without_training_data_fails_with_the
 
     // The random tiny model never answers correctly, so FARL keeps no sample: the run
     // fails with the reason, on the iteration that had nothing to train on.
-    watch_to_end(&mut client, &run.run_id).await;
-    let run = client
-        .get_run(pb::GetRunRequest {
-            run_id: run.run_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, run) = watch_to_end(&mut client, &run.run_id).await;
     assert_eq!(run.status, pb::RunStatus::Failed as i32);
     assert!(run.error.contains("no training batches"), "{}", run.error);
     assert_eq!(run.iterations[1].status, pb::IterationStatus::Failed as i32);
@@ -892,14 +886,7 @@ async fn a_stopped_run_commits_its_steps_and_resumes_without_repeating_any() {
         .unwrap()
         .into_inner();
     assert_eq!(resumed.status, pb::RunStatus::Running as i32);
-    watch_to_end(&mut client, &run.run_id).await;
-    let finished = client
-        .get_run(pb::GetRunRequest {
-            run_id: run.run_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, finished) = watch_to_end(&mut client, &run.run_id).await;
     assert_eq!(
         finished.status,
         pb::RunStatus::Done as i32,
@@ -938,14 +925,7 @@ async fn a_flan_t5_run_trains_the_encoder_decoder_and_swaps_it_in() {
         .await
         .unwrap()
         .into_inner();
-    watch_to_end(&mut client, &run.run_id).await;
-    let run = client
-        .get_run(pb::GetRunRequest {
-            run_id: run.run_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let (_, run) = watch_to_end(&mut client, &run.run_id).await;
     assert_eq!(
         run.status,
         pb::RunStatus::Done as i32,
