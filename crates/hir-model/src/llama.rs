@@ -40,10 +40,10 @@ pub struct Config {
     /// Number of query heads.
     pub num_attention_heads: usize,
     /// Number of key/value heads (grouped-query attention); defaults to the query heads.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
     /// Per-head width; defaults to `hidden_size / num_attention_heads`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     /// Epsilon of the RMS norms.
     #[serde(default = "default_rms_eps")]
@@ -58,7 +58,7 @@ pub struct Config {
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Whether q/k/v projections have biases (`true` for Qwen2 when absent).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_bias: Option<bool>,
     /// Activation of the MLP gate (only `silu` is supported).
     #[serde(default = "default_act")]
@@ -70,10 +70,10 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
     /// Beginning-of-sequence token.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
     /// End-of-sequence token(s): a number or a list.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<serde_json::Value>,
     /// Any other fields, kept so that a saved config round-trips.
     #[serde(flatten)]

@@ -386,6 +386,19 @@ fn checkpoints_reload_bit_exactly_and_refuse_corruption() {
     let dir = scratch("checkpoint_roundtrip");
     let manifest = lm.save(&dir).unwrap();
     assert!(manifest.files.contains_key("model.safetensors"));
+    // transformers validates config fields strictly: unset options are left out, not null.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let nulls: Vec<&String> = cfg
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| v.is_null())
+        .map(|(k, _)| k)
+        .collect();
+    assert!(nulls.is_empty(), "null fields in config.json: {nulls:?}");
+    // An intact copy for scripts/check-hf-load.py (this one is corrupted below).
+    lm.save(&scratch("checkpoint_intact")).unwrap();
     let back = LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap();
     let a = lm.model().as_llama().unwrap().named_tensors().unwrap();
     let b: HashMap<String, Tensor> = back
