@@ -82,7 +82,7 @@ impl LoadedModel {
     /// Loads a model from a Hugging Face folder (`config.json`,
     /// `model.safetensors` or a sharded index, `tokenizer.json`) or a `.gguf` file.
     ///
-    /// `WeightMode::Quantized` needs a GGUF file; from a folder it loads f32.
+    /// With `WeightMode::Quantized` a folder's weight matrices are quantized to Q8_0.
     /// A folder whose `config.json` says `"model_type": "t5"` loads FLAN-T5.
     pub fn load(path: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
         if path.is_dir() {
@@ -129,12 +129,6 @@ impl LoadedModel {
             return Err(ModelError::MissingFile { path: tok_path });
         }
         let tokenizer = Tokenizer::from_file(&tok_path).map_err(ModelError::tokenizer)?;
-        let mode = match mode {
-            WeightMode::Quantized | WeightMode::QuantizedAsIs => {
-                WeightMode::Dense(candle_core::DType::F32)
-            }
-            m => m,
-        };
         let src = SafetensorsSource::open(&safetensors_files(dir)?)?;
         let w = Weights::new(Arc::new(src), device, mode);
         let model = llama::Model::new(&cfg, &w)?;
@@ -174,12 +168,6 @@ impl LoadedModel {
         if !tok_path.is_file() {
             return Err(ModelError::MissingFile { path: tok_path });
         }
-        let mode = match mode {
-            WeightMode::Quantized | WeightMode::QuantizedAsIs => {
-                WeightMode::Dense(candle_core::DType::F32)
-            }
-            m => m,
-        };
         let t5::LoadedT5 {
             model,
             tokenizer,

@@ -1019,9 +1019,6 @@ pub fn load_folder(dir: &Path, device: &Device, mode: WeightMode) -> Result<Load
         return Err(ModelError::UnsupportedArchitecture(mt.to_string()));
     }
     let cfg: Config = serde_json::from_value(raw).map_err(|e| ModelError::json(&cfg_path, e))?;
-    if mode.is_quantized() {
-        return Err(ModelError::InvalidConfig("T5 has no quantized path".into()));
-    }
     let src = SafetensorsSource::open(&crate::loaded::safetensors_files(dir)?)?;
     let w = Weights::new(Arc::new(src), device, mode);
     let model = Model::new(&cfg, &w)?;

@@ -174,8 +174,10 @@ pub enum WeightMode {
     Dense(DType),
     /// Dense tensors of the given dtype, registered as trainable [`Var`]s.
     Trainable(DType),
-    /// Keep quantized matrices quantized (GGUF only); Q4_1 and other types
-    /// without a fast CPU kernel are re-quantized to Q8_0. Norms and
+    /// Hold weight matrices quantized: GGUF blocks as they are, Q4_1 and other
+    /// types without a fast CPU kernel re-quantized to Q8_0, and dense matrices
+    /// (a safetensors folder, F16/F32 tensors of a GGUF file) quantized to Q8_0
+    /// where their width is a multiple of its 32-value blocks. Norms and
     /// embeddings are dense f32.
     Quantized,
     /// Keep quantized matrices in their GGUF type, even where candle has no
@@ -355,7 +357,16 @@ impl Weights {
                 Ok(MatW::Quant(to_qmatmul(q, false, &self.device)?))
             }
             (Param::Dense(t), WeightMode::Quantized | WeightMode::QuantizedAsIs) => {
-                Ok(MatW::Dense(t.to_dtype(DType::F32)?))
+                let t = t.to_dtype(DType::F32)?;
+                if in_dim % GgmlDType::Q8_0.block_size() != 0 {
+                    return Ok(MatW::Dense(t));
+                }
+                let q = QTensor::quantize_onto(
+                    &t.to_device(&Device::Cpu)?,
+                    GgmlDType::Q8_0,
+                    &self.device,
+                )?;
+                Ok(MatW::Quant(QMatMul::from_arc(Arc::new(q))?))
             }
             (Param::Quant(q), _) => {
                 let t = q.dequantize(&self.device)?;

@@ -101,7 +101,24 @@ fn gguf_weights_are_renamed_and_unpermuted() {
             .unwrap()
             .to_scalar()
             .unwrap();
-        assert!(d < 1e-5, "{mode:?}: {d}");
+        // Quantized mode holds the f32 file's matrices as Q8_0 (about 0.5% weight error,
+        // up to 10% of the logits' range in this tiny random model; a misplaced tensor
+        // is off by the whole range).
+        let scale: f32 = want
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        let tolerance = if mode == WeightMode::Quantized {
+            0.1 * scale
+        } else {
+            1e-5
+        };
+        assert!(d < tolerance, "{mode:?}: {d} (logits up to {scale})");
         assert_eq!(m.eos_token_ids(), &[0]);
         assert_eq!(m.info().vocab_size, 64);
     }

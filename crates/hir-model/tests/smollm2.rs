@@ -172,3 +172,32 @@ fn dequantized_smollm2_trains_on_a_fixed_batch() {
     }
     assert!(losses[2] < losses[0], "{losses:?}");
 }
+
+#[test]
+fn a_dense_checkpoint_served_quantized_stays_within_the_probe_tolerance() {
+    // What a CPU generator started from the GGUF does with a trainer's dense checkpoint:
+    // its matrices become Q8_0 again.
+    let dense = load(WeightMode::Dense(DType::F32));
+    let dir = common::scratch("smollm2_dense_checkpoint");
+    dense.save(&dir).unwrap();
+    let q8 = LoadedModel::load(&dir, &Device::Cpu, WeightMode::Quantized).unwrap();
+    assert_eq!(q8.info().dtype, "quantized");
+    // The trainer's swap probe: the last 8 tokens of a prompt scored after the rest, mean
+    // |log p| difference within its default tolerance for quantized generators (0.2);
+    // measured up to about 0.07.
+    for p in PROMPTS {
+        let ids = dense.encode(p).unwrap();
+        let (prompt, continuation) = ids.split_at(ids.len() - 8);
+        let a = dense
+            .model()
+            .continuation_logprobs(prompt, continuation)
+            .unwrap();
+        let b = q8
+            .model()
+            .continuation_logprobs(prompt, continuation)
+            .unwrap();
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum::<f32>() / 8.0;
+        assert!(diff < 0.2, "{p:?}: mean |diff| {diff}");
+        assert!(diff > 0.0, "the matrices were quantized");
+    }
+}

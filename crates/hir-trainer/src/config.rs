@@ -49,6 +49,9 @@ pub struct TrainerConfig {
     /// Mean absolute log-probability difference allowed between the trainer's model and
     /// a generator's after a swap.
     pub probe_tolerance: f64,
+    /// The same for a generator that holds the weights quantized (Q8_0 adds up to about
+    /// 0.07 on SmolLM2); a wrongly loaded model is off by whole nats.
+    pub probe_tolerance_quantized: f64,
     /// Name of this trainer in batch leases (default: host name and process id).
     pub owner: Option<String>,
     /// How long to keep asking an unreachable or restarting relabeler before the run fails.
@@ -82,6 +85,7 @@ impl Default for TrainerConfig {
             lease_secs: 900,
             eval_batch: 16,
             probe_tolerance: 0.05,
+            probe_tolerance_quantized: 0.2,
             owner: None,
             relabeler_give_up_secs: 600,
         }

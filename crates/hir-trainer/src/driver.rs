@@ -717,12 +717,17 @@ impl Driver<'_> {
             .map(|(a, b)| f64::from((a - b).abs()))
             .sum::<f64>()
             / local.len() as f64;
-        if diff > self.ctx.config.probe_tolerance {
+        let tolerance = if info.dtype == "quantized" {
+            self.ctx.config.probe_tolerance_quantized
+        } else {
+            self.ctx.config.probe_tolerance
+        };
+        if diff > tolerance {
             return Err(TrainerError::Verification(format!(
-                "generator {} serves {version:?} but its log-probabilities differ from the \
-                 trainer's by {diff:.4} per token on average (tolerance {}); it is not \
-                 serving the trained weights",
-                g.address, self.ctx.config.probe_tolerance
+                "generator {} serves {version:?} ({}) but its log-probabilities differ from \
+                 the trainer's by {diff:.4} per token on average (tolerance {tolerance}); it \
+                 is not serving the trained weights",
+                g.address, info.dtype
             )));
         }
         tracing::info!(generator = %g.address, version, mean_abs_diff = diff, "generator verified");
