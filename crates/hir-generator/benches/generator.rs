@@ -185,6 +185,20 @@ fn prompts(count: usize) -> Vec<String> {
         .collect()
 }
 
+/// Sends `prompts` one request after another; returns new tokens and tokens per second.
+async fn sequential(
+    client: &mut GeneratorServiceClient<Channel>,
+    prompts: &[String],
+    max_new: u32,
+) -> (usize, f64) {
+    let t = Instant::now();
+    let mut tokens = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        tokens += one(client, p.clone(), max_new, i as u64).await;
+    }
+    (tokens, tokens as f64 / t.elapsed().as_secs_f64())
+}
+
 async fn one(
     client: &mut GeneratorServiceClient<Channel>,
     prompt: String,
@@ -279,12 +293,8 @@ async fn main() {
         .into_inner();
 
     // The reference's loop: one request after another.
-    let t = Instant::now();
-    let mut seq_tokens = 0;
-    for (i, p) in prompts.iter().take(a.sequential).enumerate() {
-        seq_tokens += one(&mut client, p.clone(), a.max_new_tokens, i as u64).await;
-    }
-    let seq_rate = seq_tokens as f64 / t.elapsed().as_secs_f64();
+    let (seq_tokens, seq_rate) =
+        sequential(&mut client, &prompts[..a.sequential], a.max_new_tokens).await;
 
     println!("\nThroughput: requests of 1 prompt x 4 samples, up to {} new tokens, temperature 1, top-k 50", a.max_new_tokens);
     println!("| requests | in flight | new tokens | seconds | tokens/s | vs one at a time |");
@@ -371,6 +381,18 @@ async fn main() {
             "| swap: total | {:.1} ({:.2}x the raw read) |",
             r.total_ms,
             r.total_ms / raw_ms
+        );
+        let after = client
+            .get_model_info(pb::GetModelInfoRequest {})
+            .await
+            .expect("model info")
+            .into_inner();
+        let (_, rate) = sequential(&mut client, &prompts[..a.sequential], a.max_new_tokens).await;
+        println!(
+            "\nAfter the swap ({} weights, as served): {rate:.1} new tokens/s one request at a \
+             time ({:.2}x before the swap)",
+            after.dtype,
+            rate / seq_rate
         );
         let _ = std::fs::remove_dir_all(&swap_root);
     }

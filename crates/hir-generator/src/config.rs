@@ -58,8 +58,8 @@ impl Default for GeneratorConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Weights {
-    /// Quantized for a GGUF file (and for the checkpoints swapped in after it), f32 on CPU or
-    /// bf16 on CUDA for a folder.
+    /// Quantized for a GGUF file, f32 on CPU or bf16 on CUDA for a folder (a checkpoint
+    /// swapped in is a folder).
     Auto,
     /// Quantized: GGUF blocks (Q4_1 and other types without a fast CPU kernel as Q8_0), a
     /// folder's dense matrices as Q8_0.

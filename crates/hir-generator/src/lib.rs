@@ -127,7 +127,7 @@ async fn load(
         config.limits,
         config.swap.clone(),
         device,
-        mode,
+        config.weights,
         metrics,
     ))
 }

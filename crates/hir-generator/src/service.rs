@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use candle_core::Device;
-use hir_model::{FinishReason, SamplingParams, WeightMode};
+use hir_model::{FinishReason, SamplingParams};
 use hir_proto::pb;
 use hir_proto::pb::generator_service_server::GeneratorService;
 use tokio::io::AsyncWriteExt;
@@ -28,7 +28,7 @@ pub struct Generator {
     limits: Limits,
     swap: SwapConfig,
     device: Device,
-    mode: WeightMode,
+    weights: crate::config::Weights,
     metrics: Arc<Metrics>,
     seeds: Arc<AtomicU64>,
 }
@@ -40,7 +40,7 @@ impl Generator {
         limits: Limits,
         swap: SwapConfig,
         device: Device,
-        mode: WeightMode,
+        weights: crate::config::Weights,
         metrics: Arc<Metrics>,
     ) -> Self {
         let clock = SystemTime::now()
@@ -52,7 +52,7 @@ impl Generator {
             limits,
             swap,
             device,
-            mode,
+            weights,
             metrics,
             seeds: Arc::new(AtomicU64::new(clock)),
         }
@@ -203,13 +203,15 @@ impl Generator {
         started: Instant,
     ) -> Result<pb::SwapWeightsResponse> {
         let current = self.engine.serving();
+        // `weights = auto` holds a checkpoint folder dense, whatever the first model was.
+        let mode = crate::weight_mode(self.weights, &dir, &self.device);
         let (serving, times): (_, LoadTimes) = swap::load_checkpoint(
             dir,
             sha256,
             version.clone(),
             &current,
             self.device.clone(),
-            self.mode,
+            mode,
             self.deadline(),
         )
         .await?;

@@ -889,3 +889,29 @@ async fn serves_and_swaps_a_t5_model() {
     assert!(got.iter().all(|c| c.model_version == "v2"));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn swapped_checkpoints_are_held_as_the_weights_setting_says() {
+    for (weights, dtype) in [
+        (hir_generator::config::Weights::Auto, "f32"),
+        (hir_generator::config::Weights::Quantized, "quantized"),
+    ] {
+        let mut s = start(&format!("weights-{dtype}"), |c| c.weights = weights).await;
+        assert_eq!(s.info().await.dtype, dtype, "{weights:?} at start");
+        let sha = perturbed_checkpoint(&s.root, "v2", 2.0);
+        let swap = pb::SwapWeightsRequest {
+            checkpoint: "v2".into(),
+            sha256: sha,
+            version: "v2".into(),
+            expected_version: "base".into(),
+        };
+        s.client.swap_weights(authed(swap)).await.unwrap();
+        let info = s.info().await;
+        assert_eq!((info.version.as_str(), info.dtype.as_str()), ("v2", dtype));
+        let got = collect(&mut s.client, request(&["w2 w3"], 2, 1.0, 8, Some(1)))
+            .await
+            .unwrap();
+        assert!(got.iter().all(|c| c.model_version == "v2"));
+        s.stop().await;
+    }
+}
