@@ -415,3 +415,42 @@ fn t5_training_batches_shift_labels_and_the_hir_loss_falls() {
         .unwrap();
     assert!(last < first_total - 0.5, "loss {first_total} -> {last}");
 }
+
+/// The dtype the CUDA path uses: sampling and a training step run in bf16 too.
+#[test]
+fn t5_samples_and_trains_in_bf16() {
+    use hir_model::train::{hir_loss, AdamWConfig, Example, TrainBatch, Trainer};
+    let dir = common::tiny_t5_folder("t5_bf16", 9);
+    let lm =
+        hir_model::LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::BF16)).unwrap();
+    assert_eq!(lm.info().dtype, "bf16");
+    let params = hir_model::SamplingParams {
+        n: 2,
+        seed: 3,
+        ..hir_model::SamplingParams::greedy(6)
+    };
+    let out = lm
+        .generate_text(&["abc".to_string(), "a longer one".to_string()], &params)
+        .unwrap();
+    for s in out.iter().flatten() {
+        assert!(!s.token_ids.is_empty() && s.token_ids.len() <= 6);
+        assert!(s.logprobs.iter().all(|l| l.is_finite() && *l <= 0.0));
+    }
+    let trainable =
+        hir_model::LoadedModel::load(&dir, &Device::Cpu, WeightMode::Trainable(DType::BF16))
+            .unwrap();
+    let model = trainable.model();
+    let ex = |p: Vec<u32>| Example {
+        prompt: p,
+        completion: vec![20, 21, 1],
+    };
+    let pos = TrainBatch::for_model(model, &[ex(vec![5, 6, 1])], 0, &Device::Cpu).unwrap();
+    let neg = TrainBatch::for_model(model, &[ex(vec![7, 1])], 0, &Device::Cpu).unwrap();
+    let l = hir_loss(model, &pos, &neg, &Default::default()).unwrap();
+    let mut trainer = Trainer::new(trainable.vars(), AdamWConfig::default(), 1, Some(1.0));
+    let report = trainer
+        .backward(&l.total)
+        .unwrap()
+        .expect("one micro-batch steps");
+    assert!(report.grad_norm.is_finite() && report.grad_norm > 0.0);
+}
