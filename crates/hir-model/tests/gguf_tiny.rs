@@ -91,28 +91,11 @@ fn gguf_weights_are_renamed_and_unpermuted() {
         WeightMode::Trainable(DType::F32),
     ] {
         let m = LoadedModel::load(&path, &Device::Cpu, mode).unwrap();
-        let d: f32 = (logits(m.model().as_llama().unwrap()) - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = common::max_abs_diff(&logits(m.model().as_llama().unwrap()), &want);
         // Quantized mode holds the f32 file's matrices as Q8_0 (about 0.5% weight error,
         // up to 10% of the logits' range in this tiny random model; a misplaced tensor
         // is off by the whole range).
-        let scale: f32 = want
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let scale = common::max_abs(&want);
         let tolerance = if mode == WeightMode::Quantized {
             0.1 * scale
         } else {

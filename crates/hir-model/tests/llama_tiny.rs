@@ -13,19 +13,6 @@ use hir_model::train::{Example, TrainBatch, Trainer};
 use hir_model::weights::{MemorySource, WeightMode, Weights};
 use hir_model::{LoadedModel, ModelError};
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 fn ids(rows: &[&[u32]]) -> Tensor {
     let t = rows[0].len();
     let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
@@ -41,7 +28,7 @@ fn fused_and_differentiable_paths_agree() {
     m.set_fused(false);
     let b = m.forward(&x, &mask).unwrap();
     assert_eq!(a.dims(), &[2, 5, 64]);
-    assert!(max_abs_diff(&a, &b) < 1e-5);
+    assert!(common::max_abs_diff(&a, &b) < 1e-5);
 }
 
 #[test]
@@ -54,9 +41,9 @@ fn left_padded_batch_matches_each_sequence_alone() {
     let both = m.forward(&batch, &mask).unwrap();
     let alone = m.forward(&ids(&[short]), &[vec![1u8; 3]]).unwrap();
     let padded_rows = both.get(1).unwrap().narrow(0, 3, 3).unwrap();
-    assert!(max_abs_diff(&padded_rows, &alone.get(0).unwrap()) < 1e-5);
+    assert!(common::max_abs_diff(&padded_rows, &alone.get(0).unwrap()) < 1e-5);
     let alone_long = m.forward(&ids(&[long]), &[vec![1u8; 6]]).unwrap();
-    assert!(max_abs_diff(&both.get(0).unwrap(), &alone_long.get(0).unwrap()) < 1e-5);
+    assert!(common::max_abs_diff(&both.get(0).unwrap(), &alone_long.get(0).unwrap()) < 1e-5);
 }
 
 #[test]
@@ -78,7 +65,7 @@ fn kv_cache_steps_match_the_full_forward() {
         )
         .unwrap();
     assert!(
-        max_abs_diff(
+        common::max_abs_diff(
             &first.get(0).unwrap(),
             &full.get(0).unwrap().get(3).unwrap()
         ) < 1e-5
@@ -95,7 +82,10 @@ fn kv_cache_steps_match_the_full_forward() {
                 Some(&mut cache),
             )
             .unwrap();
-        assert!(max_abs_diff(&step.get(0).unwrap(), &full.get(0).unwrap().get(t).unwrap()) < 1e-5);
+        assert!(
+            common::max_abs_diff(&step.get(0).unwrap(), &full.get(0).unwrap().get(t).unwrap())
+                < 1e-5
+        );
     }
     assert_eq!(cache.seq_len(), 7);
 }
@@ -482,7 +472,7 @@ fn sharded_safetensors_folders_load() {
     let back = LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap();
     let x = Tensor::new(&[[3u32, 4, 5]], &Device::Cpu).unwrap();
     let mask = [vec![1u8; 3]];
-    let d = max_abs_diff(
+    let d = common::max_abs_diff(
         &lm.model().as_llama().unwrap().forward(&x, &mask).unwrap(),
         &back.model().as_llama().unwrap().forward(&x, &mask).unwrap(),
     );

@@ -21,19 +21,6 @@ fn ids(rows: &[&[u32]]) -> Tensor {
     Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 #[test]
 fn t5_padding_does_not_change_real_positions() {
     let (m, _) = tiny(WeightMode::Dense(DType::F32));
@@ -59,7 +46,7 @@ fn t5_padding_does_not_change_real_positions() {
         .unwrap();
     assert_eq!(batch.dims(), &[2, 4, 64]);
     let got = batch.get(1).unwrap().narrow(0, 0, 2).unwrap();
-    assert!(max_abs_diff(&got, &alone.get(0).unwrap()) < 1e-5);
+    assert!(common::max_abs_diff(&got, &alone.get(0).unwrap()) < 1e-5);
     let long_alone = m
         .forward(
             &ids(&[src_long]),
@@ -68,16 +55,8 @@ fn t5_padding_does_not_change_real_positions() {
             &[vec![1; 4]],
         )
         .unwrap();
-    let d = max_abs_diff(&batch.get(0).unwrap(), &long_alone.get(0).unwrap());
-    let scale: f32 = long_alone
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let d = common::max_abs_diff(&batch.get(0).unwrap(), &long_alone.get(0).unwrap());
+    let scale = common::max_abs(&long_alone);
     assert!(d < 1e-5 * scale.max(1.0), "{d} (logits up to {scale})");
 }
 
@@ -91,8 +70,8 @@ fn t5_decoder_is_causal() {
     let b = m
         .forward(&src, &[vec![1; 4]], &ids(&[&[0, 9, 40, 41]]), &[vec![1; 4]])
         .unwrap();
-    assert!(max_abs_diff(&a.narrow(1, 0, 2).unwrap(), &b.narrow(1, 0, 2).unwrap()) < 1e-6);
-    assert!(max_abs_diff(&a.narrow(1, 2, 2).unwrap(), &b.narrow(1, 2, 2).unwrap()) > 1e-4);
+    assert!(common::max_abs_diff(&a.narrow(1, 0, 2).unwrap(), &b.narrow(1, 0, 2).unwrap()) < 1e-6);
+    assert!(common::max_abs_diff(&a.narrow(1, 2, 2).unwrap(), &b.narrow(1, 2, 2).unwrap()) > 1e-4);
 }
 
 #[test]
@@ -143,7 +122,7 @@ fn t5_loads_from_a_hugging_face_folder() {
     let b = back
         .forward(&src, &[vec![1; 4]], &dec, &[vec![1; 3]])
         .unwrap();
-    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert_eq!(common::max_abs_diff(&a, &b), 0.0);
     let greedy = back.greedy(&src, &[vec![1; 4]], 5).unwrap();
     assert_eq!(greedy[0].len(), 5.min(greedy[0].len()));
 

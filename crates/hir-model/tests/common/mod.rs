@@ -86,6 +86,23 @@ pub fn tiny_loaded(mode: WeightMode, seed: u64) -> LoadedModel {
     LoadedModel::from_parts(m, char_tokenizer(), vars, vec![0]).expect("parts fit")
 }
 
+/// Largest absolute value of a tensor.
+pub fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Largest absolute difference of two tensors.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    max_abs(&(a - b).unwrap())
+}
+
 /// Repository root.
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
