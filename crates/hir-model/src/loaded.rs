@@ -263,7 +263,7 @@ impl LoadedModel {
         };
         let parameters = match &model {
             AnyModel::Llama(m) => m.config().num_parameters(),
-            AnyModel::T5(m) => m.named_tensors().iter().map(|(_, t)| t.elem_count()).sum(),
+            AnyModel::T5(m) => m.num_parameters(),
         };
         let info = ModelInfo {
             architecture: model.architecture().to_string(),

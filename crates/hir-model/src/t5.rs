@@ -633,6 +633,23 @@ impl Model {
         Ok(seqs.into_iter().map(|s| s[1..].to_vec()).collect())
     }
 
+    /// Number of parameters (quantized matrices included).
+    pub fn num_parameters(&self) -> usize {
+        let c = &self.cfg;
+        let (d, inner, v) = (c.d_model, c.num_heads * c.d_kv, c.vocab_size);
+        let attention = 4 * d * inner;
+        let ff = if self.encoder.blocks[0].ff.wi_1.is_some() {
+            3 * d * c.d_ff
+        } else {
+            2 * d * c.d_ff
+        };
+        let rel = 2 * c.relative_attention_num_buckets * c.num_heads;
+        let encoder = c.num_layers * (attention + ff + 2 * d);
+        let decoder = c.decoder_layers() * (2 * attention + ff + 3 * d);
+        let lm_head = if self.lm_head_untied { v * d } else { 0 };
+        v * d + encoder + decoder + rel + 2 * d + lm_head
+    }
+
     /// An empty sampling cache.
     pub fn new_cache(&self) -> T5Cache {
         T5Cache {

@@ -131,6 +131,8 @@ fn t5_parity(name: &str) {
             .unwrap();
         let d = masked_max_diff(&logits, &exp["logits"], &dec_mask);
         assert!(d < 1e-4, "{name} {mode:?}: max |diff| {d}");
+        let counted: usize = m.named_tensors().iter().map(|(_, t)| t.elem_count()).sum();
+        assert_eq!(m.num_parameters(), counted, "{name}");
     }
 }
 

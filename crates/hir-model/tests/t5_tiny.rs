@@ -189,6 +189,11 @@ fn t5_folder_loads_as_a_generating_model() {
         .map(|(_, t)| t.elem_count())
         .sum();
     assert_eq!(info.parameters, expected_params);
+    // Counted from the shapes, so a quantized model has the same count.
+    let dir = common::tiny_t5_folder("t5_loaded_q", 3);
+    let q = hir_model::LoadedModel::load(&dir, &Device::Cpu, WeightMode::Quantized).unwrap();
+    assert_eq!(q.info().dtype, "quantized");
+    assert_eq!(q.info().parameters, expected_params);
     // The encoder input ends with </s>, as T5's tokenizer adds; once.
     let ids = lm.encode_prompt("abc").unwrap();
     assert_eq!(ids.len(), 4);
