@@ -255,7 +255,21 @@ impl Attention {
     }
 
     /// Unscaled dot-product attention of queries `[B, H, Tq, d_kv]` over keys and values
-    /// `[B, H, Tk, d_kv]`, then the output projection: `[B, Tq, d_model]`.
+    /// `[B, H, Tk, d_kv]`: `[B, H, Tq, d_kv]`.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
+        let p = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
+            .to_dtype(q.dtype())?;
+        p.matmul(&v.contiguous()?)
+    }
+
+    /// [`Attention::attention`], then the output projection: `[B, Tq, d_model]`.
     fn attend(
         &self,
         q: &Tensor,
@@ -264,10 +278,7 @@ impl Attention {
         bias: &Tensor,
     ) -> candle_core::Result<Tensor> {
         let (b, _, t, _) = q.dims4()?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
-        let p = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
-            .to_dtype(q.dtype())?;
-        let y = p.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((
+        let y = self.attention(q, k, v, bias)?.transpose(1, 2)?.reshape((
             b,
             t,
             self.n_heads * self.d_kv,
@@ -656,6 +667,7 @@ impl Model {
             self_kv: KvCache::new(self.cfg.decoder_layers()),
             cross: Vec::new(),
             enc_mask: Vec::new(),
+            group_len: Vec::new(),
         }
     }
 
@@ -721,6 +733,7 @@ impl Model {
         let mut cache = T5Cache {
             self_kv: KvCache::new(self.cfg.decoder_layers()),
             cross,
+            group_len: vec![1; enc_mask.len()],
             enc_mask,
         };
         let start = vec![self.cfg.decoder_start_token_id; prompts.len()];
@@ -743,11 +756,11 @@ impl Model {
             || key_mask
                 .iter()
                 .any(|m| m.len() != tk || m.last() != Some(&1))
-            || cache.enc_mask.len() != b
+            || cache.rows() != b
         {
             return Err(ModelError::InvalidRequest(format!(
                 "decoder mask must be [{b}][{tk}] ending in 1, for a cache of {} rows",
-                cache.enc_mask.len()
+                cache.rows()
             )));
         }
         self.check_ids(tokens)?;
@@ -805,8 +818,7 @@ impl Model {
                 .expect("decoder blocks attend to the encoder");
             let h = t5_norm(&x, ln, eps)?;
             let q = attn.heads(&attn.q.forward(&h)?)?;
-            let (ck, cv) = &cache.cross[i];
-            x = (&x + attn.attend(&q, ck, cv, &cross_bias)?)?;
+            x = (&x + cache.cross_attend(attn, &q, i, &cross_bias)?)?;
             let h = t5_norm(&x, &block.ln_ff, eps)?;
             x = (&x + block.ff.forward(&h)?)?;
         }
@@ -891,15 +903,20 @@ impl Model {
     }
 }
 
-/// The sampling state of a batch of T5 sequences: the decoder's self-attention KV cache,
-/// each decoder layer's cross-attention keys and values over the encoded prompts, and the
-/// prompts' padding mask. Rows are sequences; the batch surgery mirrors [`KvCache`]'s.
+/// The sampling state of a batch of T5 sequences: the decoder's self-attention KV cache (a
+/// row per sequence), and each decoder layer's cross-attention keys and values over the
+/// encoded prompts with the prompts' padding mask (a row per *group*). A group is a run of
+/// consecutive sequences that share one encoded prompt (the `n` samples of a request), so
+/// the cross-attention cache is held once per prompt, not once per sample.
 #[derive(Debug)]
 pub struct T5Cache {
     self_kv: KvCache,
-    /// Per decoder layer, keys and values `[B, H, Ts, d_kv]` of the encoder output.
+    /// Per decoder layer, keys and values `[G, H, Ts, d_kv]` of the encoder output.
     cross: Vec<(Tensor, Tensor)>,
+    /// Padding mask of each group's encoder input, `[G][Ts]`.
     enc_mask: Vec<Vec<u8>>,
+    /// Sequences per group, in row order: group g covers the next `group_len[g]` rows.
+    group_len: Vec<usize>,
 }
 
 impl T5Cache {
@@ -908,57 +925,92 @@ impl T5Cache {
         self.self_kv.seq_len()
     }
 
-    /// Keeps the rows `idx` (in that order; repeats allowed) and drops encoder columns
-    /// that no kept row uses.
-    pub fn select(&self, idx: &[u32]) -> Result<Self> {
-        let enc_mask: Vec<Vec<u8>> = idx
+    /// Number of sequences.
+    pub fn rows(&self) -> usize {
+        self.group_len.iter().sum()
+    }
+
+    /// Number of encoded prompts held (groups of sequences sharing one).
+    pub fn groups(&self) -> usize {
+        self.group_len.len()
+    }
+
+    /// The group of each row.
+    fn row_groups(&self) -> Vec<usize> {
+        self.group_len
             .iter()
-            .map(|&i| self.enc_mask[i as usize].clone())
+            .enumerate()
+            .flat_map(|(g, &n)| std::iter::repeat_n(g, n))
+            .collect()
+    }
+
+    /// Keeps the rows `idx` (in that order; repeats allowed). Consecutive kept rows of one
+    /// group stay one group; encoder columns that no kept group uses are dropped.
+    pub fn select(&self, idx: &[u32]) -> Result<Self> {
+        let of_row = self.row_groups();
+        let mut picked: Vec<u32> = Vec::new();
+        let mut group_len: Vec<usize> = Vec::new();
+        let mut last = None;
+        for &i in idx {
+            let g = *of_row.get(i as usize).ok_or_else(|| {
+                ModelError::InvalidRequest(format!("row {i} of a {}-row cache", of_row.len()))
+            })?;
+            if last == Some(g) {
+                *group_len.last_mut().expect("a run is open") += 1;
+            } else {
+                picked.push(g as u32);
+                group_len.push(1);
+                last = Some(g);
+            }
+        }
+        let enc_mask: Vec<Vec<u8>> = picked
+            .iter()
+            .map(|&g| self.enc_mask[g as usize].clone())
             .collect();
-        let Some((k0, _)) = self.cross.first() else {
-            return Ok(Self {
-                self_kv: self.self_kv.select(idx)?,
-                cross: Vec::new(),
-                enc_mask,
-            });
-        };
         let used = enc_mask
             .iter()
             .map(|m| m.iter().rposition(|&v| v != 0).map_or(0, |p| p + 1))
             .max()
             .unwrap_or(0);
-        let ids = Tensor::new(idx, k0.device())?;
-        let cross = self
-            .cross
-            .iter()
-            .map(|(k, v)| {
-                let pick = |t: &Tensor| t.index_select(&ids, 0)?.narrow(2, 0, used)?.contiguous();
-                Ok((pick(k)?, pick(v)?))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let cross = match self.cross.first() {
+            Some((k0, _)) => {
+                let ids = Tensor::new(picked.as_slice(), k0.device())?;
+                self.cross
+                    .iter()
+                    .map(|(k, v)| {
+                        let pick =
+                            |t: &Tensor| t.index_select(&ids, 0)?.narrow(2, 0, used)?.contiguous();
+                        Ok((pick(k)?, pick(v)?))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => Vec::new(),
+        };
         Ok(Self {
             self_kv: self.self_kv.select(idx)?,
             cross,
             enc_mask: enc_mask.into_iter().map(|m| m[..used].to_vec()).collect(),
+            group_len,
         })
+    }
+
+    fn with_self_kv(&self, self_kv: KvCache) -> Self {
+        Self {
+            self_kv,
+            cross: self.cross.clone(),
+            enc_mask: self.enc_mask.clone(),
+            group_len: self.group_len.clone(),
+        }
     }
 
     /// Left-pads the decoder cache to `len` positions (padded keys must be masked).
     pub fn left_pad(&self, len: usize) -> Result<Self> {
-        Ok(Self {
-            self_kv: self.self_kv.left_pad(len)?,
-            cross: self.cross.clone(),
-            enc_mask: self.enc_mask.clone(),
-        })
+        Ok(self.with_self_kv(self.self_kv.left_pad(len)?))
     }
 
     /// Drops the first `n` decoder positions of every row (all-padding columns).
     pub fn trim_front(&self, n: usize) -> Result<Self> {
-        Ok(Self {
-            self_kv: self.self_kv.trim_front(n)?,
-            cross: self.cross.clone(),
-            enc_mask: self.enc_mask.clone(),
-        })
+        Ok(self.with_self_kv(self.self_kv.trim_front(n)?))
     }
 
     /// Stacks caches of equal decoder length along the batch; encoder outputs of different
@@ -1005,7 +1057,57 @@ impl T5Cache {
             self_kv: KvCache::concat(&self_kvs)?,
             cross,
             enc_mask,
+            group_len: caches
+                .iter()
+                .flat_map(|c| c.group_len.iter().copied())
+                .collect(),
         })
+    }
+
+    /// Cross-attention of one query per row over its group's encoder output: the rows of
+    /// each group are gathered into `[G, H, n_max, d_kv]` (padding slots repeat the group's
+    /// first row), attend together, and are scattered back to `[B, 1, H * d_kv]`.
+    fn cross_attend(
+        &self,
+        attn: &Attention,
+        q: &Tensor,
+        layer: usize,
+        bias: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (k, v) = &self.cross[layer];
+        let (b, h, _, d) = q.dims4()?;
+        let g = self.group_len.len();
+        if g == b {
+            return attn.attend(q, k, v, bias);
+        }
+        let n_max = self.group_len.iter().copied().max().unwrap_or(1);
+        let mut gather = Vec::with_capacity(g * n_max);
+        let mut scatter = Vec::with_capacity(b);
+        let mut start = 0u32;
+        for (gi, &n) in self.group_len.iter().enumerate() {
+            for j in 0..n_max {
+                gather.push(start + j.min(n - 1) as u32);
+            }
+            scatter.extend((0..n).map(|j| (gi * n_max + j) as u32));
+            start += n as u32;
+        }
+        let dev = q.device();
+        let gather = Tensor::new(gather.as_slice(), dev)?;
+        let scatter = Tensor::new(scatter.as_slice(), dev)?;
+        // [B, H, 1, D] -> [G * n_max, H, D] -> [G, H, n_max, D]
+        let qg = q
+            .squeeze(2)?
+            .index_select(&gather, 0)?
+            .reshape((g, n_max, h, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let y = attn
+            .attention(&qg, k, v, bias)?
+            .transpose(1, 2)?
+            .reshape((g * n_max, h * d))?
+            .index_select(&scatter, 0)?
+            .reshape((b, 1, h * d))?;
+        attn.o.forward(&y)
     }
 }
 

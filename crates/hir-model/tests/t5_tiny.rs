@@ -438,3 +438,49 @@ fn t5_samples_and_trains_in_bf16() {
         .expect("one micro-batch steps");
     assert!(report.grad_norm.is_finite() && report.grad_norm > 0.0);
 }
+
+#[test]
+fn samples_of_a_prompt_share_one_encoded_prompt() {
+    let (m, _) = tiny(WeightMode::Dense(DType::F32));
+    let (p0, p1): (&[u32], &[u32]) = (&[5, 6, 7, 8, 9, 1], &[10, 11, 1]);
+    // Two prompts, three and two samples: two encoded prompts for five rows.
+    let (cache, _) = m.prefill(&[p0, p1], 0).unwrap();
+    let mut shared = cache.select(&[0, 0, 0, 1, 1]).unwrap();
+    assert_eq!((shared.rows(), shared.groups()), (5, 2));
+    // The same rows, each with its own copy.
+    let (mut copies, _) = m.prefill(&[p0, p0, p0, p1, p1], 0).unwrap();
+    assert_eq!(copies.groups(), 5);
+    let tokens = [20u32, 21, 22, 30, 31];
+    let mask = vec![vec![1u8, 1]; 5];
+    let a = m.decode_step(&tokens, &mask, &mut shared).unwrap();
+    let b = m.decode_step(&tokens, &mask, &mut copies).unwrap();
+    assert!(common::max_abs_diff(&a, &b) < 1e-5);
+    // Retiring rows keeps the sharing; rows of one group apart from each other split it.
+    let mut kept = shared.select(&[1, 2, 4]).unwrap();
+    assert_eq!((kept.rows(), kept.groups()), (3, 2));
+    let mut apart = shared.select(&[0, 3, 1]).unwrap();
+    assert_eq!((apart.rows(), apart.groups()), (3, 3));
+    let mask = vec![vec![1u8, 1, 1]; 3];
+    let k = m.decode_step(&[40, 41, 42], &mask, &mut kept).unwrap();
+    let k_ref = m
+        .decode_step(
+            &[40, 41, 42],
+            &mask,
+            &mut copies.select(&[1, 2, 4]).unwrap(),
+        )
+        .unwrap();
+    assert!(common::max_abs_diff(&k, &k_ref) < 1e-5);
+    let p = m.decode_step(&[40, 41, 42], &mask, &mut apart).unwrap();
+    let p_ref = m
+        .decode_step(
+            &[40, 41, 42],
+            &mask,
+            &mut copies.select(&[0, 3, 1]).unwrap(),
+        )
+        .unwrap();
+    assert!(common::max_abs_diff(&p, &p_ref) < 1e-5);
+    assert!(
+        m.decode_step(&[1], &[vec![1, 1, 1]], &mut kept).is_err(),
+        "row count checked"
+    );
+}
