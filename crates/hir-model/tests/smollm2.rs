@@ -129,11 +129,26 @@ fn greedy_chat_answer_is_sensible_text() {
             .any(|c| colours.contains(*c)),
         "{colours:?}"
     );
-    // Batched greedy equals one prompt at a time.
+    // Batched prefill agrees with one prompt at a time. Not to the bit: the f32 GEMM that
+    // multiplies prompts may sum in another order for another number of rows, so a later
+    // near-tie can flip a greedy token.
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| m.encode(p).unwrap()).collect();
+    let both = hir_model::generate::prefill(m.model(), &[&ids[0], &ids[1]], m.pad_token_id())
+        .unwrap()
+        .logits;
+    let alone = hir_model::generate::prefill(m.model(), &[&ids[1]], m.pad_token_id())
+        .unwrap()
+        .logits;
+    let d = common::max_abs_diff(&both.get(1).unwrap(), &alone.get(0).unwrap());
+    assert!(d < 1e-2, "batched and alone prefill logits differ by {d}");
     let alone = m
         .generate_text(&prompts[1..], &SamplingParams::greedy(24))
         .unwrap();
-    assert_eq!(alone[0][0].token_ids, out[1][0].token_ids);
+    assert_eq!(
+        alone[0][0].token_ids[..8],
+        out[1][0].token_ids[..8],
+        "the first greedy tokens agree"
+    );
 }
 
 #[test]
