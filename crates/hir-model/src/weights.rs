@@ -178,10 +178,12 @@ pub enum WeightMode {
     /// types without a fast CPU kernel re-quantized to Q8_0, and dense matrices
     /// (a safetensors folder, F16/F32 tensors of a GGUF file) quantized to Q8_0
     /// where their width is a multiple of its 32-value blocks. Norms and
-    /// embeddings are dense f32.
+    /// embeddings are dense f32. Each quantized matrix also keeps its values
+    /// dequantized to f32 for products of [`DENSE_ROWS`] rows or more (prompts,
+    /// large batches): 4 more bytes per parameter for a faster prefill.
     Quantized,
     /// Keep quantized matrices in their GGUF type, even where candle has no
-    /// fast CPU kernel (for comparisons).
+    /// fast CPU kernel, and no dense copy (for comparisons).
     QuantizedAsIs,
 }
 
