@@ -5,8 +5,9 @@
 //! cache left-padded); each prompt is prefilled once and its cache is copied
 //! for the `n` samples drawn from it. Every sequence has its own random generator,
 //! seeded from `(seed, stream, sample index)`, so its tokens do not depend on
-//! which other sequences share the batch (up to floating-point differences
-//! caused by padding).
+//! which other sequences share the batch, up to floating-point differences:
+//! padding, and for quantized weights the product path, since a batch of 64 rows
+//! or more multiplies with the f32 copy of the weights ([`crate::weights::DENSE_ROWS`]).
 //!
 //! [`DecodeBatch`] is the step-by-step interface a continuous-batching engine
 //! drives: [`DecodeBatch::admit`] prefills new requests and merges them into

@@ -122,16 +122,16 @@ fn greedy_chat_answer_is_sensible_text() {
         .unwrap();
     let paris = &out[0][0];
     assert!(paris.text.contains("Paris"), "{:?}", paris.text);
-    let colours = out[1][0].text.to_lowercase();
-    assert!(
+    let names_a_colour = |text: &str| {
+        let text = text.to_lowercase();
         ["red", "blue", "green", "yellow"]
             .iter()
-            .any(|c| colours.contains(*c)),
-        "{colours:?}"
-    );
-    // Batched prefill agrees with one prompt at a time. Not to the bit: the f32 GEMM that
-    // multiplies prompts may sum in another order for another number of rows, so a later
-    // near-tie can flip a greedy token.
+            .any(|c| text.contains(*c))
+    };
+    assert!(names_a_colour(&out[1][0].text), "{:?}", out[1][0].text);
+    // Batched and alone agree on the next token and on a sensible answer. Not to the bit:
+    // a batch's prompts together reach the row count from which quantized matrices
+    // multiply with their f32 copy, while one short prompt alone uses Q8_0 dot products.
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| m.encode(p).unwrap()).collect();
     let both = hir_model::generate::prefill(m.model(), &[&ids[0], &ids[1]], m.pad_token_id())
         .unwrap()
@@ -139,16 +139,12 @@ fn greedy_chat_answer_is_sensible_text() {
     let alone = hir_model::generate::prefill(m.model(), &[&ids[1]], m.pad_token_id())
         .unwrap()
         .logits;
-    let d = common::max_abs_diff(&both.get(1).unwrap(), &alone.get(0).unwrap());
-    assert!(d < 1e-2, "batched and alone prefill logits differ by {d}");
+    let top = |t: &Tensor| argmax(&t.to_vec1::<f32>().unwrap());
+    assert_eq!(top(&both.get(1).unwrap()), top(&alone.get(0).unwrap()));
     let alone = m
         .generate_text(&prompts[1..], &SamplingParams::greedy(24))
         .unwrap();
-    assert_eq!(
-        alone[0][0].token_ids[..8],
-        out[1][0].token_ids[..8],
-        "the first greedy tokens agree"
-    );
+    assert!(names_a_colour(&alone[0][0].text), "{:?}", alone[0][0].text);
 }
 
 #[test]
