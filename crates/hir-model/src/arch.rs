@@ -54,15 +54,6 @@ impl AnyModel {
         }
     }
 
-    /// The Llama-family model, or an error naming what needs one.
-    pub fn llama(&self, what: &str) -> Result<&llama::Model> {
-        self.as_llama().ok_or_else(|| {
-            ModelError::InvalidRequest(format!(
-                "{what} needs a decoder-only (Llama-family) model; this one is T5"
-            ))
-        })
-    }
-
     /// `model_type` of the config.
     pub fn architecture(&self) -> &str {
         match self {

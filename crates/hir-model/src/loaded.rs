@@ -345,11 +345,6 @@ impl LoadedModel {
         &self.model
     }
 
-    /// The decoder-only model, or an error saying that `what` needs one.
-    pub fn llama(&self, what: &str) -> Result<&llama::Model> {
-        self.model.llama(what)
-    }
-
     /// Trainable variables with their Hugging Face names (empty unless loaded
     /// with [`WeightMode::Trainable`]).
     pub fn vars(&self) -> &[(String, Var)] {
