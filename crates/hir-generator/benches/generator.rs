@@ -41,7 +41,7 @@ struct Args {
 fn args() -> Args {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut a = Args {
-        model: root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        model: root.join(hir_model::smollm2::GGUF),
         max_new_tokens: 32,
         sequential: 8,
         concurrency: vec![1, 8, 64],
@@ -83,11 +83,7 @@ fn args() -> Args {
     }
     let random = a.random_from.is_some() || a.random_t5_base;
     if !random && !a.model.is_file() && !a.model.is_dir() {
-        let status = std::process::Command::new("bash")
-            .arg(root.join("scripts/fetch-model.sh"))
-            .status()
-            .expect("fetch script runs");
-        assert!(status.success(), "scripts/fetch-model.sh failed");
+        hir_model::smollm2::fetch(&root).expect("SmolLM2 is fetched");
     }
     a
 }

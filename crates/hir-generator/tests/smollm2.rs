@@ -9,16 +9,8 @@ use hir_proto::pb;
 use hir_proto::pb::generator_service_client::GeneratorServiceClient;
 
 fn smollm2() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let path = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.is_file() {
-        let status = std::process::Command::new("bash")
-            .arg(root.join("scripts/fetch-model.sh"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "scripts/fetch-model.sh failed");
-    }
-    path
+    hir_model::smollm2::fetch(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .expect("SmolLM2 is fetched")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,17 +18,8 @@ use hir_model::{LoadedModel, WeightMode};
 const TEXT: &str = "Alice, Bob, Claire, Dave, and Eve are playing a game. At the start of the game, they are each holding a ball: Alice has a pink ball, Bob has a white ball, Claire has a red ball, Dave has a purple ball, and Eve has a yellow ball. As the game progresses, pairs of players trade balls. First, Alice and Dave swap balls. Then, Claire and Eve swap balls. Then, Alice and Bob swap balls. Then, Dave and Claire swap balls. Finally, Alice and Claire swap balls. At the end of the game, Alice has the";
 
 fn model_path() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let path = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.is_file() {
-        let ok = std::process::Command::new("bash")
-            .arg(root.join("scripts/fetch-model.sh"))
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "scripts/fetch-model.sh failed");
-    }
-    path
+    hir_model::smollm2::fetch(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .expect("SmolLM2 is fetched")
 }
 
 /// A prompt of exactly `n` tokens.

@@ -26,6 +26,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
 pub mod loss;
+pub mod smollm2;
 pub mod t5;
 pub mod train;
 pub mod weights;

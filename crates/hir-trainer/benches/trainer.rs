@@ -28,16 +28,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn smollm2_path() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let path = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.is_file() {
-        let ok = std::process::Command::new("bash")
-            .arg(root.join("scripts/fetch-model.sh"))
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "scripts/fetch-model.sh failed");
-    }
-    path
+    hir_model::smollm2::fetch(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .expect("SmolLM2 is fetched")
 }
 
 /// Timed steps: (median step seconds, tokens per step).

@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use candle_core::Device;
 use hir_model::llama::{Config, Model};
@@ -110,16 +109,7 @@ pub fn repo_root() -> PathBuf {
 
 /// Path of the SmolLM2 GGUF, fetched by `scripts/fetch-model.sh` if missing.
 pub fn smollm2_gguf() -> PathBuf {
-    let root = repo_root();
-    let path = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.is_file() {
-        let status = Command::new("bash")
-            .arg(root.join("scripts/fetch-model.sh"))
-            .status()
-            .expect("runs scripts/fetch-model.sh");
-        assert!(status.success(), "scripts/fetch-model.sh failed");
-    }
-    path
+    hir_model::smollm2::fetch(&repo_root()).expect("SmolLM2 is fetched")
 }
 
 /// A scratch directory unique to the test.
