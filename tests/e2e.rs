@@ -1,7 +1,8 @@
 //! End to end: the three services over real sockets (the tiny Llama fixture), a real
 //! Postgres, and the `hir` command driving them as a user would: `hir health`, `hir run
 //! --watch`, `hir status`, `hir checkpoints`, `hir eval`, `hir report`, and the one-line
-//! errors of bad invocations.
+//! errors of bad invocations. A second test runs the same seeded run twice, sampling one
+//! prompt at a time and eight at a time, and finds the same rows and weights.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -44,6 +45,95 @@ fn tiny_bigbench(root: &Path) -> PathBuf {
     root.join("bigbench")
 }
 
+/// A fresh database named after `tag` on the admin server: its URL, name and the admin
+/// connection that drops it.
+async fn fresh_database(tag: &str) -> (String, String, PgConnection) {
+    let name = format!("hir_{tag}_{}", std::process::id());
+    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .unwrap();
+    let db = format!("{}/{name}", admin_url().rsplit_once('/').unwrap().0);
+    (db, name, admin)
+}
+
+/// The three services' addresses; dropping `stops` stops them.
+struct Services {
+    generator: String,
+    relabeler: String,
+    trainer: String,
+    stops: Vec<Stop>,
+}
+
+/// Generator, relabeler (sampling `concurrency` prompts at once) and trainer on port 0,
+/// over `db`, with checkpoints and state under `root`.
+async fn start_services(db: &str, root: &Path, bigbench: &Path, concurrency: usize) -> Services {
+    let checkpoints = root.join("checkpoints");
+    std::fs::create_dir_all(&checkpoints).unwrap();
+    // The generator swaps by reference from the trainer's checkpoint folder.
+    let mut g = hir_generator::config::GeneratorConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        model: fixture_model(),
+        ..Default::default()
+    };
+    g.auth.token = Some(TOKEN.into());
+    g.swap.checkpoint_root = Some(checkpoints.clone());
+    g.swap.staging_dir = root.join("staging");
+    let g = hir_generator::Application::build(g).await.unwrap();
+    let generator = format!("http://{}", g.local_addr());
+    let (stop_g, s) = stopper();
+    tokio::spawn(g.run_until(s));
+
+    let r = hir_relabeler::Application::build(hir_relabeler::config::RelabelerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        database_url: db.to_string(),
+        bigbench: bigbench.to_path_buf(),
+        generators: vec![generator.clone()],
+        generator_token: Some(TOKEN.into()),
+        auth_token: Some(TOKEN.into()),
+        concurrency,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let relabeler = format!("http://{}", r.local_addr());
+    let (stop_r, s) = stopper();
+    tokio::spawn(r.run_until(s));
+
+    let t = hir_trainer::Application::build(hir_trainer::config::TrainerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        database_url: db.to_string(),
+        bigbench: bigbench.to_path_buf(),
+        relabeler: relabeler.clone(),
+        relabeler_token: Some(TOKEN.into()),
+        generators: vec![generator.clone()],
+        generator_token: Some(TOKEN.into()),
+        auth_token: Some(TOKEN.into()),
+        checkpoint_dir: checkpoints,
+        state_dir: root.join("state"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let trainer = format!("http://{}", t.local_addr());
+    let (stop_t, s) = stopper();
+    tokio::spawn(t.run_until(s));
+    Services {
+        generator,
+        relabeler,
+        trainer,
+        stops: vec![stop_t, stop_r, stop_g],
+    }
+}
+
 fn hir(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hir"))
         .args(args)
@@ -81,74 +171,16 @@ fn stopper() -> (Stop, impl std::future::Future<Output = ()> + Send + 'static) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_drives_one_full_iteration_across_the_three_services() {
-    // A fresh database.
-    let name = format!("hir_e2e_{}", std::process::id());
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
-    admin
-        .execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .unwrap();
-    let db = format!("{}/{name}", admin_url().rsplit_once('/').unwrap().0);
+    let (db, name, mut admin) = fresh_database("e2e").await;
     let root = std::env::temp_dir().join(format!("hir-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let bigbench = tiny_bigbench(&root);
-    let checkpoints = root.join("checkpoints");
-    std::fs::create_dir_all(&checkpoints).unwrap();
-
-    // The generator swaps by reference from the trainer's checkpoint folder.
-    let mut g = hir_generator::config::GeneratorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        model: fixture_model(),
-        ..Default::default()
-    };
-    g.auth.token = Some(TOKEN.into());
-    g.swap.checkpoint_root = Some(checkpoints.clone());
-    let g = hir_generator::Application::build(g).await.unwrap();
-    let generator = format!("http://{}", g.local_addr());
-    let (_stop_g, s) = stopper();
-    tokio::spawn(g.run_until(s));
-
-    let r = hir_relabeler::Application::build(hir_relabeler::config::RelabelerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.clone(),
-        bigbench: bigbench.clone(),
-        generators: vec![generator.clone()],
-        generator_token: Some(TOKEN.into()),
-        auth_token: Some(TOKEN.into()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let relabeler = format!("http://{}", r.local_addr());
-    let (_stop_r, s) = stopper();
-    tokio::spawn(r.run_until(s));
-
-    let t = hir_trainer::Application::build(hir_trainer::config::TrainerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.clone(),
-        bigbench: bigbench.clone(),
-        relabeler: relabeler.clone(),
-        relabeler_token: Some(TOKEN.into()),
-        generators: vec![generator.clone()],
-        generator_token: Some(TOKEN.into()),
-        auth_token: Some(TOKEN.into()),
-        checkpoint_dir: checkpoints.clone(),
-        state_dir: root.join("state"),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let trainer = format!("http://{}", t.local_addr());
-    let (_stop_t, s) = stopper();
-    tokio::spawn(t.run_until(s));
-
+    let Services {
+        generator,
+        relabeler,
+        trainer,
+        stops: _stops,
+    } = start_services(&db, &root, &bigbench, 16).await;
     let (gen, rel, tra) = (generator.clone(), relabeler.clone(), trainer.clone());
     let bb = bigbench.to_string_lossy().into_owned();
     let model = fixture_model().to_string_lossy().into_owned();
@@ -177,6 +209,10 @@ async fn the_cli_drives_one_full_iteration_across_the_three_services() {
             "1",
             "--max-new-tokens",
             "4",
+            // Every sample trained, so the counts below are exact.
+            "--replay-holdout",
+            "0",
+            "--no-dedup",
             "--watch",
             "--json",
         ]);
@@ -314,4 +350,124 @@ async fn the_cli_drives_one_full_iteration_across_the_three_services() {
         .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
         .await
         .unwrap();
+}
+
+/// Every stored number of a run that must repeat: samples, training losses, evaluation
+/// outputs and accuracies, and the SHA-256 of the last checkpoint's weights.
+async fn run_fingerprint(store: &Store, run_id: uuid::Uuid) -> serde_json::Value {
+    let samples: Vec<(i32, i32, i32, String, Vec<i32>)> = sqlx::query_as(
+        "SELECT iteration, example_idx, sample_idx, output, output_tokens FROM samples
+         WHERE run_id = $1 ORDER BY iteration, example_idx, sample_idx",
+    )
+    .bind(run_id)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let losses: Vec<(i32, i32, Option<f64>)> = sqlx::query_as(
+        "SELECT iteration, batch_idx, (progress->>'loss')::float8 FROM training_batches
+         WHERE run_id = $1 ORDER BY iteration, batch_idx",
+    )
+    .bind(run_id)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let evals: Vec<(Option<i32>, i32, String, bool, bool)> = sqlx::query_as(
+        "SELECT iteration, example_idx, output, correct, correct_extracted FROM eval_results
+         WHERE run_id = $1 ORDER BY iteration, example_idx",
+    )
+    .bind(run_id)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let last: String = sqlx::query_scalar(
+        "SELECT checkpoint_uri FROM model_versions WHERE run_id = $1
+         ORDER BY iteration DESC LIMIT 1",
+    )
+    .bind(run_id)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    let folder = PathBuf::from(last.trim_start_matches("file://"));
+    let digest = hir_model::checkpoint::sha256_file(&folder.join("model.safetensors"))
+        .unwrap_or_else(|e| panic!("{}: {e}", folder.display()));
+    serde_json::json!({
+        "samples": samples, "losses": losses, "evals": evals, "weights_sha256": digest,
+    })
+}
+
+/// One seeded run of two iterations on fresh services sampling `concurrency` prompts at once.
+async fn seeded_run(tag: &str, concurrency: usize) -> serde_json::Value {
+    let (db, name, mut admin) = fresh_database(tag).await;
+    let root = std::env::temp_dir().join(format!("hir-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let bigbench = tiny_bigbench(&root);
+    let services = start_services(&db, &root, &bigbench, concurrency).await;
+    let model = fixture_model().to_string_lossy().into_owned();
+    let tra = services.trainer.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        stdout(&hir(&[
+            "run",
+            "--trainer",
+            &tra,
+            "--task",
+            "tiny_mc",
+            "--model",
+            &model,
+            "--iterations",
+            "2",
+            "--samples-per-prompt",
+            "3",
+            "--batch-size",
+            "6",
+            "--micro-batch-size",
+            "3",
+            "--epochs",
+            "2",
+            "--max-new-tokens",
+            "5",
+            "--seed",
+            "7",
+            "--watch",
+            "--json",
+        ]))
+    })
+    .await
+    .unwrap();
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["status"], "done", "{last}");
+    let run_id: uuid::Uuid = last["run_id"].as_str().unwrap().parse().unwrap();
+    let store = Store::connect(&db).await.unwrap();
+    let mut print = run_fingerprint(&store, run_id).await;
+    print["accuracy"] = serde_json::json!(last["iterations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["eval"].clone())
+        .collect::<Vec<_>>());
+    store.pool().close().await;
+    drop(services);
+    let _ = std::fs::remove_dir_all(&root);
+    admin
+        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+        .await
+        .unwrap();
+    print
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seeded_run_repeats_exactly_whatever_the_sampling_concurrency() {
+    let one = seeded_run("repeat_one", 1).await;
+    let eight = seeded_run("repeat_eight", 8).await;
+    assert_eq!(one["samples"].as_array().unwrap().len(), 16 * 3 * 2);
+    assert!(
+        one["losses"].as_array().unwrap().len() >= 4,
+        "{}",
+        one["losses"]
+    );
+    for key in ["samples", "losses", "evals", "accuracy", "weights_sha256"] {
+        assert_eq!(
+            one[key], eight[key],
+            "{key} differs between concurrency 1 and 8"
+        );
+    }
 }

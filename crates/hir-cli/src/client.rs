@@ -40,7 +40,7 @@ impl TrainerArgs {
         Ok(TrainerServiceClient::new(channel))
     }
 
-    fn authed<T>(&self, message: T) -> tonic::Request<T> {
+    pub fn authed<T>(&self, message: T) -> tonic::Request<T> {
         with_bearer(message, self.token.as_deref())
     }
 }
@@ -130,7 +130,7 @@ pub struct RunArgs {
     /// Samples per training prompt [4].
     #[arg(long)]
     pub samples_per_prompt: Option<u32>,
-    /// Iterations after the base evaluation [30].
+    /// Iterations after the base evaluation [31: run.sh's 1 + 30].
     #[arg(long)]
     pub iterations: Option<u32>,
     /// Sampling temperature [1.0].
@@ -145,7 +145,7 @@ pub struct RunArgs {
     /// New tokens per sample and answer [256].
     #[arg(long)]
     pub max_new_tokens: Option<u32>,
-    /// Gradient-norm clip, 0 disables [1.0].
+    /// Gradient-norm clip, 0 disables [0, as the reference].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
     /// AdamW weight decay [0].
@@ -169,6 +169,25 @@ pub struct RunArgs {
     /// Prompts as the paper's text (`raw`) or as a chat turn (`chat`) [raw].
     #[arg(long)]
     pub prompt_style: Option<String>,
+    /// Where unset knobs come from: `reference` (run.sh: 1 sample per prompt) or `paper`
+    /// (4 samples per prompt, otherwise the same) [paper].
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Share of the sample pool held out each iteration [0.1].
+    #[arg(long)]
+    pub replay_holdout: Option<f64>,
+    /// Samples trained per prompt per iteration at most, 0 = no cap [4].
+    #[arg(long)]
+    pub replay_cap_per_prompt: Option<u32>,
+    /// Train every copy of a repeated output (the reference keeps one).
+    #[arg(long)]
+    pub no_dedup: bool,
+    /// Append end-of-sequence to outputs cut by --max-new-tokens.
+    #[arg(long)]
+    pub eos_after_cut: bool,
+    /// Train encoder-decoder models without dropout (the reference trains with it).
+    #[arg(long)]
+    pub no_train_dropout: bool,
     /// Follow the run's progress until it ends.
     #[arg(long)]
     pub watch: bool,
@@ -208,6 +227,12 @@ impl RunArgs {
                 max_test_prompts: self.max_test_prompts,
                 max_steps_per_iteration: self.max_steps,
                 prompt_style: self.prompt_style.clone(),
+                preset: self.preset.clone(),
+                replay_holdout: self.replay_holdout,
+                replay_cap_per_prompt: self.replay_cap_per_prompt,
+                dedup_outputs: self.no_dedup.then_some(false),
+                eos_after_cut: self.eos_after_cut.then_some(true),
+                train_dropout: self.no_train_dropout.then_some(false),
             }),
         }
     }
@@ -354,6 +379,40 @@ pub async fn watch(
     run_id: &str,
     bars: bool,
 ) -> Result<pb::Run> {
+    Ok(watch_timed(client, run_id, bars).await?.0)
+}
+
+/// When this watcher first saw each iteration reach each status.
+#[derive(Debug, Default, Clone)]
+pub struct StatusTimes(BTreeMap<(u32, i32), std::time::Instant>);
+
+impl StatusTimes {
+    fn saw(&mut self, iteration: u32, status: i32) {
+        self.0
+            .entry((iteration, status))
+            .or_insert_with(std::time::Instant::now);
+    }
+
+    /// Seconds iteration `k` took from status `from` to status `to`, if both were seen.
+    pub fn seconds(
+        &self,
+        k: u32,
+        from: pb::IterationStatus,
+        to: pb::IterationStatus,
+    ) -> Option<f64> {
+        let a = self.0.get(&(k, from as i32))?;
+        let b = self.0.get(&(k, to as i32))?;
+        Some(b.saturating_duration_since(*a).as_secs_f64())
+    }
+}
+
+/// [`watch`], also timing each iteration's status changes as they are seen.
+pub async fn watch_timed(
+    client: &mut TrainerServiceClient<Channel>,
+    run_id: &str,
+    bars: bool,
+) -> Result<(pb::Run, StatusTimes)> {
+    let mut times = StatusTimes::default();
     let mut stream = client
         .watch_run(pb::GetRunRequest {
             run_id: run_id.to_string(),
@@ -395,6 +454,7 @@ pub async fn watch(
                 status_bar.set_message(format!("{} ({})", run.name, status_name(run.status)));
             }
             Some(Event::Iteration(it)) => {
+                times.saw(it.iteration, it.status);
                 let s = iteration_status_name(it.status);
                 status_bar.set_message(format!("iteration {}: {s} {}", it.iteration, it.error));
                 if it.status == pb::IterationStatus::Done as i32 && it.iteration > 0 {
@@ -432,13 +492,14 @@ pub async fn watch(
     status_bar.finish_and_clear();
     iteration_bar.finish_and_clear();
     let mut client = client.clone();
-    Ok(client
+    let run = client
         .get_run(pb::GetRunRequest {
             run_id: run_id.to_string(),
         })
         .await
         .map_err(|s| explain(s, "GetRun"))?
-        .into_inner())
+        .into_inner();
+    Ok((run, times))
 }
 
 fn predicted(counts: &std::collections::HashMap<String, u32>) -> String {

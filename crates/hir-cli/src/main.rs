@@ -3,6 +3,8 @@
 
 mod client;
 mod demo;
+mod experiment;
+mod local;
 mod migrate;
 mod model;
 mod report;
@@ -40,6 +42,8 @@ enum Command {
     Serve(Serve),
     /// The whole loop on this machine: model, database, services, a short run, a report.
     Demo(demo::DemoArgs),
+    /// Base model, FARL and HIR side by side on tasks and seeds: a table, a report, a chart.
+    Experiment(Box<experiment::ExperimentArgs>),
     /// Start a run on the trainer.
     Run(Box<client::RunArgs>),
     /// A run's status and per-iteration results.
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
             }
         }),
         Command::Demo(args) => block_on(demo::run(args)),
+        Command::Experiment(args) => block_on(experiment::run(*args)),
         Command::Run(args) => block_on(client::run(*args)),
         Command::Status(args) => block_on(client::status(args)),
         Command::Watch(args) => block_on(client::watch_cmd(args)),

@@ -40,9 +40,9 @@ pub fn iteration_table(run: &pb::Run) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| iteration | status | version | samples | sample acc. | steps | train loss | task | test exact | test extracted |"
+        "| iteration | status | version | samples | sample acc. | steps | train loss | task | test exact | test extracted | answers |"
     );
-    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---|---:|---:|");
+    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---|---:|---:|---|");
     for it in &run.iterations {
         let status = iteration_status_name(it.status);
         let evals: Vec<Option<&pb::TaskAccuracy>> = if it.eval.is_empty() {
@@ -53,7 +53,7 @@ pub fn iteration_table(run: &pb::Run) -> String {
         for e in evals {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 it.iteration,
                 status,
                 it.model_version,
@@ -72,10 +72,24 @@ pub fn iteration_table(run: &pb::Run) -> String {
                 e.map_or("-".into(), |e| e.task.clone()),
                 e.map_or("-".into(), |e| pct(e.exact)),
                 e.map_or("-".into(), |e| pct(e.extracted)),
+                e.map_or("-".into(), |e| answers(&e.predicted_counts)),
             );
         }
     }
     s
+}
+
+/// Predicted answers by count, most frequent first: `(C) 27, (A) 3`.
+pub fn answers(counts: &std::collections::HashMap<String, u32>) -> String {
+    let mut v: Vec<(&String, &u32)> = counts.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    if v.is_empty() {
+        return "-".into();
+    }
+    v.iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Writes `report.md` and `accuracy.svg` into `dir`; returns their paths.
@@ -255,6 +269,7 @@ mod tests {
                 examples: 4,
                 exact,
                 extracted: exact + 0.25,
+                ..Default::default()
             }],
             ..Default::default()
         };

@@ -1,5 +1,10 @@
 //! A run's knobs, with the reference's values as defaults (HIR.md §2). Stored as JSON with
 //! the run, read by every service that works on it.
+//!
+//! Two named presets set every knob at once ([`RunConfig::preset`]): `reference`, what the
+//! reference's `run.sh` runs (1 sample per prompt), and `paper`, the paper's 4 samples per
+//! prompt with everything else the same. The defaults are the `paper` preset. Where a knob
+//! departs from the reference its documentation says so and why.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,6 +14,8 @@ use crate::error::{CoreError, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunConfig {
+    /// The preset the knobs started from (`reference`, `paper`), recorded with the run.
+    pub preset: String,
     /// The starting model (a Hugging Face folder or a GGUF file) as the trainer sees it.
     pub model: String,
     /// AdamW learning rate, constant.
@@ -27,7 +34,7 @@ pub struct RunConfig {
     pub contrastive_coef: f64,
     /// Samples per training prompt per iteration.
     pub samples_per_prompt: u32,
-    /// Iterations after the base evaluation.
+    /// Sample → train → evaluate rounds after the base evaluation: `run.sh` runs 1 + 30.
     pub iterations: u32,
     /// Sampling temperature.
     pub temperature: f32,
@@ -37,14 +44,32 @@ pub struct RunConfig {
     pub top_p: f32,
     /// New tokens per sample and per evaluation answer.
     pub max_new_tokens: u32,
-    /// Global gradient-norm clip (0 disables).
+    /// Global gradient-norm clip (0 disables, as the reference).
     pub max_grad_norm: f64,
     /// AdamW weight decay.
     pub weight_decay: f64,
     /// Seed of the split, sampling and sub-output sampler.
     pub seed: u64,
-    /// Train on every past iteration's samples (the reference's replay buffer).
+    /// Draw each iteration's training set from every iteration's samples so far (the
+    /// reference's replay buffer), not only the iteration's own.
     pub replay_buffer: bool,
+    /// Share of the pool held out each iteration, never trained (the reference's 10%
+    /// `train_test_split`, used there only for a perplexity report).
+    pub replay_holdout: f64,
+    /// Train on at most this many samples per training prompt per iteration, a seeded
+    /// uniform subset of the pool (the reference's `idx < 4·⌊0.8N⌋`; 0 = no cap).
+    pub replay_cap_per_prompt: u32,
+    /// Keep one copy of each distinct output of a prompt in an iteration (the reference's
+    /// `list(set(outputs))`).
+    pub dedup_outputs: bool,
+    /// Append end-of-sequence to an output cut by `max_new_tokens`. Off by default, a
+    /// departure: the reference's T5 tokenizer ends every label with `</s>`, which for a cut
+    /// output teaches the model to stop mid-answer. Outputs that ended on their own keep it.
+    pub eos_after_cut: bool,
+    /// Train encoder-decoder models with the dropout of their config (`dropout_rate`), as
+    /// the reference trains FLAN-T5 in `train()` mode; each HIR step then takes the
+    /// reference's three forward passes. Decoder-only models here have no dropout.
+    pub train_dropout: bool,
     /// At most this many training prompts per task (0 = all).
     pub max_train_prompts: u32,
     /// At most this many test prompts per task (0 = all).
@@ -88,9 +113,13 @@ impl PromptStyle {
     }
 }
 
+/// The names of the presets.
+pub const PRESETS: [&str; 2] = ["reference", "paper"];
+
 impl Default for RunConfig {
     fn default() -> Self {
         Self {
+            preset: "paper".into(),
             model: String::new(),
             learning_rate: 5e-4,
             batch_size: 64,
@@ -100,15 +129,20 @@ impl Default for RunConfig {
             entropy_coef: 0.001,
             contrastive_coef: 1.0,
             samples_per_prompt: 4,
-            iterations: 30,
+            iterations: 31,
             temperature: 1.0,
             top_k: 50,
             top_p: 1.0,
             max_new_tokens: 256,
-            max_grad_norm: 1.0,
+            max_grad_norm: 0.0,
             weight_decay: 0.0,
             seed: 1,
             replay_buffer: true,
+            replay_holdout: 0.1,
+            replay_cap_per_prompt: 4,
+            dedup_outputs: true,
+            eos_after_cut: false,
+            train_dropout: true,
             max_train_prompts: 0,
             max_test_prompts: 0,
             max_steps_per_iteration: 0,
@@ -118,10 +152,47 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
+    /// The knobs of a named preset: `reference` (what `run.sh` runs: 1 sample per prompt,
+    /// 31 rounds, no clipping, the replay cap and de-duplication) or `paper` (the same with
+    /// the paper's 4 samples per prompt).
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "paper" => Ok(Self::default()),
+            "reference" => Ok(Self {
+                preset: "reference".into(),
+                samples_per_prompt: 1,
+                ..Self::default()
+            }),
+            other => Err(CoreError::InvalidArgument {
+                field: "preset",
+                reason: format!(
+                    "unknown preset {other:?}; known presets: {}",
+                    PRESETS.join(", ")
+                ),
+            }),
+        }
+    }
+
     /// Checks every knob's range; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad =
             |field: &'static str, reason: String| Err(CoreError::InvalidArgument { field, reason });
+        if !self.preset.is_empty() && !PRESETS.contains(&self.preset.as_str()) {
+            return bad(
+                "preset",
+                format!(
+                    "is {:?}; known presets: {}",
+                    self.preset,
+                    PRESETS.join(", ")
+                ),
+            );
+        }
+        if !(0.0..1.0).contains(&self.replay_holdout) {
+            return bad(
+                "replay_holdout",
+                format!("is {}; must be in [0, 1)", self.replay_holdout),
+            );
+        }
         if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
             return bad(
                 "learning_rate",
@@ -206,6 +277,13 @@ mod tests {
             ),
             (5e-4, 64, 0.2, 0.001)
         );
+        assert_eq!(
+            (c.iterations, c.max_grad_norm),
+            (31, 0.0),
+            "run.sh: 1 + 30, no clip"
+        );
+        assert_eq!((c.replay_holdout, c.replay_cap_per_prompt), (0.1, 4));
+        assert!(c.dedup_outputs && c.replay_buffer && c.train_dropout && !c.eos_after_cut);
         c.validate().unwrap();
         let parsed: RunConfig = serde_json::from_str(r#"{"samples_per_prompt": 2}"#).unwrap();
         assert_eq!(parsed.samples_per_prompt, 2);
@@ -265,6 +343,32 @@ mod tests {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(field), "{err}");
         }
+    }
+
+    #[test]
+    fn presets_differ_only_in_samples_per_prompt() {
+        let reference = RunConfig::preset("reference").unwrap();
+        let paper = RunConfig::preset("paper").unwrap();
+        assert_eq!(
+            (reference.samples_per_prompt, paper.samples_per_prompt),
+            (1, 4)
+        );
+        assert_eq!(
+            RunConfig {
+                preset: "paper".into(),
+                samples_per_prompt: 4,
+                ..reference.clone()
+            },
+            paper
+        );
+        reference.validate().unwrap();
+        let err = RunConfig::preset("fast").unwrap_err().to_string();
+        assert!(err.contains("preset") && err.contains("reference"), "{err}");
+        let bad = RunConfig {
+            preset: "fast".into(),
+            ..RunConfig::default()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("preset"));
     }
 
     #[test]

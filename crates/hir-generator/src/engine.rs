@@ -5,6 +5,13 @@
 //! limit allow, prefills them together, merges them into the running batch, samples one
 //! token for every running sequence, and streams finished completions back.
 //!
+//! Batching: with [`Batching::PerPrompt`] (the default) the samples of each prompt decode
+//! in a batch of their own, so a completion's numbers depend only on its prompt, seed and
+//! settings, never on what else is in flight: a seeded run samples the same text whatever
+//! the concurrency. [`Batching::Shared`] merges every running sequence into one batch, for
+//! throughput; left padding and batch-size-dependent kernels then change the last bits of
+//! the logits, and with them, now and then, a sampled token.
+//!
 //! Versions: each request is pinned to the version serving when it is admitted. Activating
 //! a new version makes it the target of later admissions; sequences of the older version
 //! run to completion in their own batch, and the older model is dropped once it is idle.
@@ -31,6 +38,19 @@ pub struct EngineConfig {
     /// Most tokens (prompt plus max_new_tokens, over all running sequences) held at once:
     /// bounds the KV cache memory.
     pub token_budget: usize,
+    /// Which sequences decode together.
+    pub batching: Batching,
+}
+
+/// Which running sequences share a decode batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Batching {
+    /// The samples of one prompt together, apart from everything else: reproducible.
+    #[default]
+    PerPrompt,
+    /// Every running sequence in one batch: more tokens per second, not reproducible.
+    Shared,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +59,7 @@ impl Default for EngineConfig {
             queue_capacity: 256,
             max_batch_sequences: 64,
             token_budget: 64 * 1024,
+            batching: Batching::PerPrompt,
         }
     }
 }
@@ -286,7 +307,7 @@ fn warm_up(model: &LoadedModel) -> Result<()> {
     } else {
         prompt
     };
-    let mut batch = DecodeBatch::new(model.eos_token_ids(), model.pad_token_id());
+    let mut batch = new_batch(model);
     batch.admit(
         model.model(),
         &[GenerationRequest {
@@ -302,17 +323,70 @@ fn warm_up(model: &LoadedModel) -> Result<()> {
     Ok(())
 }
 
-/// One version's model and its running batch.
+fn new_batch(model: &LoadedModel) -> DecodeBatch {
+    DecodeBatch::new(model.eos_token_ids(), model.pad_token_id())
+}
+
+/// One version's model and its running batches (none when idle).
 struct Slot {
     serving: Serving,
-    batch: DecodeBatch,
+    batches: Vec<DecodeBatch>,
 }
 
 impl Slot {
     fn new(serving: Serving) -> Self {
-        let m = &serving.model;
-        let batch = DecodeBatch::new(m.eos_token_ids(), m.pad_token_id());
-        Self { serving, batch }
+        Self {
+            serving,
+            batches: Vec::new(),
+        }
+    }
+
+    fn running(&self) -> usize {
+        self.batches.iter().map(DecodeBatch::len).sum()
+    }
+
+    /// Drops the sequences of requests `keep` rejects, then the batches left empty.
+    fn retain_requests(&mut self, keep: impl Fn(u64) -> bool) -> hir_model::Result<()> {
+        let mut result = Ok(());
+        for batch in &mut self.batches {
+            if let Err(err) = batch.retain_requests(&keep) {
+                result = Err(err);
+            }
+        }
+        self.batches.retain(|b| !b.is_empty());
+        result
+    }
+
+    /// Prefills `requests` into the running batches as `batching` says.
+    fn admit(
+        &mut self,
+        batching: Batching,
+        requests: &[GenerationRequest],
+        streams: &[u64],
+    ) -> hir_model::Result<()> {
+        let model = Arc::clone(&self.serving.model);
+        match batching {
+            Batching::Shared => {
+                if self.batches.is_empty() {
+                    self.batches.push(new_batch(&model));
+                }
+                self.batches[0].admit(model.model(), requests, streams)
+            }
+            Batching::PerPrompt => {
+                for (request, stream) in requests.iter().zip(streams) {
+                    let mut batch = new_batch(&model);
+                    if let Err(err) =
+                        batch.admit(model.model(), std::slice::from_ref(request), &[*stream])
+                    {
+                        let ids: HashSet<u64> = requests.iter().map(|r| r.id).collect();
+                        let _ = self.retain_requests(|id| !ids.contains(&id));
+                        return Err(err);
+                    }
+                    self.batches.push(batch);
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -391,7 +465,7 @@ impl Engine {
     }
 
     fn running_sequences(&self) -> usize {
-        self.slots.iter().map(|s| s.batch.len()).sum()
+        self.slots.iter().map(Slot::running).sum()
     }
 
     fn running_tokens(&self) -> usize {
@@ -429,7 +503,7 @@ impl Engine {
                     }
                     self.groups.clear();
                     for slot in &mut self.slots {
-                        let _ = slot.batch.retain_requests(|_| false);
+                        let _ = slot.retain_requests(|_| false);
                     }
                 }
             }
@@ -537,9 +611,9 @@ impl Engine {
             }
             job_groups.push(groups);
         }
+        let batching = self.config.batching;
         let slot = self.slots.last_mut().expect("current slot");
-        let model = Arc::clone(&slot.serving.model);
-        let result = slot.batch.admit(model.model(), &requests, &streams);
+        let result = slot.admit(batching, &requests, &streams);
         let now = Instant::now();
         for ((job_id, job), groups) in admitted.into_iter().zip(job_groups) {
             if let Err(err) = &result {
@@ -599,7 +673,7 @@ impl Engine {
             }
         }
         for slot in &mut self.slots {
-            if let Err(err) = slot.batch.retain_requests(|id| !dead_groups.contains(&id)) {
+            if let Err(err) = slot.retain_requests(|id| !dead_groups.contains(&id)) {
                 tracing::error!(%err, "dropping cancelled sequences failed");
             }
         }
@@ -614,19 +688,19 @@ impl Engine {
         let mut finished = Vec::new();
         let mut failed_groups = Vec::new();
         for slot in &mut self.slots {
-            if slot.batch.is_empty() {
-                continue;
-            }
-            tokens += slot.batch.len();
             let model = Arc::clone(&slot.serving.model);
-            match slot.batch.step(model.model(), model.tokenizer()) {
-                Ok(done) => finished.extend(done),
-                Err(err) => {
-                    tracing::error!(%err, version = %slot.serving.version, "decode step failed");
-                    failed_groups.extend(slot.batch.request_ids());
-                    let _ = slot.batch.retain_requests(|_| false);
+            for batch in &mut slot.batches {
+                tokens += batch.len();
+                match batch.step(model.model(), model.tokenizer()) {
+                    Ok(done) => finished.extend(done),
+                    Err(err) => {
+                        tracing::error!(%err, version = %slot.serving.version, "decode step failed");
+                        failed_groups.extend(batch.request_ids());
+                        let _ = batch.retain_requests(|_| false);
+                    }
                 }
             }
+            slot.batches.retain(|b| !b.is_empty());
         }
         self.metrics.generated_tokens.inc_by(tokens as u64);
         let elapsed = started.elapsed().as_secs_f64();
@@ -698,7 +772,7 @@ impl Engine {
         let last = self.slots.len() - 1;
         let mut index = 0;
         self.slots.retain(|s| {
-            let keep = index == last || !s.batch.is_empty();
+            let keep = index == last || s.running() > 0;
             index += 1;
             keep
         });

@@ -62,6 +62,33 @@ impl AnyModel {
         }
     }
 
+    /// Turns training-mode dropout on at the rate of the model's config (T5's
+    /// `dropout_rate`, 0.1 when absent), seeded with `seed`. Returns the rate, 0 for a
+    /// model without dropout (the Llama family here).
+    pub fn enable_train_dropout(&mut self, seed: u64) -> Result<f32> {
+        match self {
+            Self::Llama(_) => Ok(0.0),
+            Self::T5(m) => {
+                let rate = m
+                    .config()
+                    .extra
+                    .get("dropout_rate")
+                    .and_then(serde_json::Value::as_f64)
+                    .unwrap_or(0.1) as f32;
+                m.set_train_dropout(rate, seed)?;
+                Ok(rate)
+            }
+        }
+    }
+
+    /// Restarts the dropout masks at `seed`, so a training step is repeatable (no-op
+    /// without dropout).
+    pub fn reseed_dropout(&self, seed: u64) {
+        if let Self::T5(m) = self {
+            m.reseed_dropout(seed);
+        }
+    }
+
     /// Whether prompts go to an encoder (T5) rather than before the completion.
     pub fn is_encoder_decoder(&self) -> bool {
         matches!(self, Self::T5(_))

@@ -345,6 +345,11 @@ impl LoadedModel {
         &self.model
     }
 
+    /// The model, to change its training mode.
+    pub fn model_mut(&mut self) -> &mut AnyModel {
+        &mut self.model
+    }
+
     /// Trainable variables with their Hugging Face names (empty unless loaded
     /// with [`WeightMode::Trainable`]).
     pub fn vars(&self) -> &[(String, Var)] {

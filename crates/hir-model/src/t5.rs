@@ -240,10 +240,16 @@ impl Attention {
     }
 
     /// `bias` `[B or 1, H, Tq, Tk]` holds position bias plus mask.
-    fn forward(&self, x: &Tensor, kv: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        kv: &Tensor,
+        bias: &Tensor,
+        drop: Option<&Dropout>,
+    ) -> candle_core::Result<Tensor> {
         let q = self.heads(&self.q.forward(x)?)?;
         let (k, v) = self.keys_values(kv)?;
-        self.attend(&q, &k, &v, bias)
+        self.attend(&q, &k, &v, bias, drop)
     }
 
     /// Keys and values `[B, H, T, d_kv]` of `kv` `[B, T, d_model]`.
@@ -255,17 +261,23 @@ impl Attention {
     }
 
     /// Unscaled dot-product attention of queries `[B, H, Tq, d_kv]` over keys and values
-    /// `[B, H, Tk, d_kv]`: `[B, H, Tq, d_kv]`.
+    /// `[B, H, Tk, d_kv]`: `[B, H, Tq, d_kv]`. With `drop`, the attention weights
+    /// go through dropout, as in Hugging Face's training mode.
     fn attention(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         bias: &Tensor,
+        drop: Option<&Dropout>,
     ) -> candle_core::Result<Tensor> {
         let scores = q.matmul(&k.t()?)?.broadcast_add(bias)?;
         let p = candle_nn::ops::softmax(&scores.to_dtype(DType::F32)?, D::Minus1)?
             .to_dtype(q.dtype())?;
+        let p = match drop {
+            Some(d) => d.apply(&p)?,
+            None => p,
+        };
         p.matmul(&v.contiguous()?)
     }
 
@@ -276,13 +288,13 @@ impl Attention {
         k: &Tensor,
         v: &Tensor,
         bias: &Tensor,
+        drop: Option<&Dropout>,
     ) -> candle_core::Result<Tensor> {
         let (b, _, t, _) = q.dims4()?;
-        let y = self.attention(q, k, v, bias)?.transpose(1, 2)?.reshape((
-            b,
-            t,
-            self.n_heads * self.d_kv,
-        ))?;
+        let y = self
+            .attention(q, k, v, bias, drop)?
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.d_kv))?;
         self.o.forward(&y)
     }
 }
@@ -312,10 +324,14 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, drop: Option<&Dropout>) -> candle_core::Result<Tensor> {
         let h = match &self.wi_1 {
             Some(wi_1) => (self.wi_0.forward(x)?.gelu()? * wi_1.forward(x)?)?,
             None => self.wi_0.forward(x)?.relu()?,
+        };
+        let h = match drop {
+            Some(d) => d.apply(&h)?,
+            None => h,
         };
         self.wo.forward(&h)
     }
@@ -405,6 +421,62 @@ fn mask_bias(
     Ok(Tensor::from_vec(v, (b, 1, tq, tk), device)?.to_dtype(dtype)?)
 }
 
+/// Inverted dropout with a seeded mask generator: each element is zeroed with probability
+/// `rate` and the rest scaled by `1 / (1 - rate)`, as `torch.nn.Dropout` in training mode.
+#[derive(Debug)]
+pub struct Dropout {
+    rate: f32,
+    rng: std::sync::Mutex<rand::rngs::StdRng>,
+}
+
+impl Dropout {
+    fn new(rate: f32, seed: u64) -> Self {
+        use rand::SeedableRng;
+        Self {
+            rate,
+            rng: std::sync::Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+        }
+    }
+
+    fn reseed(&self, seed: u64) {
+        use rand::SeedableRng;
+        if let Ok(mut rng) = self.rng.lock() {
+            *rng = rand::rngs::StdRng::seed_from_u64(seed);
+        }
+    }
+
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        use rand::Rng;
+        let keep = 1.0 / (1.0 - self.rate);
+        let n = x.elem_count();
+        let mask: Vec<f32> = {
+            let mut rng = self
+                .rng
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("dropout generator poisoned".into()))?;
+            (0..n)
+                .map(|_| {
+                    if rng.random::<f32>() < self.rate {
+                        0.0
+                    } else {
+                        keep
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
+/// `x` through `drop` when dropout is on.
+fn dropout(drop: Option<&Dropout>, x: Tensor) -> candle_core::Result<Tensor> {
+    match drop {
+        Some(d) => d.apply(&x),
+        None => Ok(x),
+    }
+}
+
 /// A T5 encoder-decoder with its language-model head.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -416,6 +488,8 @@ pub struct Model {
     lm_head_untied: bool,
     device: Device,
     dtype: DType,
+    /// Training-mode dropout; `None` (inference) unless [`Model::set_train_dropout`].
+    dropout: Option<Arc<Dropout>>,
 }
 
 impl Model {
@@ -446,7 +520,35 @@ impl Model {
             lm_head,
             device: w.device().clone(),
             dtype: w.mode().dtype(),
+            dropout: None,
         })
+    }
+
+    /// Turns Hugging Face's training-mode dropout on (`rate > 0`) or off, at every place
+    /// `T5ForConditionalGeneration.train()` applies it: the embeddings, attention weights,
+    /// each sublayer's output, the feed-forward's hidden layer and each stack's output.
+    /// Masks come from a generator seeded with `seed` (see [`Model::reseed_dropout`]), so a
+    /// training step is repeatable.
+    pub fn set_train_dropout(&mut self, rate: f32, seed: u64) -> Result<()> {
+        if !(0.0..1.0).contains(&rate) {
+            return Err(ModelError::InvalidRequest(format!(
+                "dropout rate {rate} is not in [0, 1)"
+            )));
+        }
+        self.dropout = (rate > 0.0).then(|| Arc::new(Dropout::new(rate, seed)));
+        Ok(())
+    }
+
+    /// Restarts the dropout masks' generator at `seed` (no-op without dropout).
+    pub fn reseed_dropout(&self, seed: u64) {
+        if let Some(d) = &self.dropout {
+            d.reseed(seed);
+        }
+    }
+
+    /// Whether training-mode dropout is on.
+    pub fn has_dropout(&self) -> bool {
+        self.dropout.is_some()
     }
 
     /// The configuration.
@@ -496,11 +598,15 @@ impl Model {
     ) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let eps = self.cfg.layer_norm_epsilon;
-        let mut x = self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((
-            ids.dim(0)?,
-            t,
-            self.cfg.d_model,
-        ))?;
+        let drop = self.dropout.as_deref();
+        let mut x = dropout(
+            drop,
+            self.shared.index_select(&ids.flatten_all()?, 0)?.reshape((
+                ids.dim(0)?,
+                t,
+                self.cfg.d_model,
+            ))?,
+        )?;
         let rel = stack.blocks[0]
             .self_attn
             .rel_bias
@@ -521,15 +627,15 @@ impl Model {
         };
         for block in &stack.blocks {
             let h = t5_norm(&x, &block.ln_self, eps)?;
-            x = (&x + block.self_attn.forward(&h, &h, &self_bias)?)?;
+            x = (&x + dropout(drop, block.self_attn.forward(&h, &h, &self_bias, drop)?)?)?;
             if let (Some((attn, ln)), Some((e, _)), Some(cb)) = (&block.cross, enc, &cross_bias) {
                 let h = t5_norm(&x, ln, eps)?;
-                x = (&x + attn.forward(&h, e, cb)?)?;
+                x = (&x + dropout(drop, attn.forward(&h, e, cb, drop)?)?)?;
             }
             let h = t5_norm(&x, &block.ln_ff, eps)?;
-            x = (&x + block.ff.forward(&h)?)?;
+            x = (&x + dropout(drop, block.ff.forward(&h, drop)?)?)?;
         }
-        Ok(t5_norm(&x, &stack.final_ln, eps)?)
+        Ok(dropout(drop, t5_norm(&x, &stack.final_ln, eps)?)?)
     }
 
     /// Encoder output `[B, Ts, d_model]` for source ids `[B, Ts]` with padding mask.
@@ -811,7 +917,7 @@ impl Model {
                     (k, v)
                 }
             };
-            x = (&x + a.attend(&q, &k, &v, &self_bias)?)?;
+            x = (&x + a.attend(&q, &k, &v, &self_bias, None)?)?;
             let (attn, ln) = block
                 .cross
                 .as_ref()
@@ -820,7 +926,7 @@ impl Model {
             let q = attn.heads(&attn.q.forward(&h)?)?;
             x = (&x + cache.cross_attend(attn, &q, i, &cross_bias)?)?;
             let h = t5_norm(&x, &block.ln_ff, eps)?;
-            x = (&x + block.ff.forward(&h)?)?;
+            x = (&x + block.ff.forward(&h, None)?)?;
         }
         let h = t5_norm(&x, &self.decoder.final_ln, eps)?;
         let h = if c.scales_decoder_output() {
@@ -1078,7 +1184,7 @@ impl T5Cache {
         let (b, h, _, d) = q.dims4()?;
         let g = self.group_len.len();
         if g == b {
-            return attn.attend(q, k, v, bias);
+            return attn.attend(q, k, v, bias, None);
         }
         let n_max = self.group_len.iter().copied().max().unwrap_or(1);
         let mut gather = Vec::with_capacity(g * n_max);
@@ -1102,7 +1208,7 @@ impl T5Cache {
             .transpose(1, 2)?
             .contiguous()?;
         let y = attn
-            .attention(&qg, k, v, bias)?
+            .attention(&qg, k, v, bias, None)?
             .transpose(1, 2)?
             .reshape((g * n_max, h * d))?
             .index_select(&scatter, 0)?

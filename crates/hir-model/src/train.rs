@@ -44,6 +44,10 @@ pub struct TrainBatch {
 pub trait TrainLogits {
     /// Logits `[B, T, V]` and labels `[B, T]`, position by position.
     fn aligned_logits(&self, batch: &TrainBatch) -> Result<(Tensor, Tensor)>;
+    /// Whether two forward passes of the same batch differ (training-mode dropout).
+    fn has_dropout(&self) -> bool {
+        false
+    }
 }
 
 impl TrainLogits for llama::Model {
@@ -68,6 +72,9 @@ impl TrainLogits for t5::Model {
         let logits = self.forward(&batch.input_ids, &batch.mask, dec, dec_mask)?;
         Ok((logits, batch.labels.clone()))
     }
+    fn has_dropout(&self) -> bool {
+        t5::Model::has_dropout(self)
+    }
 }
 
 impl TrainLogits for AnyModel {
@@ -75,6 +82,12 @@ impl TrainLogits for AnyModel {
         match self {
             Self::Llama(m) => m.aligned_logits(batch),
             Self::T5(m) => m.aligned_logits(batch),
+        }
+    }
+    fn has_dropout(&self) -> bool {
+        match self {
+            Self::Llama(m) => m.has_dropout(),
+            Self::T5(m) => TrainLogits::has_dropout(m),
         }
     }
 }
@@ -186,16 +199,27 @@ pub fn lm_loss(model: &impl TrainLogits, batch: &TrainBatch, epsilon: f64) -> Re
 }
 
 /// The HIR loss of paired batches: `pos[i]` and `neg[i]` share a completion
-/// under the relabeled and the opposite instruction.
+/// under the relabeled and the opposite instruction. Each term is a per-example
+/// token mean, averaged over the examples (see [`crate::loss`]).
+///
+/// A model with training-mode dropout takes the reference's three forward passes
+/// (label smoothing and entropy on the first, the contrastive term on a second
+/// positive pass and the negative one, each with its own masks); without dropout
+/// the first two are the same computation and one is skipped.
 pub fn hir_loss(
     model: &impl TrainLogits,
     pos: &TrainBatch,
     neg: &TrainBatch,
     cfg: &HirLossConfig,
 ) -> Result<HirLoss> {
+    let supervised = if model.has_dropout() {
+        Some(model.aligned_logits(pos)?.0)
+    } else {
+        None
+    };
     let (pl, py) = model.aligned_logits(pos)?;
     let (nl, ny) = model.aligned_logits(neg)?;
-    loss::hir_loss(&pl, &py, &nl, &ny, cfg)
+    loss::hir_loss(supervised.as_ref(), &pl, &py, &nl, &ny, cfg)
 }
 
 // === impl GradAccumulator ===

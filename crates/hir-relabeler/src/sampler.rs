@@ -436,6 +436,11 @@ async fn sample_iteration(
         epochs: config.epochs_per_iteration as i32,
         shuffle_seed: Some(config.seed.wrapping_add(iteration as u64) as i64),
         max_batches: Some(config.max_steps_per_iteration as i32).filter(|m| *m > 0),
+        dedup_outputs: config.dedup_outputs,
+        holdout: config.replay_holdout,
+        // The reference keeps 4·⌊0.8N⌋ samples: the cap per prompt times the prompts trained.
+        max_samples: Some(i64::from(config.replay_cap_per_prompt) * total as i64)
+            .filter(|m| *m > 0),
     };
     let batches = store.create_batches(run_id, iteration, &plan).await?;
     let status = match store

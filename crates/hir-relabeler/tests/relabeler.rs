@@ -72,6 +72,7 @@ fn tiny_bigbench(name: &str, examples: usize) -> PathBuf {
     root
 }
 
+/// Small knobs; no holdout or de-duplication, so every sample is batched.
 fn run_config() -> RunConfig {
     RunConfig {
         samples_per_prompt: 2,
@@ -79,6 +80,8 @@ fn run_config() -> RunConfig {
         batch_size: 8,
         micro_batch_size: 8,
         epochs_per_iteration: 2,
+        replay_holdout: 0.0,
+        dedup_outputs: false,
         ..RunConfig::default()
     }
 }

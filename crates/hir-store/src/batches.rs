@@ -62,7 +62,7 @@ pub struct TrainingBatch {
 }
 
 /// How [`Store::create_batches`] cuts an iteration's samples into batches.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BatchPlan {
     /// Samples per batch (the effective batch size of one optimizer step).
     pub batch_size: i32,
@@ -76,6 +76,15 @@ pub struct BatchPlan {
     pub shuffle_seed: Option<i64>,
     /// Keep only the first this many batches.
     pub max_batches: Option<i32>,
+    /// Keep one sample per distinct output text of a prompt in an iteration (the lowest
+    /// sample index), as the reference's `list(set(outputs))`.
+    pub dedup_outputs: bool,
+    /// Share of the pool held out (not trained) each iteration, rounded up: the
+    /// reference's `train_test_split(test_size=0.1)` over its replay buffer.
+    pub holdout: f64,
+    /// Train on at most this many samples of the pool per iteration (after the holdout):
+    /// the reference's `idx < 4·⌊0.8N⌋`.
+    pub max_samples: Option<i64>,
 }
 
 impl BatchPlan {
@@ -88,6 +97,9 @@ impl BatchPlan {
             epochs: 1,
             shuffle_seed: None,
             max_batches: None,
+            dedup_outputs: false,
+            holdout: 0.0,
+            max_samples: None,
         }
     }
 }
@@ -96,13 +108,20 @@ impl Store {
     /// Cuts the samples chosen by `plan` into batches for an iteration and
     /// returns the iteration's batches ordered by `batch_idx`.
     ///
-    /// The samples are the iteration's own or, with `plan.include_replay`,
+    /// The pool is the iteration's own samples or, with `plan.include_replay`,
     /// all of the run's samples from iterations `0..=iteration`; with
-    /// `plan.policy` only samples relabeled under that policy. Each of
-    /// `plan.epochs` passes orders them by sample id, or shuffles them with
-    /// `plan.shuffle_seed` (a different order per epoch, the same for the same
-    /// seed), and cuts them every `batch_size` rows; batches are numbered
-    /// across epochs. `plan.max_batches` keeps only the first batches.
+    /// `plan.policy` only samples relabeled under that policy; with
+    /// `plan.dedup_outputs` one sample per distinct output of a prompt and
+    /// iteration. The pool is then ordered (by sample id, or shuffled with
+    /// `plan.shuffle_seed`), its first `ceil(holdout · n)` samples are held out
+    /// and at most `plan.max_samples` of the rest are kept. Each of `plan.epochs`
+    /// passes orders the kept samples by sample id, or shuffles them (a different
+    /// order per epoch), and cuts them every `batch_size` rows; batches are
+    /// numbered across epochs. `plan.max_batches` keeps only the first batches.
+    ///
+    /// Shuffles hash the seed with each sample's natural key (task name,
+    /// iteration, example, sample index), never its id, so the same samples give
+    /// the same batches whatever order they were written in.
     ///
     /// Idempotent: when the iteration already has batches they are returned
     /// unchanged (samples stored since are not added). The iteration must exist.
@@ -124,6 +143,18 @@ impl Store {
             return Err(StoreError::Invalid(format!(
                 "epochs must be > 0, got {}",
                 plan.epochs
+            )));
+        }
+        if !(0.0..1.0).contains(&plan.holdout) {
+            return Err(StoreError::Invalid(format!(
+                "holdout must be in [0, 1), got {}",
+                plan.holdout
+            )));
+        }
+        if plan.max_samples.is_some_and(|m| m <= 0) {
+            return Err(StoreError::Invalid(format!(
+                "max_samples must be > 0 when set, got {:?}",
+                plan.max_samples
             )));
         }
         if plan.max_batches.is_some_and(|m| m <= 0) {
@@ -161,26 +192,54 @@ impl Store {
             // cut every batch_size rows, create one batch per cut, then attach the
             // samples to their batch.
             sqlx::query(
-                "WITH pool AS (
-                     SELECT s.id FROM samples s
+                "WITH candidates AS (
+                     SELECT s.id, s.iteration, s.task_id, s.example_idx, s.sample_idx, s.output,
+                            t.name || ':' || s.iteration || ':' || s.example_idx || ':'
+                              || s.sample_idx AS key
+                     FROM samples s JOIN tasks t ON t.id = s.task_id
                      WHERE s.run_id = $1
                        AND (s.iteration = $2 OR ($4 AND s.iteration < $2))
                        AND ($5::text IS NULL OR EXISTS (
                            SELECT 1 FROM relabels r WHERE r.sample_id = s.id AND r.policy = $5))
                  ),
+                 pool AS (
+                     SELECT id, key FROM (
+                         SELECT id, key, row_number() OVER (
+                                    PARTITION BY iteration, task_id, example_idx,
+                                        CASE WHEN $9 THEN output ELSE sample_idx::text END
+                                    ORDER BY sample_idx) AS copy
+                         FROM candidates) c
+                     WHERE copy = 1
+                 ),
+                 ranked AS (
+                     SELECT id, key,
+                            row_number() OVER (
+                                ORDER BY CASE WHEN $6::int8 IS NULL THEN ''
+                                         ELSE md5($6::text || ':pool:' || $2 || ':' || key) END,
+                                         CASE WHEN $6::int8 IS NULL THEN id ELSE 0 END,
+                                         key) AS r,
+                            count(*) OVER () AS n
+                     FROM pool
+                 ),
+                 kept_pool AS (
+                     SELECT id, key FROM ranked
+                     WHERE r > ceil(n * $10::float8)
+                       AND ($11::int8 IS NULL OR r - ceil(n * $10::float8) <= $11)
+                 ),
                  per_epoch AS (
-                     SELECT ((count(*) + $3 - 1) / $3) AS n FROM pool
+                     SELECT ((count(*) + $3 - 1) / $3) AS n FROM kept_pool
                  ),
                  chosen AS (
-                     SELECT pool.id,
+                     SELECT kp.id,
                             e.epoch * per_epoch.n
                               + ((row_number() OVER (
                                     PARTITION BY e.epoch
                                     ORDER BY CASE WHEN $6::int8 IS NULL THEN ''
-                                             ELSE md5($6::text || ':' || e.epoch || ':' || pool.id)
+                                             ELSE md5($6::text || ':' || e.epoch || ':' || kp.key)
                                              END,
-                                             pool.id)) - 1) / $3 AS batch_idx
-                     FROM pool
+                                             CASE WHEN $6::int8 IS NULL THEN kp.id ELSE 0 END,
+                                             kp.key)) - 1) / $3 AS batch_idx
+                     FROM kept_pool kp
                      CROSS JOIN generate_series(0, $7 - 1) AS e(epoch)
                      CROSS JOIN per_epoch
                  ),
@@ -205,6 +264,9 @@ impl Store {
             .bind(plan.shuffle_seed)
             .bind(plan.epochs)
             .bind(plan.max_batches.map(i64::from))
+            .bind(plan.dedup_outputs)
+            .bind(plan.holdout)
+            .bind(plan.max_samples)
             .execute(&mut *tx)
             .await
             .map_err(db_error("creating training batches"))?;

@@ -128,6 +128,24 @@ impl Store {
         Ok(rows)
     }
 
+    /// How often each answer was predicted in a run's evaluations: (iteration, task,
+    /// answer or `(none)`, count), ordered by iteration, task and answer.
+    #[tracing::instrument(name = "Reading a run's predicted answers", skip(self))]
+    pub async fn run_eval_predictions(
+        &self,
+        run_id: Uuid,
+    ) -> Result<Vec<(i32, String, String, i64)>> {
+        Ok(sqlx::query_as::<_, (i32, String, String, i64)>(
+            "SELECT e.iteration, t.name, coalesce(e.predicted, '(none)') AS answer, count(*)
+             FROM eval_results e JOIN tasks t ON t.id = e.task_id
+             WHERE e.run_id = $1 AND e.iteration IS NOT NULL
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        )
+        .bind(run_id)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     /// Test accuracy of every version a run evaluated, per iteration, task and prompt
     /// style, ordered by iteration.
     #[tracing::instrument(name = "Reading a run's eval accuracy", skip(self))]

@@ -67,12 +67,14 @@ fn smollm2_examples(model: &hir_model::LoadedModel, n: usize) -> Vec<HirExample>
                 seed_key: i as u64,
                 prompt,
                 output_tokens: hir_model::LoadedModel::encode(model, output).expect("encodes"),
+                cut: false,
                 correct: i % 2 == 0,
                 gold: ex.answer.gold(),
                 positive: "Solve the question with wrong answer.".into(),
                 negative: "Solve the question with correct answer.".into(),
             };
-            examples::build(&sample, model, false, &mut SplitMix64::new(i as u64)).expect("builds")
+            let opts = examples::BuildOptions::default();
+            examples::build(&sample, model, opts, &mut SplitMix64::new(i as u64)).expect("builds")
         })
         .collect()
 }
@@ -167,7 +169,7 @@ fn smollm2(
                     let (pl2, _) = model.aligned_logits(&pos).expect("forward");
                     reference_loss(&pl, &pl2, &py, &nl, &ny, &cfg)
                 } else {
-                    loss::hir_loss(&pl, &py, &nl, &ny, &cfg)
+                    loss::hir_loss(None, &pl, &py, &nl, &ny, &cfg)
                         .expect("loss")
                         .total
                 };
@@ -260,7 +262,7 @@ fn t5(device: &Device, dtype: DType, steps: usize) -> (Timing, Timing, usize) {
                     let pl2 = fwd(&pos_ids);
                     reference_loss(&pl, &pl2, &label_t, &nl, &label_t, &lcfg)
                 } else {
-                    loss::hir_loss(&pl, &label_t, &nl, &label_t, &lcfg)
+                    loss::hir_loss(None, &pl, &label_t, &nl, &label_t, &lcfg)
                         .expect("loss")
                         .total
                 };

@@ -205,6 +205,7 @@ impl Driver<'_> {
                         examples: t.examples,
                         exact: t.exact,
                         extracted: t.extracted,
+                        predicted_counts: t.predicted.clone().into_iter().collect(),
                     }),
                     predicted_counts: t.predicted.clone().into_iter().collect(),
                 }))
@@ -417,7 +418,10 @@ impl Driver<'_> {
             }
             let samples = self.batch_samples(batch.id, gold).await?;
             let (seed, batch_it, batch_idx) = (self.config.seed, batch.iteration, batch.batch_idx);
-            let chat = self.config.prompt_style == hir_core::run::PromptStyle::Chat;
+            let opts = examples::BuildOptions {
+                chat: self.config.prompt_style == hir_core::run::PromptStyle::Chat,
+                eos_after_cut: self.config.eos_after_cut,
+            };
             let started = Instant::now();
             let stats = self
                 .blocking(move |state| -> Result<StepStats> {
@@ -426,7 +430,7 @@ impl Driver<'_> {
                         let mut rng = SplitMix64::new(examples::span_seed(
                             seed, batch_it, batch_idx, s.seed_key,
                         ));
-                        examples.push(examples::build(s, &state.model, chat, &mut rng)?);
+                        examples.push(examples::build(s, &state.model, opts, &mut rng)?);
                     }
                     state.step(&examples)
                 })
@@ -515,7 +519,10 @@ impl Driver<'_> {
     ) -> Result<Vec<RelabeledSample>> {
         let store = &self.ctx.store;
         let ids = store.batch_sample_ids(batch_id).await?;
-        let samples = store.get_samples(&ids).await?;
+        let mut samples = store.get_samples(&ids).await?;
+        // By natural key, not id: the micro-batches are the same whatever order the samples
+        // were written in.
+        samples.sort_by_key(|s| (s.iteration, s.task_id, s.example_idx, s.sample_idx));
         let relabels: std::collections::HashMap<i64, hir_store::Relabel> = store
             .list_relabels(&ids)
             .await?
@@ -527,6 +534,10 @@ impl Driver<'_> {
             .into_iter()
             .filter_map(|s| {
                 let r = relabels.get(&s.id)?;
+                let gold = gold
+                    .get(&(s.task_id, s.example_idx))
+                    .cloned()
+                    .unwrap_or_default();
                 Some(RelabeledSample {
                     sample_id: s.id,
                     seed_key: examples::seed_key(
@@ -537,11 +548,11 @@ impl Driver<'_> {
                     ),
                     prompt: s.prompt,
                     output_tokens: s.output_tokens.iter().map(|&t| t as u32).collect(),
-                    correct: s.correct,
-                    gold: gold
-                        .get(&(s.task_id, s.example_idx))
-                        .cloned()
-                        .unwrap_or_default(),
+                    cut: s.finish_reason == "length",
+                    // The verifier the relabel came from, not exact match: they differ on
+                    // an output with a newline, such as "(C)\n".
+                    correct: hir_core::score::relabel_match(&s.output, &gold),
+                    gold,
                     positive: r.positive_instruction.clone(),
                     negative: r.negative_instruction.clone(),
                 })

@@ -3,14 +3,20 @@
 //! reference feeds the encoder (instruction, query, output prefix) is the prompt part of
 //! one sequence, and only the label span carries loss.
 //!
-//! For a sample with output tokens `o` (ending in end-of-sequence, appended when the
-//! generator stopped for another reason, as the reference's tokenizer does):
-//! 1. draw a span `start..end` of `o` ([`hir_core::suboutput::sample_span`]);
-//! 2. decide its case from the decoded prefix `o[..end]` and the gold answer
-//!    ([`hir_core::suboutput::plan`]), swapping the instructions when a wrong sample's
-//!    prefix agrees with the gold answer;
-//! 3. prompt = instruction + the sample's query + `o[..start]`; labels = `o[start..end]`,
-//!    re-tokenized from its text and ended with end-of-sequence except in case (b).
+//! For a sample whose output text is `text`:
+//! 1. `o` = the tokens of `text` tokenized again, plus end-of-sequence, as the reference's
+//!    tokenizer builds its labels (so `L = |o|` counts re-tokenized tokens, not the
+//!    generated ids). An output cut by `max_new_tokens` gets no end-of-sequence unless
+//!    [`BuildOptions::eos_after_cut`]: it did not end there;
+//! 2. draw a span `start..end` of `o` ([`hir_core::suboutput::sample_span`]);
+//! 3. decide its case from the decoded prefix `o[..end]` and the gold answer as the
+//!    tokenizer gives it back (`decode(encode(gold))`) ([`hir_core::suboutput::plan`]),
+//!    swapping the instructions when a wrong sample's prefix agrees with the gold answer.
+//!    "Wrong" is the verifier's verdict (`relabel_match`), the one the instruction pair came
+//!    from;
+//! 4. prompt = instruction + the sample's query + `o[..start]`; labels = `o[start..end]`,
+//!    re-tokenized from its text and ended with end-of-sequence except in case (b) (and
+//!    except at the end of a cut output).
 //!
 //! The negative sequence has the same labels under the other instruction. For T5 the
 //! prompt is the encoder input, as in the reference, and ends with end-of-sequence.
@@ -79,7 +85,10 @@ pub struct RelabeledSample {
     pub prompt: String,
     /// Its output tokens as generated.
     pub output_tokens: Vec<u32>,
-    /// Whether the whole output was correct.
+    /// Whether generation stopped at `max_new_tokens` rather than ending on its own.
+    pub cut: bool,
+    /// Whether the whole output was correct by the verifier the relabel came from
+    /// ([`hir_core::score::relabel_match`]).
     pub correct: bool,
     /// The gold answer.
     pub gold: String,
@@ -125,22 +134,39 @@ pub fn span_seed(run_seed: u64, iteration: i32, batch_idx: i32, seed_key: u64) -
     .next_u64()
 }
 
-/// Builds the training pair of one sample; see the module docs. With `chat` the relabeled
-/// prompt is wrapped in the model's chat template, as the generator wrapped it when sampling.
+/// How [`build`] turns samples into examples.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildOptions {
+    /// Wrap the relabeled prompt in the model's chat template, as the generator wrapped it
+    /// when sampling.
+    pub chat: bool,
+    /// End a cut output with end-of-sequence anyway (the reference's T5 tokenizer does).
+    pub eos_after_cut: bool,
+}
+
+/// Builds the training pair of one sample; see the module docs.
 pub fn build(
     sample: &RelabeledSample,
     codec: &dyn Codec,
-    chat: bool,
+    opts: BuildOptions,
     rng: &mut SplitMix64,
 ) -> Result<HirExample> {
     let eos = codec.eos();
-    let mut out = sample.output_tokens.clone();
-    if !out.last().is_some_and(|&t| codec.is_eos(t)) {
+    let generated: Vec<u32> = sample
+        .output_tokens
+        .iter()
+        .copied()
+        .filter(|&t| !codec.is_eos(t))
+        .collect();
+    let mut out = codec.encode(&codec.decode(&generated)?)?;
+    let ends = !sample.cut || opts.eos_after_cut;
+    if ends {
         out.push(eos);
     }
     let span = sample_span(out.len(), rng);
     let prefix_text = codec.decode(&out[..span.end])?;
-    let p = plan(span, out.len(), &prefix_text, &sample.gold, sample.correct);
+    let gold = codec.decode(&codec.encode(&sample.gold)?)?;
+    let p = plan(span, out.len(), &prefix_text, &gold, sample.correct);
     let (pos_instr, neg_instr) = if p.swap_instructions {
         (&sample.negative, &sample.positive)
     } else {
@@ -156,15 +182,24 @@ pub fn build(
     let body = &sample.prompt[split..];
     let labels = if p.retokenize_with_eos {
         let mut l = codec.encode(&codec.decode(&out[span.start..span.end])?)?;
-        l.push(eos);
+        // The tail of a cut output did not end there: no end-of-sequence after it.
+        if ends || span.end < out.len() {
+            l.push(eos);
+        }
         l
     } else {
         out[span.start..span.end].to_vec()
     };
+    // A span of tokens that decode to nothing re-tokenizes to nothing: train its tokens.
+    let labels = if labels.is_empty() {
+        out[span.start..span.end].to_vec()
+    } else {
+        labels
+    };
     let side = |instruction: &str| -> Result<Example> {
         let text = format!("{instruction}{body}");
         let text = text.trim_start_matches(' ');
-        let mut prompt = if chat {
+        let mut prompt = if opts.chat {
             codec.encode(&codec.chat(text))?
         } else {
             codec.encode(text)?
@@ -229,6 +264,15 @@ mod tests {
         }
     }
 
+    const PLAIN: BuildOptions = BuildOptions {
+        chat: false,
+        eos_after_cut: false,
+    };
+    const CHAT: BuildOptions = BuildOptions {
+        chat: true,
+        eos_after_cut: false,
+    };
+
     fn sample(output: &str, correct: bool) -> RelabeledSample {
         let (pos, neg) = if correct { ("P", "N") } else { ("N", "P") };
         RelabeledSample {
@@ -236,6 +280,7 @@ mod tests {
             seed_key: 1,
             prompt: "Solve.\n\nQ: q\nA:".into(),
             output_tokens: Chars.encode(output).unwrap(),
+            cut: false,
             correct,
             gold: "(C)".into(),
             positive: pos.into(),
@@ -250,7 +295,7 @@ mod tests {
     #[test]
     fn short_outputs_are_trained_whole_with_eos_under_their_relabel() {
         // "(A" + EOS is 3 tokens: never truncated, case (c).
-        let ex = build(&sample("(A", false), &Chars, false, &mut SplitMix64::new(3)).unwrap();
+        let ex = build(&sample("(A", false), &Chars, PLAIN, &mut SplitMix64::new(3)).unwrap();
         assert_eq!(ex.case, SubOutputCase::Other);
         assert_eq!(ex.positive.prompt, ids("N\n\nQ: q\nA:"));
         assert_eq!(ex.negative.prompt, ids("P\n\nQ: q\nA:"));
@@ -266,8 +311,8 @@ mod tests {
         let s = sample("(B) because it is so", false);
         let mut with_prefix = 0;
         for seed in 0..50 {
-            let dec = build(&s, &Chars, false, &mut SplitMix64::new(seed)).unwrap();
-            let enc = build(&s, &EncoderChars, false, &mut SplitMix64::new(seed)).unwrap();
+            let dec = build(&s, &Chars, PLAIN, &mut SplitMix64::new(seed)).unwrap();
+            let enc = build(&s, &EncoderChars, PLAIN, &mut SplitMix64::new(seed)).unwrap();
             // The same span and labels; the encoder input is the prompt plus EOS.
             assert_eq!(enc.positive.completion, dec.positive.completion);
             for (e, d) in [
@@ -292,7 +337,7 @@ mod tests {
         let s = sample("(C)x", false);
         let mut seen = std::collections::BTreeSet::new();
         for seed in 0..200 {
-            let ex = build(&s, &Chars, false, &mut SplitMix64::new(seed)).unwrap();
+            let ex = build(&s, &Chars, PLAIN, &mut SplitMix64::new(seed)).unwrap();
             seen.insert(format!("{:?}", ex.case));
             let labels = &ex.positive.completion;
             match ex.case {
@@ -320,7 +365,7 @@ mod tests {
 
     #[test]
     fn chat_style_wraps_both_relabeled_prompts_before_the_output_prefix() {
-        let ex = build(&sample("(A", false), &Chars, true, &mut SplitMix64::new(3)).unwrap();
+        let ex = build(&sample("(A", false), &Chars, CHAT, &mut SplitMix64::new(3)).unwrap();
         assert_eq!(ex.positive.prompt, ids("<N\n\nQ: q\nA:>"));
         assert_eq!(ex.negative.prompt, ids("<P\n\nQ: q\nA:>"));
     }
@@ -329,7 +374,96 @@ mod tests {
     fn a_prompt_without_an_instruction_line_is_refused() {
         let mut s = sample("(C)", true);
         s.prompt = "Q: q\nA:".into();
-        let err = build(&s, &Chars, false, &mut SplitMix64::new(1)).unwrap_err();
+        let err = build(&s, &Chars, PLAIN, &mut SplitMix64::new(1)).unwrap_err();
         assert!(err.to_string().contains("no blank line"), "{err}");
+    }
+
+    #[test]
+    fn a_cut_output_is_not_taught_to_stop_where_it_was_cut() {
+        let mut s = sample("(A", false);
+        s.cut = true;
+        // "(A" without EOS is 2 tokens: never truncated, trained whole, no EOS.
+        let ex = build(&s, &Chars, PLAIN, &mut SplitMix64::new(3)).unwrap();
+        assert_eq!(ex.positive.completion, ids("(A"));
+        let with = BuildOptions {
+            eos_after_cut: true,
+            ..PLAIN
+        };
+        let ex = build(&s, &Chars, with, &mut SplitMix64::new(3)).unwrap();
+        assert_eq!(
+            ex.positive.completion.last(),
+            Some(&0),
+            "the knob restores it"
+        );
+        // A long cut output (odd length, so that spans can reach its end): spans reaching
+        // its end carry no EOS, shorter ones do (case c).
+        let mut long = sample("(B) because i", false);
+        long.cut = true;
+        let (mut tail, mut inner) = (0, 0);
+        for seed in 0..200 {
+            let ex = build(&long, &Chars, PLAIN, &mut SplitMix64::new(seed)).unwrap();
+            let labels = &ex.positive.completion;
+            let prefix = ex.positive.prompt.len() - ids("N\n\nQ: q\nA:").len();
+            let covered = labels.len() - usize::from(labels.last() == Some(&0));
+            if prefix + covered == ids("(B) because i").len() {
+                assert_ne!(labels.last(), Some(&0), "{labels:?}");
+                tail += 1;
+            } else if ex.case == SubOutputCase::Other {
+                assert_eq!(labels.last(), Some(&0), "{labels:?}");
+                inner += 1;
+            }
+        }
+        assert!(tail > 0 && inner > 0, "{tail} {inner}");
+    }
+
+    /// Tokenizes "(C)" as one token (id 1000) and each other character as itself; decodes
+    /// back. Generated ids may split "(C)" into characters: re-tokenizing merges them.
+    struct Merging;
+
+    impl Codec for Merging {
+        fn encode(&self, text: &str) -> Result<Vec<u32>> {
+            let mut out = Vec::new();
+            let mut rest = text;
+            while !rest.is_empty() {
+                if let Some(r) = rest.strip_prefix("(C)") {
+                    out.push(1000);
+                    rest = r;
+                } else {
+                    let c = rest.chars().next().unwrap();
+                    out.push(c as u32);
+                    rest = &rest[c.len_utf8()..];
+                }
+            }
+            Ok(out)
+        }
+        fn decode(&self, ids: &[u32]) -> Result<String> {
+            Ok(ids
+                .iter()
+                .filter(|&&i| i != 0)
+                .map(|&i| {
+                    if i == 1000 {
+                        "(C)".to_string()
+                    } else {
+                        char::from_u32(i).map(String::from).unwrap_or_default()
+                    }
+                })
+                .collect())
+        }
+        fn eos(&self) -> u32 {
+            0
+        }
+    }
+
+    #[test]
+    fn the_span_is_drawn_over_the_retokenized_output() {
+        // Generated as 3 character ids; re-tokenized it is 1 token + EOS = 2 <= 3: kept
+        // whole. Over the generated ids (3 + EOS = 4) spans would truncate it.
+        let mut s = sample("", true);
+        s.output_tokens = ids("(C)");
+        for seed in 0..20 {
+            let ex = build(&s, &Merging, PLAIN, &mut SplitMix64::new(seed)).unwrap();
+            assert_eq!(ex.positive.completion, vec![1000, 0]);
+            assert_eq!(ex.case, SubOutputCase::Other);
+        }
     }
 }

@@ -47,9 +47,11 @@ pub fn hyperparameters_to_config(
     model: &str,
     h: Option<&pb::Hyperparameters>,
 ) -> Result<RunConfig> {
+    let preset = h.and_then(|h| h.preset.as_deref()).unwrap_or("paper");
     let mut c = RunConfig {
         model: model.to_string(),
-        ..RunConfig::default()
+        ..RunConfig::preset(preset)
+            .map_err(|e| TrainerError::invalid("hyperparameters.preset", e.to_string()))?
     };
     let Some(h) = h else { return Ok(c) };
     if let Some(style) = &h.prompt_style {
@@ -79,7 +81,12 @@ pub fn hyperparameters_to_config(
         replay_buffer,
         max_train_prompts,
         max_test_prompts,
-        max_steps_per_iteration
+        max_steps_per_iteration,
+        replay_holdout,
+        replay_cap_per_prompt,
+        dedup_outputs,
+        eos_after_cut,
+        train_dropout
     );
     Ok(c)
 }
@@ -108,6 +115,12 @@ pub fn config_to_hyperparameters(c: &RunConfig) -> pb::Hyperparameters {
         max_test_prompts: Some(c.max_test_prompts),
         max_steps_per_iteration: Some(c.max_steps_per_iteration),
         prompt_style: Some(c.prompt_style.as_str().to_string()),
+        preset: Some(c.preset.clone()),
+        replay_holdout: Some(c.replay_holdout),
+        replay_cap_per_prompt: Some(c.replay_cap_per_prompt),
+        dedup_outputs: Some(c.dedup_outputs),
+        eos_after_cut: Some(c.eos_after_cut),
+        train_dropout: Some(c.train_dropout),
     }
 }
 
@@ -281,6 +294,13 @@ impl Trainer {
         }
         let training = store.training_summary(run_id).await?;
         let evals = store.run_eval_accuracy(run_id).await?;
+        let mut predictions: HashMap<(i32, String), HashMap<String, u32>> = HashMap::new();
+        for (iteration, task, answer, n) in store.run_eval_predictions(run_id).await? {
+            predictions
+                .entry((iteration, task))
+                .or_default()
+                .insert(answer, n as u32);
+        }
         let mut iterations = Vec::new();
         for it in store.list_iterations(run_id).await? {
             let totals = store.sample_totals(run_id, it.iteration).await?;
@@ -308,6 +328,10 @@ impl Trainer {
                         examples: e.n as u32,
                         exact: e.accuracy,
                         extracted: e.accuracy_extracted,
+                        predicted_counts: predictions
+                            .get(&(it.iteration, e.task.clone()))
+                            .cloned()
+                            .unwrap_or_default(),
                     })
                     .collect(),
                 error: it.error.unwrap_or_default(),

@@ -58,6 +58,8 @@ pub struct TrainState {
     trainer: Trainer,
     loss: HirLossConfig,
     micro_batch: usize,
+    /// The run's seed: with the step count it seeds each step's dropout masks.
+    seed: u64,
 }
 
 impl TrainState {
@@ -71,7 +73,10 @@ impl TrainState {
         } else {
             candle_core::DType::BF16
         };
-        let model = LoadedModel::load(path, device, WeightMode::Trainable(dtype))?;
+        let mut model = LoadedModel::load(path, device, WeightMode::Trainable(dtype))?;
+        if config.train_dropout {
+            model.model_mut().enable_train_dropout(config.seed)?;
+        }
         let trainer = model.trainer(
             AdamWConfig {
                 lr: config.learning_rate,
@@ -90,6 +95,7 @@ impl TrainState {
                 entropy_coef: config.entropy_coef,
             },
             micro_batch: config.micro_batch_size.max(1) as usize,
+            seed: config.seed,
         })
     }
 
@@ -99,13 +105,21 @@ impl TrainState {
     }
 
     /// One optimizer step over `examples`: micro-batches of the configured size, their
-    /// gradients accumulated (weighted by examples), clipped, then AdamW.
+    /// gradients accumulated (each example weighs the same, as in the reference's batches
+    /// of one), clipped if configured, then AdamW.
     pub fn step(&mut self, examples: &[HirExample]) -> Result<StepStats> {
         if examples.is_empty() {
             return Err(TrainerError::FailedPrecondition(
                 "a training step needs at least one example".into(),
             ));
         }
+        // Dropout masks depend only on the run and the step, so a step repeated after a
+        // restart draws the same ones.
+        let step_seed = hir_core::rng::SplitMix64::new(
+            self.seed ^ (self.step_count() + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        )
+        .next_u64();
+        self.model.model().reseed_dropout(step_seed);
         let chunks: Vec<&[HirExample]> = examples.chunks(self.micro_batch).collect();
         self.trainer.accumulation_steps = chunks.len();
         let total = examples.len() as f64;

@@ -199,7 +199,8 @@ fn authed<T>(m: T) -> Request<T> {
     hir_runtime::auth::with_bearer(m, Some(TOKEN))
 }
 
-/// Small knobs: 2 iterations of 20 prompts × 2 samples, 2 epochs of batches of 8.
+/// Small knobs: 2 iterations of 20 prompts × 2 samples, 2 epochs of batches of 8. No
+/// holdout or de-duplication, so that every sample is trained and step counts are exact.
 fn hyperparameters() -> pb::Hyperparameters {
     pb::Hyperparameters {
         iterations: Some(2),
@@ -209,6 +210,8 @@ fn hyperparameters() -> pb::Hyperparameters {
         epochs_per_iteration: Some(2),
         max_new_tokens: Some(6),
         learning_rate: Some(1e-3),
+        replay_holdout: Some(0.0),
+        dedup_outputs: Some(false),
         ..Default::default()
     }
 }
@@ -510,6 +513,26 @@ async fn bad_requests_are_refused_and_a_run_without_training_data_fails_with_the
                 ..good.clone()
             },
             "hyperparameters.prompt_style",
+        ),
+        (
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    preset: Some("fast".into()),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+            "hyperparameters.preset",
+        ),
+        (
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    replay_holdout: Some(1.0),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+            "hyperparameters.replay_holdout",
         ),
     ];
     for (request, field) in cases {

@@ -575,3 +575,108 @@ async fn a_restarted_owner_gives_its_old_leases_back_at_once(pool: PgPool) {
         Some("trainer-1")
     );
 }
+
+/// Natural keys `(example, sample)` of a batch's samples, in batch order.
+async fn batch_keys(f: &Fixture, batch_id: i64) -> Vec<(i32, i32)> {
+    let mut keys = Vec::new();
+    for id in f.store.batch_sample_ids(batch_id).await.unwrap() {
+        keys.push(
+            sqlx::query_as::<_, (i32, i32)>(
+                "SELECT example_idx, sample_idx FROM samples WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(f.store.pool())
+            .await
+            .unwrap(),
+        );
+    }
+    keys.sort_unstable();
+    keys
+}
+
+#[sqlx::test(migrator = "hir_store::MIGRATOR")]
+async fn dedup_holdout_and_cap_pick_the_same_samples_whatever_the_write_order(pool: PgPool) {
+    let f = fixture(pool).await;
+    // 4 prompts x 3 samples; prompt 0 answers "(A)" three times, the others differ.
+    let samples = |run_id| -> Vec<hir_store::NewScoredSample> {
+        let mut out = Vec::new();
+        for e in 0..4 {
+            for k in 0..3 {
+                let mut s = f.sample(0, e, false);
+                s.run_id = run_id;
+                s.sample_idx = k;
+                s.output = if e == 0 {
+                    "(A)".into()
+                } else {
+                    format!("(A) {k}")
+                };
+                out.push(s);
+            }
+        }
+        out
+    };
+    let plan = BatchPlan {
+        dedup_outputs: true,
+        holdout: 0.25,
+        max_samples: Some(5),
+        shuffle_seed: Some(3),
+        ..BatchPlan::new(100)
+    };
+    f.store
+        .insert_scored_samples(&samples(f.run_id))
+        .await
+        .unwrap();
+    let first = f.store.create_batches(f.run_id, 0, &plan).await.unwrap();
+    assert_eq!(first.len(), 1);
+    let keys = batch_keys(&f, first[0].id).await;
+    // 10 distinct outputs; ceil(2.5) = 3 held out; 7 left, capped at 5.
+    assert_eq!(keys.len(), 5, "{keys:?}");
+    assert!(
+        keys.iter().filter(|(e, _)| *e == 0).all(|(_, k)| *k == 0),
+        "one copy of a repeated output, the lowest sample index: {keys:?}"
+    );
+
+    // The same samples of another run, written in reverse order, give the same batch.
+    let other = uuid::Uuid::new_v4();
+    f.store
+        .create_run(&crate::helpers::new_run(other))
+        .await
+        .unwrap();
+    f.store.add_run_tasks(other, &[f.task.id]).await.unwrap();
+    f.store.ensure_iteration(other, 0).await.unwrap();
+    let mut reversed = samples(other);
+    reversed.reverse();
+    for s in reversed {
+        f.store.insert_scored_samples(&[s]).await.unwrap();
+    }
+    let second = f.store.create_batches(other, 0, &plan).await.unwrap();
+    assert_eq!(batch_keys(&f, second[0].id).await, keys);
+
+    // Without de-duplication all 12 count: 3 held out, 9 left, capped at 5.
+    let all = BatchPlan {
+        dedup_outputs: false,
+        max_samples: None,
+        ..plan.clone()
+    };
+    f.store.ensure_iteration(other, 1).await.unwrap();
+    let mut again = samples(other);
+    for s in &mut again {
+        s.iteration = 1;
+    }
+    f.store.insert_scored_samples(&again).await.unwrap();
+    let third = f.store.create_batches(other, 1, &all).await.unwrap();
+    assert_eq!(
+        f.store.batch_sample_ids(third[0].id).await.unwrap().len(),
+        9
+    );
+
+    let bad = BatchPlan {
+        holdout: 1.0,
+        ..plan
+    };
+    let err = f.store.create_batches(f.run_id, 0, &bad).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Invalid(ref m) if m.contains("holdout")),
+        "{err}"
+    );
+}

@@ -1,0 +1,808 @@
+//! `hir experiment`: base model, FARL and HIR (and the `hindsight_answer` policy) side by
+//! side on one or more tasks and seeds, through the real services.
+//!
+//! Every (task, seed, method) is one run. The base model's numbers are each run's iteration
+//! 0. The result is a table per method, task, seed and iteration (test exact, test
+//! extracted, and the share of the most frequent predicted answer, so a collapse to one
+//! answer is visible), `reports/<name>/experiment.md`, a chart per task
+//! (`experiment.svg`) and `experiment.json` with every number (`--json` prints it).
+//! A failed run stays in the table with its error, and the command then exits non-zero.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use hir_proto::pb;
+use hir_proto::pb::IterationStatus as S;
+use serde::Serialize;
+
+use crate::client::{status_name, watch_timed, StatusTimes};
+use crate::local::{Services, SMOLLM2};
+
+/// Training methods and the relabel policy each runs.
+const METHODS: [(&str, &str); 3] = [
+    ("farl", "farl"),
+    ("hir", "hir"),
+    ("hindsight_answer", "hindsight_answer"),
+];
+
+/// The knobs of the CPU-sized loop (the demo's and the `cpu` preset's): SmolLM2 under its
+/// chat template, short answers, a subset of the prompts.
+pub fn cpu_knobs(train_prompts: u32, test_prompts: u32, steps: u32) -> pb::Hyperparameters {
+    pb::Hyperparameters {
+        preset: Some("paper".into()),
+        samples_per_prompt: Some(4),
+        max_train_prompts: Some(train_prompts),
+        max_test_prompts: Some(test_prompts),
+        max_steps_per_iteration: Some(steps),
+        batch_size: Some(8),
+        micro_batch_size: Some(4),
+        epochs_per_iteration: Some(1),
+        max_new_tokens: Some(16),
+        learning_rate: Some(5e-5),
+        prompt_style: Some("chat".into()),
+        ..Default::default()
+    }
+}
+
+/// `hir experiment`.
+#[derive(Debug, Args)]
+pub struct ExperimentArgs {
+    /// `cpu` (SmolLM2-135M-Instruct on a subset, sized for a laptop) or `gpu` (the paper's
+    /// protocol: every prompt, 4 samples, 31 iterations; give --model).
+    #[arg(long, default_value = "cpu")]
+    pub preset: String,
+    /// Name of the experiment: the report folder under --out.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Tasks, comma-separated [preset's].
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
+    /// Methods, comma-separated, of base, farl, hir, hindsight_answer [all]. The base model
+    /// is every run's iteration 0.
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<String>,
+    /// Seeds, comma-separated [1].
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Vec<u64>,
+    /// Iterations per run [preset's].
+    #[arg(long)]
+    pub iterations: Option<u32>,
+    /// The model [preset's].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// BIG-bench tasks folder.
+    #[arg(long, default_value = "data/bigbench")]
+    pub bigbench: PathBuf,
+    /// Where the report folder goes.
+    #[arg(long, default_value = "reports")]
+    pub out: PathBuf,
+    /// A running trainer to use instead of starting the services here.
+    #[arg(long, env = "HIR_TRAINER")]
+    pub trainer: Option<String>,
+    /// Bearer token of the running services.
+    #[arg(long, env = "HIR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Postgres URL for services started here; a private temporary server when absent.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Print every number as JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a preset fixes.
+struct Plan {
+    preset: String,
+    model: PathBuf,
+    tasks: Vec<String>,
+    methods: Vec<String>,
+    seeds: Vec<u64>,
+    knobs: pb::Hyperparameters,
+}
+
+impl Plan {
+    fn from_args(a: &ExperimentArgs) -> Result<Self> {
+        let catalog = hir_core::task::Catalog::discover(&a.bigbench)
+            .map_err(|e| anyhow::anyhow!("--bigbench: {e}"))?;
+        let (model, tasks, knobs) = match a.preset.as_str() {
+            "cpu" => (
+                PathBuf::from(SMOLLM2),
+                vec![
+                    "tracking_shuffled_objects_three_objects".to_string(),
+                    "logical_deduction_three_objects".to_string(),
+                ],
+                pb::Hyperparameters {
+                    iterations: Some(2),
+                    ..cpu_knobs(48, 60, 6)
+                },
+            ),
+            "gpu" => (
+                a.model.clone().unwrap_or_default(),
+                // The folder's tasks: the paper's twelve in data/bigbench.
+                catalog.entries().iter().map(|e| e.name.clone()).collect(),
+                pb::Hyperparameters {
+                    preset: Some("paper".into()),
+                    ..Default::default()
+                },
+            ),
+            other => bail!("--preset {other:?} is not a preset; use cpu or gpu"),
+        };
+        let model = a.model.clone().unwrap_or(model);
+        if model.as_os_str().is_empty() {
+            bail!("--model is required with --preset gpu (a FLAN-T5 folder, as the paper)");
+        }
+        let methods = if a.methods.is_empty() {
+            std::iter::once("base")
+                .chain(METHODS.iter().map(|m| m.0))
+                .map(String::from)
+                .collect()
+        } else {
+            a.methods.clone()
+        };
+        for m in &methods {
+            if m != "base" && !METHODS.iter().any(|(name, _)| name == m) {
+                bail!("--methods: unknown method {m:?}; use base, farl, hir, hindsight_answer");
+            }
+        }
+        if !methods.iter().any(|m| m != "base") {
+            bail!("--methods: name at least one of farl, hir, hindsight_answer (base is their iteration 0)");
+        }
+        let seeds = if a.seeds.is_empty() {
+            vec![1]
+        } else {
+            a.seeds.clone()
+        };
+        let tasks = if a.tasks.is_empty() {
+            tasks
+        } else {
+            a.tasks.clone()
+        };
+        if tasks.is_empty() {
+            bail!("--tasks: name at least one task");
+        }
+        for t in &tasks {
+            catalog
+                .find(t)
+                .map_err(|e| anyhow::anyhow!("--tasks: {e}"))?;
+        }
+        let knobs = pb::Hyperparameters {
+            iterations: a.iterations.or(knobs.iterations),
+            ..knobs
+        };
+        if knobs.iterations == Some(0) {
+            bail!("--iterations must be at least 1");
+        }
+        Ok(Self {
+            preset: a.preset.clone(),
+            model,
+            tasks,
+            methods,
+            seeds,
+            knobs,
+        })
+    }
+
+    fn training_methods(&self) -> impl Iterator<Item = (&'static str, &'static str)> + '_ {
+        METHODS
+            .iter()
+            .copied()
+            .filter(|(m, _)| self.methods.iter().any(|x| x == m))
+    }
+}
+
+/// One iteration's numbers of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// `base` for iteration 0, else the method.
+    pub method: String,
+    /// The task.
+    pub task: String,
+    /// The run's seed.
+    pub seed: u64,
+    /// 0 for the base model.
+    pub iteration: u32,
+    /// Test examples evaluated.
+    pub examples: u32,
+    /// The paper's exact match on the test prompts.
+    pub exact: f64,
+    /// Accuracy once the answer is read out of the output.
+    pub extracted: f64,
+    /// The most frequent predicted answer and its share of the test prompts.
+    pub top_answer: String,
+    /// Share of the most frequent predicted answer.
+    pub top_share: f64,
+    /// Every predicted answer's count.
+    pub answers: BTreeMap<String, u32>,
+    /// Mean training loss of the iteration.
+    pub train_loss: f64,
+    /// Wall seconds of each phase, as seen by this command: sample, train, swap, eval.
+    pub phase_seconds: [Option<f64>; 4],
+}
+
+/// One run of the experiment.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// The method.
+    pub method: String,
+    /// The task.
+    pub task: String,
+    /// The seed.
+    pub seed: u64,
+    /// The run's id.
+    pub run_id: String,
+    /// `done`, `failed`, ...
+    pub status: String,
+    /// Why it failed.
+    pub error: String,
+    /// Its iterations.
+    pub rows: Vec<Row>,
+}
+
+/// Every number of an experiment.
+#[derive(Debug, Clone, Serialize)]
+pub struct Experiment {
+    /// Its name (the report folder).
+    pub name: String,
+    /// The preset.
+    pub preset: String,
+    /// The starting model.
+    pub model: String,
+    /// The knobs every run shared (as the trainer filled them in, from the first run).
+    pub knobs: serde_json::Value,
+    /// The runs.
+    pub runs: Vec<RunResult>,
+}
+
+pub async fn run(args: ExperimentArgs) -> Result<()> {
+    hir_runtime::telemetry::init_with_default(
+        hir_runtime::telemetry::LogFormat::from_env(),
+        "warn",
+    );
+    let plan = Plan::from_args(&args)?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        format!("experiment-{}-{secs}", plan.preset)
+    });
+    let local = match &args.trainer {
+        Some(_) => None,
+        None => {
+            crate::local::ensure_model(&plan.model)?;
+            let steps = plan.knobs.max_steps_per_iteration.unwrap_or(8);
+            Some(
+                Services::start(
+                    &plan.model,
+                    &args.bigbench,
+                    args.database_url.as_deref(),
+                    16,
+                    steps,
+                )
+                .await?,
+            )
+        }
+    };
+    let (addr, token) = match &local {
+        Some(s) => (s.trainer.clone(), Some(s.token.clone())),
+        None => (args.trainer.clone().unwrap_or_default(), args.token.clone()),
+    };
+    let trainer = crate::client::TrainerArgs {
+        trainer: addr,
+        token,
+    };
+    let mut client = trainer.connect().await?;
+    let total = plan.tasks.len() * plan.seeds.len() * plan.training_methods().count();
+    let mut experiment = Experiment {
+        name: name.clone(),
+        preset: plan.preset.clone(),
+        model: plan.model.display().to_string(),
+        knobs: serde_json::Value::Null,
+        runs: Vec::new(),
+    };
+    let mut n = 0;
+    for seed in &plan.seeds {
+        for task in &plan.tasks {
+            for (method, policy) in plan.training_methods() {
+                n += 1;
+                if !args.json {
+                    println!("[{n}/{total}] {method} on {task}, seed {seed}");
+                }
+                let request = pb::StartRunRequest {
+                    run_id: String::new(),
+                    name: format!("{name}/{method}/{task}/{seed}"),
+                    tasks: vec![task.clone()],
+                    model: plan.model.to_string_lossy().into_owned(),
+                    policy: policy.into(),
+                    hyperparameters: Some(pb::Hyperparameters {
+                        seed: Some(*seed),
+                        ..plan.knobs.clone()
+                    }),
+                };
+                let started = client
+                    .start_run(trainer.authed(request))
+                    .await
+                    .map_err(|s| crate::client::explain(s, "StartRun"))?
+                    .into_inner();
+                let (run, times) = watch_timed(&mut client, &started.run_id, !args.json).await?;
+                if experiment.knobs.is_null() {
+                    experiment.knobs = knobs_json(&run);
+                }
+                experiment
+                    .runs
+                    .push(run_result(&run, method, task, *seed, &times));
+            }
+        }
+    }
+    if let Some(s) = local {
+        s.stop().await;
+    }
+    let dir = args.out.join(&name);
+    let md = write(&experiment, &dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&experiment)?);
+    } else {
+        println!("{}", table(&experiment));
+        println!(
+            "report: {}\nchart:  {}\nnumbers: {}",
+            md.display(),
+            dir.join("experiment.svg").display(),
+            dir.join("experiment.json").display()
+        );
+    }
+    let failed = experiment
+        .runs
+        .iter()
+        .filter(|r| r.status != "done")
+        .count();
+    if failed > 0 {
+        bail!(
+            "{failed} of {} runs did not finish; see the table",
+            experiment.runs.len()
+        );
+    }
+    Ok(())
+}
+
+fn knobs_json(run: &pb::Run) -> serde_json::Value {
+    let Some(h) = &run.hyperparameters else {
+        return serde_json::Value::Null;
+    };
+    serde_json::json!({
+        "preset": h.preset, "iterations": h.iterations, "samples_per_prompt": h.samples_per_prompt,
+        "learning_rate": h.learning_rate, "batch_size": h.batch_size,
+        "micro_batch_size": h.micro_batch_size, "epochs_per_iteration": h.epochs_per_iteration,
+        "max_steps_per_iteration": h.max_steps_per_iteration, "max_new_tokens": h.max_new_tokens,
+        "max_train_prompts": h.max_train_prompts, "max_test_prompts": h.max_test_prompts,
+        "label_smoothing": h.label_smoothing, "entropy_coef": h.entropy_coef,
+        "contrastive_coef": h.contrastive_coef, "temperature": h.temperature, "top_k": h.top_k,
+        "top_p": h.top_p, "max_grad_norm": h.max_grad_norm, "replay_buffer": h.replay_buffer,
+        "replay_holdout": h.replay_holdout, "replay_cap_per_prompt": h.replay_cap_per_prompt,
+        "dedup_outputs": h.dedup_outputs, "eos_after_cut": h.eos_after_cut,
+        "prompt_style": h.prompt_style,
+    })
+}
+
+fn run_result(
+    run: &pb::Run,
+    method: &str,
+    task: &str,
+    seed: u64,
+    times: &StatusTimes,
+) -> RunResult {
+    let mut rows = Vec::new();
+    for it in &run.iterations {
+        let Some(acc) = it.eval.iter().find(|e| e.task == task) else {
+            continue;
+        };
+        let answers: BTreeMap<String, u32> = acc
+            .predicted_counts
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let (top_answer, top) = answers
+            .iter()
+            .max_by_key(|(k, v)| (**v, std::cmp::Reverse((*k).clone())))
+            .map(|(k, v)| (k.clone(), *v))
+            .unwrap_or_default();
+        let k = it.iteration;
+        let sample = times
+            .seconds(k, S::Sampling, S::Sampled)
+            .or_else(|| times.seconds(k, S::Sampling, S::Training));
+        rows.push(Row {
+            method: if k == 0 { "base".into() } else { method.into() },
+            task: task.into(),
+            seed,
+            iteration: k,
+            examples: acc.examples,
+            exact: acc.exact,
+            extracted: acc.extracted,
+            top_answer,
+            top_share: if acc.examples > 0 {
+                f64::from(top) / f64::from(acc.examples)
+            } else {
+                0.0
+            },
+            answers,
+            train_loss: it.train_loss,
+            phase_seconds: [
+                sample,
+                times.seconds(k, S::Training, S::Trained),
+                times.seconds(k, S::Trained, S::Evaluating),
+                times.seconds(k, S::Evaluating, S::Done),
+            ],
+        });
+    }
+    let error = if run.error.is_empty() {
+        run.iterations
+            .iter()
+            .find(|i| !i.error.is_empty())
+            .map(|i| format!("iteration {}: {}", i.iteration, i.error))
+            .unwrap_or_default()
+    } else {
+        run.error.clone()
+    };
+    RunResult {
+        method: method.into(),
+        task: task.into(),
+        seed,
+        run_id: run.run_id.clone(),
+        status: status_name(run.status),
+        error,
+        rows,
+    }
+}
+
+fn pct(x: f64) -> String {
+    format!("{:.1}%", 100.0 * x)
+}
+
+fn secs(x: Option<f64>) -> String {
+    x.map_or("-".into(), |s| format!("{s:.0}"))
+}
+
+/// The experiment as a Markdown table: the base model once per task and seed, then each
+/// method's iterations; a failed run shows its status and error.
+pub fn table(e: &Experiment) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| method | task | seed | iteration | test exact | test extracted | top answer (share) | answers | train loss | sample s | train s | swap s | eval s |"
+    );
+    let _ = writeln!(
+        s,
+        "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"
+    );
+    let mut base_shown = std::collections::HashSet::new();
+    for r in &e.runs {
+        for row in &r.rows {
+            if row.iteration == 0 && !base_shown.insert((row.task.clone(), row.seed)) {
+                continue;
+            }
+            let answers = row
+                .answers
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let p = row.phase_seconds;
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} |",
+                row.method,
+                row.task,
+                row.seed,
+                row.iteration,
+                pct(row.exact),
+                pct(row.extracted),
+                row.top_answer,
+                pct(row.top_share),
+                answers,
+                if row.iteration == 0 {
+                    "-".into()
+                } else {
+                    format!("{:.3}", row.train_loss)
+                },
+                secs(p[0]),
+                secs(p[1]),
+                secs(p[2]),
+                secs(p[3]),
+            );
+        }
+        if r.status != "done" {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | - | {} | - | - | - | - | - | - | - | {} |",
+                r.method,
+                r.task,
+                r.seed,
+                r.status.to_uppercase(),
+                r.error.replace('|', "/")
+            );
+        }
+    }
+    s
+}
+
+/// Writes `experiment.md`, `experiment.svg` and `experiment.json` into `dir`.
+fn write(e: &Experiment, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let json = dir.join("experiment.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(e)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let svg = dir.join("experiment.svg");
+    std::fs::write(&svg, chart(e)).with_context(|| format!("writing {}", svg.display()))?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# Experiment {}\n", e.name);
+    let _ = writeln!(md, "- preset: `{}`", e.preset);
+    let _ = writeln!(md, "- starting model: `{}`", e.model);
+    let _ = writeln!(md, "- knobs: `{}`", e.knobs);
+    let _ = writeln!(
+        md,
+        "- runs: {} ({} finished)",
+        e.runs.len(),
+        e.runs.iter().filter(|r| r.status == "done").count()
+    );
+    let _ = writeln!(md, "\n## Results\n\n{}", table(e));
+    let _ = writeln!(
+        md,
+        "Iteration 0 is the starting model (`base`). *Exact* is the paper's exact match; \
+         *extracted* reads the answer (an option letter, a number) out of the output first. \
+         *Top answer* is the most frequent predicted answer: a share near 100% is a collapse \
+         to one answer, which scores at chance. Phase times are wall seconds as the client saw \
+         them.\n\n![test accuracy per iteration](experiment.svg)"
+    );
+    let path = dir.join("experiment.md");
+    std::fs::write(&path, md).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+const COLORS: [&str; 4] = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c"];
+
+/// One panel per task: test accuracy per iteration, one colour per method (seeds averaged),
+/// solid for exact match, dashed for answer extraction; the base model is every line's
+/// first point.
+pub fn chart(e: &Experiment) -> String {
+    let mut tasks: Vec<&str> = e.runs.iter().map(|r| r.task.as_str()).collect();
+    tasks.dedup();
+    let tasks: Vec<&str> = {
+        let mut seen = std::collections::BTreeSet::new();
+        tasks.into_iter().filter(|t| seen.insert(*t)).collect()
+    };
+    let methods: Vec<&str> = {
+        let mut seen = std::collections::BTreeSet::new();
+        e.runs
+            .iter()
+            .map(|r| r.method.as_str())
+            .filter(|m| seen.insert(*m))
+            .collect()
+    };
+    let last = e
+        .runs
+        .iter()
+        .flat_map(|r| r.rows.iter().map(|x| x.iteration))
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let (w, ph, left, right, top, bottom) = (640.0, 240.0, 56.0, 200.0, 28.0, 36.0);
+    let plot_w = w - left - right;
+    let plot_h = ph - top - bottom;
+    let h = ph * tasks.len().max(1) as f64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    for (ti, task) in tasks.iter().enumerate() {
+        let y0 = ti as f64 * ph;
+        let x = |i: f64| left + plot_w * i / f64::from(last);
+        let y = |a: f64| y0 + top + plot_h * (1.0 - a);
+        let _ = writeln!(s, r#"<text x="{left}" y="{}">{task}</text>"#, y0 + 16.0);
+        for tick in 0..=4 {
+            let a = f64::from(tick) / 4.0;
+            let _ = writeln!(
+                s,
+                r##"<line x1="{left}" x2="{}" y1="{yy}" y2="{yy}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{:.0}%</text>"##,
+                left + plot_w,
+                left - 6.0,
+                y(a) + 4.0,
+                a * 100.0,
+                yy = y(a)
+            );
+        }
+        for i in 0..=last {
+            let _ = writeln!(
+                s,
+                r#"<text x="{}" y="{}" text-anchor="middle">{i}</text>"#,
+                x(f64::from(i)),
+                y0 + ph - bottom + 16.0
+            );
+        }
+        for (mi, method) in methods.iter().enumerate() {
+            let color = COLORS[(mi + 1) % COLORS.len()];
+            for (dash, exact) in [("", true), (r#" stroke-dasharray="5,4""#, false)] {
+                let mut by_iter: BTreeMap<u32, (f64, u32)> = BTreeMap::new();
+                for r in e
+                    .runs
+                    .iter()
+                    .filter(|r| r.method == *method && r.task == *task)
+                {
+                    for row in &r.rows {
+                        let v = if exact { row.exact } else { row.extracted };
+                        let slot = by_iter.entry(row.iteration).or_default();
+                        slot.0 += v;
+                        slot.1 += 1;
+                    }
+                }
+                let points: Vec<String> = by_iter
+                    .iter()
+                    .map(|(i, (sum, n))| {
+                        format!("{:.1},{:.1}", x(f64::from(*i)), y(sum / f64::from(*n)))
+                    })
+                    .collect();
+                if points.len() > 1 {
+                    let _ = writeln!(
+                        s,
+                        r#"<polyline fill="none" stroke="{color}" stroke-width="2"{dash} points="{}"/>"#,
+                        points.join(" ")
+                    );
+                }
+            }
+            let ly = y0 + top + 18.0 * mi as f64;
+            let _ = writeln!(
+                s,
+                r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}">{method}</text>"#,
+                left + plot_w + 12.0,
+                left + plot_w + 36.0,
+                left + plot_w + 42.0,
+                ly + 4.0
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}">solid: exact, dashed: extracted</text>"#,
+            left + plot_w + 12.0,
+            y0 + top + 18.0 * methods.len() as f64 + 8.0
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(method: &str, iteration: u32, exact: f64, answers: &[(&str, u32)]) -> Row {
+        Row {
+            method: method.into(),
+            task: "t".into(),
+            seed: 1,
+            iteration,
+            examples: 4,
+            exact,
+            extracted: exact,
+            top_answer: answers[0].0.into(),
+            top_share: f64::from(answers[0].1) / 4.0,
+            answers: answers.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            train_loss: 1.5,
+            phase_seconds: [Some(1.0), Some(2.0), None, Some(3.0)],
+        }
+    }
+
+    fn experiment() -> Experiment {
+        let run = |method: &str, status: &str, rows: Vec<Row>| RunResult {
+            method: method.into(),
+            task: "t".into(),
+            seed: 1,
+            run_id: "r".into(),
+            status: status.into(),
+            error: if status == "done" {
+                String::new()
+            } else {
+                "no correct sample | none".into()
+            },
+            rows,
+        };
+        Experiment {
+            name: "x".into(),
+            preset: "cpu".into(),
+            model: "m".into(),
+            knobs: serde_json::Value::Null,
+            runs: vec![
+                run(
+                    "hir",
+                    "done",
+                    vec![
+                        row("base", 0, 0.0, &[("(C)", 3), ("(A)", 1)]),
+                        row("hir", 1, 0.5, &[("(B)", 4)]),
+                    ],
+                ),
+                run(
+                    "farl",
+                    "failed",
+                    vec![row("base", 0, 0.0, &[("(C)", 3), ("(A)", 1)])],
+                ),
+            ],
+        }
+    }
+
+    #[test]
+    fn the_table_shows_the_base_once_a_collapse_and_a_failed_method() {
+        let t = table(&experiment());
+        assert_eq!(t.matches("| base |").count(), 1, "{t}");
+        assert!(
+            t.contains("| hir | t | 1 | 1 | 50.0% | 50.0% | (B) (100.0%) | (B) 4 |"),
+            "{t}"
+        );
+        assert!(t.contains("| farl | t | 1 | - | FAILED |"), "{t}");
+        assert!(
+            t.contains("no correct sample / none"),
+            "pipes are escaped: {t}"
+        );
+    }
+
+    #[test]
+    fn the_chart_has_a_line_per_method_and_score() {
+        let svg = chart(&experiment());
+        // hir has two points (exact and extracted lines); the failed farl run only a base.
+        assert_eq!(svg.matches("<polyline").count(), 2, "{svg}");
+        assert!(svg.contains(">hir</text>") && svg.contains(">farl</text>"));
+    }
+
+    #[test]
+    fn bad_flags_are_named() {
+        let args = |f: &dyn Fn(&mut ExperimentArgs)| {
+            let mut a = ExperimentArgs {
+                preset: "cpu".into(),
+                name: None,
+                tasks: vec![],
+                methods: vec![],
+                seeds: vec![],
+                iterations: None,
+                model: None,
+                bigbench: PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../data/bigbench"
+                )),
+                out: PathBuf::from("reports"),
+                trainer: None,
+                token: None,
+                database_url: None,
+                json: false,
+            };
+            f(&mut a);
+            Plan::from_args(&a).err().map(|e| e.to_string())
+        };
+        assert_eq!(args(&|_| {}), None);
+        for (f, flag) in [
+            (
+                &(|a: &mut ExperimentArgs| a.preset = "tpu".into()) as &dyn Fn(&mut _),
+                "--preset",
+            ),
+            (
+                &|a: &mut ExperimentArgs| a.methods = vec!["ppo".into()],
+                "--methods",
+            ),
+            (
+                &|a: &mut ExperimentArgs| a.methods = vec!["base".into()],
+                "--methods",
+            ),
+            (
+                &|a: &mut ExperimentArgs| a.tasks = vec!["no_such_task".into()],
+                "--tasks",
+            ),
+            (
+                &|a: &mut ExperimentArgs| a.iterations = Some(0),
+                "--iterations",
+            ),
+            (&|a: &mut ExperimentArgs| a.preset = "gpu".into(), "--model"),
+        ] {
+            let err = args(f).expect("refused");
+            assert!(err.contains(flag), "{err}");
+        }
+    }
+}
