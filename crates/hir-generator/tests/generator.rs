@@ -319,6 +319,44 @@ async fn concurrent_clients_share_batches() {
 }
 
 #[tokio::test]
+async fn a_completion_does_not_depend_on_what_decodes_beside_it() {
+    let s = start("isolated", |c| c.engine.max_batch_sequences = 64).await;
+    let target = || request(&["w2 w3 w4"], 2, 1.0, 24, Some(5));
+    let numbers = |mut v: Vec<pb::Completion>| {
+        v.sort_by_key(|c| c.sample_index);
+        v.into_iter()
+            .map(|c| {
+                (
+                    c.token_ids,
+                    c.logprobs.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let alone = numbers(collect(&mut s.client.clone(), target()).await.unwrap());
+    // The same request again while longer and shorter prompts decode, so that a shared
+    // batch would pad it differently and compute its rows with other batch sizes.
+    let mut others = Vec::new();
+    for i in 0..8u64 {
+        let mut client = s.client.clone();
+        let prompt = ["w7", "w9 w8 w7 w6 w5 w4 w3 w2 w9 w8 w7 w6"][i as usize % 2];
+        others.push(tokio::spawn(async move {
+            collect(&mut client, request(&[prompt], 3, 1.0, 48, Some(100 + i)))
+                .await
+                .unwrap()
+        }));
+    }
+    let crowded = numbers(collect(&mut s.client.clone(), target()).await.unwrap());
+    for t in others {
+        t.await.unwrap();
+    }
+    let peak = scrape(s.metrics, "hir_generator_peak_running_sequences").await;
+    assert!(peak > 2.0, "the request never had company (peak {peak})");
+    assert_eq!(alone, crowded, "tokens and log-probabilities, bit for bit");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_cancelled_request_frees_its_sequences() {
     let mut s = start("cancel", |_| {}).await;
     let stream = s
