@@ -484,3 +484,54 @@ fn samples_of_a_prompt_share_one_encoded_prompt() {
         "row count checked"
     );
 }
+
+#[test]
+fn training_dropout_draws_seeded_masks_and_takes_three_passes() {
+    use hir_model::train::{hir_loss, Example, TrainBatch, TrainLogits};
+    let (mut m, _) = tiny(WeightMode::Trainable(DType::F32));
+    let src = ids(&[&[5, 6, 7, 1]]);
+    let dec = ids(&[&[0, 20, 21]]);
+    let forward = |m: &Model| m.forward(&src, &[vec![1; 4]], &dec, &[vec![1; 3]]).unwrap();
+    let plain = forward(&m);
+    assert!(!TrainLogits::has_dropout(&m));
+    assert!(
+        m.set_train_dropout(1.0, 1).is_err(),
+        "a rate of 1 drops everything"
+    );
+    m.set_train_dropout(0.1, 7).unwrap();
+    assert!(TrainLogits::has_dropout(&m));
+    let first = forward(&m);
+    let second = forward(&m);
+    assert!(
+        common::max_abs_diff(&first, &second) > 1e-4,
+        "each pass draws new masks"
+    );
+    assert!(common::max_abs_diff(&first, &plain) > 1e-4);
+    m.reseed_dropout(7);
+    assert_eq!(
+        common::max_abs_diff(&forward(&m), &first),
+        0.0,
+        "the same seed, the same masks"
+    );
+    // The HIR loss under dropout: repeatable for a seed, another value for another seed.
+    let ex = [Example {
+        prompt: vec![5, 6, 7, 1],
+        completion: vec![20, 21, 1],
+    }];
+    let any = hir_model::AnyModel::T5(m.clone());
+    let b = TrainBatch::for_model(&any, &ex, 0, &Device::Cpu).unwrap();
+    m.reseed_dropout(3);
+    let l = hir_loss(&m, &b, &b, &Default::default()).unwrap();
+    m.reseed_dropout(3);
+    let again = hir_loss(&m, &b, &b, &Default::default()).unwrap();
+    assert_eq!(l.label_smoothed, again.label_smoothed, "seeded: repeatable");
+    assert_eq!(l.contrastive, again.contrastive);
+    m.reseed_dropout(4);
+    let other = hir_loss(&m, &b, &b, &Default::default()).unwrap();
+    assert_ne!(
+        l.label_smoothed, other.label_smoothed,
+        "another seed, other masks"
+    );
+    m.set_train_dropout(0.0, 0).unwrap();
+    assert!(!TrainLogits::has_dropout(&m), "rate 0 turns it off");
+}
