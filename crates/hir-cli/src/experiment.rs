@@ -267,7 +267,15 @@ pub async fn run(args: ExperimentArgs) -> Result<()> {
             .map_or(0, |d| d.as_secs());
         format!("experiment-{}-{secs}", plan.preset)
     });
-    let local = match &args.trainer {
+    let runs = plan.tasks.len() * plan.seeds.len() * plan.training_methods().count();
+    if args.trainer.is_some() && runs > 1 {
+        bail!(
+            "--trainer: against running services an experiment runs one task, method and seed \
+             ({runs} planned), as every run needs generators serving the starting model; \
+             restart them between runs, or leave out --trainer to have the services started here"
+        );
+    }
+    let mut local = match &args.trainer {
         Some(_) => None,
         None => {
             crate::local::ensure_model(&plan.model)?;
@@ -284,16 +292,7 @@ pub async fn run(args: ExperimentArgs) -> Result<()> {
             )
         }
     };
-    let (addr, token) = match &local {
-        Some(s) => (s.trainer.clone(), Some(s.token.clone())),
-        None => (args.trainer.clone().unwrap_or_default(), args.token.clone()),
-    };
-    let trainer = crate::client::TrainerArgs {
-        trainer: addr,
-        token,
-    };
-    let mut client = trainer.connect().await?;
-    let total = plan.tasks.len() * plan.seeds.len() * plan.training_methods().count();
+    let total = runs;
     let mut experiment = Experiment {
         name: name.clone(),
         preset: plan.preset.clone(),
@@ -305,6 +304,23 @@ pub async fn run(args: ExperimentArgs) -> Result<()> {
     for seed in &plan.seeds {
         for task in &plan.tasks {
             for (method, policy) in plan.training_methods() {
+                if let Some(services) = local.as_mut() {
+                    // Each run starts from the starting model: fresh services serve it.
+                    if n > 0 {
+                        services.restart().await?;
+                    }
+                }
+                let trainer = match &local {
+                    Some(s) => crate::client::TrainerArgs {
+                        trainer: s.trainer.clone(),
+                        token: Some(s.token.clone()),
+                    },
+                    None => crate::client::TrainerArgs {
+                        trainer: args.trainer.clone().unwrap_or_default(),
+                        token: args.token.clone(),
+                    },
+                };
+                let mut client = trainer.connect().await?;
                 n += 1;
                 if !args.json {
                     println!("[{n}/{total}] {method} on {task}, seed {seed}");

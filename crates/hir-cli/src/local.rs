@@ -30,9 +30,20 @@ pub struct Services {
     pub trainer: String,
     /// The bearer token every service requires.
     pub token: String,
+    setup: Setup,
     stops: Vec<(Stop, tokio::task::JoinHandle<()>)>,
     _postgres: Option<TempPostgres>,
     _work: RemoveOnDrop,
+}
+
+/// What the services are started with.
+struct Setup {
+    model: PathBuf,
+    bigbench: PathBuf,
+    database_url: String,
+    concurrency: usize,
+    commit_every_steps: u32,
+    work: PathBuf,
 }
 
 impl Services {
@@ -54,73 +65,107 @@ impl Services {
                 (pg.url.clone(), Some(pg))
             }
         };
-        let token = format!("local-{}", uuid::Uuid::new_v4());
-        let checkpoints = work.join("checkpoints");
-        std::fs::create_dir_all(&checkpoints)?;
-
-        let mut generator = hir_generator::config::GeneratorConfig {
-            listen: "127.0.0.1:0".parse()?,
-            metrics_listen: None,
+        let setup = Setup {
             model: model.to_path_buf(),
-            ..Default::default()
-        };
-        generator.auth.token = Some(token.clone());
-        generator.swap.checkpoint_root = Some(checkpoints.clone());
-        generator.swap.staging_dir = work.join("staging");
-        let generator = hir_generator::Application::build(generator).await?;
-        let generator_addr = format!("http://{}", generator.local_addr());
-        let g = spawn_app(|stop| generator.run_until(stop));
-
-        let relabeler = hir_relabeler::Application::build(hir_relabeler::config::RelabelerConfig {
-            listen: "127.0.0.1:0".parse()?,
-            metrics_listen: None,
-            database_url: database_url.clone(),
             bigbench: bigbench.to_path_buf(),
-            generators: vec![generator_addr.clone()],
-            generator_token: Some(token.clone()),
-            auth_token: Some(token.clone()),
-            concurrency,
-            ..Default::default()
-        })
-        .await?;
-        let relabeler_addr = format!("http://{}", relabeler.local_addr());
-        let r = spawn_app(|stop| relabeler.run_until(stop));
-
-        let trainer = hir_trainer::Application::build(hir_trainer::config::TrainerConfig {
-            listen: "127.0.0.1:0".parse()?,
-            metrics_listen: None,
             database_url,
-            bigbench: bigbench.to_path_buf(),
-            relabeler: relabeler_addr,
-            relabeler_token: Some(token.clone()),
-            generators: vec![generator_addr],
-            generator_token: Some(token.clone()),
-            auth_token: Some(token.clone()),
-            checkpoint_dir: checkpoints,
-            state_dir: work.join("state"),
-            commit_every_steps: commit_every_steps.max(1),
-            ..Default::default()
-        })
-        .await?;
-        let trainer_addr = format!("http://{}", trainer.local_addr());
-        let t = spawn_app(|stop| trainer.run_until(stop));
+            concurrency,
+            commit_every_steps,
+            work,
+        };
+        let token = format!("local-{}", uuid::Uuid::new_v4());
+        let (trainer, stops) = launch(&setup, &token).await?;
         Ok(Self {
-            trainer: trainer_addr,
+            trainer,
             token,
-            // Stopped in dependency order: the trainer, the relabeler, then the generator.
-            stops: vec![t, r, g],
+            setup,
+            stops,
             _postgres: postgres,
             _work: cleanup,
         })
     }
 
-    /// Stops the services and waits for them.
-    pub async fn stop(mut self) {
+    /// Stops the services and starts them again on the same database: the generator serves
+    /// the starting model again, as a new run needs.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.halt().await;
+        let (trainer, stops) = launch(&self.setup, &self.token).await?;
+        self.trainer = trainer;
+        self.stops = stops;
+        Ok(())
+    }
+
+    async fn halt(&mut self) {
         for (stop, handle) in self.stops.drain(..) {
             let _ = stop.send(());
             let _ = handle.await;
         }
     }
+
+    /// Stops the services and waits for them.
+    pub async fn stop(mut self) {
+        self.halt().await;
+    }
+}
+
+/// Starts generator, relabeler and trainer; returns the trainer's address and the stop
+/// handles in dependency order (trainer, relabeler, generator).
+async fn launch(
+    setup: &Setup,
+    token: &str,
+) -> Result<(String, Vec<(Stop, tokio::task::JoinHandle<()>)>)> {
+    let work = &setup.work;
+    let checkpoints = work.join("checkpoints");
+    std::fs::create_dir_all(&checkpoints)?;
+    let token = Some(token.to_string());
+
+    let mut generator = hir_generator::config::GeneratorConfig {
+        listen: "127.0.0.1:0".parse()?,
+        metrics_listen: None,
+        model: setup.model.clone(),
+        ..Default::default()
+    };
+    generator.auth.token = token.clone();
+    generator.swap.checkpoint_root = Some(checkpoints.clone());
+    generator.swap.staging_dir = work.join("staging");
+    let generator = hir_generator::Application::build(generator).await?;
+    let generator_addr = format!("http://{}", generator.local_addr());
+    let g = spawn_app(|stop| generator.run_until(stop));
+
+    let relabeler = hir_relabeler::Application::build(hir_relabeler::config::RelabelerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        metrics_listen: None,
+        database_url: setup.database_url.clone(),
+        bigbench: setup.bigbench.clone(),
+        generators: vec![generator_addr.clone()],
+        generator_token: token.clone(),
+        auth_token: token.clone(),
+        concurrency: setup.concurrency,
+        ..Default::default()
+    })
+    .await?;
+    let relabeler_addr = format!("http://{}", relabeler.local_addr());
+    let r = spawn_app(|stop| relabeler.run_until(stop));
+
+    let trainer = hir_trainer::Application::build(hir_trainer::config::TrainerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        metrics_listen: None,
+        database_url: setup.database_url.clone(),
+        bigbench: setup.bigbench.clone(),
+        relabeler: relabeler_addr,
+        relabeler_token: token.clone(),
+        generators: vec![generator_addr],
+        generator_token: token.clone(),
+        auth_token: token,
+        checkpoint_dir: checkpoints,
+        state_dir: work.join("state"),
+        commit_every_steps: setup.commit_every_steps.max(1),
+        ..Default::default()
+    })
+    .await?;
+    let trainer_addr = format!("http://{}", trainer.local_addr());
+    let t = spawn_app(|stop| trainer.run_until(stop));
+    Ok((trainer_addr, vec![t, r, g]))
 }
 
 type Stop = tokio::sync::oneshot::Sender<()>;
