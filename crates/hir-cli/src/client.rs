@@ -481,7 +481,7 @@ pub async fn watch_timed(
                         100.0 * a.exact,
                         100.0 * a.extracted,
                         a.examples,
-                        predicted(&e.predicted_counts)
+                        crate::report::answers(&e.predicted_counts)
                     ));
                 }
             }
@@ -500,15 +500,6 @@ pub async fn watch_timed(
         .map_err(|s| explain(s, "GetRun"))?
         .into_inner();
     Ok((run, times))
-}
-
-fn predicted(counts: &std::collections::HashMap<String, u32>) -> String {
-    let sorted: BTreeMap<&String, &u32> = counts.iter().collect();
-    sorted
-        .iter()
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// A run status as a word, e.g. `running`.

@@ -381,23 +381,12 @@ pub async fn run(args: ExperimentArgs) -> Result<()> {
     Ok(())
 }
 
+/// Every knob of `run` as the trainer filled it in, as the run's configuration.
 fn knobs_json(run: &pb::Run) -> serde_json::Value {
-    let Some(h) = &run.hyperparameters else {
-        return serde_json::Value::Null;
-    };
-    serde_json::json!({
-        "preset": h.preset, "iterations": h.iterations, "samples_per_prompt": h.samples_per_prompt,
-        "learning_rate": h.learning_rate, "batch_size": h.batch_size,
-        "micro_batch_size": h.micro_batch_size, "epochs_per_iteration": h.epochs_per_iteration,
-        "max_steps_per_iteration": h.max_steps_per_iteration, "max_new_tokens": h.max_new_tokens,
-        "max_train_prompts": h.max_train_prompts, "max_test_prompts": h.max_test_prompts,
-        "label_smoothing": h.label_smoothing, "entropy_coef": h.entropy_coef,
-        "contrastive_coef": h.contrastive_coef, "temperature": h.temperature, "top_k": h.top_k,
-        "top_p": h.top_p, "max_grad_norm": h.max_grad_norm, "replay_buffer": h.replay_buffer,
-        "replay_holdout": h.replay_holdout, "replay_cap_per_prompt": h.replay_cap_per_prompt,
-        "dedup_outputs": h.dedup_outputs, "eos_after_cut": h.eos_after_cut,
-        "prompt_style": h.prompt_style,
-    })
+    hir_trainer::service::hyperparameters_to_config(&run.model, run.hyperparameters.as_ref())
+        .ok()
+        .and_then(|c| serde_json::to_value(c).ok())
+        .unwrap_or(serde_json::Value::Null)
 }
 
 fn run_result(
@@ -496,12 +485,7 @@ pub fn table(e: &Experiment) -> String {
             if row.iteration == 0 && !base_shown.insert((row.task.clone(), row.seed)) {
                 continue;
             }
-            let answers = row
-                .answers
-                .iter()
-                .map(|(k, v)| format!("{k} {v}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let answers = crate::report::answers(&row.answers);
             let p = row.phase_seconds;
             let _ = writeln!(
                 s,
@@ -580,20 +564,13 @@ const COLORS: [&str; 4] = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c"];
 /// solid for exact match, dashed for answer extraction; the base model is every line's
 /// first point.
 pub fn chart(e: &Experiment) -> String {
-    let mut tasks: Vec<&str> = e.runs.iter().map(|r| r.task.as_str()).collect();
-    tasks.dedup();
-    let tasks: Vec<&str> = {
+    // Each task and method once, in the order the runs came.
+    let distinct = |of: fn(&RunResult) -> &str| -> Vec<&str> {
         let mut seen = std::collections::BTreeSet::new();
-        tasks.into_iter().filter(|t| seen.insert(*t)).collect()
+        e.runs.iter().map(of).filter(|x| seen.insert(*x)).collect()
     };
-    let methods: Vec<&str> = {
-        let mut seen = std::collections::BTreeSet::new();
-        e.runs
-            .iter()
-            .map(|r| r.method.as_str())
-            .filter(|m| seen.insert(*m))
-            .collect()
-    };
+    let tasks = distinct(|r| r.task.as_str());
+    let methods = distinct(|r| r.method.as_str());
     let last = e
         .runs
         .iter()

@@ -79,14 +79,14 @@ pub fn iteration_table(run: &pb::Run) -> String {
     s
 }
 
-/// Predicted answers by count, most frequent first: `(C) 27, (A) 3`.
-pub fn answers(counts: &std::collections::HashMap<String, u32>) -> String {
-    let mut v: Vec<(&String, &u32)> = counts.iter().collect();
-    v.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    if v.is_empty() {
+/// How often each answer was predicted, by answer: `(A) 3, (C) 27`; `-` for none.
+pub fn answers<'a>(counts: impl IntoIterator<Item = (&'a String, &'a u32)>) -> String {
+    let sorted: std::collections::BTreeMap<&String, &u32> = counts.into_iter().collect();
+    if sorted.is_empty() {
         return "-".into();
     }
-    v.iter()
+    sorted
+        .iter()
         .map(|(k, n)| format!("{k} {n}"))
         .collect::<Vec<_>>()
         .join(", ")

@@ -197,6 +197,8 @@ impl Driver<'_> {
             k,
             version,
             |t| {
+                let predicted_counts: std::collections::HashMap<String, u32> =
+                    t.predicted.clone().into_iter().collect();
                 events.emit(pb::run_event::Event::Eval(pb::EvalDone {
                     iteration: k,
                     model_version: version.name.clone(),
@@ -205,9 +207,9 @@ impl Driver<'_> {
                         examples: t.examples,
                         exact: t.exact,
                         extracted: t.extracted,
-                        predicted_counts: t.predicted.clone().into_iter().collect(),
+                        predicted_counts: predicted_counts.clone(),
                     }),
-                    predicted_counts: t.predicted.clone().into_iter().collect(),
+                    predicted_counts,
                 }))
             },
         )
