@@ -8,58 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use hir_store::Store;
-use sqlx::{Connection, Executor, PgConnection};
+use hir_testkit::{Answers, Running, TestDb};
 
 const TOKEN: &str = "e2e-token";
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 fn fixture_model() -> PathBuf {
-    repo().join("crates/hir-model/tests/fixtures/llama")
+    hir_testkit::llama_fixture()
 }
 
 /// A BIG-bench folder with one task in the fixture's vocabulary: 16 train, 4 test examples.
 fn tiny_bigbench(root: &Path) -> PathBuf {
-    let dir = root.join("bigbench/tiny/mc");
-    std::fs::create_dir_all(&dir).unwrap();
-    let examples: Vec<serde_json::Value> = (0..20)
-        .map(|i| {
-            serde_json::json!({
-                "input": format!("w{} w{} w{}", 2 + i, 33 + i, 10 + i % 7),
-                "target_scores": { format!("w{}", 2 + i): 1, format!("w{}", 33 + i): 0 }
-            })
-        })
-        .collect();
-    std::fs::write(
-        dir.join("task.json"),
-        serde_json::json!({ "examples": examples }).to_string(),
-    )
-    .unwrap();
-    root.join("bigbench")
-}
-
-/// A fresh database named after `tag` on the admin server: its URL, name and the admin
-/// connection that drops it.
-async fn fresh_database(tag: &str) -> (String, String, PgConnection) {
-    let name = format!("hir_{tag}_{}", std::process::id());
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
-    admin
-        .execute(format!("CREATE DATABASE {name}").as_str())
-        .await
-        .unwrap();
-    let db = format!("{}/{name}", admin_url().rsplit_once('/').unwrap().0);
-    (db, name, admin)
+    hir_testkit::tiny_task(&root.join("bigbench"), 20, Answers::First)
 }
 
 /// The three services' addresses; dropping `stops` stops them.
@@ -67,7 +26,7 @@ struct Services {
     generator: String,
     relabeler: String,
     trainer: String,
-    stops: Vec<Stop>,
+    stops: Vec<Running>,
 }
 
 /// Generator, relabeler (sampling `concurrency` prompts at once) and trainer on port 0,
@@ -76,38 +35,28 @@ async fn start_services(db: &str, root: &Path, bigbench: &Path, concurrency: usi
     let checkpoints = root.join("checkpoints");
     std::fs::create_dir_all(&checkpoints).unwrap();
     // The generator swaps by reference from the trainer's checkpoint folder.
-    let mut g = hir_generator::config::GeneratorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
-        model: fixture_model(),
-        ..Default::default()
-    };
+    let mut g = hir_testkit::generator_config(fixture_model());
+    g.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     g.auth.token = Some(TOKEN.into());
     g.swap.checkpoint_root = Some(checkpoints.clone());
     g.swap.staging_dir = root.join("staging");
-    let g = hir_generator::Application::build(g).await.unwrap();
-    let generator = format!("http://{}", g.local_addr());
-    let (stop_g, s) = stopper();
-    tokio::spawn(g.run_until(s));
+    let (generator, stop_g) = hir_testkit::spawn_generator(g).await;
 
-    let r = hir_relabeler::Application::build(hir_relabeler::config::RelabelerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.to_string(),
-        bigbench: bigbench.to_path_buf(),
-        generators: vec![generator.clone()],
-        generator_token: Some(TOKEN.into()),
-        auth_token: Some(TOKEN.into()),
-        concurrency,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let relabeler = format!("http://{}", r.local_addr());
-    let (stop_r, s) = stopper();
-    tokio::spawn(r.run_until(s));
+    let (relabeler, stop_r) =
+        hir_testkit::spawn_relabeler(hir_relabeler::config::RelabelerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            metrics_listen: None,
+            database_url: db.to_string(),
+            bigbench: bigbench.to_path_buf(),
+            generators: vec![generator.clone()],
+            generator_token: Some(TOKEN.into()),
+            auth_token: Some(TOKEN.into()),
+            concurrency,
+            ..Default::default()
+        })
+        .await;
 
-    let t = hir_trainer::Application::build(hir_trainer::config::TrainerConfig {
+    let (trainer, stop_t) = hir_testkit::spawn_trainer(hir_trainer::config::TrainerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         metrics_listen: None,
         database_url: db.to_string(),
@@ -121,11 +70,7 @@ async fn start_services(db: &str, root: &Path, bigbench: &Path, concurrency: usi
         state_dir: root.join("state"),
         ..Default::default()
     })
-    .await
-    .unwrap();
-    let trainer = format!("http://{}", t.local_addr());
-    let (stop_t, s) = stopper();
-    tokio::spawn(t.run_until(s));
+    .await;
     Services {
         generator,
         relabeler,
@@ -162,16 +107,10 @@ fn fails_with(o: &Output, needle: &str) {
     assert!(err.contains(needle), "{needle:?} in {err}");
 }
 
-type Stop = tokio::sync::oneshot::Sender<()>;
-
-fn stopper() -> (Stop, impl std::future::Future<Output = ()> + Send + 'static) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    (tx, async move { drop(rx.await) })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_drives_one_full_iteration_across_the_three_services() {
-    let (db, name, mut admin) = fresh_database("e2e").await;
+    let test_db = TestDb::create("e2e").await;
+    let db = test_db.url.clone();
     let root = std::env::temp_dir().join(format!("hir-e2e-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let bigbench = tiny_bigbench(&root);
@@ -346,10 +285,7 @@ async fn the_cli_drives_one_full_iteration_across_the_three_services() {
     );
     store.pool().close().await;
     let _ = std::fs::remove_dir_all(&root);
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
+    test_db.drop_db().await;
 }
 
 /// Every stored number of a run that must repeat: samples, training losses, evaluation
@@ -397,7 +333,8 @@ async fn run_fingerprint(store: &Store, run_id: uuid::Uuid) -> serde_json::Value
 
 /// One seeded run of two iterations on fresh services sampling `concurrency` prompts at once.
 async fn seeded_run(tag: &str, concurrency: usize) -> serde_json::Value {
-    let (db, name, mut admin) = fresh_database(tag).await;
+    let test_db = TestDb::create(tag).await;
+    let db = test_db.url.clone();
     let root = std::env::temp_dir().join(format!("hir-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let bigbench = tiny_bigbench(&root);
@@ -447,10 +384,7 @@ async fn seeded_run(tag: &str, concurrency: usize) -> serde_json::Value {
     store.pool().close().await;
     drop(services);
     let _ = std::fs::remove_dir_all(&root);
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
+    test_db.drop_db().await;
     print
 }
 

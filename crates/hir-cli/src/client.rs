@@ -106,66 +106,6 @@ pub struct RunArgs {
     /// Run id (a UUID) to make the call idempotent; generated when absent.
     #[arg(long, default_value = "")]
     pub run_id: String,
-    /// AdamW learning rate [5e-4].
-    #[arg(long)]
-    pub learning_rate: Option<f64>,
-    /// Effective batch size [64].
-    #[arg(long)]
-    pub batch_size: Option<u32>,
-    /// Examples per forward/backward pass [8].
-    #[arg(long)]
-    pub micro_batch_size: Option<u32>,
-    /// Epochs per iteration [10].
-    #[arg(long)]
-    pub epochs: Option<u32>,
-    /// Label smoothing [0.2].
-    #[arg(long)]
-    pub label_smoothing: Option<f64>,
-    /// Entropy bonus weight [0.001].
-    #[arg(long)]
-    pub entropy_coef: Option<f64>,
-    /// Contrastive term weight [1.0].
-    #[arg(long)]
-    pub contrastive_coef: Option<f64>,
-    /// Samples per training prompt [4].
-    #[arg(long)]
-    pub samples_per_prompt: Option<u32>,
-    /// Iterations after the base evaluation [31: run.sh's 1 + 30].
-    #[arg(long)]
-    pub iterations: Option<u32>,
-    /// Sampling temperature [1.0].
-    #[arg(long)]
-    pub temperature: Option<f32>,
-    /// Sampling top-k [50].
-    #[arg(long)]
-    pub top_k: Option<u32>,
-    /// Sampling top-p [1.0].
-    #[arg(long)]
-    pub top_p: Option<f32>,
-    /// New tokens per sample and answer [256].
-    #[arg(long)]
-    pub max_new_tokens: Option<u32>,
-    /// Gradient-norm clip, 0 disables [0, as the reference].
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
-    /// AdamW weight decay [0].
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Seed of split, sampling and spans [1].
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Train on the current iteration's samples only (no replay buffer).
-    #[arg(long)]
-    pub no_replay: bool,
-    /// Training prompts per task at most [all].
-    #[arg(long)]
-    pub max_train_prompts: Option<u32>,
-    /// Test prompts per task at most [all].
-    #[arg(long)]
-    pub max_test_prompts: Option<u32>,
-    /// Optimizer steps per iteration at most [no cap].
-    #[arg(long)]
-    pub max_steps: Option<u32>,
     /// Prompts as the paper's text (`raw`) or as a chat turn (`chat`) [raw].
     #[arg(long)]
     pub prompt_style: Option<String>,
@@ -173,21 +113,8 @@ pub struct RunArgs {
     /// (4 samples per prompt, otherwise the same) [paper].
     #[arg(long)]
     pub preset: Option<String>,
-    /// Share of the sample pool held out each iteration [0.1].
-    #[arg(long)]
-    pub replay_holdout: Option<f64>,
-    /// Samples trained per prompt per iteration at most, 0 = no cap [4].
-    #[arg(long)]
-    pub replay_cap_per_prompt: Option<u32>,
-    /// Train every copy of a repeated output (the reference keeps one).
-    #[arg(long)]
-    pub no_dedup: bool,
-    /// Append end-of-sequence to outputs cut by --max-new-tokens.
-    #[arg(long)]
-    pub eos_after_cut: bool,
-    /// Train encoder-decoder models without dropout (the reference trains with it).
-    #[arg(long)]
-    pub no_train_dropout: bool,
+    #[command(flatten)]
+    pub knobs: crate::knobs::KnobArgs,
     /// Follow the run's progress until it ends.
     #[arg(long)]
     pub watch: bool,
@@ -197,44 +124,22 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The StartRun request.
-    pub fn request(&self) -> pb::StartRunRequest {
-        pb::StartRunRequest {
+    /// The StartRun request; a knob whose value does not parse is refused here, naming it.
+    pub fn request(&self) -> Result<pb::StartRunRequest> {
+        let mut h = pb::Hyperparameters {
+            prompt_style: self.prompt_style.clone(),
+            preset: self.preset.clone(),
+            ..Default::default()
+        };
+        self.knobs.apply(&mut h)?;
+        Ok(pb::StartRunRequest {
             run_id: self.run_id.clone(),
             name: self.name.clone(),
             tasks: self.tasks.clone(),
             model: self.model.clone(),
             policy: self.policy.clone(),
-            hyperparameters: Some(pb::Hyperparameters {
-                learning_rate: self.learning_rate,
-                batch_size: self.batch_size,
-                micro_batch_size: self.micro_batch_size,
-                epochs_per_iteration: self.epochs,
-                label_smoothing: self.label_smoothing,
-                entropy_coef: self.entropy_coef,
-                contrastive_coef: self.contrastive_coef,
-                samples_per_prompt: self.samples_per_prompt,
-                iterations: self.iterations,
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                max_new_tokens: self.max_new_tokens,
-                max_grad_norm: self.max_grad_norm,
-                weight_decay: self.weight_decay,
-                seed: self.seed,
-                replay_buffer: self.no_replay.then_some(false),
-                max_train_prompts: self.max_train_prompts,
-                max_test_prompts: self.max_test_prompts,
-                max_steps_per_iteration: self.max_steps,
-                prompt_style: self.prompt_style.clone(),
-                preset: self.preset.clone(),
-                replay_holdout: self.replay_holdout,
-                replay_cap_per_prompt: self.replay_cap_per_prompt,
-                dedup_outputs: self.no_dedup.then_some(false),
-                eos_after_cut: self.eos_after_cut.then_some(true),
-                train_dropout: self.no_train_dropout.then_some(false),
-            }),
-        }
+            hyperparameters: Some(h),
+        })
     }
 }
 
@@ -253,7 +158,7 @@ pub struct RunIdArgs {
 pub async fn run(args: RunArgs) -> Result<()> {
     let mut client = args.trainer.connect().await?;
     let run = client
-        .start_run(args.trainer.authed(args.request()))
+        .start_run(args.trainer.authed(args.request()?))
         .await
         .map_err(|s| explain(s, "StartRun"))?
         .into_inner();
@@ -640,7 +545,7 @@ pub struct EvalArgs {
 pub async fn eval(args: EvalArgs) -> Result<()> {
     let catalog = hir_core::task::Catalog::discover(&args.bigbench.dir)?;
     let task = catalog.load(&args.task)?;
-    let (test, prompts) = hir_trainer::eval::test_prompts(&task, args.seed, args.max_test_prompts);
+    let (test, prompts) = hir_core::eval::test_prompts(&task, args.seed, args.max_test_prompts);
     let channel = connect(
         &args.generator,
         "--generator",
@@ -683,7 +588,7 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
             }
         }
     }
-    let (eval, _) = hir_trainer::eval::tally(&task, &test, &texts);
+    let (eval, _) = hir_core::eval::tally(&task, &test, &texts);
     if args.json {
         println!(
             "{}",

@@ -383,7 +383,7 @@ pub async fn run(args: ExperimentArgs) -> Result<()> {
 
 /// Every knob of `run` as the trainer filled it in, as the run's configuration.
 fn knobs_json(run: &pb::Run) -> serde_json::Value {
-    hir_trainer::service::hyperparameters_to_config(&run.model, run.hyperparameters.as_ref())
+    hir_proto::convert::run_config(&run.model, run.hyperparameters.as_ref())
         .ok()
         .and_then(|c| serde_json::to_value(c).ok())
         .unwrap_or(serde_json::Value::Null)

@@ -4,6 +4,7 @@
 mod client;
 mod demo;
 mod experiment;
+mod knobs;
 mod local;
 mod migrate;
 mod model;

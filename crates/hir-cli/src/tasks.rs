@@ -183,7 +183,10 @@ pub fn score(args: ScoreArgs) -> Result<()> {
         );
     } else {
         println!("gold:      {gold}");
-        println!("predicted: {}", s.predicted.as_deref().unwrap_or("(none)"));
+        println!(
+            "predicted: {}",
+            s.predicted.as_deref().unwrap_or(hir_core::eval::NO_ANSWER)
+        );
         println!("exact:     {}", s.exact);
         println!("extracted: {}", s.extracted);
     }

@@ -73,5 +73,41 @@ pub enum CoreError {
     },
 }
 
+impl CoreError {
+    /// What a caller can do about it.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            CoreError::UnknownTask { .. }
+            | CoreError::IndexOutOfRange { .. }
+            | CoreError::InvalidArgument { .. } => ErrorClass::InvalidInput,
+            // The server's own BIG-bench data is missing or malformed: an operator fixes it.
+            CoreError::NotATask { .. } | CoreError::BadExample { .. } | CoreError::NoTasks(_) => {
+                ErrorClass::FailedPrecondition
+            }
+            CoreError::Io { .. } => ErrorClass::Internal,
+        }
+    }
+}
+
+/// What a caller can do about an error, whichever crate raised it. Each service maps the
+/// class of its error to a gRPC status in one place (`hir_runtime::status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// The request is wrong; sending it again will fail again.
+    InvalidInput,
+    /// What the request names does not exist.
+    NotFound,
+    /// What the request would create exists with other contents.
+    Conflict,
+    /// The system is not in a state to do it; something else must change first.
+    FailedPrecondition,
+    /// A dependency is down or busy; the same request can succeed later.
+    Unavailable,
+    /// The request is too large, or a queue or quota is full.
+    ResourceExhausted,
+    /// A fault of ours; the details belong in the log, not in the reply.
+    Internal,
+}
+
 /// Result alias of `hir-core`.
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;

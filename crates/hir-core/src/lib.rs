@@ -12,14 +12,18 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod digest;
 pub mod error;
+pub mod eval;
 pub mod prompt;
 pub mod relabel;
 pub mod rng;
 pub mod run;
 pub mod score;
 pub mod split;
+pub mod status;
 pub mod suboutput;
 pub mod task;
+pub mod text_enum;
 
-pub use error::{CoreError, Result};
+pub use error::{CoreError, ErrorClass, Result};

@@ -10,75 +10,122 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 
-/// HIR's hyperparameters and sampling settings for one run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RunConfig {
-    /// The preset the knobs started from (`reference`, `paper`), recorded with the run.
-    pub preset: String,
-    /// The starting model (a Hugging Face folder or a GGUF file) as the trainer sees it.
-    pub model: String,
-    /// AdamW learning rate, constant.
-    pub learning_rate: f64,
-    /// Effective batch size in examples (reached by gradient accumulation).
-    pub batch_size: u32,
-    /// Examples per forward/backward pass; divides `batch_size`.
-    pub micro_batch_size: u32,
-    /// Passes over an iteration's training data.
-    pub epochs_per_iteration: u32,
-    /// Label smoothing of the supervised and contrastive terms.
-    pub label_smoothing: f64,
-    /// Weight of the entropy bonus.
-    pub entropy_coef: f64,
-    /// Weight of the contrastive term.
-    pub contrastive_coef: f64,
-    /// Samples per training prompt per iteration.
-    pub samples_per_prompt: u32,
-    /// Sample → train → evaluate rounds after the base evaluation: `run.sh` runs 1 + 30.
-    pub iterations: u32,
-    /// Sampling temperature.
-    pub temperature: f32,
-    /// Sampling top-k (0 disables).
-    pub top_k: u32,
-    /// Sampling nucleus mass.
-    pub top_p: f32,
-    /// New tokens per sample and per evaluation answer.
-    pub max_new_tokens: u32,
-    /// Global gradient-norm clip (0 disables, as the reference).
-    pub max_grad_norm: f64,
-    /// AdamW weight decay.
-    pub weight_decay: f64,
-    /// Seed of the split, sampling and sub-output sampler.
-    pub seed: u64,
-    /// Draw each iteration's training set from every iteration's samples so far (the
-    /// reference's replay buffer), not only the iteration's own.
-    pub replay_buffer: bool,
-    /// Share of the pool held out each iteration, never trained (the reference's 10%
-    /// `train_test_split`, used there only for a perplexity report).
-    pub replay_holdout: f64,
-    /// Train on at most this many samples per training prompt per iteration, a seeded
-    /// uniform subset of the pool (the reference's `idx < 4·⌊0.8N⌋`; 0 = no cap).
-    pub replay_cap_per_prompt: u32,
-    /// Keep one copy of each distinct output of a prompt in an iteration (the reference's
-    /// `list(set(outputs))`).
-    pub dedup_outputs: bool,
-    /// Append end-of-sequence to an output cut by `max_new_tokens`. Off by default, a
-    /// departure: the reference's T5 tokenizer ends every label with `</s>`, which for a cut
-    /// output teaches the model to stop mid-answer. Outputs that ended on their own keep it.
-    pub eos_after_cut: bool,
-    /// Train encoder-decoder models with the dropout of their config (`dropout_rate`), as
-    /// the reference trains FLAN-T5 in `train()` mode; each HIR step then takes the
-    /// reference's three forward passes. Decoder-only models here have no dropout.
-    pub train_dropout: bool,
-    /// At most this many training prompts per task (0 = all).
-    pub max_train_prompts: u32,
-    /// At most this many test prompts per task (0 = all).
-    pub max_test_prompts: u32,
-    /// Optimizer steps per iteration at most (0 = no cap).
-    pub max_steps_per_iteration: u32,
-    /// How prompts reach the model.
-    pub prompt_style: PromptStyle,
+/// Calls `$m!` with every numeric and boolean knob of a run, declared here once: its
+/// documentation, field, type and command-line flag. [`RunConfig`] and [`KNOBS`] are built
+/// from it, the wire conversion in `hir-proto` reads and writes each knob through it, and
+/// the CLI's `hir run` derives its flags and their help from [`KNOBS`]. A boolean knob's
+/// flag sets the opposite of its default (`--no-replay` turns `replay_buffer` off).
+#[macro_export]
+macro_rules! for_each_knob {
+    ($m:ident) => {
+        $m! {
+            /// AdamW learning rate, constant.
+            learning_rate: f64 = "learning-rate",
+            /// Effective batch size in examples (reached by gradient accumulation).
+            batch_size: u32 = "batch-size",
+            /// Examples per forward/backward pass; divides `batch_size`.
+            micro_batch_size: u32 = "micro-batch-size",
+            /// Passes over an iteration's training data.
+            epochs_per_iteration: u32 = "epochs",
+            /// Label smoothing of the supervised and contrastive terms.
+            label_smoothing: f64 = "label-smoothing",
+            /// Weight of the entropy bonus.
+            entropy_coef: f64 = "entropy-coef",
+            /// Weight of the contrastive term.
+            contrastive_coef: f64 = "contrastive-coef",
+            /// Samples per training prompt per iteration.
+            samples_per_prompt: u32 = "samples-per-prompt",
+            /// Sample → train → evaluate rounds after the base evaluation: `run.sh` runs 1 + 30.
+            iterations: u32 = "iterations",
+            /// Sampling temperature.
+            temperature: f32 = "temperature",
+            /// Sampling top-k (0 disables).
+            top_k: u32 = "top-k",
+            /// Sampling nucleus mass.
+            top_p: f32 = "top-p",
+            /// New tokens per sample and per evaluation answer.
+            max_new_tokens: u32 = "max-new-tokens",
+            /// Global gradient-norm clip (0 disables, as the reference).
+            max_grad_norm: f64 = "max-grad-norm",
+            /// AdamW weight decay.
+            weight_decay: f64 = "weight-decay",
+            /// Seed of the split, sampling and sub-output sampler.
+            seed: u64 = "seed",
+            /// Draw each iteration's training set from every iteration's samples so far (the
+            /// reference's replay buffer), not only the iteration's own.
+            replay_buffer: bool = "no-replay",
+            /// Share of the pool held out each iteration, never trained (the reference's 10%
+            /// `train_test_split`, used there only for a perplexity report).
+            replay_holdout: f64 = "replay-holdout",
+            /// Train on at most this many samples per training prompt per iteration, a seeded
+            /// uniform subset of the pool (the reference's `idx < 4·⌊0.8N⌋`; 0 = no cap).
+            replay_cap_per_prompt: u32 = "replay-cap-per-prompt",
+            /// Keep one copy of each distinct output of a prompt in an iteration (the reference's
+            /// `list(set(outputs))`).
+            dedup_outputs: bool = "no-dedup",
+            /// Append end-of-sequence to an output cut by `max_new_tokens`. Off by default, a
+            /// departure: the reference's T5 tokenizer ends every label with `</s>`, which for a cut
+            /// output teaches the model to stop mid-answer. Outputs that ended on their own keep it.
+            eos_after_cut: bool = "eos-after-cut",
+            /// Train encoder-decoder models with the dropout of their config (`dropout_rate`), as
+            /// the reference trains FLAN-T5 in `train()` mode; each HIR step then takes the
+            /// reference's three forward passes. Decoder-only models here have no dropout.
+            train_dropout: bool = "no-train-dropout",
+            /// At most this many training prompts per task (0 = all).
+            max_train_prompts: u32 = "max-train-prompts",
+            /// At most this many test prompts per task (0 = all).
+            max_test_prompts: u32 = "max-test-prompts",
+            /// Optimizer steps per iteration at most (0 = no cap).
+            max_steps_per_iteration: u32 = "max-steps",
+        }
+    };
 }
+
+/// One knob of a run as the command line shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Knob {
+    /// The field of [`RunConfig`] and of the wire's `Hyperparameters`.
+    pub name: &'static str,
+    /// The command-line flag, without `--`.
+    pub flag: &'static str,
+    /// The field's documentation.
+    pub help: &'static str,
+    /// Whether the knob is a switch (its flag takes no value).
+    pub switch: bool,
+}
+
+macro_rules! declare_run_config {
+    ($($(#[doc = $doc:literal])* $field:ident : $ty:ty = $flag:literal,)*) => {
+        /// HIR's hyperparameters and sampling settings for one run.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct RunConfig {
+            /// The preset the knobs started from (`reference`, `paper`), recorded with the run.
+            pub preset: String,
+            /// The starting model (a Hugging Face folder or a GGUF file) as the trainer sees it.
+            pub model: String,
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+            /// How prompts reach the model.
+            pub prompt_style: PromptStyle,
+        }
+
+        /// Every numeric and boolean knob, in declaration order.
+        pub const KNOBS: &[Knob] = &[
+            $( Knob {
+                name: stringify!($field),
+                flag: $flag,
+                help: concat!($($doc),*),
+                switch: is_switch(stringify!($ty)),
+            }, )*
+        ];
+    };
+}
+
+const fn is_switch(ty: &str) -> bool {
+    matches!(ty.as_bytes(), b"bool")
+}
+
+for_each_knob!(declare_run_config);
 
 /// How prompts reach the model when sampling, training and evaluating.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -246,6 +293,12 @@ impl RunConfig {
             return bad("top_p", format!("is {}; must be in (0, 1]", self.top_p));
         }
         Ok(())
+    }
+
+    /// The seed of the tasks' train/test permutation (the reference's numpy seed, a
+    /// 32-bit value; a seed beyond it falls back to the reference's 1).
+    pub fn split_seed(&self) -> u32 {
+        u32::try_from(self.seed).unwrap_or(1)
     }
 
     /// The seed of one prompt's samples in one iteration: samples are the same whichever

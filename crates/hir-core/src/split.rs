@@ -104,23 +104,13 @@ pub fn permutation(seed: u32, n: usize) -> Vec<usize> {
     items
 }
 
-/// Which side of the split an example falls on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SplitSide {
-    /// Sampled from and trained on.
-    Train,
-    /// Held out for evaluation.
-    Test,
-}
-
-impl SplitSide {
-    /// The lowercase name used in the store and the CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SplitSide::Train => "train",
-            SplitSide::Test => "test",
-        }
+crate::text_enum! {
+    /// Which side of the split an example falls on.
+    pub enum SplitSide {
+        /// Sampled from and trained on.
+        Train => "train",
+        /// Held out for evaluation.
+        Test => "test",
     }
 }
 

@@ -17,29 +17,13 @@ use crate::error::{CoreError, Result};
 /// The file name of a JSON task in BIG-bench.
 pub const TASK_FILE: &str = "task.json";
 
-/// Whether a task asks to pick an option or to write the answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskKind {
-    /// Every example has `target_scores`.
-    MultipleChoice,
-    /// Every example has `target`.
-    Generative,
-}
-
-impl TaskKind {
-    /// The snake_case name used in the store and the CLI.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskKind::MultipleChoice => "multiple_choice",
-            TaskKind::Generative => "generative",
-        }
-    }
-}
-
-impl fmt::Display for TaskKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+crate::text_enum! {
+    /// Whether a task asks to pick an option or to write the answer.
+    pub enum TaskKind {
+        /// Every example has `target_scores`; options are lettered (A), (B), ...
+        MultipleChoice => "multiple_choice",
+        /// Every example has `target`; the gold answer is a string such as `3`.
+        Generative => "generative",
     }
 }
 

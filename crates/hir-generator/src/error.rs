@@ -1,5 +1,7 @@
 //! The generator's error type and its one mapping to gRPC status codes.
 
+use hir_core::ErrorClass;
+
 /// Everything the generator can refuse or fail at.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -51,21 +53,30 @@ impl GeneratorError {
     }
 }
 
+impl GeneratorError {
+    /// What a caller can do about it. Model and file failures are ours.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            GeneratorError::InvalidArgument { .. } => ErrorClass::InvalidInput,
+            GeneratorError::FailedPrecondition(_) | GeneratorError::Checkpoint(_) => {
+                ErrorClass::FailedPrecondition
+            }
+            GeneratorError::Overloaded(_) => ErrorClass::ResourceExhausted,
+            GeneratorError::DeadlineExceeded(..) | GeneratorError::EngineStopped => {
+                ErrorClass::Unavailable
+            }
+            GeneratorError::Model(_) | GeneratorError::Io { .. } => ErrorClass::Internal,
+        }
+    }
+}
+
+/// The one mapping of the generator's errors to gRPC statuses.
 impl From<GeneratorError> for tonic::Status {
     fn from(err: GeneratorError) -> Self {
-        let message = err.to_string();
-        match err {
-            GeneratorError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
-            GeneratorError::FailedPrecondition(_) | GeneratorError::Checkpoint(_) => {
-                tonic::Status::failed_precondition(message)
-            }
-            GeneratorError::Overloaded(_) => tonic::Status::resource_exhausted(message),
-            GeneratorError::DeadlineExceeded(..) => tonic::Status::deadline_exceeded(message),
-            GeneratorError::EngineStopped => tonic::Status::unavailable(message),
-            GeneratorError::Model(_) | GeneratorError::Io { .. } => {
-                tonic::Status::internal(message)
-            }
+        if let GeneratorError::DeadlineExceeded(..) = err {
+            return tonic::Status::deadline_exceeded(err.to_string());
         }
+        hir_runtime::status::to_status(err.class(), &err, &err)
     }
 }
 

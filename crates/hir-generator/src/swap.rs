@@ -7,7 +7,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use candle_core::Device;
 use hir_model::{LoadedModel, WeightMode};
-use sha2::{Digest, Sha256};
 
 use crate::engine::Serving;
 use crate::error::{GeneratorError, Result};
@@ -55,21 +54,11 @@ pub fn resolve_under_root(root: Option<&Path>, reference: &str) -> Result<PathBu
     Ok(path)
 }
 
-/// Lowercase hex SHA-256 of a byte slice.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
+pub use hir_core::digest::sha256_hex;
 
 /// Checks that `expected` is a SHA-256 in lowercase hex.
 pub fn validate_sha256(field: &str, expected: &str) -> Result<()> {
-    if expected.len() != 64
-        || !expected
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if !hir_core::digest::is_sha256_hex(expected) {
         return Err(GeneratorError::invalid(
             field,
             "must be 64 lowercase hex digits (the SHA-256 of manifest.json)",

@@ -6,11 +6,14 @@
 //!   `grpcurl list` and other generic clients work against every hindsight server.
 //! * [`health_service`]: the standard `grpc.health.v1` service.
 //!
-//! Protocol types stay at the edges: services convert them to domain types on the way in
-//! and out, and no other crate depends on them.
+//! * [`convert`]: the one place where wire types and domain types meet.
+//!
+//! Protocol types stay at the edges: services convert them to domain types through
+//! [`convert`] on the way in and out, and keep domain types everywhere else.
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod convert;
 
 /// Generated code for the `hir.v1` package.
 pub mod pb {

@@ -110,7 +110,7 @@ async fn run_once(
     store.add_run_tasks(run, tasks).await.unwrap();
     let sampler = Sampler {
         store: store.clone(),
-        tasks: hir_relabeler::tasks::TaskCache::new(
+        tasks: hir_store::TaskCache::new(
             hir_core::task::Catalog::discover(
                 &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/bigbench"),
             )
@@ -169,7 +169,7 @@ async fn main() {
     for entry in catalog.entries() {
         let task = catalog.load(&entry.name).unwrap();
         all.push(
-            hir_relabeler::tasks::register(&store, &task, 1)
+            hir_store::catalog::register(&store, &task, 1)
                 .await
                 .unwrap(),
         );

@@ -1,5 +1,7 @@
 //! The relabeler's error type and its one mapping to gRPC status codes.
 
+use hir_core::ErrorClass;
+
 /// Everything the relabeler can refuse or fail at.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -39,29 +41,28 @@ impl RelabelerError {
     }
 }
 
+impl RelabelerError {
+    /// What a caller can do about it.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            RelabelerError::InvalidArgument { .. } => ErrorClass::InvalidInput,
+            RelabelerError::NotFound(_) => ErrorClass::NotFound,
+            RelabelerError::FailedPrecondition(_) => ErrorClass::FailedPrecondition,
+            RelabelerError::Generator(_) => ErrorClass::Unavailable,
+            RelabelerError::Store(e) => e.class(),
+            RelabelerError::Core(e) => e.class(),
+        }
+    }
+}
+
+/// The one mapping of the relabeler's errors to gRPC statuses.
 impl From<RelabelerError> for tonic::Status {
     fn from(err: RelabelerError) -> Self {
-        use hir_store::StoreError;
-        let message = err.to_string();
-        match err {
-            RelabelerError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
-            RelabelerError::NotFound(_) | RelabelerError::Store(StoreError::NotFound { .. }) => {
-                tonic::Status::not_found(message)
-            }
-            RelabelerError::FailedPrecondition(_)
-            | RelabelerError::Store(StoreError::InvalidTransition { .. }) => {
-                tonic::Status::failed_precondition(message)
-            }
-            RelabelerError::Store(StoreError::Invalid(_)) | RelabelerError::Core(_) => {
-                tonic::Status::invalid_argument(message)
-            }
-            RelabelerError::Store(StoreError::Conflict(_)) => {
-                tonic::Status::already_exists(message)
-            }
-            RelabelerError::Generator(_) | RelabelerError::Store(_) => {
-                tonic::Status::unavailable(message)
-            }
-        }
+        let public = match &err {
+            RelabelerError::Store(e) => e.public_message(),
+            other => other.to_string(),
+        };
+        hir_runtime::status::to_status(err.class(), public, &err)
     }
 }
 

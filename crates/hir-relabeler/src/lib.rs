@@ -11,7 +11,6 @@ pub mod error;
 pub mod metrics;
 pub mod sampler;
 pub mod service;
-pub mod tasks;
 
 use std::future::Future;
 use std::net::SocketAddr;

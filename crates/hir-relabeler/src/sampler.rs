@@ -13,12 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hir_core::relabel::{Outcome, RelabelPolicy};
-use hir_core::run::RunConfig;
 use hir_core::score::{relabel_match, score};
-use hir_proto::pb;
 use hir_proto::pb::generator_service_client::GeneratorServiceClient;
+use hir_proto::{convert, pb};
 use hir_runtime::auth::with_bearer;
-use hir_store::{IterationStatus, NewModelVersion, NewRelabel, NewScoredSample, Store};
+use hir_store::{IterationStatus, NewRelabel, NewScoredSample, Store};
 use tokio::sync::{mpsc, watch};
 use tonic::transport::Channel;
 use uuid::Uuid;
@@ -127,7 +126,7 @@ pub struct Sampler {
     /// The relabel store.
     pub store: Store,
     /// BIG-bench tasks, each parsed once.
-    pub tasks: crate::tasks::TaskCache,
+    pub tasks: hir_store::TaskCache,
     /// The generators.
     pub generators: Generators,
     /// Pipeline settings.
@@ -162,9 +161,7 @@ async fn sample_iteration(
         metrics,
     } = sampler;
     let run = store.get_run(run_id).await?;
-    let config: RunConfig = serde_json::from_value(run.config.clone()).map_err(|e| {
-        RelabelerError::FailedPrecondition(format!("run {run_id} has an unreadable config: {e}"))
-    })?;
+    let config = run.config()?;
     let policy = hir_core::relabel::policy_by_name(&run.policy)?;
     store.ensure_iteration(run_id, iteration).await?;
     let current = store.get_iteration(run_id, iteration).await?;
@@ -176,17 +173,12 @@ async fn sample_iteration(
         return Ok(());
     }
     store
-        .advance_iteration(
-            run_id,
-            iteration,
-            &[IterationStatus::Pending, IterationStatus::Sampling],
-            IterationStatus::Sampling,
-        )
+        .advance_iteration(run_id, iteration, IterationStatus::Sampling)
         .await?;
     progress.send_modify(|p| p.status = Some(IterationStatus::Sampling));
 
-    let seed = u32::try_from(config.seed).unwrap_or(1);
-    let tasks = crate::tasks::run_tasks(store, task_cache, run_id, seed).await?;
+    let tasks =
+        hir_store::catalog::run_tasks(store, task_cache, run_id, config.split_seed()).await?;
     if tasks.is_empty() {
         return Err(RelabelerError::FailedPrecondition(format!(
             "run {run_id} has no tasks"
@@ -393,7 +385,7 @@ async fn sample_iteration(
                         prompt: item.prompt.clone(),
                         output: c.text,
                         output_tokens: c.token_ids.iter().map(|&t| t as i32).collect(),
-                        finish_reason: finish_reason_name(c.finish_reason).into(),
+                        finish_reason: convert::finish_reason(c.finish_reason),
                         score: if s.exact { 1.0 } else { 0.0 },
                         correct: s.exact,
                         correct_extracted: s.extracted,
@@ -444,12 +436,7 @@ async fn sample_iteration(
     };
     let batches = store.create_batches(run_id, iteration, &plan).await?;
     let status = match store
-        .advance_iteration(
-            run_id,
-            iteration,
-            &[IterationStatus::Sampling],
-            IterationStatus::Sampled,
-        )
+        .advance_iteration(run_id, iteration, IterationStatus::Sampled)
         .await
     {
         Ok(it) => it.status,
@@ -469,15 +456,6 @@ async fn sample_iteration(
     Ok(())
 }
 
-fn finish_reason_name(code: i32) -> &'static str {
-    match pb::FinishReason::try_from(code) {
-        Ok(pb::FinishReason::Eos) => "eos",
-        Ok(pb::FinishReason::Stop) => "stop",
-        Ok(pb::FinishReason::Length) => "length",
-        _ => "unspecified",
-    }
-}
-
 /// The version the generators serve, registered in the store if new: `(id, name)`.
 async fn serving_version(
     store: &Store,
@@ -495,39 +473,8 @@ async fn serving_version(
         }
     })
     .await?;
-    let v = register_served_version(store, &info).await?;
+    let v = hir_store::catalog::register_served_version(store, &info.version, &info.sha256).await?;
     Ok((v.id, v.name))
-}
-
-/// The version a generator reports serving, registered in the store if it is new. A version
-/// first seen at a generator (a base model it was started with) belongs to no run; versions
-/// a trainer produces are registered by the trainer before they are served.
-pub async fn register_served_version(
-    store: &Store,
-    info: &pb::ModelInfo,
-) -> Result<hir_store::ModelVersion> {
-    match store.get_model_version_by_name(&info.version).await {
-        Ok(v) => Ok(v),
-        Err(hir_store::StoreError::NotFound { .. }) => {
-            let sha256 = if info.sha256.len() == 64 {
-                info.sha256.clone()
-            } else {
-                "0".repeat(64)
-            };
-            Ok(store
-                .register_model_version(&NewModelVersion {
-                    name: info.version.clone(),
-                    run_id: None,
-                    iteration: None,
-                    parent_id: None,
-                    checkpoint_uri: format!("generator:{}", info.version),
-                    sha256,
-                    metrics: serde_json::json!({}),
-                })
-                .await?)
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 async fn with_retry<T, F, Fut>(settings: &SamplerSettings, what: &str, mut call: F) -> Result<T>

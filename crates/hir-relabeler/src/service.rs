@@ -57,7 +57,7 @@ impl Relabeler {
     ) -> Self {
         let sampler = Sampler {
             store,
-            tasks: crate::tasks::TaskCache::new(catalog),
+            tasks: hir_store::TaskCache::new(catalog),
             generators,
             settings,
             metrics,
@@ -154,7 +154,7 @@ fn to_pb(
 ) -> pb::SamplingStatus {
     let status = status
         .or(p.status)
-        .map(status_to_pb)
+        .map(pb::IterationStatus::from)
         .unwrap_or(pb::IterationStatus::Unspecified);
     let (samples, correct, extracted) = match totals {
         Some(t) => (
@@ -179,20 +179,6 @@ fn to_pb(
         error: error
             .filter(|e| !e.is_empty())
             .unwrap_or_else(|| p.error.clone()),
-    }
-}
-
-/// The wire form of an iteration status.
-pub fn status_to_pb(s: IterationStatus) -> pb::IterationStatus {
-    match s {
-        IterationStatus::Pending => pb::IterationStatus::Pending,
-        IterationStatus::Sampling => pb::IterationStatus::Sampling,
-        IterationStatus::Sampled => pb::IterationStatus::Sampled,
-        IterationStatus::Training => pb::IterationStatus::Training,
-        IterationStatus::Trained => pb::IterationStatus::Trained,
-        IterationStatus::Evaluating => pb::IterationStatus::Evaluating,
-        IterationStatus::Done => pb::IterationStatus::Done,
-        IterationStatus::Failed => pb::IterationStatus::Failed,
     }
 }
 

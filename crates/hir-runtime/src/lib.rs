@@ -7,6 +7,7 @@
 //! * [`metrics`]: a Prometheus `/metrics` endpoint over a `prometheus-client` registry.
 //! * [`listeners`]: the gRPC and metrics sockets of a server.
 //! * [`shutdown`]: a future that resolves on Ctrl-C or SIGTERM.
+//! * [`status`]: errors to gRPC statuses, the same way in every service.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod listeners;
 pub mod metrics;
 pub mod shutdown;
+pub mod status;
 pub mod telemetry;
 
 /// Errors of the runtime plumbing.

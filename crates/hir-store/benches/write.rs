@@ -20,7 +20,7 @@
 //! both, and drops the scratch database even when a step fails.
 
 use hir_store::{
-    NewExample, NewModelVersion, NewRelabel, NewRun, NewScoredSample, NewTask, Split, Store,
+    NewExample, NewModelVersion, NewRelabel, NewRun, NewScoredSample, NewTask, SplitSide, Store,
     TaskKind,
 };
 use serde_json::json;
@@ -230,7 +230,7 @@ async fn insert_one(store: &Store, s: &NewScoredSample) -> Result<(), BoxError> 
     .bind(&s.prompt)
     .bind(&s.output)
     .bind(&s.output_tokens)
-    .bind(&s.finish_reason)
+    .bind(s.finish_reason.as_str())
     .bind(s.score)
     .bind(s.correct)
     .bind(s.correct_extracted)
@@ -275,7 +275,7 @@ fn scratch_task() -> NewTask {
         examples: (0..EXAMPLES)
             .map(|idx| NewExample {
                 idx,
-                split: Split::Train,
+                split: SplitSide::Train,
                 prompt: prompt(idx),
                 target: "(C)".into(),
             })
@@ -318,7 +318,7 @@ fn sample(
             if correct { "(C)" } else { "(A)" }
         ),
         output_tokens: (0..40).map(|t| (i * 31 + t) % 32_000).collect(),
-        finish_reason: "stop".into(),
+        finish_reason: hir_store::FinishReason::Stop,
         score: if correct { 1.0 } else { 0.0 },
         correct,
         correct_extracted: correct,

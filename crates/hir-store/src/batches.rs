@@ -18,10 +18,9 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::error::{db_error, validate_non_negative, Result, StoreError};
-use crate::text_enum::text_enum;
 use crate::Store;
 
-text_enum! {
+hir_core::text_enum! {
     /// Where a batch is in the queue.
     pub enum BatchStatus {
         /// Waiting for a trainer.

@@ -62,13 +62,95 @@ pub enum StoreError {
         source: sqlx::Error,
     },
 
+    /// A stored row cannot be read back (written by another version, or edited by hand).
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+
     /// Any other database error.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
 
+    /// A domain error: an unknown status spelling, a task that is not in the catalog or
+    /// whose file does not parse.
+    #[error(transparent)]
+    Core(#[from] hir_core::CoreError),
+
     /// Applying the schema migrations failed.
     #[error("applying migrations failed: {0}; check that the database was not migrated by a newer version")]
     Migrate(#[from] MigrateError),
+}
+
+impl StoreError {
+    /// What a caller can do about it: bad input (a NUL byte in text, a value too large for
+    /// an index, a broken constraint) is told apart from a database that is down or busy
+    /// (worth a retry) and from our own faults.
+    pub fn class(&self) -> hir_core::ErrorClass {
+        use hir_core::ErrorClass as C;
+        match self {
+            StoreError::NotFound { .. } => C::NotFound,
+            StoreError::Conflict(_) => C::Conflict,
+            StoreError::InvalidTransition { .. } => C::FailedPrecondition,
+            StoreError::Invalid(_) => C::InvalidInput,
+            StoreError::Connect { .. } => C::Unavailable,
+            StoreError::Core(e) => e.class(),
+            StoreError::Corrupt(_) | StoreError::Migrate(_) => C::Internal,
+            StoreError::Database(e) => database_class(e),
+        }
+    }
+}
+
+impl StoreError {
+    /// What a client may read: the message itself when it is about the client's request,
+    /// and a plain sentence without the driver's text when the database failed.
+    pub fn public_message(&self) -> String {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db))
+                if self.class() == hir_core::ErrorClass::InvalidInput =>
+            {
+                let code = db.code().unwrap_or_default();
+                let what = match code.as_ref() {
+                    "22021" => "a text field holds a NUL byte or invalid UTF-8".to_owned(),
+                    "22001" => "a text field is longer than the column allows".to_owned(),
+                    "54000" => "a value is too large to store or index".to_owned(),
+                    other => format!("a value cannot be stored (SQLSTATE {other})"),
+                };
+                format!("invalid input: {what}")
+            }
+            StoreError::Database(_) | StoreError::Connect { .. } => {
+                "the relabel store is unavailable; retry later".to_owned()
+            }
+            StoreError::Migrate(_) | StoreError::Corrupt(_) => {
+                "the relabel store failed".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The class of a driver error, by its kind or SQLSTATE.
+fn database_class(err: &sqlx::Error) -> hir_core::ErrorClass {
+    use hir_core::ErrorClass as C;
+    match err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => C::Unavailable,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            match code.get(..2).unwrap_or_default() {
+                // Connection exceptions, insufficient resources, operator intervention
+                // (shutdown, crash recovery), and transaction rollbacks (serialization
+                // failures, deadlocks): the same request can succeed later.
+                "08" | "53" | "57" | "40" => C::Unavailable,
+                // Data exceptions (a NUL byte, an invalid encoding, a value out of range),
+                // integrity violations, and program limits (an index row too large).
+                "22" | "23" | "54" => C::InvalidInput,
+                _ => C::Internal,
+            }
+        }
+        _ => C::Internal,
+    }
 }
 
 /// PostgreSQL SQLSTATE codes the store translates.
@@ -130,11 +212,7 @@ fn missing_reference(constraint: &str) -> String {
 
 /// Checks that a value is 64 lowercase hexadecimal digits.
 pub(crate) fn validate_sha256(field: &str, value: &str) -> Result<()> {
-    let ok = value.len() == 64
-        && value
-            .bytes()
-            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if ok {
+    if hir_core::digest::is_sha256_hex(value) {
         Ok(())
     } else {
         Err(StoreError::Invalid(format!(

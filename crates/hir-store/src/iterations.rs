@@ -1,42 +1,60 @@
 //! Iterations: the sample → relabel → train → evaluate rounds of a run.
 //!
-//! An iteration's status only moves through [`Store::advance_iteration`], a
-//! compare-and-set: the caller states which statuses it expects to find, so
-//! two workers can never both believe they moved the same iteration.
+//! An iteration's status only moves along [`TRANSITIONS`], through one compare-and-set
+//! ([`Store::advance_iteration`], [`Store::fail_iteration`], [`Store::resume_iteration`]):
+//! the statuses an iteration may come from are read off the table, so two workers can
+//! never both believe they moved the same iteration, and no caller keeps its own idea of
+//! which moves are legal.
+//!
+//! ```text
+//! pending ─► sampling ─► sampled ─► training ─► trained ─► evaluating ─► done
+//!    └────────────────────────────────────────────────────────┘ (iteration 0: the base model)
+//! any but done ─► failed ─► pending | training | trained | evaluating (resume)
+//! ```
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::error::{db_error, validate_non_negative, Result, StoreError};
-use crate::text_enum::text_enum;
 use crate::Store;
 
-text_enum! {
-    /// Where an iteration is in its round.
-    pub enum IterationStatus {
-        /// Created, nothing done yet.
-        Pending => "pending",
-        /// The generator is producing samples.
-        Sampling => "sampling",
-        /// All samples are scored, relabeled and stored.
-        Sampled => "sampled",
-        /// The trainer is consuming batches.
-        Training => "training",
-        /// The new model version is registered.
-        Trained => "trained",
-        /// The new model is being evaluated.
-        Evaluating => "evaluating",
-        /// Finished.
-        Done => "done",
-        /// Gave up; `error` says why.
-        Failed => "failed",
-    }
-}
+pub use hir_core::status::IterationStatus;
+use IterationStatus as S;
 
-impl IterationStatus {
-    /// Whether the iteration can no longer change (done or failed).
-    pub fn is_terminal(self) -> bool {
-        matches!(self, IterationStatus::Done | IterationStatus::Failed)
+/// Every forward move of an iteration, as `(from, to)`. A worker that already holds the
+/// status it asks for (a restarted relabeler re-claiming sampling, a trainer resuming its
+/// training) finds it again; failing and resuming have their own rules below.
+pub const TRANSITIONS: &[(IterationStatus, IterationStatus)] = &[
+    (S::Pending, S::Sampling),
+    (S::Sampling, S::Sampling),
+    (S::Sampling, S::Sampled),
+    (S::Sampled, S::Training),
+    (S::Training, S::Training),
+    (S::Sampled, S::Trained),
+    (S::Training, S::Trained),
+    (S::Trained, S::Evaluating),
+    // Iteration 0 evaluates the starting model: there is nothing to sample or train.
+    (S::Pending, S::Evaluating),
+    (S::Evaluating, S::Done),
+];
+
+/// The statuses a failed iteration may go back to when its run resumes: the start of the
+/// last stage it had not completed.
+pub const RESUME_TO: &[IterationStatus] = &[S::Pending, S::Training, S::Trained, S::Evaluating];
+
+/// The statuses from which an iteration may move to `to`, in declaration order.
+pub fn sources(to: IterationStatus) -> Vec<IterationStatus> {
+    match to {
+        S::Failed => IterationStatus::ALL
+            .iter()
+            .copied()
+            .filter(|s| *s != S::Done)
+            .collect(),
+        _ => IterationStatus::ALL
+            .iter()
+            .copied()
+            .filter(|from| TRANSITIONS.contains(&(*from, to)))
+            .collect(),
     }
 }
 
@@ -117,21 +135,26 @@ impl Store {
         .await?)
     }
 
-    /// Moves an iteration to `to` if its current status is one of `from`.
+    /// Moves an iteration to `to` along [`TRANSITIONS`].
     ///
-    /// Returns the updated iteration. Fails with
-    /// [`StoreError::InvalidTransition`] when the current status is not in
-    /// `from` (nothing is changed), and [`StoreError::NotFound`] when the
-    /// iteration does not exist. Reaching done or failed sets `finished_at`.
+    /// Returns the updated iteration. Fails with [`StoreError::InvalidTransition`] when the
+    /// current status cannot move to `to` (nothing is changed), and
+    /// [`StoreError::NotFound`] when the iteration does not exist. Reaching done sets
+    /// `finished_at`.
     #[tracing::instrument(name = "Advancing iteration", skip(self))]
     pub async fn advance_iteration(
         &self,
         run_id: Uuid,
         iteration: i32,
-        from: &[IterationStatus],
         to: IterationStatus,
     ) -> Result<Iteration> {
-        self.transition(run_id, iteration, from, to, None).await
+        if to == S::Failed {
+            return Err(StoreError::Invalid(
+                "an iteration fails through fail_iteration, which records why".into(),
+            ));
+        }
+        self.transition(run_id, iteration, &sources(to), to, None)
+            .await
     }
 
     /// Marks an iteration failed with an error message, from any status but
@@ -143,23 +166,34 @@ impl Store {
         iteration: i32,
         error: &str,
     ) -> Result<Iteration> {
-        let from: Vec<IterationStatus> = IterationStatus::ALL
-            .iter()
-            .copied()
-            .filter(|s| *s != IterationStatus::Done)
-            .collect();
         self.transition(
             run_id,
             iteration,
-            &from,
-            IterationStatus::Failed,
+            &sources(S::Failed),
+            S::Failed,
             Some(error),
         )
         .await
     }
 
-    /// The compare-and-set behind [`Store::advance_iteration`] and
-    /// [`Store::fail_iteration`].
+    /// Moves a failed iteration back to `to`, one of [`RESUME_TO`], clearing its error.
+    #[tracing::instrument(name = "Resuming iteration", skip(self))]
+    pub async fn resume_iteration(
+        &self,
+        run_id: Uuid,
+        iteration: i32,
+        to: IterationStatus,
+    ) -> Result<Iteration> {
+        if !RESUME_TO.contains(&to) {
+            return Err(StoreError::Invalid(format!(
+                "a failed iteration resumes to one of {RESUME_TO:?}, not {to}"
+            )));
+        }
+        self.transition(run_id, iteration, &[S::Failed], to, None)
+            .await
+    }
+
+    /// The compare-and-set behind every status change.
     async fn transition(
         &self,
         run_id: Uuid,

@@ -4,6 +4,8 @@
 //! audited:
 //!
 //! - [`runs`]: runs and the tasks they use;
+//! - [`catalog`]: registering BIG-bench tasks and served model versions, loading a run's
+//!   tasks back;
 //! - [`tasks`]: BIG-bench tasks and their examples with the train/test split;
 //! - [`iterations`]: the sample → relabel → train → evaluate rounds of a run,
 //!   advanced by compare-and-set;
@@ -28,6 +30,7 @@
 #![forbid(unsafe_code)]
 
 pub mod batches;
+pub mod catalog;
 mod error;
 pub mod evals;
 pub mod feedback;
@@ -36,22 +39,22 @@ pub mod runs;
 pub mod samples;
 mod store;
 pub mod tasks;
-mod text_enum;
 pub mod training;
 pub mod versions;
 
 pub use batches::{BatchPlan, BatchStatus, TrainingBatch};
+pub use catalog::{RunTask, TaskCache};
 pub use error::{Result, StoreError};
 pub use evals::{EvalAccuracy, NewEvalResult};
 pub use feedback::NewFeedback;
 pub use iterations::{Iteration, IterationStatus};
 pub use runs::{NewRun, Run, RunStatus};
 pub use samples::{
-    ExampleSampleCount, InsertedSamples, IterationAccuracy, NewRelabel, NewScoredSample, Relabel,
-    Sample, SampleTotals,
+    ExampleSampleCount, FinishReason, InsertedSamples, IterationAccuracy, NewRelabel,
+    NewScoredSample, Relabel, Sample, SampleTotals,
 };
 pub use store::Store;
-pub use tasks::{Example, NewExample, NewTask, Split, Task, TaskKind};
+pub use tasks::{Example, NewExample, NewTask, SplitSide, Task, TaskKind};
 pub use training::{IterationTraining, NewTrainerState, TrainerState};
 pub use versions::{ModelVersion, NewModelVersion};
 

@@ -5,22 +5,16 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::error::{db_error, Result, StoreError};
-use crate::text_enum::text_enum;
 use crate::Store;
 
-text_enum! {
-    /// Lifecycle of a run.
-    pub enum RunStatus {
-        /// Created, not started yet.
-        Pending => "pending",
-        /// Iterations are being executed.
-        Running => "running",
-        /// Stopped by an operator; may be resumed.
-        Stopped => "stopped",
-        /// All iterations finished.
-        Done => "done",
-        /// Gave up; `error` says why.
-        Failed => "failed",
+pub use hir_core::status::RunStatus;
+
+impl Run {
+    /// The run's configuration as stored with it.
+    pub fn config(&self) -> Result<hir_core::run::RunConfig> {
+        serde_json::from_value(self.config.clone()).map_err(|e| {
+            StoreError::Corrupt(format!("run {} has an unreadable config: {e}", self.id))
+        })
     }
 }
 

@@ -14,6 +14,8 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+pub use hir_core::status::FinishReason;
+
 use crate::error::{db_error, validate_non_negative, Result, StoreError};
 use crate::Store;
 
@@ -53,7 +55,7 @@ pub struct NewScoredSample {
     /// The generated token ids.
     pub output_tokens: Vec<i32>,
     /// Why generation stopped, e.g. `stop` or `length`.
-    pub finish_reason: String,
+    pub finish_reason: FinishReason,
     /// Reward in `[0, 1]`.
     pub score: f32,
     /// The paper's exact match.
@@ -120,7 +122,8 @@ pub struct Sample {
     /// The generated token ids.
     pub output_tokens: Vec<i32>,
     /// Why generation stopped.
-    pub finish_reason: String,
+    #[sqlx(try_from = "String")]
+    pub finish_reason: FinishReason,
     /// Reward in `[0, 1]`.
     pub score: f32,
     /// The paper's exact match.

@@ -9,28 +9,10 @@ use chrono::{DateTime, Utc};
 use std::collections::HashSet;
 
 use crate::error::{db_error, validate_non_negative, validate_sha256, Result, StoreError};
-use crate::text_enum::text_enum;
 use crate::Store;
 
-text_enum! {
-    /// How a task is answered.
-    pub enum TaskKind {
-        /// Options lettered (A), (B), ...; the gold answer is a letter.
-        MultipleChoice => "multiple_choice",
-        /// Free text; the gold answer is a string such as `3`.
-        Generative => "generative",
-    }
-}
-
-text_enum! {
-    /// Which split an example belongs to.
-    pub enum Split {
-        /// Sampled from and trained on.
-        Train => "train",
-        /// Held out for evaluation.
-        Test => "test",
-    }
-}
+pub use hir_core::split::SplitSide;
+pub use hir_core::task::TaskKind;
 
 /// One example of a task to store.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,7 +20,7 @@ pub struct NewExample {
     /// Position in the task file, 0-based.
     pub idx: i32,
     /// Train or test.
-    pub split: Split,
+    pub split: SplitSide,
     /// The sampler prompt.
     pub prompt: String,
     /// The gold answer string, e.g. `(C)`.
@@ -58,7 +40,7 @@ pub struct NewTask {
     pub split_seed: i64,
     /// Number of examples in the task; must equal `examples.len()`.
     pub n_examples: i32,
-    /// Number of train examples; must equal the examples marked [`Split::Train`].
+    /// Number of train examples; must equal the examples marked [`SplitSide::Train`].
     pub train_size: i32,
     /// SHA-256 of the task file, 64 lowercase hex digits.
     pub source_sha256: String,
@@ -99,7 +81,7 @@ pub struct Example {
     pub idx: i32,
     /// Train or test.
     #[sqlx(try_from = "String")]
-    pub split: Split,
+    pub split: SplitSide,
     /// The sampler prompt.
     pub prompt: String,
     /// The gold answer string.
@@ -123,7 +105,7 @@ impl NewTask {
         let train = self
             .examples
             .iter()
-            .filter(|e| e.split == Split::Train)
+            .filter(|e| e.split == SplitSide::Train)
             .count();
         if usize::try_from(self.train_size).ok() != Some(train) {
             return Err(StoreError::Invalid(format!(
@@ -242,14 +224,18 @@ impl Store {
 
     /// Lists a task's examples ordered by idx, optionally only one split.
     #[tracing::instrument(name = "Listing examples", skip(self))]
-    pub async fn list_examples(&self, task_id: i64, split: Option<Split>) -> Result<Vec<Example>> {
+    pub async fn list_examples(
+        &self,
+        task_id: i64,
+        split: Option<SplitSide>,
+    ) -> Result<Vec<Example>> {
         let examples = sqlx::query_as::<_, Example>(
             "SELECT * FROM examples
              WHERE task_id = $1 AND ($2::text IS NULL OR split = $2)
              ORDER BY idx",
         )
         .bind(task_id)
-        .bind(split.map(Split::as_str))
+        .bind(split.map(SplitSide::as_str))
         .fetch_all(self.pool())
         .await?;
         Ok(examples)

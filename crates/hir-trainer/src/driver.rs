@@ -11,19 +11,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use hir_core::eval::TaskEval;
 use hir_core::rng::SplitMix64;
 use hir_core::run::RunConfig;
-use hir_proto::pb;
-use hir_relabeler::tasks::{RunTask, TaskCache};
+use hir_proto::{convert, pb};
 use hir_store::{
-    IterationStatus, ModelVersion, NewModelVersion, NewTrainerState, RunStatus, Store, StoreError,
+    IterationStatus, ModelVersion, NewModelVersion, NewTrainerState, RunStatus, RunTask, Store,
+    StoreError, TaskCache,
 };
 use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
 use crate::config::TrainerConfig;
 use crate::error::{Result, TrainerError};
-use crate::eval::{self, TaskEval};
+use crate::eval;
 use crate::examples::{self, RelabeledSample};
 use crate::metrics::Metrics;
 use crate::remote::Remotes;
@@ -61,7 +62,7 @@ impl Events {
     /// Sends an event (dropped when nobody watches).
     pub fn emit(&self, event: pb::run_event::Event) {
         let _ = self.0.send(pb::RunEvent {
-            at: Some(now()),
+            at: Some(convert::now()),
             event: Some(event),
         });
     }
@@ -70,36 +71,16 @@ impl Events {
         self.emit(pb::run_event::Event::Iteration(
             pb::IterationStatusChanged {
                 iteration,
-                status: hir_relabeler::service::status_to_pb(status) as i32,
+                status: pb::IterationStatus::from(status) as i32,
                 error: error.to_string(),
             },
         ));
     }
 }
 
-/// The current time as a protobuf timestamp.
-pub fn now() -> prost_types::Timestamp {
-    timestamp(chrono::Utc::now())
-}
-
-/// A protobuf timestamp.
-pub fn timestamp(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: t.timestamp(),
-        nanos: t.timestamp_subsec_nanos() as i32,
-    }
-}
-
 /// The version name of iteration `k` of a run.
 pub fn version_name(run_id: Uuid, iteration: u32) -> String {
     format!("{run_id}-it{iteration:03}")
-}
-
-/// A run's configuration as stored.
-pub fn run_config(run: &hir_store::Run) -> Result<RunConfig> {
-    serde_json::from_value(run.config.clone()).map_err(|e| {
-        TrainerError::FailedPrecondition(format!("run {} has an unreadable config: {e}", run.id))
-    })
 }
 
 /// One run being driven.
@@ -122,10 +103,9 @@ pub async fn drive(
     events: &Events,
 ) -> Result<()> {
     let run = ctx.store.get_run(run_id).await?;
-    let config = run_config(&run)?;
+    let config = run.config()?;
     let tasks =
-        hir_relabeler::tasks::run_tasks(&ctx.store, &ctx.tasks, run_id, eval::seed_of(&config))
-            .await?;
+        hir_store::catalog::run_tasks(&ctx.store, &ctx.tasks, run_id, config.split_seed()).await?;
     if tasks.is_empty() {
         return Err(TrainerError::FailedPrecondition(format!(
             "run {run_id} has no tasks"
@@ -153,10 +133,10 @@ impl Driver<'_> {
         *self.stop.borrow()
     }
 
-    async fn advance(&self, k: u32, from: &[IterationStatus], to: IterationStatus) -> Result<()> {
+    async fn advance(&self, k: u32, to: IterationStatus) -> Result<()> {
         self.ctx
             .store
-            .advance_iteration(self.run_id, k as i32, from, to)
+            .advance_iteration(self.run_id, k as i32, to)
             .await?;
         self.events.iteration(k, to, "");
         Ok(())
@@ -171,20 +151,23 @@ impl Driver<'_> {
             return Ok(());
         }
         if it.status != IterationStatus::Evaluating {
-            self.advance(0, &[IterationStatus::Pending], IterationStatus::Evaluating)
-                .await?;
+            self.advance(0, IterationStatus::Evaluating).await?;
         }
         let version = self.serving_base_version().await?;
         self.evaluate(0, &version).await?;
-        self.advance(0, &[IterationStatus::Evaluating], IterationStatus::Done)
-            .await
+        self.advance(0, IterationStatus::Done).await
     }
 
     /// The version the first generator serves, registered in the store if new.
     async fn serving_base_version(&self) -> Result<ModelVersion> {
         let g = &self.ctx.remotes.generators()[0];
         let info = self.ctx.remotes.model_info(g).await?;
-        Ok(hir_relabeler::sampler::register_served_version(&self.ctx.store, &info).await?)
+        Ok(hir_store::catalog::register_served_version(
+            &self.ctx.store,
+            &info.version,
+            &info.sha256,
+        )
+        .await?)
     }
 
     async fn evaluate(&self, k: u32, version: &ModelVersion) -> Result<Vec<TaskEval>> {
@@ -254,26 +237,22 @@ impl Driver<'_> {
                 }
                 IterationStatus::Sampled | IterationStatus::Training => {
                     if status == IterationStatus::Sampled {
-                        self.advance(k, &[IterationStatus::Sampled], IterationStatus::Training)
-                            .await?;
+                        self.advance(k, IterationStatus::Training).await?;
                     }
                     self.train(k).await?;
                     self.checkpoint(k).await?;
-                    self.advance(k, &[IterationStatus::Training], IterationStatus::Trained)
-                        .await?;
+                    self.advance(k, IterationStatus::Trained).await?;
                 }
                 IterationStatus::Trained => {
                     self.swap_all(k).await?;
-                    self.advance(k, &[IterationStatus::Trained], IterationStatus::Evaluating)
-                        .await?;
+                    self.advance(k, IterationStatus::Evaluating).await?;
                 }
                 IterationStatus::Evaluating => {
                     let version = store
                         .get_model_version_by_name(&version_name(self.run_id, k))
                         .await?;
                     self.evaluate(k, &version).await?;
-                    self.advance(k, &[IterationStatus::Evaluating], IterationStatus::Done)
-                        .await?;
+                    self.advance(k, IterationStatus::Done).await?;
                 }
                 IterationStatus::Done => return Ok(()),
                 IterationStatus::Failed => {
@@ -550,7 +529,7 @@ impl Driver<'_> {
                     ),
                     prompt: s.prompt,
                     output_tokens: s.output_tokens.iter().map(|&t| t as u32).collect(),
-                    cut: s.finish_reason == "length",
+                    cut: s.finish_reason == hir_store::FinishReason::Length,
                     // The verifier the relabel came from, not exact match: they differ on
                     // an output with a newline, such as "(C)\n".
                     correct: hir_core::score::relabel_match(&s.output, &gold),
@@ -792,19 +771,8 @@ pub async fn finish(store: &Store, run_id: Uuid, outcome: &Result<()>, events: &
     }
     match store.set_run_status(run_id, status, error.as_deref()).await {
         Ok(_) => events.emit(pb::run_event::Event::RunStatus(
-            run_status_to_pb(status) as i32
+            pb::RunStatus::from(status) as i32
         )),
         Err(e) => tracing::error!(%run_id, error = %e, "could not record the run's outcome"),
-    }
-}
-
-/// The protobuf run status.
-pub fn run_status_to_pb(s: RunStatus) -> pb::RunStatus {
-    match s {
-        RunStatus::Pending => pb::RunStatus::Pending,
-        RunStatus::Running => pb::RunStatus::Running,
-        RunStatus::Stopped => pb::RunStatus::Stopped,
-        RunStatus::Done => pb::RunStatus::Done,
-        RunStatus::Failed => pb::RunStatus::Failed,
     }
 }

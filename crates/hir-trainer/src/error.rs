@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use hir_core::ErrorClass;
+
 /// Everything the trainer can refuse or fail at.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -88,45 +90,34 @@ impl From<candle_core::Error> for TrainerError {
     }
 }
 
-impl From<hir_relabeler::RelabelerError> for TrainerError {
-    fn from(err: hir_relabeler::RelabelerError) -> Self {
-        use hir_relabeler::RelabelerError as R;
-        match err {
-            R::Store(e) => Self::Store(e),
-            R::Core(e) => Self::Core(e),
-            R::InvalidArgument { field, reason } => Self::InvalidArgument { field, reason },
-            R::NotFound(m) => Self::NotFound(m),
-            other => Self::FailedPrecondition(other.to_string()),
+impl TrainerError {
+    /// What a caller can do about it. Model, file and verification failures are ours.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            TrainerError::InvalidArgument { .. } => ErrorClass::InvalidInput,
+            TrainerError::NotFound(_) => ErrorClass::NotFound,
+            TrainerError::FailedPrecondition(_) | TrainerError::Stopped => {
+                ErrorClass::FailedPrecondition
+            }
+            TrainerError::AlreadyExists(_) => ErrorClass::Conflict,
+            TrainerError::Remote { .. } => ErrorClass::Unavailable,
+            TrainerError::Store(e) => e.class(),
+            TrainerError::Core(e) => e.class(),
+            TrainerError::Verification(_) | TrainerError::Model(_) | TrainerError::Io { .. } => {
+                ErrorClass::Internal
+            }
         }
     }
 }
 
+/// The one mapping of the trainer's errors to gRPC statuses.
 impl From<TrainerError> for tonic::Status {
     fn from(err: TrainerError) -> Self {
-        use hir_store::StoreError;
-        let message = err.to_string();
-        match err {
-            TrainerError::InvalidArgument { .. } | TrainerError::Core(_) => {
-                tonic::Status::invalid_argument(message)
-            }
-            TrainerError::Store(StoreError::Invalid(_)) => tonic::Status::invalid_argument(message),
-            TrainerError::NotFound(_) | TrainerError::Store(StoreError::NotFound { .. }) => {
-                tonic::Status::not_found(message)
-            }
-            TrainerError::FailedPrecondition(_)
-            | TrainerError::Stopped
-            | TrainerError::Verification(_)
-            | TrainerError::Model(_)
-            | TrainerError::Store(StoreError::InvalidTransition { .. }) => {
-                tonic::Status::failed_precondition(message)
-            }
-            TrainerError::AlreadyExists(_) | TrainerError::Store(StoreError::Conflict(_)) => {
-                tonic::Status::already_exists(message)
-            }
-            TrainerError::Remote { .. } | TrainerError::Io { .. } | TrainerError::Store(_) => {
-                tonic::Status::unavailable(message)
-            }
-        }
+        let public = match &err {
+            TrainerError::Store(e) => e.public_message(),
+            other => other.to_string(),
+        };
+        hir_runtime::status::to_status(err.class(), public, &err)
     }
 }
 

@@ -3,33 +3,15 @@
 //! answer both ways (exact match and answer extraction), store per-example results and
 //! report accuracy per task with the distribution of predicted answers.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
-use hir_core::prompt::{Prompt, PromptVariant, DEFAULT_INSTRUCTION};
+use hir_core::eval::{tally, test_prompts, TaskEval};
 use hir_core::run::{PromptStyle, RunConfig};
-use hir_core::score::{score, Score};
-use hir_core::task::Task;
-use hir_relabeler::tasks::RunTask;
-use hir_store::{ModelVersion, NewEvalResult};
+use hir_store::{ModelVersion, NewEvalResult, RunTask};
 use uuid::Uuid;
 
 use crate::driver::Context;
 use crate::error::{Result, TrainerError};
-
-/// One task's evaluation.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TaskEval {
-    /// The task.
-    pub task: String,
-    /// Test examples evaluated.
-    pub examples: u32,
-    /// Fraction correct under exact match.
-    pub exact: f64,
-    /// Fraction correct under answer extraction.
-    pub extracted: f64,
-    /// How often each answer was predicted (`(none)` when nothing could be read).
-    pub predicted: BTreeMap<String, u32>,
-}
 
 /// Evaluates `version` (which the generators must serve) on each task's test split and
 /// records the results for `iteration` of `run_id`.
@@ -45,8 +27,11 @@ pub async fn evaluate(
     let (store, remotes, eval_batch) = (&ctx.store, &ctx.remotes, ctx.config.eval_batch);
     let mut out = Vec::with_capacity(tasks.len());
     for rt in tasks {
-        let (test, prompts) =
-            test_prompts(&rt.task, seed_of(config), config.max_test_prompts as usize);
+        let (test, prompts) = test_prompts(
+            &rt.task,
+            config.split_seed(),
+            config.max_test_prompts as usize,
+        );
         // Chunks go out concurrently, spread over the generators.
         let mut requests = tokio::task::JoinSet::new();
         for (c, chunk) in prompts.chunks(eval_batch.max(1)).enumerate() {
@@ -91,57 +76,4 @@ pub async fn evaluate(
         out.push(eval);
     }
     Ok(out)
-}
-
-/// The test split of `task` under `seed` (at most `max` examples; 0 = all) and the
-/// reference evaluator's prompt of each.
-pub fn test_prompts(task: &Task, seed: u32, max: usize) -> (Vec<usize>, Vec<String>) {
-    let mut test = hir_core::split::Split::new(seed, task.examples.len()).test;
-    if max > 0 {
-        test.truncate(max);
-    }
-    let prompts = test
-        .iter()
-        .map(|&i| {
-            Prompt::build(
-                task,
-                &task.examples[i],
-                DEFAULT_INSTRUCTION,
-                PromptVariant::Eval,
-            )
-            .text()
-        })
-        .collect();
-    (test, prompts)
-}
-
-/// Scores the answers `texts` to the examples `test` of `task`: the task's accuracy under
-/// both scores with the count of each predicted answer, and each answer's score.
-pub fn tally(task: &Task, test: &[usize], texts: &[String]) -> (TaskEval, Vec<Score>) {
-    let scores: Vec<Score> = test
-        .iter()
-        .zip(texts)
-        .map(|(&i, text)| score(&task.examples[i].answer, text))
-        .collect();
-    let mut predicted = BTreeMap::new();
-    for s in &scores {
-        *predicted
-            .entry(s.predicted.clone().unwrap_or_else(|| "(none)".into()))
-            .or_insert(0) += 1;
-    }
-    let total = scores.len().max(1) as f64;
-    let count = |f: fn(&Score) -> bool| scores.iter().filter(|s| f(s)).count() as f64;
-    let eval = TaskEval {
-        task: task.name.clone(),
-        examples: scores.len() as u32,
-        exact: count(|s| s.exact) / total,
-        extracted: count(|s| s.extracted) / total,
-        predicted,
-    };
-    (eval, scores)
-}
-
-/// The split seed of a run (the reference's numpy seed).
-pub fn seed_of(config: &RunConfig) -> u32 {
-    u32::try_from(config.seed).unwrap_or(1)
 }

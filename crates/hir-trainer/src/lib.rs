@@ -89,7 +89,7 @@ impl Application {
         let metrics = Metrics::new();
         let ctx = Arc::new(Context {
             store: store.clone(),
-            tasks: hir_relabeler::tasks::TaskCache::new(catalog),
+            tasks: hir_store::TaskCache::new(catalog),
             remotes,
             config: config.clone(),
             device,

@@ -7,15 +7,15 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use hir_core::run::RunConfig;
-use hir_proto::pb;
 use hir_proto::pb::trainer_service_server::TrainerService;
+use hir_proto::{convert, pb};
 use hir_store::{ModelVersion, NewRun, RunStatus, StoreError};
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::driver::{self, run_status_to_pb, timestamp, Context, Events};
+use crate::driver::{self, Context, Events};
 use crate::error::{Result, TrainerError};
 
 /// A run driven by this trainer.
@@ -42,88 +42,6 @@ fn parse_run_id(field: &str, s: &str) -> Result<Uuid> {
         .map_err(|e| TrainerError::invalid(field, format!("{s:?} is not a UUID: {e}")))
 }
 
-/// Applies the set knobs of `h` over the reference defaults.
-pub fn hyperparameters_to_config(
-    model: &str,
-    h: Option<&pb::Hyperparameters>,
-) -> Result<RunConfig> {
-    let preset = h.and_then(|h| h.preset.as_deref()).unwrap_or("paper");
-    let mut c = RunConfig {
-        model: model.to_string(),
-        ..RunConfig::preset(preset)
-            .map_err(|e| TrainerError::invalid("hyperparameters.preset", e.to_string()))?
-    };
-    let Some(h) = h else { return Ok(c) };
-    if let Some(style) = &h.prompt_style {
-        c.prompt_style = hir_core::run::PromptStyle::parse(style)
-            .map_err(|e| TrainerError::invalid("hyperparameters.prompt_style", e.to_string()))?;
-    }
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = h.$f { c.$f = v.into(); } )* };
-    }
-    set!(
-        learning_rate,
-        batch_size,
-        micro_batch_size,
-        epochs_per_iteration,
-        label_smoothing,
-        entropy_coef,
-        contrastive_coef,
-        samples_per_prompt,
-        iterations,
-        temperature,
-        top_k,
-        top_p,
-        max_new_tokens,
-        max_grad_norm,
-        weight_decay,
-        seed,
-        replay_buffer,
-        max_train_prompts,
-        max_test_prompts,
-        max_steps_per_iteration,
-        replay_holdout,
-        replay_cap_per_prompt,
-        dedup_outputs,
-        eos_after_cut,
-        train_dropout
-    );
-    Ok(c)
-}
-
-/// Every knob of `c`, as used.
-pub fn config_to_hyperparameters(c: &RunConfig) -> pb::Hyperparameters {
-    pb::Hyperparameters {
-        learning_rate: Some(c.learning_rate),
-        batch_size: Some(c.batch_size),
-        micro_batch_size: Some(c.micro_batch_size),
-        epochs_per_iteration: Some(c.epochs_per_iteration),
-        label_smoothing: Some(c.label_smoothing),
-        entropy_coef: Some(c.entropy_coef),
-        contrastive_coef: Some(c.contrastive_coef),
-        samples_per_prompt: Some(c.samples_per_prompt),
-        iterations: Some(c.iterations),
-        temperature: Some(c.temperature),
-        top_k: Some(c.top_k),
-        top_p: Some(c.top_p),
-        max_new_tokens: Some(c.max_new_tokens),
-        max_grad_norm: Some(c.max_grad_norm),
-        weight_decay: Some(c.weight_decay),
-        seed: Some(c.seed),
-        replay_buffer: Some(c.replay_buffer),
-        max_train_prompts: Some(c.max_train_prompts),
-        max_test_prompts: Some(c.max_test_prompts),
-        max_steps_per_iteration: Some(c.max_steps_per_iteration),
-        prompt_style: Some(c.prompt_style.as_str().to_string()),
-        preset: Some(c.preset.clone()),
-        replay_holdout: Some(c.replay_holdout),
-        replay_cap_per_prompt: Some(c.replay_cap_per_prompt),
-        dedup_outputs: Some(c.dedup_outputs),
-        eos_after_cut: Some(c.eos_after_cut),
-        train_dropout: Some(c.train_dropout),
-    }
-}
-
 /// A model version on the wire.
 pub fn version_to_pb(v: &ModelVersion, parent: Option<&str>) -> pb::ModelVersion {
     pb::ModelVersion {
@@ -133,7 +51,7 @@ pub fn version_to_pb(v: &ModelVersion, parent: Option<&str>) -> pb::ModelVersion
         parent_version: parent.unwrap_or_default().to_string(),
         checkpoint_uri: v.checkpoint_uri.clone(),
         sha256: v.sha256.clone(),
-        created_at: Some(timestamp(v.created_at)),
+        created_at: Some(convert::timestamp(v.created_at)),
         metrics: v
             .metrics
             .as_object()
@@ -273,13 +191,14 @@ impl Trainer {
         };
         hir_core::relabel::policy_by_name(policy)
             .map_err(|e| TrainerError::invalid("policy", e.to_string()))?;
-        let config = hyperparameters_to_config(&r.model, r.hyperparameters.as_ref())?;
-        config.validate().map_err(|e| match e {
-            hir_core::CoreError::InvalidArgument { field, reason } => {
-                TrainerError::invalid(format!("hyperparameters.{field}"), reason)
-            }
-            other => TrainerError::invalid("hyperparameters", other.to_string()),
-        })?;
+        let config = convert::run_config(&r.model, r.hyperparameters.as_ref())
+            .and_then(|c| c.validate().map(|()| c))
+            .map_err(|e| match e {
+                hir_core::CoreError::InvalidArgument { field, reason } => {
+                    TrainerError::invalid(format!("hyperparameters.{field}"), reason)
+                }
+                other => TrainerError::invalid("hyperparameters", other.to_string()),
+            })?;
         Ok((run_id, policy.to_string(), config, names))
     }
 
@@ -287,7 +206,7 @@ impl Trainer {
     pub async fn run_to_pb(&self, run_id: Uuid) -> Result<pb::Run> {
         let store = &self.ctx.store;
         let run = store.get_run(run_id).await?;
-        let config = driver::run_config(&run)?;
+        let config = run.config()?;
         let mut tasks = Vec::new();
         for id in store.run_task_ids(run_id).await? {
             tasks.push(store.get_task_by_id(id).await?.name);
@@ -311,7 +230,7 @@ impl Trainer {
                 .collect();
             iterations.push(pb::IterationSummary {
                 iteration: it.iteration as u32,
-                status: hir_relabeler::service::status_to_pb(it.status) as i32,
+                status: pb::IterationStatus::from(it.status) as i32,
                 model_version: eval.first().map(|e| e.version.clone()).unwrap_or_default(),
                 samples: totals.samples as u64,
                 sample_accuracy: if totals.samples > 0 {
@@ -340,15 +259,15 @@ impl Trainer {
         Ok(pb::Run {
             run_id: run.id.to_string(),
             name: run.name,
-            status: run_status_to_pb(run.status) as i32,
+            status: pb::RunStatus::from(run.status) as i32,
             tasks,
             model: config.model.clone(),
             policy: run.policy,
-            hyperparameters: Some(config_to_hyperparameters(&config)),
+            hyperparameters: Some(convert::hyperparameters(&config)),
             current_iteration: iterations.last().map_or(0, |i| i.iteration),
             error: run.error.unwrap_or_default(),
-            created_at: Some(timestamp(run.created_at)),
-            updated_at: Some(timestamp(run.updated_at)),
+            created_at: Some(convert::timestamp(run.created_at)),
+            updated_at: Some(convert::timestamp(run.updated_at)),
             iterations,
         })
     }
@@ -375,11 +294,11 @@ impl Trainer {
                 other => other.into(),
             })?;
         if run.status == RunStatus::Pending {
-            let seed = crate::eval::seed_of(&config);
+            let seed = config.split_seed();
             let mut ids = Vec::new();
             for t in &task_names {
                 let task = self.ctx.tasks.get(t)?;
-                ids.push(hir_relabeler::tasks::register(store, &task, seed).await?);
+                ids.push(hir_store::catalog::register(store, &task, seed).await?);
             }
             store.add_run_tasks(run_id, &ids).await?;
             store
@@ -453,9 +372,7 @@ impl Trainer {
                 } else {
                     hir_store::IterationStatus::Pending
                 };
-                store
-                    .advance_iteration(run_id, k, &[hir_store::IterationStatus::Failed], back)
-                    .await?;
+                store.resume_iteration(run_id, k, back).await?;
             }
         }
         store
@@ -513,7 +430,7 @@ impl TrainerService for Trainer {
             let done = terminal(snapshot.status);
             let _ = tx
                 .send(Ok(pb::RunEvent {
-                    at: Some(driver::now()),
+                    at: Some(convert::now()),
                     event: Some(pb::run_event::Event::Snapshot(snapshot)),
                 }))
                 .await;
@@ -535,7 +452,7 @@ impl TrainerService for Trainer {
                         };
                         let end = terminal(now.status);
                         let event = pb::RunEvent {
-                            at: Some(driver::now()),
+                            at: Some(convert::now()),
                             event: Some(pb::run_event::Event::Snapshot(now)),
                         };
                         if tx.send(Ok(event)).await.is_err() || end {

@@ -2,8 +2,8 @@
 //! base model version, plus builders for samples.
 
 use hir_store::{
-    ModelVersion, NewExample, NewModelVersion, NewRelabel, NewRun, NewScoredSample, NewTask, Split,
-    Store, Task, TaskKind,
+    ModelVersion, NewExample, NewModelVersion, NewRelabel, NewRun, NewScoredSample, NewTask,
+    SplitSide, Store, Task, TaskKind,
 };
 use serde_json::json;
 use sqlx::PgPool;
@@ -44,9 +44,9 @@ pub fn new_task(source: char) -> NewTask {
             .map(|idx| NewExample {
                 idx,
                 split: if idx < TRAIN {
-                    Split::Train
+                    SplitSide::Train
                 } else {
-                    Split::Test
+                    SplitSide::Test
                 },
                 prompt: format!("Solve the question with correct answer.\n\nQ: question {idx}\nA:"),
                 target: "(C)".into(),
@@ -138,7 +138,7 @@ impl Fixture {
             ),
             output: if correct { "(C)".into() } else { "(A)".into() },
             output_tokens: (0..n % 5).map(|t| 100 + t + n).collect(),
-            finish_reason: "stop".into(),
+            finish_reason: hir_store::FinishReason::Stop,
             score: if correct { 1.0 } else { 0.0 },
             correct,
             correct_extracted: correct,

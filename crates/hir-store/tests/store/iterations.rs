@@ -7,7 +7,7 @@ use crate::helpers::fixture;
 async fn ensuring_an_iteration_twice_keeps_one_row_and_its_status(pool: PgPool) {
     let f = fixture(pool).await;
     f.store
-        .advance_iteration(f.run_id, 0, &[S::Pending], S::Sampling)
+        .advance_iteration(f.run_id, 0, S::Sampling)
         .await
         .unwrap();
     let again = f.store.ensure_iteration(f.run_id, 0).await.unwrap();
@@ -30,17 +30,14 @@ async fn an_iteration_walks_its_statuses_and_finishes(pool: PgPool) {
         (S::Trained, S::Evaluating),
     ];
     for (from, to) in steps {
-        let it = f
-            .store
-            .advance_iteration(f.run_id, 0, &[from], to)
-            .await
-            .unwrap();
+        assert!(hir_store::iterations::TRANSITIONS.contains(&(from, to)));
+        let it = f.store.advance_iteration(f.run_id, 0, to).await.unwrap();
         assert_eq!(it.status, to);
         assert!(it.finished_at.is_none());
     }
     let done = f
         .store
-        .advance_iteration(f.run_id, 0, &[S::Evaluating], S::Done)
+        .advance_iteration(f.run_id, 0, S::Done)
         .await
         .unwrap();
     assert_eq!(done.status, S::Done);
@@ -52,7 +49,7 @@ async fn advancing_from_an_unexpected_status_is_refused_and_changes_nothing(pool
     let f = fixture(pool).await;
     let err = f
         .store
-        .advance_iteration(f.run_id, 0, &[S::Sampled, S::Training], S::Trained)
+        .advance_iteration(f.run_id, 0, S::Trained)
         .await
         .unwrap_err();
     match &err {
@@ -79,7 +76,7 @@ async fn advancing_a_missing_iteration_is_not_found(pool: PgPool) {
     let f = fixture(pool).await;
     let err = f
         .store
-        .advance_iteration(f.run_id, 7, &[S::Pending], S::Sampling)
+        .advance_iteration(f.run_id, 7, S::Sampling)
         .await
         .unwrap_err();
     assert!(
@@ -92,7 +89,7 @@ async fn advancing_a_missing_iteration_is_not_found(pool: PgPool) {
 async fn failing_an_iteration_records_the_error_but_a_done_one_cannot_fail(pool: PgPool) {
     let f = fixture(pool).await;
     f.store
-        .advance_iteration(f.run_id, 0, &[S::Pending], S::Sampling)
+        .advance_iteration(f.run_id, 0, S::Sampling)
         .await
         .unwrap();
     let failed = f
@@ -105,10 +102,9 @@ async fn failing_an_iteration_records_the_error_but_a_done_one_cannot_fail(pool:
     assert!(failed.finished_at.is_some());
 
     f.store.ensure_iteration(f.run_id, 1).await.unwrap();
-    f.store
-        .advance_iteration(f.run_id, 1, &[S::Pending], S::Done)
-        .await
-        .unwrap();
+    for to in [S::Evaluating, S::Done] {
+        f.store.advance_iteration(f.run_id, 1, to).await.unwrap();
+    }
     let err = f
         .store
         .fail_iteration(f.run_id, 1, "late failure")

@@ -1,4 +1,4 @@
-use hir_store::{RunStatus, Split, StoreError};
+use hir_store::{RunStatus, SplitSide, StoreError};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -81,12 +81,12 @@ async fn upserting_a_task_twice_stores_its_examples_once(pool: PgPool) {
 
     let train = f
         .store
-        .list_examples(f.task.id, Some(Split::Train))
+        .list_examples(f.task.id, Some(SplitSide::Train))
         .await
         .unwrap();
     let test = f
         .store
-        .list_examples(f.task.id, Some(Split::Test))
+        .list_examples(f.task.id, Some(SplitSide::Test))
         .await
         .unwrap();
     let all = f.store.list_examples(f.task.id, None).await.unwrap();
@@ -98,7 +98,7 @@ async fn upserting_a_task_twice_stores_its_examples_once(pool: PgPool) {
     );
     assert!(test
         .iter()
-        .all(|e| e.split == Split::Test && e.idx >= TRAIN));
+        .all(|e| e.split == SplitSide::Test && e.idx >= TRAIN));
     assert_eq!(
         all[3].prompt,
         "Solve the question with correct answer.\n\nQ: question 3\nA:"

@@ -9,67 +9,26 @@ use hir_proto::pb;
 use hir_proto::pb::relabeler_service_client::RelabelerServiceClient;
 use hir_relabeler::config::RelabelerConfig;
 use hir_store::{IterationStatus, NewRun, Store};
-use sqlx::{Connection, Executor, PgConnection};
+use hir_testkit::{generator_config, llama_fixture, Answers, KillOnDrop, Running, TestDb};
 use tonic::{Code, Request};
 use uuid::Uuid;
 
 const TOKEN: &str = "relabel-token";
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
 /// A fresh, migrated database; dropped by `drop_db`.
 async fn fresh_db(name: &str) -> (String, Store) {
-    let db = format!("hir_relabeler_{name}_{}", std::process::id());
-    let mut admin = PgConnection::connect(&admin_url())
-        .await
-        .expect("DATABASE_URL reaches Postgres");
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
-    admin
-        .execute(format!("CREATE DATABASE {db}").as_str())
-        .await
-        .unwrap();
-    let url = format!("{}/{db}", admin_url().rsplit_once('/').unwrap().0);
-    let store = Store::connect(&url).await.unwrap();
-    store.migrate().await.unwrap();
-    (url, store)
+    let db = TestDb::create(&format!("relabeler_{name}")).await;
+    (db.url, db.store)
 }
 
 async fn drop_db(url: &str) {
-    let db = url.rsplit_once('/').unwrap().1.to_string();
-    let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-    admin
-        .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
-        .await
-        .unwrap();
+    hir_testkit::drop_database(url).await;
 }
 
 /// A BIG-bench folder with one multiple-choice task in the fixture's vocabulary.
 fn tiny_bigbench(name: &str, examples: usize) -> PathBuf {
     let root = std::env::temp_dir().join(format!("hir-relabeler-bb-{name}-{}", std::process::id()));
-    let dir = root.join("tiny/mc");
-    std::fs::create_dir_all(&dir).unwrap();
-    let examples: Vec<serde_json::Value> = (0..examples)
-        .map(|i| {
-            let (a, b) = (2 + i % 30, 33 + i % 30);
-            let correct_first = i % 2 == 0;
-            serde_json::json!({
-                "input": format!("w{a} w{b} w{}", 10 + i % 7),
-                "target_scores": { format!("w{a}"): if correct_first { 1 } else { 0 }, format!("w{b}"): if correct_first { 0 } else { 1 } }
-            })
-        })
-        .collect();
-    std::fs::write(
-        dir.join("task.json"),
-        serde_json::json!({ "examples": examples }).to_string(),
-    )
-    .unwrap();
-    root
+    hir_testkit::tiny_task(&root, examples, Answers::Alternating)
 }
 
 /// Small knobs; no holdout or de-duplication, so every sample is batched.
@@ -99,25 +58,13 @@ async fn create_run(store: &Store, bigbench: &std::path::Path, policy: &str) -> 
         .unwrap();
     let catalog = hir_core::task::Catalog::discover(bigbench).unwrap();
     let task = catalog.load("tiny_mc").unwrap();
-    let task_id = hir_relabeler::tasks::register(store, &task, 1)
-        .await
-        .unwrap();
+    let task_id = hir_store::catalog::register(store, &task, 1).await.unwrap();
     store.add_run_tasks(id, &[task_id]).await.unwrap();
     id
 }
 
-async fn start_generator() -> (String, tokio::sync::oneshot::Sender<()>) {
-    let config = hir_generator::config::GeneratorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        model: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hir-model/tests/fixtures/llama"),
-        ..Default::default()
-    };
-    let app = hir_generator::Application::build(config).await.unwrap();
-    let addr = format!("http://{}", app.local_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until(async { drop(stopped.await) }));
-    (addr, stop)
+async fn start_generator() -> (String, Running) {
+    hir_testkit::spawn_generator(generator_config(llama_fixture())).await
 }
 
 fn relabeler_config(db: &str, generator: &str, bigbench: &std::path::Path) -> RelabelerConfig {
@@ -136,19 +83,11 @@ fn relabeler_config(db: &str, generator: &str, bigbench: &std::path::Path) -> Re
 
 async fn start_relabeler(
     config: RelabelerConfig,
-) -> (
-    RelabelerServiceClient<tonic::transport::Channel>,
-    tokio::sync::oneshot::Sender<()>,
-) {
-    let app = hir_relabeler::Application::build(config).await.unwrap();
-    let addr = app.local_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until(async { drop(stopped.await) }));
+) -> (RelabelerServiceClient<tonic::transport::Channel>, Running) {
+    let (addr, running) = hir_testkit::spawn_relabeler(config).await;
     (
-        RelabelerServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap(),
-        stop,
+        RelabelerServiceClient::connect(addr).await.unwrap(),
+        running,
     )
 }
 
@@ -185,16 +124,6 @@ async fn sample_to_end(
         last = Some(status);
     }
     last.expect("at least one status")
-}
-
-/// A child process that is killed when the test ends, passing or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Every stored sample of a run as comparable rows.
@@ -307,16 +236,12 @@ async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
     let run = create_run(&store, &bigbench, "hir").await;
     store.ensure_iteration(run, 1).await.unwrap();
     store
-        .advance_iteration(
-            run,
-            1,
-            &[IterationStatus::Pending],
-            IterationStatus::Sampling,
-        )
+        .advance_iteration(run, 1, IterationStatus::Sampling)
         .await
         .unwrap();
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_hir-relabeler"))
+        std::process::Command::new(env!("CARGO_BIN_EXE_hir"))
+            .args(["serve", "relabeler"])
             // DATABASE_URL (the test server) would override the configured store.
             .env("DATABASE_URL", &db)
             .env("HIR_RELABELER__DATABASE_URL", &db)
@@ -329,7 +254,7 @@ async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
             .env("RUST_LOG", "warn")
             .spawn()
             .map(KillOnDrop)
-            .expect("hir-relabeler starts")
+            .expect("hir serve relabeler starts")
     };
     let count = |store: Store| async move {
         let n: i64 = sqlx::query_scalar("SELECT count(*) FROM samples WHERE run_id = $1")
@@ -554,11 +479,8 @@ async fn an_unreachable_generator_is_retried_reported_and_finally_fails_the_iter
     let mut config = relabeler_config(&db, "http://127.0.0.1:1", &bigbench);
     config.retry_initial_ms = 20;
     config.retry_give_up_secs = 2;
-    let app = hir_relabeler::Application::build(config).await.unwrap();
-    let addr = app.local_addr();
-    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(app.run_until(async { drop(stopped.await) }));
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+    let (addr, _stop) = hir_testkit::spawn_relabeler(config).await;
+    let channel = tonic::transport::Channel::from_shared(addr)
         .unwrap()
         .connect()
         .await

@@ -10,8 +10,8 @@ use hir_proto::pb;
 use hir_proto::pb::generator_service_client::GeneratorServiceClient;
 use hir_proto::pb::trainer_service_client::TrainerServiceClient;
 use hir_store::{IterationStatus, NewRun, RunStatus, Store};
+use hir_testkit::{Answers, KillOnDrop, Running, TestDb};
 use hir_trainer::config::TrainerConfig;
-use sqlx::{Connection, Executor, PgConnection};
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 use uuid::Uuid;
@@ -19,53 +19,33 @@ use uuid::Uuid;
 const TOKEN: &str = "trainer-token";
 const TEST_EXAMPLES: usize = 5;
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
 fn fixture_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hir-model/tests/fixtures/llama")
+    hir_testkit::llama_fixture()
 }
 
 fn t5_fixture_model() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../hir-model/tests/fixtures/t5")
+    hir_testkit::t5_fixture()
 }
 
 /// A fresh, migrated database, dropped when the test passes.
 struct Db {
     url: String,
     store: Store,
+    db: TestDb,
 }
 
 impl Db {
     async fn fresh(name: &str) -> Self {
-        let db = format!("hir_trainer_{name}_{}", std::process::id());
-        let mut admin = PgConnection::connect(&admin_url())
-            .await
-            .expect("DATABASE_URL reaches Postgres");
-        admin
-            .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
-            .await
-            .unwrap();
-        admin
-            .execute(format!("CREATE DATABASE {db}").as_str())
-            .await
-            .unwrap();
-        let url = format!("{}/{db}", admin_url().rsplit_once('/').unwrap().0);
-        let store = Store::connect(&url).await.unwrap();
-        store.migrate().await.unwrap();
-        Self { url, store }
+        let db = TestDb::create(&format!("trainer_{name}")).await;
+        Self {
+            url: db.url.clone(),
+            store: db.store.clone(),
+            db,
+        }
     }
 
     async fn drop_db(self) {
-        self.store.pool().close().await;
-        let db = self.url.rsplit_once('/').unwrap().1.to_string();
-        let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
-        admin
-            .execute(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)").as_str())
-            .await
-            .unwrap();
+        self.db.drop_db().await;
     }
 }
 
@@ -77,22 +57,11 @@ impl Scratch {
     fn new(name: &str) -> Self {
         let root = std::env::temp_dir().join(format!("hir-trainer-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let dir = root.join("bigbench/tiny/mc");
-        std::fs::create_dir_all(&dir).unwrap();
-        let examples: Vec<serde_json::Value> = (0..20 + TEST_EXAMPLES)
-            .map(|i| {
-                let (a, b) = (2 + i % 30, 33 + i % 30);
-                serde_json::json!({
-                    "input": format!("w{a} w{b} w{}", 10 + i % 7),
-                    "target_scores": { format!("w{a}"): i32::from(i % 2 == 0), format!("w{b}"): i32::from(i % 2 == 1) }
-                })
-            })
-            .collect();
-        std::fs::write(
-            dir.join("task.json"),
-            serde_json::json!({ "examples": examples }).to_string(),
-        )
-        .unwrap();
+        hir_testkit::tiny_task(
+            &root.join("bigbench"),
+            20 + TEST_EXAMPLES,
+            Answers::Alternating,
+        );
         Self(root)
     }
     fn bigbench(&self) -> PathBuf {
@@ -112,17 +81,6 @@ impl Drop for Scratch {
     }
 }
 
-/// Stops a service when dropped.
-struct Running(#[allow(dead_code)] tokio::sync::oneshot::Sender<()>);
-
-fn stopper() -> (
-    Running,
-    impl std::future::Future<Output = ()> + Send + 'static,
-) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    (Running(tx), async move { drop(rx.await) })
-}
-
 /// A generator of the tiny Llama on port 0; `checkpoint_root` enables swaps by reference.
 async fn start_generator(checkpoint_root: Option<&Path>) -> (String, Running) {
     start_generator_of(fixture_model(), checkpoint_root).await
@@ -130,22 +88,13 @@ async fn start_generator(checkpoint_root: Option<&Path>) -> (String, Running) {
 
 /// A generator of `model` on port 0.
 async fn start_generator_of(model: PathBuf, checkpoint_root: Option<&Path>) -> (String, Running) {
-    let mut config = hir_generator::config::GeneratorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        model,
-        ..Default::default()
-    };
+    let mut config = hir_testkit::generator_config(model);
     config.auth.token = Some(TOKEN.into());
     config.swap.checkpoint_root = checkpoint_root.map(Path::to_path_buf);
     if let Some(root) = checkpoint_root {
         std::fs::create_dir_all(root).unwrap();
     }
-    let app = hir_generator::Application::build(config).await.unwrap();
-    let addr = format!("http://{}", app.local_addr());
-    let (running, stop) = stopper();
-    tokio::spawn(app.run_until(stop));
-    (addr, running)
+    hir_testkit::spawn_generator(config).await
 }
 
 async fn start_relabeler(db: &str, generator: &str, bigbench: &Path) -> (String, Running) {
@@ -161,11 +110,7 @@ async fn start_relabeler(db: &str, generator: &str, bigbench: &Path) -> (String,
         write_batch: 8,
         ..Default::default()
     };
-    let app = hir_relabeler::Application::build(config).await.unwrap();
-    let addr = format!("http://{}", app.local_addr());
-    let (running, stop) = stopper();
-    tokio::spawn(app.run_until(stop));
-    (addr, running)
+    hir_testkit::spawn_relabeler(config).await
 }
 
 fn trainer_config(db: &str, relabeler: &str, generator: &str, scratch: &Scratch) -> TrainerConfig {
@@ -188,10 +133,7 @@ fn trainer_config(db: &str, relabeler: &str, generator: &str, scratch: &Scratch)
 }
 
 async fn start_trainer(config: TrainerConfig) -> (TrainerServiceClient<Channel>, Running) {
-    let app = hir_trainer::Application::build(config).await.unwrap();
-    let addr = format!("http://{}", app.local_addr());
-    let (running, stop) = stopper();
-    tokio::spawn(app.run_until(stop));
+    let (addr, running) = hir_testkit::spawn_trainer(config).await;
     (TrainerServiceClient::connect(addr).await.unwrap(), running)
 }
 
@@ -589,20 +531,10 @@ async fn bad_requests_are_refused_and_a_run_without_training_data_fails_with_the
     db.drop_db().await;
 }
 
-/// A child process that is killed when the test ends, passing or not.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A run created in the store as running, which a trainer starting up drives.
 async fn create_running_run(store: &Store, bigbench: &Path) -> Uuid {
     let id = Uuid::new_v4();
-    let config = hir_trainer::service::hyperparameters_to_config(
+    let config = hir_proto::convert::run_config(
         &fixture_model().to_string_lossy(),
         Some(&hyperparameters()),
     )
@@ -620,9 +552,7 @@ async fn create_running_run(store: &Store, bigbench: &Path) -> Uuid {
         .unwrap()
         .load("tiny_mc")
         .unwrap();
-    let task_id = hir_relabeler::tasks::register(store, &task, 1)
-        .await
-        .unwrap();
+    let task_id = hir_store::catalog::register(store, &task, 1).await.unwrap();
     store.add_run_tasks(id, &[task_id]).await.unwrap();
     store
         .set_run_status(id, RunStatus::Running, None)
@@ -679,7 +609,8 @@ async fn a_killed_trainer_resumes_with_no_step_lost_or_repeated() {
     let (relabeler, _r) = start_relabeler(&db.url, &generator, &scratch.bigbench()).await;
     let run = create_running_run(&db.store, &scratch.bigbench()).await;
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_hir-trainer"))
+        std::process::Command::new(env!("CARGO_BIN_EXE_hir"))
+            .args(["serve", "trainer"])
             .env("DATABASE_URL", &db.url)
             .env("HIR_TRAINER__LISTEN", "127.0.0.1:0")
             .env("HIR_TRAINER__METRICS_LISTEN", "127.0.0.1:0")
@@ -696,7 +627,7 @@ async fn a_killed_trainer_resumes_with_no_step_lost_or_repeated() {
             .env("RUST_LOG", "warn")
             .spawn()
             .map(KillOnDrop)
-            .expect("hir-trainer starts")
+            .expect("hir serve trainer starts")
     };
     let mut child = spawn();
     let store = db.store.clone();
@@ -744,7 +675,7 @@ async fn a_killed_trainer_resumes_with_no_step_lost_or_repeated() {
 
 #[test]
 fn unset_hyperparameters_take_the_reference_values() {
-    let c = hir_trainer::service::hyperparameters_to_config("m", None).unwrap();
+    let c = hir_proto::convert::run_config("m", None).unwrap();
     assert_eq!(
         c,
         RunConfig {
@@ -752,11 +683,8 @@ fn unset_hyperparameters_take_the_reference_values() {
             ..RunConfig::default()
         }
     );
-    let h = hir_trainer::service::config_to_hyperparameters(&c);
-    assert_eq!(
-        hir_trainer::service::hyperparameters_to_config("m", Some(&h)).unwrap(),
-        c
-    );
+    let h = hir_proto::convert::hyperparameters(&c);
+    assert_eq!(hir_proto::convert::run_config("m", Some(&h)).unwrap(), c);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -812,10 +740,7 @@ async fn a_relabeler_that_comes_up_late_is_waited_for() {
                     ..Default::default()
                 };
                 config.concurrency = 1;
-                let app = hir_relabeler::Application::build(config).await.unwrap();
-                let (running, stop) = stopper();
-                tokio::spawn(app.run_until(stop));
-                relabeler_running = Some(running);
+                relabeler_running = Some(hir_testkit::spawn_relabeler(config).await.1);
             }
         }
     }
