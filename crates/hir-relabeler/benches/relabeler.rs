@@ -12,7 +12,8 @@ use hir_core::run::RunConfig;
 use hir_proto::pb;
 use hir_proto::pb::generator_service_server::{GeneratorService, GeneratorServiceServer};
 use hir_relabeler::metrics::Metrics;
-use hir_relabeler::sampler::{Generators, Progress, Sampler, SamplerSettings};
+use hir_relabeler::sampler::{Progress, Sampler, SamplerSettings};
+use hir_runtime::generators::{Backoff, GeneratorPool};
 use hir_store::{NewRun, Store};
 use sqlx::{Connection, Executor, PgConnection};
 use tokio_stream::Stream;
@@ -116,13 +117,15 @@ async fn run_once(
             )
             .unwrap(),
         ),
-        generators: Generators::new(&[generator.to_string()]).unwrap(),
+        generators: GeneratorPool::new(&[generator.to_string()], None).unwrap(),
         settings: SamplerSettings {
             concurrency: 32,
             write_batch,
-            retry_initial: Duration::from_millis(100),
-            retry_give_up: Duration::from_secs(10),
-            generator_token: None,
+            backoff: Backoff {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(10),
+                give_up: Duration::from_secs(10),
+            },
             generator_up: Arc::new(tokio::sync::watch::channel(true).0),
         },
         metrics: Metrics::new(),

@@ -26,7 +26,7 @@ use hir_store::{IterationStatus, Store};
 
 use crate::config::RelabelerConfig;
 use crate::metrics::Metrics;
-use crate::sampler::{Generators, SamplerSettings};
+use crate::sampler::SamplerSettings;
 use crate::service::{ApiLimits, Relabeler};
 
 pub use error::{RelabelerError, Result};
@@ -67,14 +67,20 @@ impl Application {
             .await
             .context("migrating the relabel store")?;
         let catalog = hir_core::task::Catalog::discover(&config.bigbench)?;
-        let generators = Generators::new(&config.generators)?;
+        let generators = hir_runtime::generators::GeneratorPool::new(
+            &config.generators,
+            config.generator_token.clone(),
+        )
+        .map_err(|e| RelabelerError::invalid("generators", e.to_string()))?;
         let (generator_up, generator_health) = tokio::sync::watch::channel(true);
         let settings = SamplerSettings {
             concurrency: config.concurrency.max(1),
             write_batch: config.write_batch.max(1),
-            retry_initial: Duration::from_millis(config.retry_initial_ms.max(1)),
-            retry_give_up: Duration::from_secs(config.retry_give_up_secs),
-            generator_token: config.generator_token.clone(),
+            backoff: hir_runtime::generators::Backoff {
+                initial: Duration::from_millis(config.retry_initial_ms.max(1)),
+                max: Duration::from_secs(10),
+                give_up: Duration::from_secs(config.retry_give_up_secs),
+            },
             generator_up: Arc::new(generator_up),
         };
         let limits = ApiLimits {

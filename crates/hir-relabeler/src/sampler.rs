@@ -8,18 +8,15 @@
 //! restarted sampler skips prompts that have all their samples and re-sends the others.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hir_core::relabel::{Outcome, RelabelPolicy};
 use hir_core::score::{relabel_match, score};
-use hir_proto::pb::generator_service_client::GeneratorServiceClient;
 use hir_proto::{convert, pb};
-use hir_runtime::auth::with_bearer;
+use hir_runtime::generators::{retryable, Backoff, GeneratorPool};
 use hir_store::{IterationStatus, NewRelabel, NewScoredSample, Store};
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::error::{RelabelerError, Result};
@@ -57,50 +54,10 @@ pub struct SamplerSettings {
     pub concurrency: usize,
     /// Samples per store transaction.
     pub write_batch: usize,
-    /// First retry delay for an unavailable generator.
-    pub retry_initial: Duration,
-    /// Give up after this long.
-    pub retry_give_up: Duration,
-    /// Bearer token for the generators.
-    pub generator_token: Option<String>,
+    /// Retries of an unavailable generator.
+    pub backoff: Backoff,
     /// False while the generators cannot be reached (reported by the health service).
     pub generator_up: Arc<watch::Sender<bool>>,
-}
-
-/// Generator clients, used round-robin.
-#[derive(Debug, Clone)]
-pub struct Generators {
-    clients: Arc<Vec<GeneratorServiceClient<Channel>>>,
-    next: Arc<AtomicUsize>,
-}
-
-impl Generators {
-    /// Lazy channels to `addresses` (connected on first use, reconnected after failures).
-    pub fn new(addresses: &[String]) -> Result<Self> {
-        if addresses.is_empty() {
-            return Err(RelabelerError::invalid(
-                "generators",
-                "at least one generator address is required",
-            ));
-        }
-        let clients = addresses
-            .iter()
-            .map(|a| {
-                Channel::from_shared(a.clone())
-                    .map(|e| GeneratorServiceClient::new(e.connect_lazy()))
-                    .map_err(|e| RelabelerError::invalid("generators", format!("`{a}`: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            clients: Arc::new(clients),
-            next: Arc::new(AtomicUsize::new(0)),
-        })
-    }
-
-    fn pick(&self) -> GeneratorServiceClient<Channel> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
-        self.clients[i].clone()
-    }
 }
 
 /// One prompt to sample.
@@ -108,16 +65,6 @@ struct Item {
     task: usize,
     example: usize,
     prompt: String,
-}
-
-fn retryable(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable
-            | tonic::Code::ResourceExhausted
-            | tonic::Code::Unknown
-            | tonic::Code::Cancelled
-    )
 }
 
 /// What sampling needs: the store, the tasks, the generators and the settings.
@@ -128,7 +75,7 @@ pub struct Sampler {
     /// BIG-bench tasks, each parsed once.
     pub tasks: hir_store::TaskCache,
     /// The generators.
-    pub generators: Generators,
+    pub generators: GeneratorPool,
     /// Pipeline settings.
     pub settings: SamplerSettings,
     /// Metrics to update.
@@ -459,68 +406,57 @@ async fn sample_iteration(
 /// The version the generators serve, registered in the store if new: `(id, name)`.
 async fn serving_version(
     store: &Store,
-    generators: &Generators,
+    generators: &GeneratorPool,
     settings: &SamplerSettings,
 ) -> Result<(i64, String)> {
     let info = with_retry(settings, "GetModelInfo", || {
-        let mut client = generators.pick();
-        let token = settings.generator_token.clone();
-        async move {
-            client
-                .get_model_info(with_bearer(pb::GetModelInfoRequest {}, token.as_deref()))
-                .await
-                .map(|r| r.into_inner())
-        }
+        let mut client = generators.pick().client();
+        let request = generators.request(pb::GetModelInfoRequest {});
+        async move { client.get_model_info(request).await.map(|r| r.into_inner()) }
     })
     .await?;
     let v = hir_store::catalog::register_served_version(store, &info.version, &info.sha256).await?;
     Ok((v.id, v.name))
 }
 
-async fn with_retry<T, F, Fut>(settings: &SamplerSettings, what: &str, mut call: F) -> Result<T>
+/// Calls a generator with the sampler's backoff; the health service's `generator` status
+/// follows whether the generators answer.
+async fn with_retry<T, F, Fut>(settings: &SamplerSettings, what: &str, call: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, tonic::Status>>,
 {
-    let started = Instant::now();
-    let mut delay = settings.retry_initial;
-    loop {
-        match call().await {
-            Ok(v) => {
-                settings
-                    .generator_up
-                    .send_if_modified(|up| !std::mem::replace(up, true));
-                return Ok(v);
-            }
-            Err(status) if retryable(&status) && started.elapsed() < settings.retry_give_up => {
-                settings
-                    .generator_up
-                    .send_if_modified(|up| std::mem::replace(up, false));
-                tracing::warn!(what, code = ?status.code(), message = status.message(), retry_in_ms = delay.as_millis() as u64, "generator unavailable; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            Err(status) => {
-                return Err(RelabelerError::Generator(format!(
-                    "{what}: {:?}: {}",
-                    status.code(),
-                    status.message()
-                )))
-            }
+    let up = &settings.generator_up;
+    let outcome = settings
+        .backoff
+        .retry(call, retryable, |status, _, delay| {
+            up.send_if_modified(|up| std::mem::replace(up, false));
+            tracing::warn!(what, code = ?status.code(), message = status.message(), retry_in_ms = delay.as_millis() as u64, "generator unavailable; retrying");
+        })
+        .await;
+    match outcome {
+        Ok(v) => {
+            up.send_if_modified(|up| !std::mem::replace(up, true));
+            Ok(v)
         }
+        Err(status) => Err(RelabelerError::Generator(format!(
+            "{what}: {:?}: {}",
+            status.code(),
+            status.message()
+        ))),
     }
 }
 
 async fn generate_with_retry(
-    generators: &Generators,
+    generators: &GeneratorPool,
     settings: &SamplerSettings,
     request: pb::GenerateRequest,
     progress: &watch::Sender<Progress>,
     errors: &prometheus_client::metrics::counter::Counter,
 ) -> Result<Vec<pb::Completion>> {
     let result = with_retry(settings, "Generate", || {
-        let mut client = generators.pick();
-        let request = with_bearer(request.clone(), settings.generator_token.as_deref());
+        let mut client = generators.pick().client();
+        let request = generators.request(request.clone());
         let progress = progress.clone();
         let errors = errors.clone();
         async move {

@@ -16,7 +16,8 @@ use uuid::Uuid;
 
 use crate::error::{RelabelerError, Result};
 use crate::metrics::Metrics;
-use crate::sampler::{Generators, Progress, Sampler, SamplerSettings};
+use crate::sampler::{Progress, Sampler, SamplerSettings};
+use hir_runtime::generators::GeneratorPool;
 
 /// Limits on API input.
 #[derive(Debug, Clone, Copy)]
@@ -50,7 +51,7 @@ impl Relabeler {
     pub fn new(
         store: Store,
         catalog: Catalog,
-        generators: Generators,
+        generators: GeneratorPool,
         settings: SamplerSettings,
         limits: ApiLimits,
         metrics: Arc<Metrics>,

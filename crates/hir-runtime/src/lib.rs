@@ -5,6 +5,7 @@
 //! * [`telemetry`]: structured `tracing` logs (text or JSON).
 //! * [`auth`]: a tower layer that demands a bearer token on guarded gRPC methods.
 //! * [`metrics`]: a Prometheus `/metrics` endpoint over a `prometheus-client` registry.
+//! * [`generators`]: a pool of generator clients, round-robin, with backoff.
 //! * [`listeners`]: the gRPC and metrics sockets of a server.
 //! * [`shutdown`]: a future that resolves on Ctrl-C or SIGTERM.
 //! * [`status`]: errors to gRPC statuses, the same way in every service.
@@ -13,6 +14,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod generators;
 pub mod listeners;
 pub mod metrics;
 pub mod shutdown;

@@ -2,13 +2,11 @@
 //! verification, evaluation).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 
 use hir_proto::pb;
-use hir_proto::pb::generator_service_client::GeneratorServiceClient;
 use hir_proto::pb::relabeler_service_client::RelabelerServiceClient;
 use hir_runtime::auth::with_bearer;
+use hir_runtime::generators::GeneratorPool;
 use tonic::transport::Channel;
 
 use crate::error::{Result, TrainerError};
@@ -24,13 +22,7 @@ enum SampleError {
 /// Bytes per upload chunk.
 const CHUNK: usize = 1 << 20;
 
-/// One generator.
-#[derive(Debug, Clone)]
-pub struct Generator {
-    /// Its address, as configured.
-    pub address: String,
-    client: GeneratorServiceClient<Channel>,
-}
+pub use hir_runtime::generators::GeneratorEndpoint as Generator;
 
 /// A checkpoint to swap in.
 #[derive(Debug, Clone, Copy)]
@@ -53,9 +45,7 @@ pub struct Remotes {
     relabeler: RelabelerServiceClient<Channel>,
     relabeler_address: String,
     relabeler_token: Option<String>,
-    generators: Arc<Vec<Generator>>,
-    generator_token: Option<String>,
-    next: Arc<AtomicUsize>,
+    generators: GeneratorPool,
 }
 
 fn channel(field: &str, address: &str) -> Result<Channel> {
@@ -72,35 +62,19 @@ impl Remotes {
         generators: &[String],
         generator_token: Option<String>,
     ) -> Result<Self> {
-        if generators.is_empty() {
-            return Err(TrainerError::invalid(
-                "generators",
-                "at least one generator address is required",
-            ));
-        }
-        let generators = generators
-            .iter()
-            .map(|a| {
-                Ok(Generator {
-                    address: a.clone(),
-                    client: GeneratorServiceClient::new(channel("generators", a)?)
-                        .max_decoding_message_size(64 << 20),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let generators = GeneratorPool::new(generators, generator_token)
+            .map_err(|e| TrainerError::invalid("generators", e.to_string()))?;
         Ok(Self {
             relabeler: RelabelerServiceClient::new(channel("relabeler", relabeler)?),
             relabeler_address: relabeler.to_string(),
             relabeler_token,
-            generators: Arc::new(generators),
-            generator_token,
-            next: Arc::new(AtomicUsize::new(0)),
+            generators,
         })
     }
 
     /// Every generator.
     pub fn generators(&self) -> &[Generator] {
-        &self.generators
+        self.generators.endpoints()
     }
 
     fn relabeler_error(&self, status: &tonic::Status) -> TrainerError {
@@ -211,12 +185,8 @@ impl Remotes {
 
     /// What a generator serves.
     pub async fn model_info(&self, g: &Generator) -> Result<pb::ModelInfo> {
-        g.client
-            .clone()
-            .get_model_info(with_bearer(
-                pb::GetModelInfoRequest {},
-                self.generator_token.as_deref(),
-            ))
+        g.client()
+            .get_model_info(self.generators.request(pb::GetModelInfoRequest {}))
             .await
             .map(|r| r.into_inner())
             .map_err(|s| Self::generator_error(g, &s))
@@ -238,24 +208,20 @@ impl Remotes {
             sha256,
             expected,
         } = *t;
-        let mut client = g.client.clone();
-        let token = self.generator_token.as_deref();
+        let mut client = g.client();
         let response = if upload {
             let messages = upload_messages(folder, version, sha256, expected)?;
             client
-                .upload_weights(with_bearer(tokio_stream::iter(messages), token))
+                .upload_weights(self.generators.request(tokio_stream::iter(messages)))
                 .await
         } else {
             client
-                .swap_weights(with_bearer(
-                    pb::SwapWeightsRequest {
-                        checkpoint: relative.to_string(),
-                        sha256: sha256.to_string(),
-                        version: version.to_string(),
-                        expected_version: expected.to_string(),
-                    },
-                    token,
-                ))
+                .swap_weights(self.generators.request(pb::SwapWeightsRequest {
+                    checkpoint: relative.to_string(),
+                    sha256: sha256.to_string(),
+                    version: version.to_string(),
+                    expected_version: expected.to_string(),
+                }))
                 .await
         };
         response
@@ -280,9 +246,8 @@ impl Remotes {
             expected_version: version.to_string(),
         };
         let response = g
-            .client
-            .clone()
-            .log_probs(with_bearer(request, self.generator_token.as_deref()))
+            .client()
+            .log_probs(self.generators.request(request))
             .await
             .map_err(|s| Self::generator_error(g, &s))?
             .into_inner();
@@ -303,8 +268,7 @@ impl Remotes {
         version: &str,
         chat: bool,
     ) -> Result<Vec<String>> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.generators.len();
-        let g = &self.generators[i];
+        let g = self.generators.pick();
         let n = prompts.len();
         let request = pb::GenerateRequest {
             prompts,
@@ -323,9 +287,8 @@ impl Remotes {
             chat,
         };
         let mut stream = g
-            .client
-            .clone()
-            .generate(with_bearer(request, self.generator_token.as_deref()))
+            .client()
+            .generate(self.generators.request(request))
             .await
             .map_err(|s| Self::generator_error(g, &s))?
             .into_inner();
