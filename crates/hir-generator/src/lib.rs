@@ -54,7 +54,7 @@ pub struct Application {
     config: GeneratorConfig,
     listeners: Listeners,
     metrics: Arc<Metrics>,
-    service: service::Lazy,
+    service: service::GeneratorSlot,
 }
 
 impl std::fmt::Debug for Application {
@@ -140,7 +140,7 @@ impl Application {
             config,
             listeners,
             metrics: Metrics::new(),
-            service: service::Lazy::default(),
+            service: service::GeneratorSlot::default(),
         })
     }
 
@@ -187,7 +187,10 @@ impl Application {
             let reporter = reporter.clone();
             async move {
                 reporter
-                    .set_service_status(GeneratorServiceServer::<service::Lazy>::NAME, status)
+                    .set_service_status(
+                        GeneratorServiceServer::<service::GeneratorSlot>::NAME,
+                        status,
+                    )
                     .await;
                 reporter.set_service_status("", status).await;
             }

@@ -581,11 +581,11 @@ pub fn device_name(device: &Device) -> String {
 }
 
 /// The service before and after the model is loaded: every RPC answers UNAVAILABLE until
-/// [`Lazy::set`] installs the loaded generator. Cheap to clone.
+/// [`GeneratorSlot::set`] installs the loaded generator. Cheap to clone.
 #[derive(Debug, Clone, Default)]
-pub struct Lazy(Arc<std::sync::OnceLock<Generator>>);
+pub struct GeneratorSlot(Arc<std::sync::OnceLock<Generator>>);
 
-impl Lazy {
+impl GeneratorSlot {
     /// Installs the loaded generator (once; later calls are ignored).
     pub fn set(&self, generator: Generator) {
         let _ = self.0.set(generator);
@@ -609,7 +609,7 @@ impl Lazy {
 }
 
 #[tonic::async_trait]
-impl GeneratorService for Lazy {
+impl GeneratorService for GeneratorSlot {
     type GenerateStream = CompletionStream;
 
     async fn generate(

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use hir_model::generate::{prefill, DecodeBatch, GenerationRequest, SamplingParams};
-use hir_model::train::{Example, TrainBatch, Trainer};
+use hir_model::train::{Example, Optimizer, TrainBatch};
 use hir_model::{LoadedModel, WeightMode};
 
 const TEXT: &str = "Alice, Bob, Claire, Dave, and Eve are playing a game. At the start of the game, they are each holding a ball: Alice has a pink ball, Bob has a white ball, Claire has a red ball, Dave has a purple ball, and Eve has a yellow ball. As the game progresses, pairs of players trade balls. First, Alice and Dave swap balls. Then, Claire and Eve swap balls. Then, Alice and Bob swap balls. Then, Dave and Claire swap balls. Finally, Alice and Claire swap balls. At the end of the game, Alice has the";
@@ -91,7 +91,7 @@ fn train_tps(m: &LoadedModel, b: usize, t: usize, steps: usize) -> (f64, f32, f3
         })
         .collect();
     let batch = TrainBatch::new(&ex, m.pad_token_id(), &Device::Cpu).expect("batch");
-    let mut tr = Trainer::new(
+    let mut tr = Optimizer::new(
         m.vars(),
         hir_model::train::AdamWConfig {
             lr: 1e-4,

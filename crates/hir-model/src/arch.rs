@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
+use crate::ops::log_softmax_at;
 use crate::{llama, t5};
 
 /// A decoder-only Llama-family model or a T5 encoder-decoder.
@@ -198,7 +199,7 @@ impl AnyModel {
         Ok(continuation
             .iter()
             .zip(&logits)
-            .map(|(&t, row)| crate::generate::log_softmax_at(row, t))
+            .map(|(&t, row)| log_softmax_at(row, t))
             .collect())
     }
 }

@@ -1,7 +1,7 @@
-//! Checkpoints in Hugging Face layout (`config.json`, `model.safetensors`,
-//! `tokenizer.json`) plus a `manifest.json` with the sha256 of every file.
-//!
-//! [`LoadedModel::load`] verifies the manifest of a folder that has one and
+//! The checkpoint format: Hugging Face layout (`config.json`, `model.safetensors`,
+//! `tokenizer.json`) plus a `manifest.json` with the sha256 of every file. Writing a
+//! folder ([`write_folder`]) and checking one ([`verify`]): each architecture's `save`
+//! writes through the former; loading a folder that has a manifest runs the latter and
 //! refuses a file whose checksum differs.
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
-use crate::loaded::LoadedModel;
 
 /// Name of the manifest file.
 pub const MANIFEST: &str = "manifest.json";
@@ -67,7 +66,8 @@ fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::write(path, bytes).map_err(|e| ModelError::io(path, e))
 }
 
-fn dtype_name(dtype: candle_core::DType) -> &'static str {
+/// The `torch_dtype` of `config.json` for weights of this dtype.
+pub(crate) fn torch_dtype(dtype: candle_core::DType) -> &'static str {
     match dtype {
         candle_core::DType::BF16 => "bfloat16",
         candle_core::DType::F16 => "float16",
@@ -122,64 +122,4 @@ pub fn write_folder(
         &serde_json::to_vec_pretty(&m).map_err(|e| ModelError::json(&mp, e))?,
     )?;
     Ok(m)
-}
-
-impl LoadedModel {
-    /// Saves the model in Hugging Face layout with a manifest. Weights are
-    /// written in their current dtype; quantized models cannot be saved.
-    pub fn save(&self, dir: &Path) -> Result<Manifest> {
-        let model = match self.model() {
-            crate::AnyModel::T5(m) => return m.save(dir, Some(self.tokenizer())),
-            crate::AnyModel::Llama(m) => m,
-        };
-        let tensors: HashMap<String, candle_core::Tensor> =
-            model.named_tensors()?.into_iter().collect();
-        let mut cfg = model.config().clone();
-        cfg.eos_token_id = match self.eos_token_ids() {
-            [] => None,
-            [one] => Some(serde_json::json!(one)),
-            many => Some(serde_json::json!(many)),
-        };
-        let mut cfg_json = serde_json::to_value(&cfg).map_err(|e| ModelError::json(dir, e))?;
-        if let Some(o) = cfg_json.as_object_mut() {
-            let arch = if cfg.model_type == "qwen2" {
-                "Qwen2ForCausalLM"
-            } else {
-                "LlamaForCausalLM"
-            };
-            o.insert("architectures".into(), serde_json::json!([arch]));
-            o.insert(
-                "torch_dtype".into(),
-                serde_json::json!(dtype_name(model.dtype())),
-            );
-        }
-        write_folder(
-            dir,
-            &cfg_json,
-            &tensors,
-            Some(self.tokenizer()),
-            self.chat_template(),
-        )
-    }
-}
-
-impl crate::t5::Model {
-    /// Saves the model (and tokenizer, if given) in Hugging Face layout with a manifest.
-    pub fn save(&self, dir: &Path, tokenizer: Option<&tokenizers::Tokenizer>) -> Result<Manifest> {
-        let tensors: HashMap<String, candle_core::Tensor> =
-            self.named_tensors().into_iter().collect();
-        let mut cfg_json =
-            serde_json::to_value(self.config()).map_err(|e| ModelError::json(dir, e))?;
-        if let Some(o) = cfg_json.as_object_mut() {
-            o.insert(
-                "architectures".into(),
-                serde_json::json!(["T5ForConditionalGeneration"]),
-            );
-            o.insert(
-                "torch_dtype".into(),
-                serde_json::json!(dtype_name(self.dtype())),
-            );
-        }
-        write_folder(dir, &cfg_json, &tensors, tokenizer, None)
-    }
 }

@@ -23,8 +23,9 @@ use tokenizers::Tokenizer;
 
 use crate::arch::{AnyModel, BatchCache};
 use crate::error::{ModelError, Result};
-use crate::llama::Batch;
-use crate::weights::mix;
+use crate::llama::{positions_from_mask, Batch};
+pub use crate::ops::log_softmax_at;
+use crate::ops::mix;
 
 /// How to pick tokens and when to stop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -214,7 +215,7 @@ pub fn prefill(model: &AnyModel, prompts: &[&[u32]], pad_id: u32) -> Result<Pref
         mask.push(m);
     }
     let input = Tensor::from_vec(ids, (prompts.len(), t), model.device())?;
-    let positions = crate::llama::positions_from_mask(&mask);
+    let positions = positions_from_mask(&mask);
     let mut cache = model.new_cache();
     let logits = model.forward_last(
         &Batch {
@@ -483,13 +484,6 @@ impl DecodeBatch {
         self.seqs = seqs;
         Ok(())
     }
-}
-
-/// `log softmax(row)[token]`.
-pub fn log_softmax_at(row: &[f32], token: u32) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + row.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
-    row[token as usize] - lse
 }
 
 /// Picks a token from one row of logits; returns it with its model log-probability.

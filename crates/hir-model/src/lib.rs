@@ -18,18 +18,28 @@
 
 #![warn(missing_docs)]
 
-mod arch;
-pub mod checkpoint;
+// Modules from the bottom of the dependency graph up: shared pieces, then the
+// architectures, then what drives them.
 pub mod error;
-pub mod generate;
-pub mod gguf;
+pub mod ops;
+
+pub mod checkpoint;
 pub mod kv_cache;
-pub mod llama;
 pub mod loss;
 pub mod smollm2;
-pub mod t5;
-pub mod train;
 pub mod weights;
+
+mod hf_folder;
+
+pub mod llama;
+pub mod t5;
+
+pub mod gguf;
+
+mod arch;
+
+pub mod generate;
+pub mod train;
 
 mod loaded;
 

@@ -8,12 +8,15 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::arch::AnyModel;
+use crate::checkpoint::Manifest;
 use crate::error::{ModelError, Result};
 use crate::generate::{generate, GeneratedSequence, GenerationRequest, SamplingParams};
 use crate::gguf::{GgufFile, GgufSource};
+use crate::hf_folder::HfFolder;
 use crate::llama::{self, Config};
 use crate::t5;
-use crate::weights::{SafetensorsSource, WeightMode, Weights};
+use crate::train::{AdamWConfig, Optimizer};
+use crate::weights::{WeightMode, Weights};
 
 /// What a loaded model is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,37 +50,6 @@ pub struct LoadedModel {
     chat_template: Option<String>,
 }
 
-fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| ModelError::json(path, e))
-}
-
-/// The weight files of a Hugging Face folder: `model.safetensors` or the
-/// shards named by `model.safetensors.index.json`.
-pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join("model.safetensors.index.json");
-    if !index.is_file() {
-        return Err(ModelError::MissingFile { path: single });
-    }
-    let v: serde_json::Value = read_json(&index)?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| ModelError::InvalidConfig(format!("{}: no weight_map", index.display())))?;
-    let mut files: Vec<PathBuf> = map
-        .values()
-        .filter_map(|f| f.as_str())
-        .map(|f| dir.join(f))
-        .collect();
-    files.sort();
-    files.dedup();
-    Ok(files)
-}
-
 impl LoadedModel {
     /// Loads a model from a Hugging Face folder (`config.json`,
     /// `model.safetensors` or a sharded index, `tokenizer.json`) or a `.gguf` file.
@@ -106,34 +78,24 @@ impl LoadedModel {
         if !cfg_path.is_file() {
             return Err(ModelError::MissingFile { path: cfg_path });
         }
-        let raw: serde_json::Value = read_json(&cfg_path)?;
-        let model_type = raw
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("")
-            .to_string();
-        if model_type == "t5" {
-            return Self::load_t5(dir, device, mode);
+        let folder = HfFolder::open(dir)?;
+        match folder.model_type() {
+            "t5" => Self::load_t5(&folder, device, mode),
+            "llama" | "qwen2" => Self::load_llama(&folder, device, mode),
+            other => Err(ModelError::UnsupportedArchitecture(other.to_string())),
         }
-        if !matches!(model_type.as_str(), "llama" | "qwen2") {
-            return Err(ModelError::UnsupportedArchitecture(model_type));
-        }
-        if dir.join(crate::checkpoint::MANIFEST).is_file() {
-            crate::checkpoint::verify(dir)?;
-        }
-        let cfg: Config =
-            serde_json::from_value(raw).map_err(|e| ModelError::json(&cfg_path, e))?;
+    }
+
+    fn load_llama(folder: &HfFolder, device: &Device, mode: WeightMode) -> Result<Self> {
+        let cfg: Config = folder.config()?;
         cfg.validate()?;
-        let tok_path = dir.join("tokenizer.json");
-        if !tok_path.is_file() {
-            return Err(ModelError::MissingFile { path: tok_path });
-        }
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(ModelError::tokenizer)?;
-        let src = SafetensorsSource::open(&safetensors_files(dir)?)?;
-        let w = Weights::new(Arc::new(src), device, mode);
+        let tokenizer = folder.tokenizer()?.ok_or_else(|| ModelError::MissingFile {
+            path: folder.tokenizer_path(),
+        })?;
+        let w = folder.weights(device, mode)?;
         let model = llama::Model::new(&cfg, &w)?;
         let mut eos = cfg.eos_ids();
-        if let Ok(gen) = read_json::<serde_json::Value>(&dir.join("generation_config.json")) {
+        if let Some(gen) = folder.optional_json("generation_config.json") {
             if let Some(e) = gen.get("eos_token_id") {
                 let extra: Vec<u32> = match e {
                     serde_json::Value::Number(n) => {
@@ -153,18 +115,16 @@ impl LoadedModel {
                 }
             }
         }
-        let chat = read_json::<serde_json::Value>(&dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|v| {
-                v.get("chat_template")
-                    .and_then(|t| t.as_str())
-                    .map(str::to_string)
-            });
-        Self::decoder_only(model, tokenizer, &w, eos, chat, dir, false)
+        let chat = folder.optional_json("tokenizer_config.json").and_then(|v| {
+            v.get("chat_template")
+                .and_then(|t| t.as_str())
+                .map(str::to_string)
+        });
+        Self::decoder_only(model, tokenizer, &w, eos, chat, folder.dir(), false)
     }
 
-    fn load_t5(dir: &Path, device: &Device, mode: WeightMode) -> Result<Self> {
-        let tok_path = dir.join("tokenizer.json");
+    fn load_t5(folder: &HfFolder, device: &Device, mode: WeightMode) -> Result<Self> {
+        let tok_path = folder.tokenizer_path();
         if !tok_path.is_file() {
             return Err(ModelError::MissingFile { path: tok_path });
         }
@@ -172,7 +132,7 @@ impl LoadedModel {
             model,
             tokenizer,
             vars,
-        } = t5::load_folder(dir, device, mode)?;
+        } = t5::load::from_folder(folder, device, mode)?;
         let tokenizer = tokenizer.ok_or(ModelError::MissingFile { path: tok_path })?;
         let cfg = model.config();
         let (eos, pad) = (vec![cfg.eos_token_id], cfg.pad_token_id);
@@ -183,7 +143,7 @@ impl LoadedModel {
             mode,
             (eos, pad),
             None,
-            dir,
+            folder.dir(),
             false,
         )
     }
@@ -413,25 +373,40 @@ impl LoadedModel {
         s
     }
 
-    /// A trainer (AdamW, accumulation, clipping) over the model's variables;
+    /// An optimizer (AdamW, accumulation, clipping) over the model's variables;
     /// the model must have been loaded with [`WeightMode::Trainable`].
-    pub fn trainer(
+    pub fn optimizer(
         &self,
-        cfg: crate::train::AdamWConfig,
+        cfg: AdamWConfig,
         accumulation_steps: usize,
         max_grad_norm: Option<f64>,
-    ) -> Result<crate::train::Trainer> {
+    ) -> Result<Optimizer> {
         if self.vars.is_empty() {
             return Err(ModelError::InvalidRequest(
                 "the model has no trainable variables; load it with WeightMode::Trainable".into(),
             ));
         }
-        Ok(crate::train::Trainer::new(
+        Ok(Optimizer::new(
             &self.vars,
             cfg,
             accumulation_steps,
             max_grad_norm,
         ))
+    }
+
+    /// Saves the model in Hugging Face layout with a manifest. Weights are
+    /// written in their current dtype; quantized models cannot be saved.
+    pub fn save(&self, dir: &Path) -> Result<Manifest> {
+        match &self.model {
+            AnyModel::T5(m) => m.save(dir, Some(&self.tokenizer)),
+            AnyModel::Llama(m) => llama::save(
+                m,
+                dir,
+                self.eos_token_ids(),
+                &self.tokenizer,
+                self.chat_template(),
+            ),
+        }
     }
 
     /// Samples from text prompts (all with the same parameters); request i is

@@ -14,8 +14,7 @@ use candle_core::{DType, Tensor, D};
 
 use crate::error::{ModelError, Result};
 
-/// Label value of positions that carry no loss.
-pub const IGNORE_INDEX: i64 = -100;
+pub use crate::ops::IGNORE_INDEX;
 
 /// Default label smoothing ε of the reference code (`LabelSmoother(epsilon=0.2)`).
 pub const LABEL_SMOOTHING: f64 = 0.2;

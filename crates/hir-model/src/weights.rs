@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Module, Tensor, Var};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{ModelError, Result};
+use crate::ops::{fnv1a, mix};
 
 /// A loaded weight: dense, or quantized (GGUF).
 #[derive(Debug, Clone)]
@@ -147,24 +148,6 @@ impl WeightSource for NoWeights {
     fn get(&self, _name: &str, _device: &Device) -> Result<Option<Param>> {
         Ok(None)
     }
-}
-
-/// FNV-1a hash, used to derive seeds from names.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
-
-/// SplitMix64-style mixing of two words.
-pub(crate) fn mix(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.rotate_left(32) ^ 0x9e3779b97f4a7c15;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-    z ^ (z >> 31)
 }
 
 /// How weights are materialised.
@@ -349,32 +332,32 @@ impl Weights {
     }
 
     /// A weight matrix `[out, in]`, quantized if the mode and source allow.
-    pub fn matrix(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<MatW> {
+    pub fn matrix(&self, name: &str, out_dim: usize, in_dim: usize) -> Result<WeightMatrix> {
         let p = self.fetch(name, &[out_dim, in_dim])?;
         match (p, self.mode) {
             (Param::Quant(q), WeightMode::Quantized) => {
-                MatW::quantized(to_qtensor(q, true, &self.device)?, true)
+                WeightMatrix::quantized(to_qtensor(q, true, &self.device)?, true)
             }
             (Param::Quant(q), WeightMode::QuantizedAsIs) => {
-                MatW::quantized(to_qtensor(q, false, &self.device)?, false)
+                WeightMatrix::quantized(to_qtensor(q, false, &self.device)?, false)
             }
             (Param::Dense(t), WeightMode::Quantized | WeightMode::QuantizedAsIs) => {
                 let t = t.to_dtype(DType::F32)?;
                 if in_dim % GgmlDType::Q8_0.block_size() != 0 {
-                    return Ok(MatW::Dense(t));
+                    return Ok(WeightMatrix::Dense(t));
                 }
                 let q = QTensor::quantize_onto(
                     &t.to_device(&Device::Cpu)?,
                     GgmlDType::Q8_0,
                     &self.device,
                 )?;
-                MatW::quantized(Arc::new(q), self.mode == WeightMode::Quantized)
+                WeightMatrix::quantized(Arc::new(q), self.mode == WeightMode::Quantized)
             }
             (Param::Quant(q), _) => {
                 let t = q.dequantize(&self.device)?;
-                Ok(MatW::Dense(self.finish_dense(name, t)?))
+                Ok(WeightMatrix::Dense(self.finish_dense(name, t)?))
             }
-            (Param::Dense(t), _) => Ok(MatW::Dense(self.finish_dense(name, t)?)),
+            (Param::Dense(t), _) => Ok(WeightMatrix::Dense(self.finish_dense(name, t)?)),
         }
     }
 }
@@ -409,7 +392,7 @@ pub const DENSE_ROWS: usize = 64;
 
 /// A weight matrix, dense or quantized.
 #[derive(Debug, Clone)]
-pub enum MatW {
+pub enum WeightMatrix {
     /// Dense `[out, in]`.
     Dense(Tensor),
     /// Quantized `[out, in]`, with the same values dequantized to f32 for products of
@@ -417,7 +400,7 @@ pub enum MatW {
     Quant(QMatMul, Option<Tensor>),
 }
 
-impl MatW {
+impl WeightMatrix {
     /// A quantized matrix, with its dequantized copy when `with_dense`.
     fn quantized(q: Arc<QTensor>, with_dense: bool) -> Result<Self> {
         let dense = if with_dense {
@@ -425,14 +408,14 @@ impl MatW {
         } else {
             None
         };
-        Ok(MatW::Quant(QMatMul::from_arc(q)?, dense))
+        Ok(WeightMatrix::Quant(QMatMul::from_arc(q)?, dense))
     }
 }
 
 /// `y = x W^T + b` over a dense or quantized `W`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: MatW,
+    weight: WeightMatrix,
     bias: Option<Tensor>,
 }
 
@@ -440,13 +423,13 @@ impl Linear {
     /// A dense layer from its parts.
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            weight: MatW::Dense(weight),
+            weight: WeightMatrix::Dense(weight),
             bias,
         }
     }
 
     /// A layer from a (possibly quantized) matrix.
-    pub fn from_matrix(weight: MatW, bias: Option<Tensor>) -> Self {
+    pub fn from_matrix(weight: WeightMatrix, bias: Option<Tensor>) -> Self {
         Self { weight, bias }
     }
 
@@ -458,8 +441,8 @@ impl Linear {
     /// The dense weight, if the layer is dense.
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match &self.weight {
-            MatW::Dense(t) => Some(t),
-            MatW::Quant(..) => None,
+            WeightMatrix::Dense(t) => Some(t),
+            WeightMatrix::Quant(..) => None,
         }
     }
 }
@@ -477,9 +460,9 @@ impl Module for Linear {
         };
         let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         let y = match &self.weight {
-            MatW::Dense(w) => dense(w)?,
-            MatW::Quant(_, Some(w)) if rows >= DENSE_ROWS => dense(w)?,
-            MatW::Quant(q, _) => q.forward(&x.contiguous()?)?,
+            WeightMatrix::Dense(w) => dense(w)?,
+            WeightMatrix::Quant(_, Some(w)) if rows >= DENSE_ROWS => dense(w)?,
+            WeightMatrix::Quant(q, _) => q.forward(&x.contiguous()?)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),

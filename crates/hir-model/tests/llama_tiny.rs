@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{char_tokenizer, scratch, tiny_loaded, tiny_model};
 use hir_model::generate::{DecodeBatch, GenerationRequest, SamplingParams};
 use hir_model::llama::{positions_from_mask, Batch, Config, Model};
-use hir_model::train::{Example, TrainBatch, Trainer};
+use hir_model::train::{Example, Optimizer, TrainBatch};
 use hir_model::weights::{MemorySource, WeightMode, Weights};
 use hir_model::{LoadedModel, ModelError};
 
@@ -316,14 +316,14 @@ fn training_lowers_the_loss_on_a_fixed_batch() {
         lr: 1e-2,
         ..Default::default()
     };
-    let mut trainer = Trainer::new(&vars, cfg, 2, Some(1.0));
+    let mut optimizer = Optimizer::new(&vars, cfg, 2, Some(1.0));
     let mut losses = Vec::new();
     for _ in 0..16 {
         let loss = hir_model::train::lm_loss(&m, &batch, 0.0).unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
-        trainer.backward(&loss).unwrap();
+        optimizer.backward(&loss).unwrap();
     }
-    assert_eq!(trainer.optimizer().steps(), 8);
+    assert_eq!(optimizer.adamw().steps(), 8);
     assert!(losses[15] < 0.5 * losses[0], "{losses:?}");
 }
 
@@ -349,7 +349,7 @@ fn hir_loss_trains_on_paired_instructions() {
     )
     .unwrap();
     let cfg = hir_model::loss::HirLossConfig::default();
-    let mut trainer = Trainer::new(
+    let mut optimizer = Optimizer::new(
         &vars,
         hir_model::train::AdamWConfig {
             lr: 1e-2,
@@ -360,12 +360,12 @@ fn hir_loss_trains_on_paired_instructions() {
     );
     let first = hir_model::train::hir_loss(&m, &pos, &neg, &cfg).unwrap();
     let l0 = first.total.to_scalar::<f32>().unwrap();
-    trainer.backward(&first.total).unwrap();
+    optimizer.backward(&first.total).unwrap();
     let mut last = l0;
     for _ in 0..6 {
         let l = hir_model::train::hir_loss(&m, &pos, &neg, &cfg).unwrap();
         last = l.total.to_scalar::<f32>().unwrap();
-        trainer.backward(&l.total).unwrap();
+        optimizer.backward(&l.total).unwrap();
     }
     assert!(last < l0, "{l0} -> {last}");
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use hir_model::train::{Example, TrainBatch, Trainer};
+use hir_model::train::{Example, Optimizer, TrainBatch};
 use hir_model::{LoadedModel, SamplingParams, WeightMode};
 
 const PROMPTS: [&str; 5] = [
@@ -174,12 +174,12 @@ fn dequantized_smollm2_trains_on_a_fixed_batch() {
         lr: 1e-4,
         ..Default::default()
     };
-    let mut trainer = Trainer::new(m.vars(), cfg, 1, Some(1.0));
+    let mut optimizer = Optimizer::new(m.vars(), cfg, 1, Some(1.0));
     let mut losses = Vec::new();
     for _ in 0..3 {
         let loss = hir_model::train::lm_loss(m.model().as_llama().unwrap(), &batch, 0.0).unwrap();
         losses.push(loss.to_scalar::<f32>().unwrap());
-        trainer.backward(&loss).unwrap();
+        optimizer.backward(&loss).unwrap();
     }
     assert!(losses[2] < losses[0], "{losses:?}");
 }

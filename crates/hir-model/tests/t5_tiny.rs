@@ -123,7 +123,7 @@ fn t5_loads_from_a_hugging_face_folder() {
         .forward(&src, &[vec![1; 4]], &dec, &[vec![1; 3]])
         .unwrap();
     assert_eq!(common::max_abs_diff(&a, &b), 0.0);
-    let greedy = back.greedy(&src, &[vec![1; 4]], 5).unwrap();
+    let greedy = common::t5_greedy(&back, &src, &[vec![1; 4]], 5).unwrap();
     assert_eq!(greedy[0].len(), 5.min(greedy[0].len()));
 
     // A missing tensor is named.
@@ -217,7 +217,9 @@ fn t5_greedy_generation_with_the_cache_matches_full_recomputation() {
     for (p, out) in prompts.iter().zip(&got) {
         let ids = lm.encode_prompt(p).unwrap();
         let src = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
-        let want = m.greedy(&src, &[vec![1; ids.len()]], 12).unwrap().remove(0);
+        let want = common::t5_greedy(m, &src, &[vec![1; ids.len()]], 12)
+            .unwrap()
+            .remove(0);
         // The reference pads after EOS; the batch stops there.
         let want: Vec<u32> = match want.iter().position(|&t| t == 1) {
             Some(e) => want[..=e].to_vec(),
@@ -338,7 +340,7 @@ fn t5_folder_without_a_tokenizer_is_refused_for_generation() {
 
 #[test]
 fn t5_training_batches_shift_labels_and_the_hir_loss_falls() {
-    use hir_model::train::{hir_loss, AdamWConfig, Example, TrainBatch, Trainer};
+    use hir_model::train::{hir_loss, AdamWConfig, Example, Optimizer, TrainBatch};
     let (m, vars) = tiny(WeightMode::Trainable(DType::F32));
     let model = hir_model::AnyModel::from(m);
     let pos = [
@@ -377,7 +379,7 @@ fn t5_training_batches_shift_labels_and_the_hir_loss_falls() {
 
     let n = TrainBatch::for_model(&model, &neg, 0, &Device::Cpu).unwrap();
     let cfg = hir_model::loss::HirLossConfig::default();
-    let mut trainer = Trainer::new(
+    let mut optimizer = Optimizer::new(
         &vars,
         AdamWConfig {
             lr: 3e-3,
@@ -390,7 +392,7 @@ fn t5_training_batches_shift_labels_and_the_hir_loss_falls() {
     let first_total: f32 = first.total.to_scalar().unwrap();
     for _ in 0..20 {
         let l = hir_loss(&model, &b, &n, &cfg).unwrap();
-        trainer.backward(&l.total).unwrap();
+        optimizer.backward(&l.total).unwrap();
     }
     let last: f32 = hir_loss(&model, &b, &n, &cfg)
         .unwrap()
@@ -403,7 +405,7 @@ fn t5_training_batches_shift_labels_and_the_hir_loss_falls() {
 /// The dtype the CUDA path uses: sampling and a training step run in bf16 too.
 #[test]
 fn t5_samples_and_trains_in_bf16() {
-    use hir_model::train::{hir_loss, AdamWConfig, Example, TrainBatch, Trainer};
+    use hir_model::train::{hir_loss, AdamWConfig, Example, Optimizer, TrainBatch};
     let dir = common::tiny_t5_folder("t5_bf16", 9);
     let lm =
         hir_model::LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::BF16)).unwrap();
@@ -431,8 +433,8 @@ fn t5_samples_and_trains_in_bf16() {
     let pos = TrainBatch::for_model(model, &[ex(vec![5, 6, 1])], 0, &Device::Cpu).unwrap();
     let neg = TrainBatch::for_model(model, &[ex(vec![7, 1])], 0, &Device::Cpu).unwrap();
     let l = hir_loss(model, &pos, &neg, &Default::default()).unwrap();
-    let mut trainer = Trainer::new(trainable.vars(), AdamWConfig::default(), 1, Some(1.0));
-    let report = trainer
+    let mut optimizer = Optimizer::new(trainable.vars(), AdamWConfig::default(), 1, Some(1.0));
+    let report = optimizer
         .backward(&l.total)
         .unwrap()
         .expect("one micro-batch steps");

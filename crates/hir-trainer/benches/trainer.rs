@@ -17,7 +17,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use hir_core::rng::SplitMix64;
 use hir_model::loss::{self, HirLossConfig};
-use hir_model::train::{AdamWConfig, TrainBatch, TrainLogits, Trainer};
+use hir_model::train::{AdamWConfig, Optimizer, TrainBatch, TrainLogits};
 use hir_model::weights::Weights;
 use hir_model::WeightMode;
 use hir_trainer::examples::{self, HirExample, RelabeledSample};
@@ -152,7 +152,7 @@ fn smollm2(
     };
     let tokens: usize = pairs.iter().map(HirExample::tokens).sum();
     let cfg = HirLossConfig::default();
-    let mut trainer = Trainer::new(&vars, AdamWConfig::default(), 2, Some(1.0));
+    let mut optimizer = Optimizer::new(&vars, AdamWConfig::default(), 2, Some(1.0));
     let mut run = |three_forwards: bool| {
         let mut times = Vec::new();
         for _ in 0..steps + 1 {
@@ -173,7 +173,7 @@ fn smollm2(
                         .expect("loss")
                         .total
                 };
-                trainer.backward(&l).expect("backward");
+                optimizer.backward(&l).expect("backward");
             }
             sync(device);
             times.push(t.elapsed().as_secs_f64());
@@ -239,7 +239,7 @@ fn t5(device: &Device, dtype: DType, steps: usize) -> (Timing, Timing, usize) {
     let model = hir_model::t5::Model::new(&cfg, &w).expect("T5 builds");
     let vars = w.vars();
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut trainer = Trainer::new(&vars, AdamWConfig::default(), 2, Some(1.0));
+    let mut optimizer = Optimizer::new(&vars, AdamWConfig::default(), 2, Some(1.0));
     let (b, src, tgt) = (4usize, 200usize, 8usize);
     let lcfg = HirLossConfig::default();
     let tokens = 2 * 2 * b * (src + tgt);
@@ -266,7 +266,7 @@ fn t5(device: &Device, dtype: DType, steps: usize) -> (Timing, Timing, usize) {
                         .expect("loss")
                         .total
                 };
-                trainer.backward(&l).expect("backward");
+                optimizer.backward(&l).expect("backward");
             }
             sync(device);
             times.push(t.elapsed().as_secs_f64());

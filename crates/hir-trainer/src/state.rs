@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use hir_core::run::RunConfig;
 use hir_model::loss::HirLossConfig;
-use hir_model::train::{AdamWConfig, TrainBatch, Trainer};
+use hir_model::train::{AdamWConfig, Optimizer, TrainBatch};
 use hir_model::{LoadedModel, WeightMode};
 use serde::{Deserialize, Serialize};
 
@@ -55,7 +55,7 @@ struct SnapshotInfo {
 pub struct TrainState {
     /// The model and tokenizer.
     pub model: LoadedModel,
-    trainer: Trainer,
+    optimizer: Optimizer,
     loss: HirLossConfig,
     micro_batch: usize,
     /// The run's seed: with the step count it seeds each step's dropout masks.
@@ -77,7 +77,7 @@ impl TrainState {
         if config.train_dropout {
             model.model_mut().enable_train_dropout(config.seed)?;
         }
-        let trainer = model.trainer(
+        let optimizer = model.optimizer(
             AdamWConfig {
                 lr: config.learning_rate,
                 weight_decay: config.weight_decay,
@@ -88,7 +88,7 @@ impl TrainState {
         )?;
         Ok(Self {
             model,
-            trainer,
+            optimizer,
             loss: HirLossConfig {
                 epsilon: config.label_smoothing,
                 contrastive_coef: config.contrastive_coef,
@@ -101,7 +101,7 @@ impl TrainState {
 
     /// Optimizer steps taken.
     pub fn step_count(&self) -> u64 {
-        self.trainer.optimizer().steps()
+        self.optimizer.adamw().steps()
     }
 
     /// One optimizer step over `examples`: micro-batches of the configured size, their
@@ -121,7 +121,7 @@ impl TrainState {
         .next_u64();
         self.model.model().reseed_dropout(step_seed);
         let chunks: Vec<&[HirExample]> = examples.chunks(self.micro_batch).collect();
-        self.trainer.accumulation_steps = chunks.len();
+        self.optimizer.accumulation_steps = chunks.len();
         let total = examples.len() as f64;
         let pad = self.model.pad_token_id();
         let device = self.model.model().device().clone();
@@ -138,14 +138,14 @@ impl TrainState {
             let neg = TrainBatch::for_model(model, &neg, pad, &device)?;
             let l = hir_model::train::hir_loss(model, &pos, &neg, &self.loss)?;
             let share = chunk.len() as f64 / total;
-            // The trainer divides by the number of micro-batches; weigh by examples instead.
+            // The optimizer divides by the number of micro-batches; weigh by examples instead.
             let scaled = l.total.affine(share * chunks.len() as f64, 0.0)?;
             stats.loss += share * f64::from(l.total.to_scalar::<f32>()?);
             stats.loss_supervised += share * f64::from(l.label_smoothed);
             stats.loss_contrastive += share * f64::from(l.contrastive);
             stats.entropy += share * f64::from(l.entropy);
             stats.tokens += chunk.iter().map(HirExample::tokens).sum::<usize>();
-            report = self.trainer.backward(&scaled)?;
+            report = self.optimizer.backward(&scaled)?;
         }
         let report = report
             .ok_or_else(|| TrainerError::FailedPrecondition("the optimizer did not step".into()))?;
@@ -177,7 +177,7 @@ impl TrainState {
         self.model.save(&tmp)?;
         let names: Vec<&str> = self.model.vars().iter().map(|(n, _)| n.as_str()).collect();
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        let opt = self.trainer.optimizer();
+        let opt = self.optimizer.adamw();
         for ((name, m), w) in names.iter().zip(opt.moments()?).zip(opt.masters()?) {
             if let Some((m, v)) = m {
                 tensors.insert(format!("m.{name}"), m);
@@ -257,7 +257,7 @@ impl TrainState {
             .iter()
             .map(|(name, _)| saved.remove(&format!("w.{name}")))
             .collect();
-        let opt = state.trainer.optimizer_mut();
+        let opt = state.optimizer.adamw_mut();
         opt.restore(info.step, moments)?;
         opt.restore_masters(masters)?;
         Ok((state, info.iteration))

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor, D};
 use hir_model::llama::{Config, Model};
 use hir_model::weights::{WeightMode, Weights};
 use hir_model::LoadedModel;
@@ -69,6 +69,44 @@ pub fn tiny_t5_folder(name: &str, seed: u64) -> PathBuf {
     let dir = scratch(name);
     m.save(&dir, Some(&t5_char_tokenizer())).expect("saves");
     dir
+}
+
+/// Greedy decoding with T5 by full recomputation (no cache): up to `max_new_tokens`
+/// tokens per row, rows that reached EOS padded after it. The reference that cached
+/// sampling is checked against.
+pub fn t5_greedy(
+    m: &hir_model::t5::Model,
+    input_ids: &Tensor,
+    mask: &[Vec<u8>],
+    max_new_tokens: usize,
+) -> hir_model::Result<Vec<Vec<u32>>> {
+    let cfg = m.config();
+    let b = input_ids.dim(0)?;
+    let enc = m.encode(input_ids, mask)?;
+    let mut seqs: Vec<Vec<u32>> = vec![vec![cfg.decoder_start_token_id]; b];
+    let mut done = vec![false; b];
+    for _ in 0..max_new_tokens {
+        let t = seqs[0].len();
+        let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
+        let ids = Tensor::from_vec(flat, (b, t), m.device())?;
+        let logits = m.decode(&ids, &vec![vec![1u8; t]; b], &enc, mask)?;
+        let next: Vec<u32> = logits
+            .narrow(1, t - 1, 1)?
+            .squeeze(1)?
+            .argmax(D::Minus1)?
+            .to_vec1()?;
+        for (i, s) in seqs.iter_mut().enumerate() {
+            let tok = if done[i] { cfg.pad_token_id } else { next[i] };
+            if tok == cfg.eos_token_id {
+                done[i] = true;
+            }
+            s.push(tok);
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
+    }
+    Ok(seqs.into_iter().map(|s| s[1..].to_vec()).collect())
 }
 
 /// A tiny random Llama (seeded) in the given mode.

@@ -1,226 +1,15 @@
-//! Training: batches with labels, AdamW with fp32 state, gradient
-//! accumulation and global-norm clipping.
+//! The optimizer: gradients of several micro-batches summed in f32
+//! ([`GradAccumulator`]), clipped to a global norm, then applied by [`AdamW`] with f32
+//! moments (and f32 master copies of low-precision weights); [`Optimizer`] runs the
+//! three around a trainable model.
 //!
 //! candle_nn's `AdamW` steps straight from one backward pass and has no
-//! clipping or accumulation, so the optimizer here is written out: gradients
-//! of several micro-batches are summed in f32 ([`GradAccumulator`]), clipped
-//! to a global norm, then applied by [`AdamW::step`].
+//! clipping or accumulation, so the optimizer here is written out.
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
-use crate::arch::AnyModel;
 use crate::error::{ModelError, Result};
-use crate::loss::{self, HirLoss, HirLossConfig, IGNORE_INDEX};
-use crate::{llama, t5};
-
-/// One training example: the prompt carries no loss, the completion does. A decoder-only
-/// model reads them as one sequence; T5 encodes the prompt and decodes the completion.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Example {
-    /// Prompt tokens (instruction, query, output prefix).
-    pub prompt: Vec<u32>,
-    /// Completion tokens (the labels).
-    pub completion: Vec<u32>,
-}
-
-/// A right-padded training batch.
-#[derive(Debug, Clone)]
-pub struct TrainBatch {
-    /// Token ids `[B, T]` (for T5, the encoder's).
-    pub input_ids: Tensor,
-    /// Padding mask, `[B][T]`.
-    pub mask: Vec<Vec<u8>>,
-    /// Labels `[B, T]` (`[B, T_dec]` for T5): the token at each completion position,
-    /// else -100.
-    pub labels: Tensor,
-    /// Number of labelled tokens.
-    pub n_labels: usize,
-    /// For T5: decoder inputs (the labels shifted right) and their mask.
-    pub decoder: Option<(Tensor, Vec<Vec<u8>>)>,
-}
-
-/// A model that turns a [`TrainBatch`] into logits aligned with its labels.
-pub trait TrainLogits {
-    /// Logits `[B, T, V]` and labels `[B, T]`, position by position.
-    fn aligned_logits(&self, batch: &TrainBatch) -> Result<(Tensor, Tensor)>;
-    /// Whether two forward passes of the same batch differ (training-mode dropout).
-    fn has_dropout(&self) -> bool {
-        false
-    }
-}
-
-impl TrainLogits for llama::Model {
-    fn aligned_logits(&self, batch: &TrainBatch) -> Result<(Tensor, Tensor)> {
-        if batch.decoder.is_some() {
-            return Err(ModelError::InvalidRequest(
-                "an encoder-decoder batch given to a decoder-only model".into(),
-            ));
-        }
-        let logits = self.forward(&batch.input_ids, &batch.mask)?;
-        loss::shift_for_causal(&logits, &batch.labels)
-    }
-}
-
-impl TrainLogits for t5::Model {
-    fn aligned_logits(&self, batch: &TrainBatch) -> Result<(Tensor, Tensor)> {
-        let Some((dec, dec_mask)) = &batch.decoder else {
-            return Err(ModelError::InvalidRequest(
-                "a decoder-only batch given to T5; build it with TrainBatch::for_model".into(),
-            ));
-        };
-        let logits = self.forward(&batch.input_ids, &batch.mask, dec, dec_mask)?;
-        Ok((logits, batch.labels.clone()))
-    }
-    fn has_dropout(&self) -> bool {
-        t5::Model::has_dropout(self)
-    }
-}
-
-impl TrainLogits for AnyModel {
-    fn aligned_logits(&self, batch: &TrainBatch) -> Result<(Tensor, Tensor)> {
-        match self {
-            Self::Llama(m) => m.aligned_logits(batch),
-            Self::T5(m) => m.aligned_logits(batch),
-        }
-    }
-    fn has_dropout(&self) -> bool {
-        match self {
-            Self::Llama(m) => m.has_dropout(),
-            Self::T5(m) => TrainLogits::has_dropout(m),
-        }
-    }
-}
-
-impl TrainBatch {
-    /// The batch layout `model` trains on: [`TrainBatch::new`] for a decoder-only model,
-    /// [`TrainBatch::seq2seq`] for T5.
-    pub fn for_model(
-        model: &AnyModel,
-        examples: &[Example],
-        pad_id: u32,
-        device: &candle_core::Device,
-    ) -> Result<Self> {
-        match model {
-            AnyModel::Llama(_) => Self::new(examples, pad_id, device),
-            AnyModel::T5(m) => Self::seq2seq(m, examples, pad_id, device),
-        }
-    }
-
-    /// An encoder-decoder batch: prompts right-padded as the encoder input, completions as
-    /// labels (right-padded with -100), decoder inputs shifted right behind the start token.
-    pub fn seq2seq(
-        model: &t5::Model,
-        examples: &[Example],
-        pad_id: u32,
-        device: &candle_core::Device,
-    ) -> Result<Self> {
-        if examples.is_empty()
-            || examples
-                .iter()
-                .any(|e| e.completion.is_empty() || e.prompt.is_empty())
-        {
-            return Err(ModelError::InvalidRequest(
-                "a batch needs examples with non-empty prompts and completions".into(),
-            ));
-        }
-        let ts = examples.iter().map(|e| e.prompt.len()).max().unwrap_or(0);
-        let tt = examples
-            .iter()
-            .map(|e| e.completion.len())
-            .max()
-            .unwrap_or(0);
-        let mut ids = Vec::with_capacity(examples.len() * ts);
-        let mut mask = Vec::with_capacity(examples.len());
-        let mut labels = Vec::with_capacity(examples.len());
-        for e in examples {
-            ids.extend_from_slice(&e.prompt);
-            ids.extend(std::iter::repeat_n(pad_id, ts - e.prompt.len()));
-            let mut m = vec![1u8; e.prompt.len()];
-            m.resize(ts, 0);
-            mask.push(m);
-            let mut l: Vec<i64> = e.completion.iter().map(|&x| i64::from(x)).collect();
-            l.resize(tt, IGNORE_INDEX);
-            labels.push(l);
-        }
-        let decoder = model.shift_right(&labels)?;
-        Ok(Self {
-            input_ids: Tensor::from_vec(ids, (examples.len(), ts), device)?,
-            mask,
-            labels: Tensor::new(labels, device)?,
-            n_labels: examples.iter().map(|e| e.completion.len()).sum(),
-            decoder: Some(decoder),
-        })
-    }
-
-    /// Builds a right-padded decoder-only batch (`pad_id` fills padding).
-    pub fn new(examples: &[Example], pad_id: u32, device: &candle_core::Device) -> Result<Self> {
-        if examples.is_empty() || examples.iter().any(|e| e.completion.is_empty()) {
-            return Err(ModelError::InvalidRequest(
-                "a batch needs examples with non-empty completions".into(),
-            ));
-        }
-        let t = examples
-            .iter()
-            .map(|e| e.prompt.len() + e.completion.len())
-            .max()
-            .unwrap_or(0);
-        let b = examples.len();
-        let mut ids = Vec::with_capacity(b * t);
-        let mut labels = Vec::with_capacity(b * t);
-        let mut mask = Vec::with_capacity(b);
-        let mut n_labels = 0;
-        for e in examples {
-            let len = e.prompt.len() + e.completion.len();
-            ids.extend(e.prompt.iter().chain(e.completion.iter()).copied());
-            ids.extend(std::iter::repeat_n(pad_id, t - len));
-            labels.extend(std::iter::repeat_n(IGNORE_INDEX, e.prompt.len()));
-            labels.extend(e.completion.iter().map(|&x| i64::from(x)));
-            labels.extend(std::iter::repeat_n(IGNORE_INDEX, t - len));
-            let mut m = vec![1u8; len];
-            m.extend(std::iter::repeat_n(0u8, t - len));
-            mask.push(m);
-            n_labels += e.completion.len();
-        }
-        Ok(Self {
-            input_ids: Tensor::from_vec(ids, (b, t), device)?,
-            mask,
-            labels: Tensor::from_vec(labels, (b, t), device)?,
-            n_labels,
-            decoder: None,
-        })
-    }
-}
-
-/// Plain language-model loss (label-smoothed cross-entropy) of a batch.
-pub fn lm_loss(model: &impl TrainLogits, batch: &TrainBatch, epsilon: f64) -> Result<Tensor> {
-    let (logits, labels) = model.aligned_logits(batch)?;
-    loss::label_smoothed_cross_entropy(&logits, &labels, epsilon)
-}
-
-/// The HIR loss of paired batches: `pos[i]` and `neg[i]` share a completion
-/// under the relabeled and the opposite instruction. Each term is a per-example
-/// token mean, averaged over the examples (see [`crate::loss`]).
-///
-/// A model with training-mode dropout takes the reference's three forward passes
-/// (label smoothing and entropy on the first, the contrastive term on a second
-/// positive pass and the negative one, each with its own masks); without dropout
-/// the first two are the same computation and one is skipped.
-pub fn hir_loss(
-    model: &impl TrainLogits,
-    pos: &TrainBatch,
-    neg: &TrainBatch,
-    cfg: &HirLossConfig,
-) -> Result<HirLoss> {
-    let supervised = if model.has_dropout() {
-        Some(model.aligned_logits(pos)?.0)
-    } else {
-        None
-    };
-    let (pl, py) = model.aligned_logits(pos)?;
-    let (nl, ny) = model.aligned_logits(neg)?;
-    loss::hir_loss(supervised.as_ref(), &pl, &py, &nl, &ny, cfg)
-}
 
 // === impl GradAccumulator ===
 
@@ -547,11 +336,12 @@ impl AdamW {
     }
 }
 
-// === impl Trainer ===
+// === impl Optimizer ===
 
-/// Optimizer, accumulation and clipping around a trainable model.
+/// The optimizer of a training run: [`AdamW`] behind gradient accumulation over
+/// micro-batches and global-norm clipping.
 #[derive(Debug)]
-pub struct Trainer {
+pub struct Optimizer {
     opt: AdamW,
     acc: GradAccumulator,
     /// Micro-batches per optimizer step.
@@ -569,8 +359,8 @@ pub struct StepReport {
     pub grad_norm: f64,
 }
 
-impl Trainer {
-    /// A trainer over the model's trainable variables.
+impl Optimizer {
+    /// An optimizer over the model's trainable variables.
     pub fn new(
         vars: &[(String, Var)],
         cfg: AdamWConfig,
@@ -587,13 +377,13 @@ impl Trainer {
         }
     }
 
-    /// The optimizer.
-    pub fn optimizer(&self) -> &AdamW {
+    /// The AdamW update and its state.
+    pub fn adamw(&self) -> &AdamW {
         &self.opt
     }
 
-    /// The optimizer, to restore its state.
-    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+    /// The AdamW update, to restore its state.
+    pub fn adamw_mut(&mut self) -> &mut AdamW {
         &mut self.opt
     }
 
@@ -760,30 +550,5 @@ mod tests {
         let before = acc.clip_global_norm(1.0).unwrap();
         assert!((before - 10.0).abs() < 1e-4);
         assert!((acc.global_norm().unwrap() - 1.0).abs() < 1e-4);
-    }
-
-    #[test]
-    fn train_batch_labels_only_the_completion() {
-        let ex = [
-            Example {
-                prompt: vec![5, 6],
-                completion: vec![7],
-            },
-            Example {
-                prompt: vec![1],
-                completion: vec![2, 3, 4],
-            },
-        ];
-        let b = TrainBatch::new(&ex, 0, &Device::Cpu).unwrap();
-        assert_eq!(
-            b.input_ids.to_vec2::<u32>().unwrap(),
-            vec![vec![5, 6, 7, 0], vec![1, 2, 3, 4]]
-        );
-        assert_eq!(
-            b.labels.to_vec2::<i64>().unwrap(),
-            vec![vec![-100, -100, 7, -100], vec![-100, 2, 3, 4]]
-        );
-        assert_eq!(b.mask, vec![vec![1, 1, 1, 0], vec![1, 1, 1, 1]]);
-        assert_eq!(b.n_labels, 4);
     }
 }

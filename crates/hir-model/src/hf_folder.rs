@@ -1,0 +1,118 @@
+//! Reading a Hugging Face model folder, for both architectures: the manifest check
+//! (when the folder has a `manifest.json`), `config.json` and its `model_type`, the
+//! safetensors weight files (`model.safetensors` or the shards of an index) and
+//! `tokenizer.json`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::Device;
+use serde::de::DeserializeOwned;
+use tokenizers::Tokenizer;
+
+use crate::checkpoint;
+use crate::error::{ModelError, Result};
+use crate::weights::{SafetensorsSource, WeightMode, Weights};
+
+/// A JSON file, parsed.
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| ModelError::json(path, e))
+}
+
+/// A model folder whose manifest (if any) checked out, with its `config.json`.
+#[derive(Debug)]
+pub(crate) struct HfFolder {
+    dir: PathBuf,
+    config_path: PathBuf,
+    config: serde_json::Value,
+}
+
+impl HfFolder {
+    /// Verifies `dir/manifest.json` when there is one, then reads `dir/config.json`.
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
+        if dir.join(checkpoint::MANIFEST).is_file() {
+            checkpoint::verify(dir)?;
+        }
+        let config_path = dir.join("config.json");
+        let config = read_json(&config_path)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config_path,
+            config,
+        })
+    }
+
+    /// The folder.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `model_type` of `config.json` (empty when absent).
+    pub(crate) fn model_type(&self) -> &str {
+        self.config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+    }
+
+    /// `config.json` as the architecture's config type.
+    pub(crate) fn config<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.config.clone())
+            .map_err(|e| ModelError::json(&self.config_path, e))
+    }
+
+    /// Path of `tokenizer.json`.
+    pub(crate) fn tokenizer_path(&self) -> PathBuf {
+        self.dir.join("tokenizer.json")
+    }
+
+    /// `tokenizer.json`, if the folder has one.
+    pub(crate) fn tokenizer(&self) -> Result<Option<Tokenizer>> {
+        let path = self.tokenizer_path();
+        if !path.is_file() {
+            return Ok(None);
+        }
+        Ok(Some(
+            Tokenizer::from_file(&path).map_err(ModelError::tokenizer)?,
+        ))
+    }
+
+    /// Another JSON file of the folder (`generation_config.json`, ...), if it is there
+    /// and parses.
+    pub(crate) fn optional_json(&self, name: &str) -> Option<serde_json::Value> {
+        read_json(&self.dir.join(name)).ok()
+    }
+
+    /// A weight builder over the folder's safetensors files.
+    pub(crate) fn weights(&self, device: &Device, mode: WeightMode) -> Result<Weights> {
+        let src = SafetensorsSource::open(&safetensors_files(&self.dir)?)?;
+        Ok(Weights::new(Arc::new(src), device, mode))
+    }
+}
+
+/// The weight files of a Hugging Face folder: `model.safetensors` or the
+/// shards named by `model.safetensors.index.json`.
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(ModelError::MissingFile { path: single });
+    }
+    let v: serde_json::Value = read_json(&index)?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::InvalidConfig(format!("{}: no weight_map", index.display())))?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
