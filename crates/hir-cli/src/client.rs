@@ -1,7 +1,8 @@
 //! Commands against running services: `hir run`, `status`, `watch`, `stop`, `resume`,
-//! `checkpoints`, `eval` and `health`.
+//! `checkpoints`, `eval`, `health` and `report`.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -13,6 +14,7 @@ use hir_runtime::auth::with_bearer;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
+use crate::report::{iteration_status_name, status_name};
 use crate::BigBench;
 
 /// Where the trainer is and how to authenticate.
@@ -407,28 +409,6 @@ pub async fn watch_timed(
     Ok((run, times))
 }
 
-/// A run status as a word, e.g. `running`.
-pub fn status_name(s: i32) -> String {
-    pb::RunStatus::try_from(s)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("RUN_STATUS_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// An iteration status as a word, e.g. `training`.
-pub fn iteration_status_name(s: i32) -> String {
-    pb::IterationStatus::try_from(s)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("ITERATION_STATUS_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn run_json(run: &pb::Run) -> serde_json::Value {
     serde_json::json!({
         "run_id": run.run_id,
@@ -606,5 +586,27 @@ pub async fn eval(args: EvalArgs) -> Result<()> {
         );
         println!("answers: {:?}", eval.predicted);
     }
+    Ok(())
+}
+
+/// `hir report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
+    /// The run's UUID.
+    #[arg(long = "run")]
+    pub run_id: String,
+    /// Folder to write `report.md` and `accuracy.svg` into.
+    #[arg(long, default_value = "reports")]
+    pub out: PathBuf,
+}
+
+/// `hir report`: the run's iteration table, a Markdown report and an accuracy chart.
+pub async fn report(args: ReportArgs) -> Result<()> {
+    let run = get_run(&args.trainer, &args.run_id).await?;
+    let (md, svg) = crate::report::write(&run, &args.out.join(&run.run_id))?;
+    println!("{}", crate::report::iteration_table(&run));
+    println!("report: {}\nchart:  {}", md.display(), svg.display());
     Ok(())
 }

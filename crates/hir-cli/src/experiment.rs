@@ -18,8 +18,9 @@ use hir_proto::pb;
 use hir_proto::pb::IterationStatus as S;
 use serde::Serialize;
 
-use crate::client::{status_name, watch_timed, StatusTimes};
+use crate::client::{watch_timed, StatusTimes};
 use crate::local::{Services, SMOLLM2};
+use crate::report::status_name;
 
 /// Training methods and the relabel policy each runs.
 const METHODS: [(&str, &str); 3] = [
@@ -453,7 +454,7 @@ fn run_result(
         task: task.into(),
         seed,
         run_id: run.run_id.clone(),
-        status: status_name(run.status),
+        status: status_name(run.status).to_owned(),
         error,
         rows,
     }

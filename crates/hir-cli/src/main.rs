@@ -60,7 +60,7 @@ enum Command {
     /// Greedy accuracy of what a generator serves on a task's test split.
     Eval(client::EvalArgs),
     /// A run's report: a table, `report.md` and an accuracy chart (`accuracy.svg`).
-    Report(report::ReportArgs),
+    Report(client::ReportArgs),
     /// Check a service's gRPC health; exits 0 when it is serving.
     Health(client::HealthArgs),
 }
@@ -118,7 +118,7 @@ fn main() -> ExitCode {
         Command::Resume(args) => block_on(client::resume(args)),
         Command::Checkpoints(args) => block_on(client::checkpoints(args)),
         Command::Eval(args) => block_on(client::eval(args)),
-        Command::Report(args) => block_on(report::report(args)),
+        Command::Report(args) => block_on(client::report(args)),
         Command::Health(args) => block_on(client::health(args)),
     };
     match result {

@@ -5,30 +5,16 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use clap::Args;
-use hir_proto::pb;
+use hir_proto::{convert, pb};
 
-use crate::client::{get_run, iteration_status_name, status_name, TrainerArgs};
-
-/// `hir report`.
-#[derive(Debug, Args)]
-pub struct ReportArgs {
-    #[command(flatten)]
-    pub trainer: TrainerArgs,
-    /// The run's UUID.
-    #[arg(long = "run")]
-    pub run_id: String,
-    /// Folder to write `report.md` and `accuracy.svg` into.
-    #[arg(long, default_value = "reports")]
-    pub out: PathBuf,
+/// A run status as a word, e.g. `running`.
+pub fn status_name(s: i32) -> &'static str {
+    convert::run_status(s).map_or("unknown", |s| s.as_str())
 }
 
-pub async fn report(args: ReportArgs) -> Result<()> {
-    let run = get_run(&args.trainer, &args.run_id).await?;
-    let (md, svg) = write(&run, &args.out.join(&run.run_id))?;
-    println!("{}", iteration_table(&run));
-    println!("report: {}\nchart:  {}", md.display(), svg.display());
-    Ok(())
+/// An iteration status as a word, e.g. `training`.
+pub fn iteration_status_name(s: i32) -> &'static str {
+    convert::iteration_status(s).map_or("unknown", |s| s.as_str())
 }
 
 fn pct(x: f64) -> String {

@@ -34,6 +34,18 @@ impl From<IterationStatus> for pb::IterationStatus {
     }
 }
 
+/// The domain status of a wire run status (`None` for `UNSPECIFIED` or an unknown number).
+pub fn run_status(code: i32) -> Option<RunStatus> {
+    Some(match pb::RunStatus::try_from(code).ok()? {
+        pb::RunStatus::Unspecified => return None,
+        pb::RunStatus::Pending => RunStatus::Pending,
+        pb::RunStatus::Running => RunStatus::Running,
+        pb::RunStatus::Stopped => RunStatus::Stopped,
+        pb::RunStatus::Done => RunStatus::Done,
+        pb::RunStatus::Failed => RunStatus::Failed,
+    })
+}
+
 /// The domain status of a wire iteration status (`None` for `UNSPECIFIED` or an unknown
 /// number).
 pub fn iteration_status(code: i32) -> Option<IterationStatus> {
@@ -175,6 +187,9 @@ mod tests {
             );
         }
         assert_eq!(iteration_status(0), None);
+        for s in RunStatus::ALL {
+            assert_eq!(run_status(pb::RunStatus::from(*s) as i32), Some(*s));
+        }
         for r in FinishReason::ALL {
             assert_eq!(finish_reason(pb::FinishReason::from(*r) as i32), *r);
         }

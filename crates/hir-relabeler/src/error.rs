@@ -6,6 +6,9 @@ use hir_core::ErrorClass;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RelabelerError {
+    /// A fault of ours (a task that panicked, a broken invariant); details go to the log.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A request field is invalid; the message names the field.
     #[error("{field}: {reason}")]
     InvalidArgument {
@@ -49,6 +52,7 @@ impl RelabelerError {
             RelabelerError::NotFound(_) => ErrorClass::NotFound,
             RelabelerError::FailedPrecondition(_) => ErrorClass::FailedPrecondition,
             RelabelerError::Generator(_) => ErrorClass::Unavailable,
+            RelabelerError::Internal(_) => ErrorClass::Internal,
             RelabelerError::Store(e) => e.class(),
             RelabelerError::Core(e) => e.class(),
         }

@@ -237,9 +237,7 @@ async fn sample_iteration(
                 if writes.len() >= 2 {
                     if let Some(done) = writes.join_next().await {
                         stored_now += done.map_err(|e| {
-                            RelabelerError::FailedPrecondition(format!(
-                                "a store write panicked: {e}"
-                            ))
+                            RelabelerError::Internal(format!("a store write panicked: {e}"))
                         })??;
                     }
                 }
@@ -252,7 +250,7 @@ async fn sample_iteration(
             }
             while let Some(done) = writes.join_next().await {
                 stored_now += done.map_err(|e| {
-                    RelabelerError::FailedPrecondition(format!("a store write panicked: {e}"))
+                    RelabelerError::Internal(format!("a store write panicked: {e}"))
                 })??;
             }
             Ok::<u64, RelabelerError>(stored_now)
@@ -354,16 +352,16 @@ async fn sample_iteration(
                 first_error.get_or_insert(e);
             }
             Err(join) => {
-                first_error.get_or_insert(RelabelerError::FailedPrecondition(format!(
+                first_error.get_or_insert(RelabelerError::Internal(format!(
                     "a sampling task panicked: {join}"
                 )));
             }
         }
     }
     // A store failure is the root cause of the producers' "writer stopped" errors: report it first.
-    let written = writer.await.map_err(|e| {
-        RelabelerError::FailedPrecondition(format!("the store writer panicked: {e}"))
-    })??;
+    let written = writer
+        .await
+        .map_err(|e| RelabelerError::Internal(format!("the store writer panicked: {e}")))??;
     if let Some(err) = first_error {
         return Err(err);
     }

@@ -8,6 +8,9 @@ use hir_core::ErrorClass;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TrainerError {
+    /// A fault of ours (a task that panicked, a broken invariant); details go to the log.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A request field is invalid; the message names the field.
     #[error("{field}: {reason}")]
     InvalidArgument {
@@ -103,9 +106,10 @@ impl TrainerError {
             TrainerError::Remote { .. } => ErrorClass::Unavailable,
             TrainerError::Store(e) => e.class(),
             TrainerError::Core(e) => e.class(),
-            TrainerError::Verification(_) | TrainerError::Model(_) | TrainerError::Io { .. } => {
-                ErrorClass::Internal
-            }
+            TrainerError::Internal(_)
+            | TrainerError::Verification(_)
+            | TrainerError::Model(_)
+            | TrainerError::Io { .. } => ErrorClass::Internal,
         }
     }
 }

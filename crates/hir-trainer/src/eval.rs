@@ -7,16 +7,41 @@ use std::collections::HashMap;
 
 use hir_core::eval::{tally, test_prompts, TaskEval};
 use hir_core::run::{PromptStyle, RunConfig};
-use hir_store::{ModelVersion, NewEvalResult, RunTask};
+use hir_store::{ModelVersion, NewEvalResult, RunTask, Store};
 use uuid::Uuid;
 
-use crate::driver::Context;
 use crate::error::{Result, TrainerError};
+use crate::remote::Remotes;
 
-/// Evaluates `version` (which the generators must serve) on each task's test split and
-/// records the results for `iteration` of `run_id`.
-pub async fn evaluate(
-    ctx: &Context,
+/// Where an evaluation's answers come from and go to.
+#[derive(Debug, Clone, Copy)]
+pub struct Evaluator<'a> {
+    /// Where results are recorded.
+    pub store: &'a Store,
+    /// The generators answering.
+    pub remotes: &'a Remotes,
+    /// Prompts per generator request.
+    pub batch: usize,
+}
+
+impl Evaluator<'_> {
+    /// Evaluates `version` (which the generators must serve) on each task's test split and
+    /// records the results for `iteration` of `run_id`.
+    pub async fn evaluate(
+        &self,
+        tasks: &[RunTask],
+        config: &RunConfig,
+        run_id: Uuid,
+        iteration: u32,
+        version: &ModelVersion,
+        on_task: impl FnMut(&TaskEval),
+    ) -> Result<Vec<TaskEval>> {
+        evaluate(self, tasks, config, run_id, iteration, version, on_task).await
+    }
+}
+
+async fn evaluate(
+    ev: &Evaluator<'_>,
     tasks: &[RunTask],
     config: &RunConfig,
     run_id: Uuid,
@@ -24,7 +49,7 @@ pub async fn evaluate(
     version: &ModelVersion,
     mut on_task: impl FnMut(&TaskEval),
 ) -> Result<Vec<TaskEval>> {
-    let (store, remotes, eval_batch) = (&ctx.store, &ctx.remotes, ctx.config.eval_batch);
+    let (store, remotes, eval_batch) = (ev.store, ev.remotes, ev.batch);
     let mut out = Vec::with_capacity(tasks.len());
     for rt in tasks {
         let (test, prompts) = test_prompts(
@@ -44,7 +69,7 @@ pub async fn evaluate(
         let mut by_chunk = HashMap::new();
         while let Some(done) = requests.join_next().await {
             let (c, texts) = done.map_err(|e| {
-                TrainerError::FailedPrecondition(format!("an evaluation request panicked: {e}"))
+                TrainerError::Internal(format!("an evaluation request panicked: {e}"))
             })?;
             by_chunk.insert(c, texts?);
         }

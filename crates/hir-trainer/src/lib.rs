@@ -13,6 +13,7 @@ pub mod config;
 pub mod driver;
 pub mod error;
 pub mod eval;
+pub mod events;
 pub mod examples;
 pub mod metrics;
 pub mod remote;

@@ -9,14 +9,15 @@ use std::sync::{Arc, Mutex};
 use hir_core::run::RunConfig;
 use hir_proto::pb::trainer_service_server::TrainerService;
 use hir_proto::{convert, pb};
-use hir_store::{ModelVersion, NewRun, RunStatus, StoreError};
+use hir_store::{NewRun, RunStatus, StoreError};
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use crate::driver::{self, Context, Events};
+use crate::driver::{self, Context};
 use crate::error::{Result, TrainerError};
+use crate::events::{version_to_pb, Events};
 
 /// A run driven by this trainer.
 struct Active {
@@ -40,28 +41,6 @@ impl std::fmt::Debug for Trainer {
 fn parse_run_id(field: &str, s: &str) -> Result<Uuid> {
     Uuid::parse_str(s.trim())
         .map_err(|e| TrainerError::invalid(field, format!("{s:?} is not a UUID: {e}")))
-}
-
-/// A model version on the wire.
-pub fn version_to_pb(v: &ModelVersion, parent: Option<&str>) -> pb::ModelVersion {
-    pb::ModelVersion {
-        version: v.name.clone(),
-        run_id: v.run_id.map(|r| r.to_string()).unwrap_or_default(),
-        iteration: v.iteration.unwrap_or(0) as u32,
-        parent_version: parent.unwrap_or_default().to_string(),
-        checkpoint_uri: v.checkpoint_uri.clone(),
-        sha256: v.sha256.clone(),
-        created_at: Some(convert::timestamp(v.created_at)),
-        metrics: v
-            .metrics
-            .as_object()
-            .map(|o| {
-                o.iter()
-                    .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
-                    .collect()
-            })
-            .unwrap_or_default(),
-    }
 }
 
 impl Trainer {
@@ -106,9 +85,7 @@ impl Trainer {
         let (ctx, events) = (Arc::clone(&self.ctx), self.events(run_id));
         tokio::spawn(async move {
             ctx.metrics.active_runs.inc();
-            events.emit(pb::run_event::Event::RunStatus(
-                pb::RunStatus::Running as i32,
-            ));
+            events.run_status(RunStatus::Running);
             // While `stop_rx` lives the run counts as driven here: it is dropped only after
             // the outcome is recorded, so a resume cannot start a second driver whose status
             // the first one's outcome would then overwrite.
@@ -418,7 +395,7 @@ impl TrainerService for Trainer {
             .await
             .map_err(TrainerError::from)?;
         // Subscribe before reading the snapshot so no event falls in between.
-        let mut rx = self.events(run_id).0.subscribe();
+        let mut rx = self.events(run_id).subscribe();
         let snapshot = self.run_to_pb(run_id).await?;
         let this = self.clone();
         let stream = async_stream(move |tx| async move {
