@@ -25,11 +25,11 @@ pub async fn register(store: &Store, task: &Task, seed: u32) -> Result<i64> {
         .examples
         .iter()
         .enumerate()
-        .map(|(i, ex)| NewExample {
+        .map(|(i, _)| NewExample {
             idx: i as i32,
             split: sides[i],
-            prompt: Prompt::build(task, ex, DEFAULT_INSTRUCTION, PromptVariant::Sampler).text(),
-            target: ex.answer.gold(),
+            prompt: sampler_prompt(task, i),
+            target: gold(task, i),
         })
         .collect();
     let source_sha256 =
@@ -52,6 +52,24 @@ pub async fn register(store: &Store, task: &Task, seed: u32) -> Result<i64> {
     Ok(stored.id)
 }
 
+/// The sampler prompt of example `i` of `task` (the reference's prompt under the default
+/// instruction): what registration stores and what the sampler sends.
+pub fn sampler_prompt(task: &Task, i: usize) -> String {
+    Prompt::build(
+        task,
+        &task.examples[i],
+        DEFAULT_INSTRUCTION,
+        PromptVariant::Sampler,
+    )
+    .text()
+}
+
+/// The gold answer of example `i` of `task`, as the reference compares against it: what
+/// registration stores, what sampling relabels by and what training labels with.
+pub fn gold(task: &Task, i: usize) -> String {
+    task.examples[i].answer.gold()
+}
+
 /// A run's task: its id in the store and its examples with answers.
 #[derive(Debug, Clone)]
 pub struct RunTask {
@@ -61,6 +79,18 @@ pub struct RunTask {
     pub task: Arc<Task>,
     /// The training split's example indices, in the reference's order.
     pub train: Vec<usize>,
+}
+
+impl RunTask {
+    /// The sampler prompt of example `i`; see [`sampler_prompt`].
+    pub fn sampler_prompt(&self, i: usize) -> String {
+        sampler_prompt(&self.task, i)
+    }
+
+    /// The gold answer of example `i`; see [`gold`].
+    pub fn gold(&self, i: usize) -> String {
+        gold(&self.task, i)
+    }
 }
 
 /// The BIG-bench catalog with each task parsed once: answers are scored from memory instead

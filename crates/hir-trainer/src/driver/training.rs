@@ -224,13 +224,11 @@ impl Driver<'_> {
 
     /// Gold answers of the run's examples, by (task id, example index).
     async fn gold_answers(&self) -> Result<std::collections::HashMap<(i64, i32), String>> {
-        let mut gold = std::collections::HashMap::new();
-        for t in &self.tasks {
-            for ex in self.ctx.store.list_examples(t.id, None).await? {
-                gold.insert((t.id, ex.idx), ex.target);
-            }
-        }
-        Ok(gold)
+        Ok(self
+            .tasks
+            .iter()
+            .flat_map(|t| (0..t.task.examples.len()).map(move |i| ((t.id, i as i32), t.gold(i))))
+            .collect())
     }
 
     /// The samples of one batch with their relabel under the run's policy.
