@@ -6,8 +6,9 @@
 //! * [`config`]: typed configuration.
 //! * [`metrics`]: Prometheus metrics.
 //!
-//! [`Application`] wires them together with health, reflection, the bearer-token layer and
-//! the metrics endpoint; `hir-generator` and `hir serve generator` run it.
+//! [`Application`] serves them with `hir_runtime::server` (health, reflection, the
+//! bearer-token layer, the metrics endpoint, graceful shutdown); `hir-generator` and
+//! `hir serve generator` run it.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -29,8 +30,7 @@ use hir_model::{LoadedModel, WeightMode};
 use hir_proto::pb::generator_service_server::GeneratorServiceServer;
 use hir_runtime::auth::{BearerAuthLayer, Guard};
 use hir_runtime::listeners::Listeners;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::server::NamedService;
+use hir_runtime::server::ServerBuilder;
 
 use crate::config::{GeneratorConfig, Weights};
 use crate::engine::Serving;
@@ -170,101 +170,43 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        let (reporter, health) = hir_proto::health_service();
-        let reflection = hir_proto::reflection_service()?;
         let guard = if self.config.auth.guard_generate {
             Guard::AllButProbes
         } else {
             Guard::Methods(MUTATING_METHODS.iter().map(|m| m.to_string()).collect())
         };
-        // Authentication runs before any service sees the request.
-        let auth = BearerAuthLayer::new(self.config.auth.token.clone(), guard);
         let max = self.config.limits.max_message_bytes;
         let generator = GeneratorServiceServer::new(self.service.clone())
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-        let set_health = move |status| {
-            let reporter = reporter.clone();
-            async move {
-                reporter
-                    .set_service_status(
-                        GeneratorServiceServer::<service::GeneratorSlot>::NAME,
-                        status,
-                    )
-                    .await;
-                reporter.set_service_status("", status).await;
-            }
-        };
-
-        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<anyhow::Error>();
-        if self.service.is_ready() {
-            set_health(tonic_health::ServingStatus::Serving).await;
-        } else {
-            set_health(tonic_health::ServingStatus::NotServing).await;
-            let (config, metrics, lazy, set_health) = (
-                self.config.clone(),
-                Arc::clone(&self.metrics),
-                self.service.clone(),
-                set_health.clone(),
-            );
-            tokio::spawn(async move {
-                tracing::info!(model = %config.model.display(), "loading model; health is NOT_SERVING until it is warmed up");
-                match load(&config, metrics).await {
-                    Ok(ready) => {
-                        lazy.set(ready);
-                        set_health(tonic_health::ServingStatus::Serving).await;
-                        tracing::info!(version = %config.version, "model loaded and warmed up; serving");
-                    }
-                    Err(err) => {
-                        let _ = failed_tx.send(err);
-                    }
+        // Shutdown stops the engine admitting; past the grace it cancels what still runs.
+        let (draining, cancelling) = (self.service.clone(), self.service.clone());
+        let mut server = ServerBuilder::new(self.listeners)?
+            .add_service(generator)
+            .auth(BearerAuthLayer::new(self.config.auth.token.clone(), guard))
+            .metrics(Arc::clone(&self.metrics.registry))
+            .grace(Duration::from_secs(self.config.shutdown_grace_secs))
+            .on_shutdown(move || {
+                if let Some(engine) = draining.engine() {
+                    engine.drain(false);
+                }
+            })
+            .on_grace_over(move || {
+                if let Some(engine) = cancelling.engine() {
+                    engine.drain(true);
                 }
             });
+        if !self.service.is_ready() {
+            let (config, metrics, lazy) = (self.config, self.metrics, self.service);
+            server = server.ready_when(async move {
+                tracing::info!(model = %config.model.display(), "loading model; health is NOT_SERVING until it is warmed up");
+                lazy.set(load(&config, metrics).await?);
+                tracing::info!(version = %config.version, "model loaded and warmed up; serving");
+                anyhow::Ok(())
+            });
         }
-
-        let addr = self.local_addr();
-        let (grpc, metrics_stop) = self
-            .listeners
-            .start_metrics(Arc::clone(&self.metrics.registry));
-        let lazy = self.service.clone();
-        let grace = Duration::from_secs(self.config.shutdown_grace_secs);
-        let load_error = Arc::new(std::sync::Mutex::new(None));
-        let load_error_slot = Arc::clone(&load_error);
-        let on_shutdown = async move {
-            tokio::select! {
-                () = shutdown => {}
-                Ok(err) = failed_rx => {
-                    tracing::error!(error = %format!("{err:#}"), "the model failed to load");
-                    *load_error_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
-                }
-            }
-            tracing::info!(
-                "shutting down: no new requests; running streams get {grace:?} to finish"
-            );
-            set_health(tonic_health::ServingStatus::NotServing).await;
-            metrics_stop.stop();
-            if let Some(engine) = lazy.engine() {
-                engine.drain(false);
-                tokio::spawn(async move {
-                    tokio::time::sleep(grace).await;
-                    engine.drain(true);
-                });
-            }
-        };
-        tracing::info!(%addr, "generator listening");
-        tonic::transport::Server::builder()
-            .layer(auth)
-            .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(generator)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), on_shutdown)
-            .await?;
-        let failed = load_error.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match failed {
-            Some(err) => Err(err),
-            None => Ok(()),
-        }
+        server.serve(shutdown).await?;
+        Ok(())
     }
 }
 

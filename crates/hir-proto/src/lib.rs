@@ -2,8 +2,9 @@
 //!
 //! * [`pb`]: the generated messages, clients (`*_client`) and servers (`*_server`) of
 //!   `GeneratorService`, `RelabelerService` and `TrainerService`.
-//! * [`FILE_DESCRIPTOR_SET`] and [`reflection_service`]: server reflection, so that
-//!   `grpcurl list` and other generic clients work against every hindsight server.
+//! * [`FILE_DESCRIPTOR_SET`], [`reflection_service`] and [`reflection_v1alpha_service`]:
+//!   server reflection (`grpc.reflection.v1` and `v1alpha`), so that `grpcurl list` and
+//!   other generic clients work against every hindsight server.
 //! * [`health_service`]: the standard `grpc.health.v1` service.
 //!
 //! * [`convert`]: the one place where wire types and domain types meet.
@@ -21,7 +22,8 @@ pub mod pb {
     tonic::include_proto!("hir.v1");
 }
 
-/// The encoded `FileDescriptorSet` of `proto/hir/v1`, served by reflection.
+/// The encoded `FileDescriptorSet` of `proto/hir/v1` and of every file it imports (`protoc
+/// --include_imports`), served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hir_v1_descriptor");
 
 /// Fully qualified names of the three hindsight services.
@@ -31,6 +33,16 @@ pub const SERVICE_NAMES: [&str; 3] = [
     "hir.v1.TrainerService",
 ];
 
+/// Server reflection over the `hir.v1` contract, every file it imports (the well-known
+/// types such as `google/protobuf/timestamp.proto`), health and reflection itself.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+}
+
 /// A `grpc.reflection.v1` service describing the `hir.v1` services plus health.
 pub fn reflection_service() -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<
@@ -38,10 +50,18 @@ pub fn reflection_service() -> Result<
     >,
     tonic_reflection::server::Error,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    reflection().build_v1()
+}
+
+/// The same as [`reflection_service`] under `grpc.reflection.v1alpha`, the version older
+/// clients (grpcurl before 1.9, many GUI clients) still ask for.
+pub fn reflection_v1alpha_service() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    tonic_reflection::server::Error,
+> {
+    reflection().build_v1alpha()
 }
 
 /// A `grpc.health.v1` service and the handle that sets its statuses. Every service starts
@@ -76,6 +96,25 @@ mod tests {
                 services.iter().any(|s| s == name),
                 "{name} missing from {services:?}"
             );
+        }
+    }
+
+    #[test]
+    fn descriptor_set_holds_every_file_it_imports() {
+        let set = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET).unwrap();
+        let names: Vec<&str> = set.file.iter().map(|f| f.name()).collect();
+        assert!(
+            names.contains(&"google/protobuf/timestamp.proto"),
+            "{names:?}"
+        );
+        for file in &set.file {
+            for import in &file.dependency {
+                assert!(
+                    names.contains(&import.as_str()),
+                    "{} imports {import}, missing from {names:?}",
+                    file.name()
+                );
+            }
         }
     }
 

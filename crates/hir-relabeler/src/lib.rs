@@ -22,6 +22,7 @@ use anyhow::Context;
 use hir_proto::pb::relabeler_service_server::RelabelerServiceServer;
 use hir_runtime::auth::BearerAuthLayer;
 use hir_runtime::listeners::Listeners;
+use hir_runtime::server::ServerBuilder;
 use hir_store::{IterationStatus, Store};
 
 use crate::config::RelabelerConfig;
@@ -130,20 +131,19 @@ impl Application {
             tracing::info!(run_id = %it.run_id, iteration = it.iteration, "resuming an interrupted iteration");
             self.service.spawn_sampling(it.run_id, it.iteration);
         }
-        let (reporter, health) = hir_proto::health_service();
-        let reflection = hir_proto::reflection_service()?;
-        reporter
-            .set_serving::<RelabelerServiceServer<Relabeler>>()
-            .await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
+        let server = ServerBuilder::new(self.listeners)?
+            .add_service(RelabelerServiceServer::new(self.service))
+            .auth(BearerAuthLayer::methods(
+                self.config.auth_token.clone(),
+                MUTATING_METHODS,
+            ))
+            .metrics(Arc::clone(&self.metrics.registry));
         // `generator` in the health service says whether the generators can be reached.
+        let reporter = server.health();
         reporter
             .set_service_status(GENERATOR_HEALTH, tonic_health::ServingStatus::Serving)
             .await;
         let mut generator_health = self.generator_health.clone();
-        let health_reporter = reporter.clone();
         tokio::spawn(async move {
             while generator_health.changed().await.is_ok() {
                 let up = *generator_health.borrow_and_update();
@@ -152,19 +152,10 @@ impl Application {
                 } else {
                     tonic_health::ServingStatus::NotServing
                 };
-                health_reporter
-                    .set_service_status(GENERATOR_HEALTH, status)
-                    .await;
+                reporter.set_service_status(GENERATOR_HEALTH, status).await;
             }
         });
-        tracing::info!(addr = %self.listeners.grpc_addr(), "relabeler serving");
-        let auth = BearerAuthLayer::methods(self.config.auth_token.clone(), MUTATING_METHODS);
-        let routes = tonic::service::Routes::new(health)
-            .add_service(reflection)
-            .add_service(RelabelerServiceServer::new(self.service));
-        self.listeners
-            .serve(Arc::clone(&self.metrics.registry), auth, routes, shutdown)
-            .await?;
+        server.serve(shutdown).await?;
         Ok(())
     }
 }

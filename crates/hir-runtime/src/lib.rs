@@ -9,6 +9,8 @@
 //! * [`listeners`]: the gRPC and metrics sockets of a server.
 //! * [`shutdown`]: a future that resolves on Ctrl-C or SIGTERM.
 //! * [`status`]: errors to gRPC statuses, the same way in every service.
+//! * [`server`]: the gRPC server of every service, with health, reflection, auth, metrics
+//!   and graceful shutdown around the service's own gRPC services.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -17,6 +19,7 @@ pub mod config;
 pub mod generators;
 pub mod listeners;
 pub mod metrics;
+pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
@@ -37,6 +40,15 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    /// Server reflection could not be built from the descriptor sets.
+    #[error("building server reflection: {0}")]
+    Reflection(String),
+    /// The gRPC server failed.
+    #[error("serving gRPC")]
+    Transport(#[from] tonic::transport::Error),
+    /// The service failed to get ready, so the server shut down.
+    #[error("the service failed to get ready")]
+    NotReady(#[source] server::BoxError),
 }
 
 /// Result alias of `hir-runtime`.

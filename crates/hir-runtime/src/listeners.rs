@@ -71,30 +71,3 @@ impl MetricsStop {
         self.0.send_replace(true);
     }
 }
-
-impl Listeners {
-    /// Serves `routes` behind `auth` (checked before any service sees a request), with a
-    /// tracing span per call, and `registry` on the metrics listener, until `shutdown`
-    /// resolves; then stops both.
-    pub async fn serve(
-        self,
-        registry: Arc<Mutex<Registry>>,
-        auth: crate::auth::BearerAuthLayer,
-        routes: tonic::service::Routes,
-        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    ) -> std::result::Result<(), tonic::transport::Error> {
-        let (grpc, metrics_stop) = self.start_metrics(registry);
-        tonic::transport::Server::builder()
-            .layer(auth)
-            .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
-            .add_routes(routes)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(grpc),
-                async move {
-                    shutdown.await;
-                    metrics_stop.stop();
-                },
-            )
-            .await
-    }
-}

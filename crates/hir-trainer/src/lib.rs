@@ -29,6 +29,7 @@ use anyhow::Context as _;
 use hir_proto::pb::trainer_service_server::TrainerServiceServer;
 use hir_runtime::auth::BearerAuthLayer;
 use hir_runtime::listeners::Listeners;
+use hir_runtime::server::ServerBuilder;
 use hir_store::{RunStatus, Store};
 
 use crate::config::TrainerConfig;
@@ -127,21 +128,14 @@ impl Application {
             tracing::info!(run_id = %run.id, "resuming a run left running");
             self.service.spawn_driver(run.id);
         }
-        let (reporter, health) = hir_proto::health_service();
-        let reflection = hir_proto::reflection_service()?;
-        reporter
-            .set_serving::<TrainerServiceServer<Trainer>>()
-            .await;
-        reporter
-            .set_service_status("", tonic_health::ServingStatus::Serving)
-            .await;
-        tracing::info!(addr = %self.listeners.grpc_addr(), "trainer serving");
-        let auth = BearerAuthLayer::methods(self.config.auth_token.clone(), MUTATING_METHODS);
-        let routes = tonic::service::Routes::new(health)
-            .add_service(reflection)
-            .add_service(TrainerServiceServer::new(self.service));
-        self.listeners
-            .serve(Arc::clone(&self.metrics.registry), auth, routes, shutdown)
+        ServerBuilder::new(self.listeners)?
+            .add_service(TrainerServiceServer::new(self.service))
+            .auth(BearerAuthLayer::methods(
+                self.config.auth_token.clone(),
+                MUTATING_METHODS,
+            ))
+            .metrics(Arc::clone(&self.metrics.registry))
+            .serve(shutdown)
             .await?;
         Ok(())
     }
