@@ -1,6 +1,7 @@
 //! `hir`: the hindsight command line.
 #![forbid(unsafe_code)]
 
+mod bigbench;
 mod client;
 mod demo;
 mod experiment;
@@ -9,7 +10,6 @@ mod local;
 mod migrate;
 mod model;
 mod report;
-mod tasks;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,9 +28,9 @@ struct Cli {
 enum Command {
     /// Inspect BIG-bench tasks: list them, show splits and prompts.
     #[command(subcommand)]
-    Tasks(tasks::TasksCommand),
+    Tasks(bigbench::TasksCommand),
     /// Score an output for a task example under the paper's exact match and answer extraction.
-    Score(tasks::ScoreArgs),
+    Score(bigbench::ScoreArgs),
     /// Apply the relabel store's migrations to DATABASE_URL.
     Migrate(migrate::MigrateArgs),
     /// Sample from a model locally (a HF folder or a GGUF file), without services.
@@ -97,8 +97,8 @@ fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Tasks(cmd) => tasks::run(cmd),
-        Command::Score(args) => tasks::score(args),
+        Command::Tasks(cmd) => bigbench::run(cmd),
+        Command::Score(args) => bigbench::score(args),
         Command::Migrate(args) => migrate::run(args),
         Command::Generate(args) => model::generate(args),
         Command::Model(cmd) => model::run(cmd),

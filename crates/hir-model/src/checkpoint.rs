@@ -5,11 +5,9 @@
 //! refuses a file whose checksum differs.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::error::{ModelError, Result};
 
@@ -27,17 +25,7 @@ pub struct Manifest {
 
 /// sha256 of a file, hex encoded.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| ModelError::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    hir_core::digest::sha256_file(path).map_err(|e| ModelError::io(path, e))
 }
 
 /// Checks every file listed in `dir/manifest.json`.

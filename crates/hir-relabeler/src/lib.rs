@@ -18,7 +18,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use hir_proto::pb::relabeler_service_server::RelabelerServiceServer;
 use hir_runtime::auth::BearerAuthLayer;
 use hir_runtime::listeners::Listeners;
@@ -62,11 +61,7 @@ impl std::fmt::Debug for Application {
 impl Application {
     /// Connects and migrates the store, reads the task catalog and binds the sockets.
     pub async fn build(config: RelabelerConfig) -> anyhow::Result<Self> {
-        let store = Store::connect(&config.database_url).await?;
-        store
-            .migrate()
-            .await
-            .context("migrating the relabel store")?;
+        let store = Store::open(&config.database_url).await?;
         let catalog = hir_core::task::Catalog::discover(&config.bigbench)?;
         let generators = hir_runtime::generators::GeneratorPool::new(
             &config.generators,

@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hir_core::relabel::{Outcome, RelabelPolicy};
+use hir_core::run::RunConfig;
 use hir_core::score::{relabel_match, score};
 use hir_proto::{convert, pb};
 use hir_runtime::generators::{retryable, Backoff, GeneratorPool};
-use hir_store::{IterationStatus, NewRelabel, NewScoredSample, Store};
+use hir_store::{ExampleSampleCount, IterationStatus, NewRelabel, NewScoredSample, RunTask, Store};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
@@ -131,41 +132,8 @@ async fn sample_iteration(
             "run {run_id} has no tasks"
         )));
     }
-    let n = config.samples_per_prompt as i64;
-    let done: HashMap<(i64, i32), i64> = store
-        .sample_counts(run_id, iteration)
-        .await?
-        .into_iter()
-        .map(|c| ((c.task_id, c.example_idx), c.samples))
-        .collect();
-    let mut items = Vec::new();
-    let mut total = 0u64;
-    for (t, rt) in tasks.iter().enumerate() {
-        let limit = if config.max_train_prompts == 0 {
-            rt.train.len()
-        } else {
-            (config.max_train_prompts as usize).min(rt.train.len())
-        };
-        for &example in &rt.train[..limit] {
-            total += 1;
-            if done.get(&(rt.id, example as i32)).copied().unwrap_or(0) >= n {
-                continue;
-            }
-            let ex = &rt.task.examples[example];
-            let prompt = hir_core::prompt::Prompt::build(
-                &rt.task,
-                ex,
-                hir_core::prompt::DEFAULT_INSTRUCTION,
-                hir_core::prompt::PromptVariant::Sampler,
-            )
-            .text();
-            items.push(Item {
-                task: t,
-                example,
-                prompt,
-            });
-        }
-    }
+    let done = store.sample_counts(run_id, iteration).await?;
+    let (items, total) = prompts_to_sample(&config, &tasks, &done);
     let version = serving_version(store, generators, settings).await?;
     let totals = store.sample_totals(run_id, iteration).await?;
     progress.send_modify(|p| {
@@ -178,84 +146,14 @@ async fn sample_iteration(
     });
     tracing::info!(%run_id, iteration, prompts = items.len(), skipped = total - items.len() as u64, version = %version.1, "sampling");
 
-    // Writer: batches rows into transactions and reports progress.
-    let (tx, mut rx) = mpsc::channel::<Vec<NewScoredSample>>(settings.concurrency * 2);
-    let writer = {
-        let store = store.clone();
-        let progress = progress.clone();
-        let write_batch = settings.write_batch.max(1);
-        let metrics_handle = (
-            metrics.samples.clone(),
-            metrics.correct.clone(),
-            metrics.write_seconds.clone(),
-        );
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let mut stored_now = 0u64;
-            let mut pending: Vec<NewScoredSample> = Vec::new();
-            let mut prompts_in_pending = 0u64;
-            let flush = |rows: Vec<NewScoredSample>, prompts: u64| {
-                let store = store.clone();
-                let progress = progress.clone();
-                let (samples_c, correct_c, write_h) = metrics_handle.clone();
-                async move {
-                    let t = Instant::now();
-                    let inserted = store.insert_scored_samples(&rows).await?;
-                    write_h.observe(t.elapsed().as_secs_f64());
-                    let correct = rows.iter().filter(|r| r.correct).count() as u64;
-                    let extracted = rows.iter().filter(|r| r.correct_extracted).count() as u64;
-                    samples_c.inc_by(inserted.samples);
-                    correct_c.inc_by(correct);
-                    progress.send_modify(|p| {
-                        p.samples += inserted.samples;
-                        p.correct += correct;
-                        p.correct_extracted += extracted;
-                        p.prompts_done += prompts;
-                    });
-                    Ok::<u64, RelabelerError>(inserted.samples)
-                }
-            };
-            // Two transactions in flight keep Postgres busy while the next chunk is built;
-            // rows are keyed naturally, so their order does not matter.
-            let mut writes = tokio::task::JoinSet::new();
-            let mut closed = false;
-            while !closed {
-                match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-                    Ok(Some(rows)) => {
-                        pending.extend(rows);
-                        prompts_in_pending += 1;
-                        if pending.len() < write_batch {
-                            continue;
-                        }
-                    }
-                    Ok(None) => closed = true,
-                    Err(_) => {}
-                }
-                if pending.is_empty() {
-                    continue;
-                }
-                if writes.len() >= 2 {
-                    if let Some(done) = writes.join_next().await {
-                        stored_now += done.map_err(|e| {
-                            RelabelerError::Internal(format!("a store write panicked: {e}"))
-                        })??;
-                    }
-                }
-                writes.spawn(flush(
-                    std::mem::take(&mut pending),
-                    std::mem::take(&mut prompts_in_pending),
-                ));
-                let rate = stored_now as f64 / started.elapsed().as_secs_f64().max(1e-9);
-                progress.send_modify(|p| p.samples_per_second = rate);
-            }
-            while let Some(done) = writes.join_next().await {
-                stored_now += done.map_err(|e| {
-                    RelabelerError::Internal(format!("a store write panicked: {e}"))
-                })??;
-            }
-            Ok::<u64, RelabelerError>(stored_now)
-        })
-    };
+    let (tx, rx) = mpsc::channel::<Vec<NewScoredSample>>(settings.concurrency * 2);
+    let writer = tokio::spawn(write_samples(
+        store.clone(),
+        rx,
+        progress.clone(),
+        settings.write_batch.max(1),
+        Arc::clone(metrics),
+    ));
 
     // Producer: prompts with bounded concurrency.
     let semaphore = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));
@@ -299,45 +197,15 @@ async fn sample_iteration(
             };
             let completions =
                 generate_with_retry(&generators, &settings, request, &progress, &errors).await?;
-            let ex = &rt.task.examples[item.example];
-            let gold = ex.answer.gold();
-            let rows = completions
-                .into_iter()
-                .map(|c| {
-                    let s = score(&ex.answer, &c.text);
-                    let outcome = Outcome {
-                        kind: rt.task.kind,
-                        correct: relabel_match(&c.text, &gold),
-                        output: &c.text,
-                        predicted: s.predicted.as_deref(),
-                    };
-                    let relabels = policy
-                        .relabel(&outcome)
-                        .map(|r| NewRelabel {
-                            policy: policy.name().to_string(),
-                            positive_instruction: r.positive,
-                            negative_instruction: r.negative,
-                        })
-                        .into_iter()
-                        .collect();
-                    NewScoredSample {
-                        run_id,
-                        iteration,
-                        task_id: rt.id,
-                        example_idx: item.example as i32,
-                        sample_idx: c.sample_index as i32,
-                        model_version_id: version.0,
-                        prompt: item.prompt.clone(),
-                        output: c.text,
-                        output_tokens: c.token_ids.iter().map(|&t| t as i32).collect(),
-                        finish_reason: convert::finish_reason(c.finish_reason),
-                        score: if s.exact { 1.0 } else { 0.0 },
-                        correct: s.exact,
-                        correct_extracted: s.extracted,
-                        relabels,
-                    }
-                })
-                .collect();
+            let rows = scored_samples(
+                rt,
+                &item,
+                completions,
+                policy.as_ref(),
+                run_id,
+                iteration,
+                &version,
+            );
             tx.send(rows)
                 .await
                 .map_err(|_| RelabelerError::FailedPrecondition("the store writer stopped".into()))
@@ -366,17 +234,197 @@ async fn sample_iteration(
         return Err(err);
     }
 
+    let (batches, status) =
+        finish_iteration(store, &config, policy.name(), run_id, iteration, total).await?;
+    progress.send_modify(|p| {
+        p.batches = batches as u32;
+        p.status = Some(status);
+        p.error.clear();
+    });
+    tracing::info!(%run_id, iteration, written, batches, "iteration sampled");
+    Ok(())
+}
+
+/// The training prompts of the run's tasks still short of their samples (`done`: samples
+/// stored per prompt), and how many prompts the iteration has in all.
+fn prompts_to_sample(
+    config: &RunConfig,
+    tasks: &[RunTask],
+    done: &[ExampleSampleCount],
+) -> (Vec<Item>, u64) {
+    let n = i64::from(config.samples_per_prompt);
+    let done: HashMap<(i64, i32), i64> = done
+        .iter()
+        .map(|c| ((c.task_id, c.example_idx), c.samples))
+        .collect();
+    let mut items = Vec::new();
+    let mut total = 0u64;
+    for (t, rt) in tasks.iter().enumerate() {
+        let limit = if config.max_train_prompts == 0 {
+            rt.train.len()
+        } else {
+            (config.max_train_prompts as usize).min(rt.train.len())
+        };
+        for &example in &rt.train[..limit] {
+            total += 1;
+            if done.get(&(rt.id, example as i32)).copied().unwrap_or(0) >= n {
+                continue;
+            }
+            items.push(Item {
+                task: t,
+                example,
+                prompt: rt.sampler_prompt(example),
+            });
+        }
+    }
+    (items, total)
+}
+
+/// Writes the rows the prompts send into batched transactions (two in flight) until every
+/// sender is gone, reporting progress; returns the samples newly stored.
+async fn write_samples(
+    store: Store,
+    mut rx: mpsc::Receiver<Vec<NewScoredSample>>,
+    progress: watch::Sender<Progress>,
+    write_batch: usize,
+    metrics: Arc<Metrics>,
+) -> Result<u64> {
+    let started = Instant::now();
+    let mut stored_now = 0u64;
+    let mut pending: Vec<NewScoredSample> = Vec::new();
+    let mut prompts_in_pending = 0u64;
+    let flush = |rows: Vec<NewScoredSample>, prompts: u64| {
+        let (store, progress, metrics) = (store.clone(), progress.clone(), Arc::clone(&metrics));
+        async move {
+            let t = Instant::now();
+            let inserted = store.insert_scored_samples(&rows).await?;
+            metrics.write_seconds.observe(t.elapsed().as_secs_f64());
+            let correct = rows.iter().filter(|r| r.correct).count() as u64;
+            let extracted = rows.iter().filter(|r| r.correct_extracted).count() as u64;
+            metrics.samples.inc_by(inserted.samples);
+            metrics.correct.inc_by(correct);
+            progress.send_modify(|p| {
+                p.samples += inserted.samples;
+                p.correct += correct;
+                p.correct_extracted += extracted;
+                p.prompts_done += prompts;
+            });
+            Ok::<u64, RelabelerError>(inserted.samples)
+        }
+    };
+    // Two transactions in flight keep Postgres busy while the next chunk is built; rows
+    // are keyed naturally, so their order does not matter.
+    let mut writes = tokio::task::JoinSet::new();
+    let mut closed = false;
+    while !closed {
+        match tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            Ok(Some(rows)) => {
+                pending.extend(rows);
+                prompts_in_pending += 1;
+                if pending.len() < write_batch {
+                    continue;
+                }
+            }
+            Ok(None) => closed = true,
+            Err(_) => {}
+        }
+        if pending.is_empty() {
+            continue;
+        }
+        if writes.len() >= 2 {
+            if let Some(done) = writes.join_next().await {
+                stored_now += done.map_err(|e| {
+                    RelabelerError::Internal(format!("a store write panicked: {e}"))
+                })??;
+            }
+        }
+        writes.spawn(flush(
+            std::mem::take(&mut pending),
+            std::mem::take(&mut prompts_in_pending),
+        ));
+        let rate = stored_now as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        progress.send_modify(|p| p.samples_per_second = rate);
+    }
+    while let Some(done) = writes.join_next().await {
+        stored_now +=
+            done.map_err(|e| RelabelerError::Internal(format!("a store write panicked: {e}")))??;
+    }
+    Ok(stored_now)
+}
+
+/// One prompt's completions scored against the gold answer and relabeled under `policy`,
+/// as rows to store.
+fn scored_samples(
+    rt: &RunTask,
+    item: &Item,
+    completions: Vec<pb::Completion>,
+    policy: &dyn RelabelPolicy,
+    run_id: Uuid,
+    iteration: i32,
+    version: &(i64, String),
+) -> Vec<NewScoredSample> {
+    let ex = &rt.task.examples[item.example];
+    let gold = rt.gold(item.example);
+    completions
+        .into_iter()
+        .map(|c| {
+            let s = score(&ex.answer, &c.text);
+            let outcome = Outcome {
+                kind: rt.task.kind,
+                correct: relabel_match(&c.text, &gold),
+                output: &c.text,
+                predicted: s.predicted.as_deref(),
+            };
+            let relabels = policy
+                .relabel(&outcome)
+                .map(|r| NewRelabel {
+                    policy: policy.name().to_string(),
+                    positive_instruction: r.positive,
+                    negative_instruction: r.negative,
+                })
+                .into_iter()
+                .collect();
+            NewScoredSample {
+                run_id,
+                iteration,
+                task_id: rt.id,
+                example_idx: item.example as i32,
+                sample_idx: c.sample_index as i32,
+                model_version_id: version.0,
+                prompt: item.prompt.clone(),
+                output: c.text,
+                output_tokens: c.token_ids.iter().map(|&t| t as i32).collect(),
+                finish_reason: convert::finish_reason(c.finish_reason),
+                score: if s.exact { 1.0 } else { 0.0 },
+                correct: s.exact,
+                correct_extracted: s.extracted,
+                relabels,
+            }
+        })
+        .collect()
+}
+
+/// Groups the iteration's samples into training batches under the run's knobs and moves it
+/// to sampled; returns the batches and the iteration's status.
+async fn finish_iteration(
+    store: &Store,
+    config: &RunConfig,
+    policy: &str,
+    run_id: Uuid,
+    iteration: i32,
+    prompts: u64,
+) -> Result<(usize, IterationStatus)> {
     let plan = hir_store::BatchPlan {
         batch_size: config.batch_size as i32,
         include_replay: config.replay_buffer,
-        policy: Some(policy.name().to_string()),
+        policy: Some(policy.to_string()),
         epochs: config.epochs_per_iteration as i32,
         shuffle_seed: Some(config.seed.wrapping_add(iteration as u64) as i64),
         max_batches: Some(config.max_steps_per_iteration as i32).filter(|m| *m > 0),
         dedup_outputs: config.dedup_outputs,
         holdout: config.replay_holdout,
         // The reference keeps 4·⌊0.8N⌋ samples: the cap per prompt times the prompts trained.
-        max_samples: Some(i64::from(config.replay_cap_per_prompt) * total as i64)
+        max_samples: Some(i64::from(config.replay_cap_per_prompt) * prompts as i64)
             .filter(|m| *m > 0),
     };
     let batches = store.create_batches(run_id, iteration, &plan).await?;
@@ -392,13 +440,7 @@ async fn sample_iteration(
         }
         Err(err) => return Err(err.into()),
     };
-    progress.send_modify(|p| {
-        p.batches = batches.len() as u32;
-        p.status = Some(status);
-        p.error.clear();
-    });
-    tracing::info!(%run_id, iteration, written, batches = batches.len(), "iteration sampled");
-    Ok(())
+    Ok((batches.len(), status))
 }
 
 /// The version the generators serve, registered in the store if new: `(id, name)`.

@@ -56,6 +56,13 @@ impl Store {
         Self { pool }
     }
 
+    /// Connects and applies any pending migrations: what a service does when it starts.
+    pub async fn open(url: &str) -> Result<Self> {
+        let store = Self::connect(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
     /// Applies any pending schema migrations. Safe to call on every start.
     #[tracing::instrument(name = "Migrating the relabel store", skip_all)]
     pub async fn migrate(&self) -> Result<()> {

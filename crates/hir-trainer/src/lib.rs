@@ -68,11 +68,7 @@ impl Application {
     /// Connects and migrates the store, reads the task catalog, opens the device and
     /// binds the sockets.
     pub async fn build(config: TrainerConfig) -> anyhow::Result<Self> {
-        let store = Store::connect(&config.database_url).await?;
-        store
-            .migrate()
-            .await
-            .context("migrating the relabel store")?;
+        let store = Store::open(&config.database_url).await?;
         let catalog = hir_core::task::Catalog::discover(&config.bigbench)?;
         let remotes = Remotes::new(
             &config.relabeler,

@@ -6,7 +6,7 @@ use std::path::Path;
 use hir_proto::pb;
 use hir_proto::pb::relabeler_service_client::RelabelerServiceClient;
 use hir_runtime::auth::with_bearer;
-use hir_runtime::generators::GeneratorPool;
+use hir_runtime::generators::{GeneratorEndpoint, GeneratorPool};
 use tonic::transport::Channel;
 
 use crate::error::{Result, TrainerError};
@@ -21,8 +21,6 @@ enum SampleError {
 
 /// Bytes per upload chunk.
 const CHUNK: usize = 1 << 20;
-
-pub use hir_runtime::generators::GeneratorEndpoint as Generator;
 
 /// A checkpoint to swap in.
 #[derive(Debug, Clone, Copy)]
@@ -73,7 +71,7 @@ impl Remotes {
     }
 
     /// Every generator.
-    pub fn generators(&self) -> &[Generator] {
+    pub fn generators(&self) -> &[GeneratorEndpoint] {
         self.generators.endpoints()
     }
 
@@ -81,7 +79,7 @@ impl Remotes {
         TrainerError::remote(format!("relabeler {}", self.relabeler_address), status)
     }
 
-    fn generator_error(g: &Generator, status: &tonic::Status) -> TrainerError {
+    fn generator_error(g: &GeneratorEndpoint, status: &tonic::Status) -> TrainerError {
         TrainerError::remote(format!("generator {}", g.address), status)
     }
 
@@ -184,7 +182,7 @@ impl Remotes {
     }
 
     /// What a generator serves.
-    pub async fn model_info(&self, g: &Generator) -> Result<pb::ModelInfo> {
+    pub async fn model_info(&self, g: &GeneratorEndpoint) -> Result<pb::ModelInfo> {
         g.client()
             .get_model_info(self.generators.request(pb::GetModelInfoRequest {}))
             .await
@@ -197,7 +195,7 @@ impl Remotes {
     /// by streaming the folder.
     pub async fn swap(
         &self,
-        g: &Generator,
+        g: &GeneratorEndpoint,
         t: &SwapTarget<'_>,
         upload: bool,
     ) -> Result<pb::SwapWeightsResponse> {
@@ -233,7 +231,7 @@ impl Remotes {
     /// which must be `version`.
     pub async fn logprobs(
         &self,
-        g: &Generator,
+        g: &GeneratorEndpoint,
         version: &str,
         prompt: &[u32],
         continuation: &[u32],

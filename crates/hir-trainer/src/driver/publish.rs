@@ -113,7 +113,11 @@ impl Driver<'_> {
 
     /// Checks that a generator reports `version` and that its log-probabilities of a fixed
     /// probe agree with the trainer's model.
-    async fn verify(&mut self, g: &crate::remote::Generator, version: &str) -> Result<()> {
+    async fn verify(
+        &mut self,
+        g: &hir_runtime::generators::GeneratorEndpoint,
+        version: &str,
+    ) -> Result<()> {
         let info = self.ctx.remotes.model_info(g).await?;
         if info.version != version {
             return Err(TrainerError::Verification(format!(
