@@ -17,7 +17,8 @@ pub fn iteration_status_name(s: i32) -> &'static str {
     convert::iteration_status(s).map_or("unknown", |s| s.as_str())
 }
 
-fn pct(x: f64) -> String {
+/// A fraction as a percentage with one decimal, e.g. `33.3%`.
+pub fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
