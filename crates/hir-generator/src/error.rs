@@ -17,6 +17,15 @@ pub enum GeneratorError {
     /// The server is not in a state to do it (wrong version, not loaded, shutting down).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The request names a version other than the one serving; the status carries the
+    /// serving version in [`hir_proto::SERVING_VERSION_KEY`].
+    #[error("expected version `{expected}`, but `{serving}` is serving")]
+    VersionMismatch {
+        /// The version the request asked for.
+        expected: String,
+        /// The version serving.
+        serving: String,
+    },
     /// The request queue is full; retry later.
     #[error("{0}")]
     Overloaded(String),
@@ -58,9 +67,9 @@ impl GeneratorError {
     pub fn class(&self) -> ErrorClass {
         match self {
             GeneratorError::InvalidArgument { .. } => ErrorClass::InvalidInput,
-            GeneratorError::FailedPrecondition(_) | GeneratorError::Checkpoint(_) => {
-                ErrorClass::FailedPrecondition
-            }
+            GeneratorError::FailedPrecondition(_)
+            | GeneratorError::VersionMismatch { .. }
+            | GeneratorError::Checkpoint(_) => ErrorClass::FailedPrecondition,
             GeneratorError::Overloaded(_) => ErrorClass::ResourceExhausted,
             GeneratorError::DeadlineExceeded(..) | GeneratorError::EngineStopped => {
                 ErrorClass::Unavailable
@@ -76,7 +85,15 @@ impl From<GeneratorError> for tonic::Status {
         if let GeneratorError::DeadlineExceeded(..) = err {
             return tonic::Status::deadline_exceeded(err.to_string());
         }
-        hir_runtime::status::to_status(err.class(), &err, &err)
+        let mut status = hir_runtime::status::to_status(err.class(), &err, &err);
+        if let GeneratorError::VersionMismatch { serving, .. } = &err {
+            if let Ok(value) = serving.parse() {
+                status
+                    .metadata_mut()
+                    .insert(hir_proto::SERVING_VERSION_KEY, value);
+            }
+        }
+        status
     }
 }
 

@@ -26,6 +26,11 @@ pub mod pb {
 /// --include_imports`), served by reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hir_v1_descriptor");
 
+/// The metadata key of a generator's FAILED_PRECONDITION reply to a request that names a
+/// version other than the one serving: its value is the version serving, so that a client
+/// can tell "not yet swapped" from other refusals and wait for the swap.
+pub const SERVING_VERSION_KEY: &str = "hir-serving-version";
+
 /// Fully qualified names of the three hindsight services.
 pub const SERVICE_NAMES: [&str; 3] = [
     "hir.v1.GeneratorService",

@@ -15,7 +15,7 @@ use hir_core::relabel::{Outcome, RelabelPolicy};
 use hir_core::run::RunConfig;
 use hir_core::score::{relabel_match, score};
 use hir_proto::{convert, pb};
-use hir_runtime::generators::{retryable, Backoff, GeneratorPool};
+use hir_runtime::generators::{retryable, serving_other_version, Backoff, GeneratorPool};
 use hir_store::{ExampleSampleCount, IterationStatus, NewRelabel, NewScoredSample, RunTask, Store};
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
@@ -134,7 +134,7 @@ async fn sample_iteration(
     }
     let done = store.sample_counts(run_id, iteration).await?;
     let (items, total) = prompts_to_sample(&config, &tasks, &done);
-    let version = serving_version(store, generators, settings).await?;
+    let version = sampling_version(store, generators, settings, run_id, iteration).await?;
     let totals = store.sample_totals(run_id, iteration).await?;
     progress.send_modify(|p| {
         p.model_version.clone_from(&version.1);
@@ -443,6 +443,35 @@ async fn finish_iteration(
     Ok((batches.len(), status))
 }
 
+/// The version iteration `iteration` samples from, `(id, name)`: pinned when its sampling
+/// first started; else the run's current version (trained in its latest iteration, or the
+/// starting model its iteration 0 evaluated), pinned now; else, for a run whose starting
+/// model was never evaluated, what the generators serve. Every request of the iteration
+/// names it, so a generator serving anything else refuses the work instead of mixing
+/// versions, and a resumed iteration asks for the same version again.
+async fn sampling_version(
+    store: &Store,
+    generators: &GeneratorPool,
+    settings: &SamplerSettings,
+    run_id: Uuid,
+    iteration: i32,
+) -> Result<(i64, String)> {
+    let pinned = match store.get_iteration(run_id, iteration).await?.model_version_id {
+        Some(id) => id,
+        None => {
+            let current = match store.run_version_before(run_id, iteration).await? {
+                Some(v) => v.id,
+                None => serving_version(store, generators, settings).await?.0,
+            };
+            store
+                .pin_iteration_version(run_id, iteration, current)
+                .await?
+        }
+    };
+    let v = store.get_model_version(pinned).await?;
+    Ok((v.id, v.name))
+}
+
 /// The version the generators serve, registered in the store if new: `(id, name)`.
 async fn serving_version(
     store: &Store,
@@ -469,10 +498,20 @@ where
     let up = &settings.generator_up;
     let outcome = settings
         .backoff
-        .retry(call, retryable, |status, _, delay| {
-            up.send_if_modified(|up| std::mem::replace(up, false));
-            tracing::warn!(what, code = ?status.code(), message = status.message(), retry_in_ms = delay.as_millis() as u64, "generator unavailable; retrying");
-        })
+        .retry(
+            call,
+            |s| retryable(s) || serving_other_version(s).is_some(),
+            |status, _, delay| {
+                if let Some(serving) = serving_other_version(status) {
+                    // A generator that restarted or joined serves another version until the
+                    // trainer brings it to the run's; the next attempt may reach another.
+                    tracing::warn!(what, serving, retry_in_ms = delay.as_millis() as u64, "generator serves another version; retrying");
+                } else {
+                    up.send_if_modified(|up| std::mem::replace(up, false));
+                    tracing::warn!(what, code = ?status.code(), message = status.message(), retry_in_ms = delay.as_millis() as u64, "generator unavailable; retrying");
+                }
+            },
+        )
         .await;
     match outcome {
         Ok(v) => {

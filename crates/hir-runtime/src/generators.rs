@@ -115,6 +115,18 @@ pub fn retryable(status: &tonic::Status) -> bool {
     )
 }
 
+/// The version a generator serves, when it refused a request for naming another one (it
+/// has not been brought to the run's version yet: restarted, or newly joined).
+pub fn serving_other_version(status: &tonic::Status) -> Option<&str> {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    status
+        .metadata()
+        .get(hir_proto::SERVING_VERSION_KEY)
+        .and_then(|v| v.to_str().ok())
+}
+
 /// Exponential backoff: the first retry after `initial`, each next one after twice the
 /// last (at most `max`), no retry once `give_up` has passed since the first attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

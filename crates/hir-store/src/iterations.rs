@@ -76,6 +76,8 @@ pub struct Iteration {
     pub updated_at: DateTime<Utc>,
     /// When it reached done or failed.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The version it samples from, pinned when sampling first starts.
+    pub model_version_id: Option<i64>,
 }
 
 impl Store {
@@ -107,6 +109,32 @@ impl Store {
         .fetch_optional(self.pool())
         .await?
         .ok_or_else(|| StoreError::NotFound {
+            what: iteration_name(run_id, iteration),
+        })
+    }
+
+    /// Pins the version iteration `iteration` samples from: the first caller's
+    /// `version_id` stays, later callers get it back. Every sample of the iteration is then
+    /// asked of that version, however often its sampling resumes.
+    #[tracing::instrument(name = "Pinning an iteration's version", skip(self))]
+    pub async fn pin_iteration_version(
+        &self,
+        run_id: Uuid,
+        iteration: i32,
+        version_id: i64,
+    ) -> Result<i64> {
+        let pinned: Option<Option<i64>> = sqlx::query_scalar(
+            "UPDATE iterations SET model_version_id = COALESCE(model_version_id, $3)
+             WHERE run_id = $1 AND iteration = $2
+             RETURNING model_version_id",
+        )
+        .bind(run_id)
+        .bind(iteration)
+        .bind(version_id)
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db_error("pinning an iteration's version"))?;
+        pinned.flatten().ok_or_else(|| StoreError::NotFound {
             what: iteration_name(run_id, iteration),
         })
     }

@@ -106,6 +106,48 @@ impl Store {
             })
     }
 
+    /// Fetches a model version by its id.
+    #[tracing::instrument(name = "Fetching model version by id", skip(self))]
+    pub async fn get_model_version(&self, id: i64) -> Result<ModelVersion> {
+        sqlx::query_as::<_, ModelVersion>("SELECT * FROM model_versions WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                what: format!("model version {id}"),
+            })
+    }
+
+    /// The version run `run_id` samples from in iteration `iteration`: the one it trained
+    /// in its latest earlier iteration, else the starting model its iteration 0 evaluated;
+    /// `None` when it has neither yet.
+    #[tracing::instrument(name = "Finding a run's current version", skip(self))]
+    pub async fn run_version_before(
+        &self,
+        run_id: Uuid,
+        iteration: i32,
+    ) -> Result<Option<ModelVersion>> {
+        let trained = sqlx::query_as::<_, ModelVersion>(
+            "SELECT * FROM model_versions WHERE run_id = $1 AND iteration < $2
+             ORDER BY iteration DESC LIMIT 1",
+        )
+        .bind(run_id)
+        .bind(iteration)
+        .fetch_optional(self.pool())
+        .await?;
+        if trained.is_some() {
+            return Ok(trained);
+        }
+        Ok(sqlx::query_as::<_, ModelVersion>(
+            "SELECT v.* FROM model_versions v
+             WHERE v.id = (SELECT model_version_id FROM eval_results
+                           WHERE run_id = $1 AND iteration = 0 LIMIT 1)",
+        )
+        .bind(run_id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
     /// Model versions, newest first; only `run_id`'s when given.
     #[tracing::instrument(name = "Listing model versions", skip(self))]
     pub async fn list_model_versions(&self, run_id: Option<Uuid>) -> Result<Vec<ModelVersion>> {

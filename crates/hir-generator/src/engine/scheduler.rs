@@ -278,9 +278,10 @@ impl Engine {
             }
             if let Some(expected) = job.expected_version.as_deref().filter(|e| !e.is_empty()) {
                 if expected != &*current {
-                    let _ = job.out.send(Err(GeneratorError::FailedPrecondition(format!(
-                        "expected version `{expected}`, but `{current}` is serving"
-                    ))));
+                    let _ = job.out.send(Err(GeneratorError::VersionMismatch {
+                        expected: expected.to_string(),
+                        serving: current.to_string(),
+                    }));
                     continue;
                 }
             }
@@ -498,9 +499,10 @@ impl Engine {
         let version = Arc::clone(&slot.serving.version);
         if let Some(expected) = expected.filter(|e| !e.is_empty()) {
             if expected != &*version {
-                return Err(GeneratorError::FailedPrecondition(format!(
-                    "expected version `{expected}`, but `{version}` is serving"
-                )));
+                return Err(GeneratorError::VersionMismatch {
+                    expected: expected.to_string(),
+                    serving: version.to_string(),
+                });
             }
         }
         let model = slot.serving.model.model();

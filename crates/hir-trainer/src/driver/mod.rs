@@ -8,6 +8,7 @@
 //! batches not yet done; swaps and evaluation are idempotent.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use hir_core::eval::TaskEval;
 use hir_core::run::RunConfig;
@@ -45,6 +46,9 @@ pub struct Context {
     /// Metrics.
     pub metrics: Arc<Metrics>,
 }
+
+/// How often the generators' versions are checked while an iteration samples.
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
 /// The version name of iteration `k` of a run.
 pub fn version_name(run_id: Uuid, iteration: u32) -> String {
@@ -97,6 +101,45 @@ pub async fn drive(
 }
 
 impl Driver<'_> {
+    /// Has the relabeler sample iteration `k`, keeping every generator on the run's
+    /// version meanwhile: before sampling starts and every [`RECONCILE_EVERY`] while it
+    /// runs, so a generator that restarts or joins mid-iteration is brought back to it.
+    async fn sample(&self, k: u32) -> Result<()> {
+        self.reconcile(k).await?;
+        let events = self.events;
+        let mut last: Option<(i32, String)> = None;
+        let run_id = self.run_id.to_string();
+        let sampling = self.ctx.remotes.sample(
+            &run_id,
+            k,
+            self.ctx.config.relabeler_give_up(),
+            |s| {
+                // Status changes and retries become events; progress ticks do not.
+                let now = (s.status, s.error.clone());
+                if last.as_ref() != Some(&now) {
+                    last = Some(now);
+                    if let Some(status) = convert::iteration_status(s.status) {
+                        events.iteration(k, status, &s.error);
+                    }
+                }
+            },
+        );
+        tokio::pin!(sampling);
+        let mut tick = tokio::time::interval(RECONCILE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                done = &mut sampling => return done.map(|_| ()),
+                _ = tick.tick() => {
+                    if let Err(e) = self.reconcile(k).await {
+                        tracing::warn!(run_id = %self.run_id, iteration = k, error = %e, "reconciling the generators' version failed; retrying");
+                    }
+                }
+            }
+        }
+    }
+
     fn stopping(&self) -> bool {
         *self.stop.borrow()
     }
@@ -162,28 +205,7 @@ impl Driver<'_> {
             }
             let status = store.get_iteration(self.run_id, k as i32).await?.status;
             match status {
-                IterationStatus::Pending | IterationStatus::Sampling => {
-                    let events = self.events;
-                    let mut last: Option<(i32, String)> = None;
-                    self.ctx
-                        .remotes
-                        .sample(
-                            &self.run_id.to_string(),
-                            k,
-                            self.ctx.config.relabeler_give_up(),
-                            |s| {
-                                // Status changes and retries become events; progress ticks do not.
-                                let now = (s.status, s.error.clone());
-                                if last.as_ref() != Some(&now) {
-                                    last = Some(now);
-                                    if let Some(status) = convert::iteration_status(s.status) {
-                                        events.iteration(k, status, &s.error);
-                                    }
-                                }
-                            },
-                        )
-                        .await?;
-                }
+                IterationStatus::Pending | IterationStatus::Sampling => self.sample(k).await?,
                 IterationStatus::Sampled | IterationStatus::Training => {
                     if status == IterationStatus::Sampled {
                         self.advance(k, IterationStatus::Training).await?;

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use hir_store::{ModelVersion, NewModelVersion, StoreError};
 
+use hir_runtime::generators::GeneratorEndpoint;
+
 use super::{version_name, Driver};
 use crate::error::{Result, TrainerError};
 
@@ -62,44 +64,81 @@ impl Driver<'_> {
 
     /// Swaps iteration `k`'s version into every generator and verifies each serves it.
     pub(super) async fn swap_all(&mut self, k: u32) -> Result<()> {
-        let store = &self.ctx.store;
-        let version = store
+        let version = self
+            .ctx
+            .store
             .get_model_version_by_name(&version_name(self.run_id, k))
             .await?;
-        let folder = PathBuf::from(&version.checkpoint_uri);
-        let relative = format!("{}/it{k:03}", self.run_id);
         let remotes = &self.ctx.remotes;
         for g in remotes.generators() {
-            let info = remotes.model_info(g).await?;
-            if info.version != version.name {
-                if !self.is_ours_or_base(&info.version).await? {
-                    return Err(TrainerError::FailedPrecondition(format!(
-                        "generator {} serves version {:?}, which belongs to another run; \
-                         give each run its own generators",
-                        g.address, info.version
-                    )));
-                }
-                let started = Instant::now();
-                let target = crate::remote::SwapTarget {
-                    folder: &folder,
-                    relative: &relative,
-                    version: &version.name,
-                    sha256: &version.sha256,
-                    expected: &info.version,
-                };
-                let r = remotes.swap(g, &target, self.ctx.config.upload).await?;
-                self.ctx
-                    .metrics
-                    .swap_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                tracing::info!(generator = %g.address, version = %r.version, previous = %r.previous_version, total_ms = r.total_ms, "swapped");
-                self.events
-                    .swap(&g.address, &r.version, &r.previous_version, r.total_ms);
-            }
+            self.swap_into(g, &version).await?;
             self.verify(g, &version.name).await?;
         }
         self.ctx.metrics.version_lag.set(0);
         Ok(())
+    }
+
+    /// Brings every generator to the version iteration `k` samples from (the run's latest
+    /// trained version), so that a generator that restarted (serving its starting model) or
+    /// joined gets the run's version before it gets work; the sampler's requests name the
+    /// version, so until then it refuses work rather than mixing versions. A generator that
+    /// cannot be reached is left for the next round. Before the first trained version
+    /// there is nothing to bring: generators start with the starting model.
+    pub(super) async fn reconcile(&self, k: u32) -> Result<()> {
+        let store = &self.ctx.store;
+        let Some(version) = store.run_version_before(self.run_id, k as i32).await? else {
+            return Ok(());
+        };
+        if version.run_id != Some(self.run_id) {
+            return Ok(());
+        }
+        for g in self.ctx.remotes.generators() {
+            match self.swap_into(g, &version).await {
+                Ok(_) => {}
+                Err(e @ TrainerError::Remote { .. }) => {
+                    tracing::warn!(generator = %g.address, error = %e, "cannot bring a generator to the run's version yet");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Swaps `version` (one of this run's checkpoints) into generator `g` unless it serves
+    /// it already; returns whether it swapped.
+    async fn swap_into(&self, g: &GeneratorEndpoint, version: &ModelVersion) -> Result<bool> {
+        let remotes = &self.ctx.remotes;
+        let info = remotes.model_info(g).await?;
+        if info.version == version.name {
+            return Ok(false);
+        }
+        if !self.is_ours_or_base(&info.version).await? {
+            return Err(TrainerError::FailedPrecondition(format!(
+                "generator {} serves version {:?}, which belongs to another run; \
+                 give each run its own generators",
+                g.address,
+                hir_core::text_enum::bounded(&info.version)
+            )));
+        }
+        let folder = PathBuf::from(&version.checkpoint_uri);
+        let relative = format!("{}/it{:03}", self.run_id, version.iteration.unwrap_or(0));
+        let started = Instant::now();
+        let target = crate::remote::SwapTarget {
+            folder: &folder,
+            relative: &relative,
+            version: &version.name,
+            sha256: &version.sha256,
+            expected: &info.version,
+        };
+        let r = remotes.swap(g, &target, self.ctx.config.upload).await?;
+        self.ctx
+            .metrics
+            .swap_seconds
+            .observe(started.elapsed().as_secs_f64());
+        tracing::info!(generator = %g.address, version = %r.version, previous = %r.previous_version, total_ms = r.total_ms, "swapped");
+        self.events
+            .swap(&g.address, &r.version, &r.previous_version, r.total_ms);
+        Ok(true)
     }
 
     /// A version this run produced, or one no run produced (a base model).
