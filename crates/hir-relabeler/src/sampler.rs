@@ -479,9 +479,12 @@ async fn serving_version(
     settings: &SamplerSettings,
 ) -> Result<(i64, String)> {
     let info = with_retry(settings, "GetModelInfo", || {
-        let mut client = generators.pick().client();
+        let picked = generators.pick();
         let request = generators.request(pb::GetModelInfoRequest {});
-        async move { client.get_model_info(request).await.map(|r| r.into_inner()) }
+        async move {
+            let mut client = picked?.client();
+            client.get_model_info(request).await.map(|r| r.into_inner())
+        }
     })
     .await?;
     let v = hir_store::catalog::register_served_version(store, &info.version, &info.sha256).await?;
@@ -534,13 +537,13 @@ async fn generate_with_retry(
     errors: &prometheus_client::metrics::counter::Counter,
 ) -> Result<Vec<pb::Completion>> {
     let result = with_retry(settings, "Generate", || {
-        let mut client = generators.pick().client();
+        let picked = generators.pick();
         let request = generators.request(request.clone());
         let progress = progress.clone();
         let errors = errors.clone();
         async move {
             let outcome = async {
-                let mut stream = client.generate(request).await?.into_inner();
+                let mut stream = picked?.client().generate(request).await?.into_inner();
                 let mut out = Vec::new();
                 while let Some(r) = stream.message().await? {
                     out.extend(r.completion);

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use hir_proto::pb::generator_service_client::GeneratorServiceClient;
@@ -49,52 +49,176 @@ pub enum PoolError {
     },
 }
 
-/// The generators of a service, used round-robin.
+/// How often names given as `dns://host:port` are resolved again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(5);
+
+/// Where a pool finds its generators.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// One generator at this URI.
+    Fixed(String),
+    /// Every address this name resolves to (a Kubernetes headless Service), on this port.
+    Dns { host: String, port: u16 },
+}
+
+impl Source {
+    fn parse(address: &str) -> Result<Self, PoolError> {
+        let bad = |reason: &str| PoolError::BadAddress {
+            address: hir_core::text_enum::bounded(address),
+            reason: reason.to_owned(),
+        };
+        let Some(rest) = address.strip_prefix("dns://") else {
+            // A fixed address must be a URI a channel can use.
+            Channel::from_shared(address.to_owned()).map_err(|e| bad(&e.to_string()))?;
+            return Ok(Source::Fixed(address.to_owned()));
+        };
+        // `dns://host:port` or gRPC's `dns:///host:port`.
+        let rest = rest.trim_start_matches('/');
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| bad("expected dns://host:port"))?;
+        let port = port
+            .parse()
+            .map_err(|_| bad("the port must be a number"))?;
+        if host.is_empty() {
+            return Err(bad("expected dns://host:port"));
+        }
+        Ok(Source::Dns {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The URIs this source stands for now.
+    async fn resolve(&self) -> Vec<String> {
+        match self {
+            Source::Fixed(uri) => vec![uri.clone()],
+            Source::Dns { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
+                Ok(addrs) => {
+                    let mut uris: Vec<String> = addrs.map(|a| format!("http://{a}")).collect();
+                    uris.sort();
+                    uris.dedup();
+                    uris
+                }
+                Err(e) => {
+                    tracing::warn!(host, port, error = %e, "cannot resolve the generators' name");
+                    Vec::new()
+                }
+            },
+        }
+    }
+}
+
+/// Resolves `sources` and makes the result the pool's endpoints.
+async fn resolve_into(sources: &[Source], endpoints: &RwLock<Arc<Vec<GeneratorEndpoint>>>) {
+    let mut uris = Vec::new();
+    for source in sources {
+        for uri in source.resolve().await {
+            if !uris.contains(&uri) {
+                uris.push(uri);
+            }
+        }
+    }
+    let current = Arc::clone(&endpoints.read().unwrap_or_else(|p| p.into_inner()));
+    if current.iter().map(|e| &e.address).eq(uris.iter()) {
+        return;
+    }
+    let next: Vec<GeneratorEndpoint> = uris
+        .iter()
+        .map(|uri| {
+            current
+                .iter()
+                .find(|e| &e.address == uri)
+                .cloned()
+                .unwrap_or_else(|| endpoint(uri))
+        })
+        .collect();
+    tracing::info!(generators = ?uris, "the generators changed");
+    *endpoints.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+}
+
+/// The generators of a service, used round-robin: fixed addresses, and names resolved
+/// again every [`RESOLVE_EVERY`] (`dns://host:port`: every address behind a headless
+/// Service), so replicas that join are used and replicas that leave are dropped.
 #[derive(Debug, Clone)]
 pub struct GeneratorPool {
-    endpoints: Arc<Vec<GeneratorEndpoint>>,
+    sources: Arc<Vec<Source>>,
+    endpoints: Arc<RwLock<Arc<Vec<GeneratorEndpoint>>>>,
     token: Option<Arc<str>>,
     next: Arc<AtomicUsize>,
 }
 
+fn endpoint(uri: &str) -> GeneratorEndpoint {
+    // Validated when the source was parsed or built from a resolved socket address.
+    let channel = Channel::from_shared(uri.to_owned())
+        .expect("a valid URI")
+        .connect_lazy();
+    GeneratorEndpoint {
+        address: uri.to_owned(),
+        client: GeneratorServiceClient::new(channel).max_decoding_message_size(MAX_REPLY),
+    }
+}
+
 impl GeneratorPool {
-    /// Lazy channels to `addresses`, sending `token` as a bearer token.
+    /// Lazy channels to `addresses` (URIs, or `dns://host:port` names resolved now and then
+    /// again in the background), sending `token` as a bearer token. Must be called within a
+    /// Tokio runtime when a name is given.
     pub fn new(addresses: &[String], token: Option<String>) -> Result<Self, PoolError> {
         if addresses.is_empty() {
             return Err(PoolError::Empty);
         }
-        let endpoints = addresses
+        let sources = addresses
             .iter()
-            .map(|a| {
-                let channel = Channel::from_shared(a.clone())
-                    .map_err(|e| PoolError::BadAddress {
-                        address: a.clone(),
-                        reason: e.to_string(),
-                    })?
-                    .connect_lazy();
-                Ok(GeneratorEndpoint {
-                    address: a.clone(),
-                    client: GeneratorServiceClient::new(channel)
-                        .max_decoding_message_size(MAX_REPLY),
-                })
+            .map(|a| Source::parse(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let fixed: Vec<GeneratorEndpoint> = sources
+            .iter()
+            .filter_map(|s| match s {
+                Source::Fixed(uri) => Some(endpoint(uri)),
+                Source::Dns { .. } => None,
             })
-            .collect::<Result<Vec<_>, PoolError>>()?;
-        Ok(Self {
-            endpoints: Arc::new(endpoints),
+            .collect();
+        let pool = Self {
+            sources: Arc::new(sources),
+            endpoints: Arc::new(RwLock::new(Arc::new(fixed))),
             token: token.map(Arc::from),
             next: Arc::new(AtomicUsize::new(0)),
-        })
+        };
+        if pool.sources.iter().any(|s| matches!(s, Source::Dns { .. })) {
+            // Resolves until the last clone of the pool is gone.
+            let (sources, endpoints) = (Arc::clone(&pool.sources), Arc::downgrade(&pool.endpoints));
+            tokio::spawn(async move {
+                while let Some(endpoints) = endpoints.upgrade() {
+                    resolve_into(&sources, &endpoints).await;
+                    drop(endpoints);
+                    tokio::time::sleep(RESOLVE_EVERY).await;
+                }
+            });
+        }
+        Ok(pool)
     }
 
-    /// Every generator, in configuration order.
-    pub fn endpoints(&self) -> &[GeneratorEndpoint] {
-        &self.endpoints
+    /// Resolves the pool's names again now; endpoints that stay keep their channels.
+    pub async fn refresh(&self) {
+        resolve_into(&self.sources, &self.endpoints).await;
     }
 
-    /// The next generator, round-robin.
-    pub fn pick(&self) -> &GeneratorEndpoint {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len();
-        &self.endpoints[i]
+    /// Every generator known now, in configuration (then address) order.
+    pub fn endpoints(&self) -> Arc<Vec<GeneratorEndpoint>> {
+        Arc::clone(&self.endpoints.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The next generator, round-robin; UNAVAILABLE while the pool's names resolve to no
+    /// address (a retry can succeed once a replica is up).
+    pub fn pick(&self) -> Result<GeneratorEndpoint, tonic::Status> {
+        let endpoints = self.endpoints();
+        if endpoints.is_empty() {
+            return Err(tonic::Status::unavailable(
+                "no generator is known: the generators' name resolves to no address yet",
+            ));
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % endpoints.len();
+        Ok(endpoints[i].clone())
     }
 
     /// `message` as a request carrying the pool's bearer token.
@@ -194,7 +318,7 @@ mod tests {
             Some("t".into()),
         )
         .unwrap();
-        let picked: Vec<&str> = (0..4).map(|_| pool.pick().address.as_str()).collect();
+        let picked: Vec<String> = (0..4).map(|_| pool.pick().unwrap().address).collect();
         assert_eq!(
             picked,
             ["http://a:1", "http://b:2", "http://a:1", "http://b:2"]

@@ -39,6 +39,14 @@ pub enum TrainerError {
         /// What it said.
         message: String,
     },
+    /// A generator or the relabeler is down, restarting or busy: a retry can succeed.
+    #[error("{service} is unreachable: {message}")]
+    Unreachable {
+        /// Which service, e.g. `generator http://10.0.0.5:50051`.
+        service: String,
+        /// What the connection or the service said.
+        message: String,
+    },
     /// A generator serves something other than what was swapped in.
     #[error("verification failed: {0}")]
     Verification(String),
@@ -80,9 +88,14 @@ impl TrainerError {
 
     /// A failed call to another service.
     pub fn remote(service: impl Into<String>, status: &tonic::Status) -> Self {
-        Self::Remote {
-            service: service.into(),
-            message: format!("{:?}: {}", status.code(), status.message()),
+        let (service, message) = (
+            service.into(),
+            format!("{:?}: {}", status.code(), status.message()),
+        );
+        if hir_runtime::generators::retryable(status) {
+            Self::Unreachable { service, message }
+        } else {
+            Self::Remote { service, message }
         }
     }
 }
@@ -103,7 +116,9 @@ impl TrainerError {
                 ErrorClass::FailedPrecondition
             }
             TrainerError::AlreadyExists(_) => ErrorClass::Conflict,
-            TrainerError::Remote { .. } => ErrorClass::Unavailable,
+            TrainerError::Remote { .. } | TrainerError::Unreachable { .. } => {
+                ErrorClass::Unavailable
+            }
             TrainerError::Store(e) => e.class(),
             TrainerError::Core(e) => e.class(),
             TrainerError::Internal(_)

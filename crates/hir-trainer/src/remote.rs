@@ -2,11 +2,14 @@
 //! verification, evaluation).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use hir_proto::pb;
 use hir_proto::pb::relabeler_service_client::RelabelerServiceClient;
 use hir_runtime::auth::with_bearer;
-use hir_runtime::generators::{GeneratorEndpoint, GeneratorPool};
+use hir_runtime::generators::{
+    retryable, serving_other_version, Backoff, GeneratorEndpoint, GeneratorPool,
+};
 use tonic::transport::Channel;
 
 use crate::error::{Result, TrainerError};
@@ -71,8 +74,13 @@ impl Remotes {
     }
 
     /// Every generator.
-    pub fn generators(&self) -> &[GeneratorEndpoint] {
+    pub fn generators(&self) -> Arc<Vec<GeneratorEndpoint>> {
         self.generators.endpoints()
+    }
+
+    /// Resolves the generators' names again (replicas behind a headless Service).
+    pub async fn refresh_generators(&self) {
+        self.generators.refresh().await;
     }
 
     fn relabeler_error(&self, status: &tonic::Status) -> TrainerError {
@@ -266,8 +274,6 @@ impl Remotes {
         version: &str,
         chat: bool,
     ) -> Result<Vec<String>> {
-        let g = self.generators.pick();
-        let n = prompts.len();
         let request = pb::GenerateRequest {
             prompts,
             n: 1,
@@ -284,18 +290,48 @@ impl Remotes {
             request_id: String::new(),
             chat,
         };
+        // A generator that is down, or restarted and not yet back on `version`, is passed
+        // over for the next one.
+        let mut last = String::new();
+        EVAL_BACKOFF
+            .retry(
+                || {
+                    let picked = self.generators.pick();
+                    let request = request.clone();
+                    async move {
+                        let g = picked.map_err(|s| (s, String::new()))?;
+                        self.greedy_once(&g, request).await.map_err(|s| {
+                            (s, g.address.clone())
+                        })
+                    }
+                },
+                |(s, _)| retryable(s) || serving_other_version(s).is_some(),
+                |(s, address), attempt, delay| {
+                    last = address.clone();
+                    tracing::warn!(generator = %address, attempt, code = ?s.code(), message = s.message(), retry_in_ms = delay.as_millis() as u64, "evaluation request failed; retrying");
+                },
+            )
+            .await
+            .map_err(|(s, address)| {
+                let address = if address.is_empty() { last } else { address };
+                TrainerError::remote(format!("generator {address}"), &s)
+            })
+    }
+
+    /// One greedy request to `g`; one text per prompt, in order.
+    async fn greedy_once(
+        &self,
+        g: &GeneratorEndpoint,
+        request: pb::GenerateRequest,
+    ) -> Result<Vec<String>, tonic::Status> {
+        let n = request.prompts.len();
         let mut stream = g
             .client()
             .generate(self.generators.request(request))
-            .await
-            .map_err(|s| Self::generator_error(g, &s))?
+            .await?
             .into_inner();
         let mut texts = vec![None; n];
-        while let Some(r) = stream
-            .message()
-            .await
-            .map_err(|s| Self::generator_error(g, &s))?
-        {
+        while let Some(r) = stream.message().await? {
             if let Some(c) = r.completion {
                 if let Some(slot) = texts.get_mut(c.prompt_index as usize) {
                     *slot = Some(c.text);
@@ -306,14 +342,22 @@ impl Remotes {
             .into_iter()
             .enumerate()
             .map(|(i, t)| {
-                t.ok_or_else(|| TrainerError::Remote {
-                    service: format!("generator {}", g.address),
-                    message: format!("the stream ended without a completion for prompt {i}"),
+                t.ok_or_else(|| {
+                    tonic::Status::unknown(format!(
+                        "the stream ended without a completion for prompt {i}"
+                    ))
                 })
             })
             .collect()
     }
 }
+
+/// Retries of an evaluation request.
+const EVAL_BACKOFF: Backoff = Backoff {
+    initial: std::time::Duration::from_millis(200),
+    max: std::time::Duration::from_secs(5),
+    give_up: std::time::Duration::from_secs(120),
+};
 
 /// The messages that upload every file of a checkpoint folder: the header (names and
 /// sizes), then each file in chunks read as the stream is consumed, so a checkpoint is

@@ -171,8 +171,17 @@ impl Driver<'_> {
 
     /// The version the first generator serves, registered in the store if new.
     async fn serving_base_version(&self) -> Result<ModelVersion> {
-        let g = &self.ctx.remotes.generators()[0];
-        let info = self.ctx.remotes.model_info(g).await?;
+        let remotes = &self.ctx.remotes;
+        remotes.refresh_generators().await;
+        let g = remotes
+            .generators()
+            .first()
+            .cloned()
+            .ok_or_else(|| TrainerError::Remote {
+                service: "generators".into(),
+                message: "no generator is known yet".into(),
+            })?;
+        let info = remotes.model_info(&g).await?;
         Ok(hir_store::catalog::register_served_version(
             &self.ctx.store,
             &info.version,
@@ -222,6 +231,8 @@ impl Driver<'_> {
                     let version = store
                         .get_model_version_by_name(&version_name(self.run_id, k))
                         .await?;
+                    // A generator that restarted since the swap gets the version back first.
+                    self.reconcile(k + 1).await?;
                     self.evaluate(k, &version).await?;
                     self.advance(k, IterationStatus::Done).await?;
                 }

@@ -62,7 +62,9 @@ impl Driver<'_> {
             .join(format!("it{k:03}"))
     }
 
-    /// Swaps iteration `k`'s version into every generator and verifies each serves it.
+    /// Swaps iteration `k`'s version into every generator and verifies each serves it. A
+    /// generator that cannot be reached is passed over (it refuses work for this version
+    /// until [`Driver::reconcile`] brings it there); at least one must take the version.
     pub(super) async fn swap_all(&mut self, k: u32) -> Result<()> {
         let version = self
             .ctx
@@ -70,9 +72,27 @@ impl Driver<'_> {
             .get_model_version_by_name(&version_name(self.run_id, k))
             .await?;
         let remotes = &self.ctx.remotes;
-        for g in remotes.generators() {
-            self.swap_into(g, &version).await?;
+        remotes.refresh_generators().await;
+        let mut serving = 0;
+        let mut unreachable = None;
+        for g in remotes.generators().iter() {
+            match self.swap_into(g, &version).await {
+                Ok(_) => {}
+                Err(e @ TrainerError::Unreachable { .. }) => {
+                    tracing::warn!(generator = %g.address, error = %e, "passing over an unreachable generator; it is brought to the run's version when it is back");
+                    unreachable = Some(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
             self.verify(g, &version.name).await?;
+            serving += 1;
+        }
+        if serving == 0 {
+            return Err(unreachable.unwrap_or_else(|| TrainerError::Unreachable {
+                service: "generators".into(),
+                message: "no generator is known".into(),
+            }));
         }
         self.ctx.metrics.version_lag.set(0);
         Ok(())
@@ -92,10 +112,11 @@ impl Driver<'_> {
         if version.run_id != Some(self.run_id) {
             return Ok(());
         }
-        for g in self.ctx.remotes.generators() {
+        self.ctx.remotes.refresh_generators().await;
+        for g in self.ctx.remotes.generators().iter() {
             match self.swap_into(g, &version).await {
                 Ok(_) => {}
-                Err(e @ TrainerError::Remote { .. }) => {
+                Err(e @ TrainerError::Unreachable { .. }) => {
                     tracing::warn!(generator = %g.address, error = %e, "cannot bring a generator to the run's version yet");
                 }
                 Err(e) => return Err(e),
