@@ -624,7 +624,9 @@ def check_pod(doc: dict, where: str, objects: dict, schemas: RustConfigSchemas,
 
 def check_generator_lists(objects: dict, where: str, errors: Errors,
                           configs: dict[str, dict]) -> None:
-    """The relabeler and the trainer must list every generator replica by its stable name."""
+    """The relabeler and the trainer must find every generator replica: through the headless
+    Service's name (`dns://<service>:<port>`, re-resolved as replicas come and go), or by
+    listing each replica's stable name."""
     sts = objects.get(("StatefulSet", "generator"))
     if sts is None:
         errors.add(where, "no StatefulSet `generator`")
@@ -639,11 +641,13 @@ def check_generator_lists(objects: dict, where: str, errors: Errors,
     expected = [
         f"http://generator-{i}.{service_name}:{port}" for i in range(int(spec.get("replicas", 1)))
     ]
+    by_name = [f"dns://{service_name}:{port}"]
     for svc in ("relabeler", "trainer"):
         listed = (configs.get(svc) or {}).get("generators")
-        if listed is not None and listed != expected:
+        if listed is not None and listed not in (expected, by_name):
             errors.add(where, f"ConfigMap {svc}-config: generators = {listed}, but the"
-                       f" StatefulSet's {len(expected)} replicas are {expected}")
+                       f" StatefulSet's {len(expected)} replicas are {by_name} by name"
+                       f" or {expected}")
 
 
 def validate_kubernetes(paths: list[pathlib.Path], k8s: KubernetesSchemas,

@@ -327,6 +327,32 @@ mod tests {
         assert_eq!(r.metadata().get("authorization").unwrap(), "Bearer t");
     }
 
+    #[tokio::test]
+    async fn a_name_resolves_to_every_address_behind_it_and_bad_names_are_refused() {
+        for bad in ["dns://", "dns://host", "dns://host:port", "not a uri"] {
+            assert!(
+                matches!(GeneratorPool::new(&[bad.into()], None), Err(PoolError::BadAddress { .. })),
+                "{bad}"
+            );
+        }
+        let pool = GeneratorPool::new(
+            &["dns:///localhost:50051".into(), "http://10.0.0.9:1".into()],
+            None,
+        )
+        .unwrap();
+        pool.refresh().await;
+        let addresses: Vec<String> = pool.endpoints().iter().map(|e| e.address.clone()).collect();
+        assert!(
+            addresses.iter().any(|a| a == "http://127.0.0.1:50051"),
+            "{addresses:?}"
+        );
+        assert!(addresses.contains(&"http://10.0.0.9:1".to_string()));
+        // A name that resolves to nothing leaves no endpoint, and picking says so.
+        let empty = GeneratorPool::new(&["dns://no-such-host.invalid:1".into()], None).unwrap();
+        empty.refresh().await;
+        assert_eq!(empty.pick().unwrap_err().code(), tonic::Code::Unavailable);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn backoff_doubles_up_to_its_cap_and_gives_up() {
         let backoff = Backoff {
