@@ -189,7 +189,10 @@ async fn run(db: &TestDb, root: &Path, kills: u32, seed: u64) -> (Uuid, u32, u32
     let (mut made, mut resumes, mut postgres) = (0, 0, kills == 0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(900);
     loop {
-        assert!(tokio::time::Instant::now() < deadline, "the run ends within 15 minutes");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run ends within 15 minutes"
+        );
         let pause = 300 + rng.next_u64() % 2_000;
         tokio::time::sleep(Duration::from_millis(pause)).await;
         match status(&trainer, run_id).await {
@@ -289,7 +292,10 @@ async fn killed_services_and_a_restarted_database_leave_the_run_as_if_uninterrup
         run_id,
     )
     .await;
-    assert_eq!(mixed, 0, "every sample comes from its iteration's pinned version");
+    assert_eq!(
+        mixed, 0,
+        "every sample comes from its iteration's pinned version"
+    );
     let doubled = scalar(
         &db,
         "SELECT count(*) - count(DISTINCT (iteration, task_id, example_idx, sample_idx))
@@ -298,8 +304,17 @@ async fn killed_services_and_a_restarted_database_leave_the_run_as_if_uninterrup
     )
     .await;
     assert_eq!(doubled, 0, "no natural key twice");
-    let samples = scalar(&db, "SELECT count(*) FROM samples WHERE run_id = $1", run_id).await;
-    assert_eq!(samples, 3 * 80 * 2, "every prompt of every iteration has its samples");
+    let samples = scalar(
+        &db,
+        "SELECT count(*) FROM samples WHERE run_id = $1",
+        run_id,
+    )
+    .await;
+    assert_eq!(
+        samples,
+        3 * 80 * 2,
+        "every prompt of every iteration has its samples"
+    );
     let (steps, distinct, last): (i64, i64, Option<i64>) = sqlx::query_as(
         "SELECT count(*), count(DISTINCT step), max(step) FROM training_steps WHERE run_id = $1",
     )
@@ -307,7 +322,11 @@ async fn killed_services_and_a_restarted_database_leave_the_run_as_if_uninterrup
     .fetch_one(db.store.pool())
     .await
     .unwrap();
-    assert_eq!((steps, distinct, last), (18, 18, Some(18)), "each step recorded once");
+    assert_eq!(
+        (steps, distinct, last),
+        (18, 18, Some(18)),
+        "each step recorded once"
+    );
     assert_eq!(
         final_weights(&db, run_id).await,
         reference,

@@ -51,7 +51,9 @@ fn free_port() -> u16 {
 }
 
 async fn serving(addr: &str) -> String {
-    let mut client = GeneratorServiceClient::connect(addr.to_string()).await.unwrap();
+    let mut client = GeneratorServiceClient::connect(addr.to_string())
+        .await
+        .unwrap();
     client
         .get_model_info(pb::GetModelInfoRequest {})
         .await

@@ -456,7 +456,11 @@ async fn sampling_version(
     run_id: Uuid,
     iteration: i32,
 ) -> Result<(i64, String)> {
-    let pinned = match store.get_iteration(run_id, iteration).await?.model_version_id {
+    let pinned = match store
+        .get_iteration(run_id, iteration)
+        .await?
+        .model_version_id
+    {
         Some(id) => id,
         None => {
             let current = match store.run_version_before(run_id, iteration).await? {

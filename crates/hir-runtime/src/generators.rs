@@ -77,9 +77,7 @@ impl Source {
         let (host, port) = rest
             .rsplit_once(':')
             .ok_or_else(|| bad("expected dns://host:port"))?;
-        let port = port
-            .parse()
-            .map_err(|_| bad("the port must be a number"))?;
+        let port = port.parse().map_err(|_| bad("the port must be a number"))?;
         if host.is_empty() {
             return Err(bad("expected dns://host:port"));
         }
@@ -93,18 +91,20 @@ impl Source {
     async fn resolve(&self) -> Vec<String> {
         match self {
             Source::Fixed(uri) => vec![uri.clone()],
-            Source::Dns { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
-                Ok(addrs) => {
-                    let mut uris: Vec<String> = addrs.map(|a| format!("http://{a}")).collect();
-                    uris.sort();
-                    uris.dedup();
-                    uris
+            Source::Dns { host, port } => {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(addrs) => {
+                        let mut uris: Vec<String> = addrs.map(|a| format!("http://{a}")).collect();
+                        uris.sort();
+                        uris.dedup();
+                        uris
+                    }
+                    Err(e) => {
+                        tracing::warn!(host, port, error = %e, "cannot resolve the generators' name");
+                        Vec::new()
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(host, port, error = %e, "cannot resolve the generators' name");
-                    Vec::new()
-                }
-            },
+            }
         }
     }
 }
@@ -331,7 +331,10 @@ mod tests {
     async fn a_name_resolves_to_every_address_behind_it_and_bad_names_are_refused() {
         for bad in ["dns://", "dns://host", "dns://host:port", "not a uri"] {
             assert!(
-                matches!(GeneratorPool::new(&[bad.into()], None), Err(PoolError::BadAddress { .. })),
+                matches!(
+                    GeneratorPool::new(&[bad.into()], None),
+                    Err(PoolError::BadAddress { .. })
+                ),
                 "{bad}"
             );
         }

@@ -109,21 +109,19 @@ impl Driver<'_> {
         let events = self.events;
         let mut last: Option<(i32, String)> = None;
         let run_id = self.run_id.to_string();
-        let sampling = self.ctx.remotes.sample(
-            &run_id,
-            k,
-            self.ctx.config.relabeler_give_up(),
-            |s| {
-                // Status changes and retries become events; progress ticks do not.
-                let now = (s.status, s.error.clone());
-                if last.as_ref() != Some(&now) {
-                    last = Some(now);
-                    if let Some(status) = convert::iteration_status(s.status) {
-                        events.iteration(k, status, &s.error);
+        let sampling =
+            self.ctx
+                .remotes
+                .sample(&run_id, k, self.ctx.config.relabeler_give_up(), |s| {
+                    // Status changes and retries become events; progress ticks do not.
+                    let now = (s.status, s.error.clone());
+                    if last.as_ref() != Some(&now) {
+                        last = Some(now);
+                        if let Some(status) = convert::iteration_status(s.status) {
+                            events.iteration(k, status, &s.error);
+                        }
                     }
-                }
-            },
-        );
+                });
         tokio::pin!(sampling);
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
