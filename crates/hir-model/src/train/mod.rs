@@ -36,9 +36,60 @@ impl TrainLogits for llama::Model {
                 "an encoder-decoder batch given to a decoder-only model".into(),
             ));
         }
-        let logits = self.forward(&batch.input_ids, &batch.mask)?;
-        loss::shift_for_causal(&logits, &batch.labels)
+        let positions = llama::positions_from_mask(&batch.mask);
+        let hidden = self.forward_hidden(
+            &llama::Batch {
+                input_ids: &batch.input_ids,
+                key_mask: &batch.mask,
+                positions: &positions,
+            },
+            None,
+        )?;
+        // Position t predicts token t + 1: hidden states and labels aligned.
+        let (hidden, labels) = loss::shift_for_causal(&hidden, &batch.labels)?;
+        let (hidden, labels) = label_span(&hidden, &labels)?;
+        Ok((self.logits(&hidden)?, labels))
     }
+}
+
+/// The hidden states `[B, L, H]` and labels `[B, L]` of each row's labelled span, `L` the
+/// longest span, from aligned `[B, T, H]` and `[B, T]`. Rows shorter than `L` are padded
+/// with ignored labels. Only these positions reach the language-model head, so its logits
+/// and their gradient cost `L` positions instead of `T`: a completion is a few tokens, its
+/// prompt hundreds. The losses are the same, since every other position is ignored.
+fn label_span(hidden: &Tensor, labels: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, t, h) = hidden.dims3()?;
+    let rows = labels.to_dtype(candle_core::DType::I64)?.to_vec2::<i64>()?;
+    let spans: Vec<(usize, usize)> = rows
+        .iter()
+        .map(|row| {
+            let first = row.iter().position(|&l| l != loss::IGNORE_INDEX);
+            let last = row.iter().rposition(|&l| l != loss::IGNORE_INDEX);
+            match (first, last) {
+                (Some(f), Some(l)) => (f, l + 1 - f),
+                _ => (0, 0),
+            }
+        })
+        .collect();
+    let l = spans.iter().map(|s| s.1).max().unwrap_or(0).max(1);
+    if l >= t {
+        return Ok((hidden.clone(), labels.clone()));
+    }
+    let mut index = Vec::with_capacity(b * l);
+    let mut kept = Vec::with_capacity(b * l);
+    for (row, &(start, len)) in rows.iter().zip(&spans) {
+        for j in 0..l {
+            let at = (start + j).min(t - 1);
+            index.push(at as u32);
+            kept.push(if j < len { row[at] } else { loss::IGNORE_INDEX });
+        }
+    }
+    let device = hidden.device();
+    let index = Tensor::from_vec(index, (b, l, 1), device)?
+        .broadcast_as((b, l, h))?
+        .contiguous()?;
+    let labels = Tensor::from_vec(kept, (b, l), device)?.to_dtype(labels.dtype())?;
+    Ok((hidden.contiguous()?.gather(&index, 1)?, labels))
 }
 
 impl TrainLogits for t5::Model {
