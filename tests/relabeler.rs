@@ -570,3 +570,290 @@ async fn two_relabelers_on_one_iteration_store_each_sample_once() {
     );
     drop_db(&db).await;
 }
+
+/// A relabeler with no reachable generator: feedback and scoring need none.
+async fn start_api_relabeler(
+    name: &str,
+) -> (
+    String,
+    Store,
+    RelabelerServiceClient<tonic::transport::Channel>,
+    Running,
+) {
+    let (db, store) = fresh_db(name).await;
+    let bigbench = tiny_bigbench(name, 10);
+    let (client, running) =
+        start_relabeler(relabeler_config(&db, "http://127.0.0.1:1", &bigbench)).await;
+    (db, store, client, running)
+}
+
+/// `items` in an order drawn from `seed` (Fisher-Yates).
+fn shuffled<T: Clone>(items: &[T], seed: u64) -> Vec<T> {
+    let mut out = items.to_vec();
+    let mut rng = hir_core::rng::SplitMix64::new(seed);
+    for i in (1..out.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        out.swap(i, j);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_feedback_with_the_same_items_in_any_order_stores_each_once() {
+    let (db, store, client, _r) = start_api_relabeler("feedback_race").await;
+    // Several rounds, each of 8 calls released together, with shuffled copies of the same
+    // 200 new items: without one lock order the calls deadlock each other.
+    const ROUNDS: usize = 5;
+    let mut expected: Vec<(String, i64)> = Vec::new();
+    for round in 0..ROUNDS {
+        let items: Vec<pb::FeedbackItem> = (0..200)
+            .map(|i| pb::FeedbackItem {
+                external_id: format!("round-{round}-item-{i:03}"),
+                instruction: "Answer briefly.".into(),
+                query: format!("What is {i} + 1?"),
+                output: format!("{}", i + 1),
+                correct: i % 2 == 0,
+                answer: format!("{}", i + 1),
+            })
+            .collect();
+        expected.extend(items.iter().map(|i| (i.external_id.clone(), 1)));
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+        let calls: Vec<_> = (0..8u64)
+            .map(|k| {
+                let mut client = client.clone();
+                let barrier = barrier.clone();
+                let request = pb::SubmitFeedbackRequest {
+                    source: "chat".into(),
+                    policy: "hir".into(),
+                    run_id: String::new(),
+                    items: shuffled(&items, (round as u64) * 8 + k + 1),
+                };
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    client.submit_feedback(authed(request)).await
+                })
+            })
+            .collect();
+        let (mut stored, mut duplicates) = (0, 0);
+        for call in calls {
+            let r = call
+                .await
+                .unwrap()
+                .unwrap_or_else(|s| panic!("round {round}: {:?}: {}", s.code(), s.message()))
+                .into_inner();
+            stored += r.stored;
+            duplicates += r.duplicates;
+        }
+        assert_eq!(
+            (stored, duplicates),
+            (200, 7 * 200),
+            "round {round}: each item stored by exactly one call"
+        );
+    }
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT external_id, count(*) FROM feedback GROUP BY 1 ORDER BY 1")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    expected.sort();
+    assert_eq!(rows, expected);
+    drop_db(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_the_store_cannot_hold_is_refused_naming_the_field() {
+    let (db, store, mut client, _r) = start_api_relabeler("bad_text").await;
+    let item = |id: &str| pb::FeedbackItem {
+        external_id: id.into(),
+        instruction: "Answer briefly.".into(),
+        query: "Which is larger, 3 or 5?".into(),
+        output: "5".into(),
+        correct: true,
+        answer: "5".into(),
+    };
+    let good = pb::SubmitFeedbackRequest {
+        source: "chat".into(),
+        policy: "hindsight_answer".into(),
+        run_id: String::new(),
+        items: (0..4).map(|i| item(&format!("id-{i}"))).collect(),
+    };
+    let with = |f: &dyn Fn(&mut pb::SubmitFeedbackRequest)| {
+        let mut r = good.clone();
+        f(&mut r);
+        r
+    };
+    let cases: Vec<(pb::SubmitFeedbackRequest, &str)> = vec![
+        (
+            with(&|r| r.items[3].output = "fi\0ve".into()),
+            "items[3].output",
+        ),
+        (with(&|r| r.source = "ch\0at".into()), "source"),
+        (with(&|r| r.items[1].query = "\0".into()), "items[1].query"),
+        (
+            with(&|r| r.items[2].instruction = "Answer\0".into()),
+            "items[2].instruction",
+        ),
+        (
+            with(&|r| r.items[0].answer = "5\0".into()),
+            "items[0].answer",
+        ),
+        (
+            with(&|r| r.items[0].external_id = "id\0".into()),
+            "items[0].external_id",
+        ),
+        (
+            with(&|r| r.items[0].external_id = "x".repeat(1 << 20)),
+            "items[0].external_id",
+        ),
+        (with(&|r| r.source = "s".repeat(257)), "source"),
+        (
+            with(&|r| r.items[1].instruction = "i".repeat(1 << 20)),
+            "items[1].instruction",
+        ),
+        (
+            with(&|r| r.items[2].query = "q".repeat((64 << 10) + 1)),
+            "items[2].query",
+        ),
+        (
+            with(&|r| r.items[3].output = "o".repeat((64 << 10) + 1)),
+            "items[3].output",
+        ),
+        (
+            with(&|r| r.items[0].answer = "a".repeat(257)),
+            "items[0].answer",
+        ),
+    ];
+    for (request, field) in cases {
+        let err = client.submit_feedback(authed(request)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            err.message()
+        );
+        assert!(err.message().len() < 300, "{field}: {}", err.message());
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM feedback")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "a refused call stores nothing");
+    // The limits are inclusive.
+    let at_limits = with(&|r| {
+        r.source = "s".repeat(256);
+        r.items[0].external_id = "x".repeat(256);
+        r.items[0].instruction = "i".repeat(4 << 10);
+        r.items[0].query = "q".repeat(64 << 10);
+        r.items[0].output = "o".repeat(64 << 10);
+    });
+    let r = client
+        .submit_feedback(authed(at_limits))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.stored, 4);
+
+    for (request, field) in [
+        (
+            pb::ScoreRequest {
+                task: "tiny_mc".into(),
+                example_index: 0,
+                output: "(A)\0".into(),
+            },
+            "output",
+        ),
+        (
+            pb::ScoreRequest {
+                task: "tiny\0mc".into(),
+                example_index: 0,
+                output: "(A)".into(),
+            },
+            "task",
+        ),
+        (
+            pb::ScoreRequest {
+                task: "t".repeat(20_000),
+                example_index: 0,
+                output: "(A)".into(),
+            },
+            "task",
+        ),
+    ] {
+        let err = client.score(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            err.message()
+        );
+        assert!(err.message().len() < 300, "{field}: {}", err.message());
+    }
+    drop_db(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_values_are_echoed_bounded() {
+    let (db, _store, mut client, _r) = start_api_relabeler("echo").await;
+    let huge = "r".repeat(20_000);
+    let check = |what: &str, err: tonic::Status| {
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            err.message().len() < 300,
+            "{what}: {} bytes: {}",
+            err.message().len(),
+            &err.message()[..200.min(err.message().len())]
+        );
+    };
+    let start = pb::StartSamplingRequest {
+        run_id: huge.clone(),
+        iteration: 1,
+    };
+    check(
+        "StartSampling",
+        client.start_sampling(authed(start)).await.unwrap_err(),
+    );
+    let get = pb::GetSamplingRequest {
+        run_id: huge.clone(),
+        iteration: 1,
+    };
+    check(
+        "GetSampling",
+        client.get_sampling(get.clone()).await.unwrap_err(),
+    );
+    check(
+        "WatchSampling",
+        client.watch_sampling(get).await.unwrap_err(),
+    );
+    let feedback = pb::SubmitFeedbackRequest {
+        source: "chat".into(),
+        policy: "hir".into(),
+        run_id: huge.clone(),
+        items: vec![pb::FeedbackItem {
+            external_id: "a".into(),
+            instruction: "Answer.".into(),
+            query: "Q".into(),
+            output: "A".into(),
+            correct: true,
+            answer: String::new(),
+        }],
+    };
+    check(
+        "SubmitFeedback run_id",
+        client
+            .submit_feedback(authed(feedback.clone()))
+            .await
+            .unwrap_err(),
+    );
+    check(
+        "SubmitFeedback policy",
+        client
+            .submit_feedback(authed(pb::SubmitFeedbackRequest {
+                run_id: String::new(),
+                policy: huge.clone(),
+                ..feedback
+            }))
+            .await
+            .unwrap_err(),
+    );
+    drop_db(&db).await;
+}

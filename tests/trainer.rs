@@ -922,3 +922,326 @@ async fn a_flan_t5_run_trains_the_encoder_decoder_and_swaps_it_in() {
     assert_eq!(trained.info().architecture, "t5");
     db.drop_db().await;
 }
+
+/// The number of runs in the store.
+async fn run_count(store: &Store) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_run_refuses_what_the_generators_cannot_run() {
+    let db = Db::fresh("cannot_run").await;
+    let scratch = Scratch::new("cannot_run");
+    let (generator, _g) = start_generator(Some(&scratch.checkpoints())).await;
+    // No relabeler: a refused run never gets that far.
+    let (mut client, _t) = start_trainer(trainer_config(
+        &db.url,
+        "http://127.0.0.1:1",
+        &generator,
+        &scratch,
+    ))
+    .await;
+    let good = start_request(hyperparameters(), "hir");
+    let knobs = |h: pb::Hyperparameters| pb::StartRunRequest {
+        hyperparameters: Some(h),
+        ..good.clone()
+    };
+    let model = |path: &Path| pb::StartRunRequest {
+        model: path.to_string_lossy().into_owned(),
+        ..good.clone()
+    };
+    // A file named .gguf that is not one.
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    let garbage_gguf = scratch.0.join("garbage.gguf");
+    std::fs::write(&garbage_gguf, b"this is not a GGUF file at all").unwrap();
+    // A Llama folder without weights, and one whose weights are garbage.
+    let no_weights = scratch.0.join("no-weights");
+    std::fs::create_dir_all(&no_weights).unwrap();
+    std::fs::copy(
+        fixture_model().join("config.json"),
+        no_weights.join("config.json"),
+    )
+    .unwrap();
+    let bad_weights = scratch.0.join("bad-weights");
+    std::fs::create_dir_all(&bad_weights).unwrap();
+    std::fs::copy(
+        fixture_model().join("config.json"),
+        bad_weights.join("config.json"),
+    )
+    .unwrap();
+    std::fs::write(bad_weights.join("model.safetensors"), [0xffu8; 64]).unwrap();
+
+    let cases: Vec<(pb::StartRunRequest, &str, &str)> = vec![
+        (
+            knobs(pb::Hyperparameters {
+                iterations: Some(u32::MAX),
+                ..hyperparameters()
+            }),
+            "hyperparameters.iterations",
+            "1000",
+        ),
+        (
+            knobs(pb::Hyperparameters {
+                samples_per_prompt: Some(1_000_000),
+                ..hyperparameters()
+            }),
+            "hyperparameters.samples_per_prompt",
+            "64",
+        ),
+        (
+            knobs(pb::Hyperparameters {
+                max_new_tokens: Some(1_000_000_000),
+                ..hyperparameters()
+            }),
+            "hyperparameters.max_new_tokens",
+            "4096",
+        ),
+        (
+            // Within the run's bound, beyond the generator's (1024 by default).
+            knobs(pb::Hyperparameters {
+                max_new_tokens: Some(2048),
+                ..hyperparameters()
+            }),
+            "hyperparameters.max_new_tokens",
+            "1024",
+        ),
+        (
+            knobs(pb::Hyperparameters {
+                top_k: Some(1_000_000),
+                ..hyperparameters()
+            }),
+            "hyperparameters.top_k",
+            "vocabulary",
+        ),
+        (model(&t5_fixture_model()), "model", "llama"),
+        (model(&garbage_gguf), "model", "GGUF"),
+        (model(&no_weights), "model", "safetensors"),
+        (model(&bad_weights), "model", "safetensors"),
+    ];
+    for (request, field, mentions) in cases {
+        let err = client.start_run(authed(request)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(mentions),
+            "{field} should mention {mentions}: {}",
+            err.message()
+        );
+        assert!(!err.message().contains('\n'), "{}", err.message());
+    }
+    assert_eq!(run_count(&db.store).await, 0, "no refused run is stored");
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_run_is_unavailable_while_no_generator_answers() {
+    let db = Db::fresh("no_generator").await;
+    let scratch = Scratch::new("no_generator");
+    let (mut client, _t) = start_trainer(trainer_config(
+        &db.url,
+        "http://127.0.0.1:1",
+        "http://127.0.0.1:1",
+        &scratch,
+    ))
+    .await;
+    let err = client
+        .start_run(authed(start_request(hyperparameters(), "hir")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("generator"), "{}", err.message());
+    assert_eq!(run_count(&db.store).await, 0);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_run_ids_and_names_are_echoed_bounded() {
+    let db = Db::fresh("echo").await;
+    let scratch = Scratch::new("echo");
+    let (generator, _g) = start_generator(None).await;
+    let (mut client, _t) = start_trainer(trainer_config(
+        &db.url,
+        "http://127.0.0.1:1",
+        &generator,
+        &scratch,
+    ))
+    .await;
+    let huge = "r".repeat(20_000);
+    let check = |what: &str, err: tonic::Status| {
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            err.message().len() < 300,
+            "{what}: {} bytes: {}",
+            err.message().len(),
+            &err.message()[..200.min(err.message().len())]
+        );
+    };
+    let good = start_request(hyperparameters(), "hir");
+    for (what, request) in [
+        (
+            "run_id",
+            pb::StartRunRequest {
+                run_id: huge.clone(),
+                ..good.clone()
+            },
+        ),
+        (
+            "name",
+            pb::StartRunRequest {
+                name: huge.clone(),
+                ..good.clone()
+            },
+        ),
+        (
+            "tasks",
+            pb::StartRunRequest {
+                tasks: vec![huge.clone()],
+                ..good.clone()
+            },
+        ),
+        (
+            "model",
+            pb::StartRunRequest {
+                model: huge.clone(),
+                ..good.clone()
+            },
+        ),
+        (
+            "policy",
+            pb::StartRunRequest {
+                policy: huge.clone(),
+                ..good.clone()
+            },
+        ),
+        (
+            "prompt_style",
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    prompt_style: Some(huge.clone()),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+        ),
+        (
+            "preset",
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    preset: Some(huge.clone()),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+        ),
+    ] {
+        check(
+            &format!("StartRun {what}"),
+            client.start_run(authed(request)).await.unwrap_err(),
+        );
+    }
+    let get = pb::GetRunRequest {
+        run_id: huge.clone(),
+    };
+    check("GetRun", client.get_run(get.clone()).await.unwrap_err());
+    check("WatchRun", client.watch_run(get).await.unwrap_err());
+    check(
+        "StopRun",
+        client
+            .stop_run(authed(pb::StopRunRequest {
+                run_id: huge.clone(),
+            }))
+            .await
+            .unwrap_err(),
+    );
+    check(
+        "ResumeRun",
+        client
+            .resume_run(authed(pb::ResumeRunRequest {
+                run_id: huge.clone(),
+            }))
+            .await
+            .unwrap_err(),
+    );
+    check(
+        "ListCheckpoints",
+        client
+            .list_checkpoints(pb::ListCheckpointsRequest {
+                run_id: huge.clone(),
+            })
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(run_count(&db.store).await, 0);
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_fails_records_one_line_without_a_backtrace() {
+    let db = Db::fresh("backtrace").await;
+    let scratch = Scratch::new("backtrace");
+    let (generator, _g) = start_generator(Some(&scratch.checkpoints())).await;
+    let (relabeler, _r) = start_relabeler(&db.url, &generator, &scratch.bigbench()).await;
+    // A run whose model file went bad after StartRun accepted it: the driver fails when it
+    // loads the model for training, with backtraces enabled in the trainer's process.
+    let run = create_running_run(&db.store, &scratch.bigbench()).await;
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    let garbage = scratch.0.join("gone-bad.gguf");
+    std::fs::write(&garbage, b"this is not a GGUF file at all").unwrap();
+    let config = hir_proto::convert::run_config(
+        &garbage.to_string_lossy(),
+        Some(&pb::Hyperparameters {
+            iterations: Some(1),
+            ..hyperparameters()
+        }),
+    )
+    .unwrap();
+    sqlx::query("UPDATE runs SET config = $2 WHERE id = $1")
+        .bind(run)
+        .bind(serde_json::to_value(&config).unwrap())
+        .execute(db.store.pool())
+        .await
+        .unwrap();
+    let _child = std::process::Command::new(env!("CARGO_BIN_EXE_hir"))
+        .args(["serve", "trainer"])
+        .env("DATABASE_URL", &db.url)
+        .env("HIR_TRAINER__LISTEN", "127.0.0.1:0")
+        .env("HIR_TRAINER__METRICS_LISTEN", "127.0.0.1:0")
+        .env("HIR_TRAINER__BIGBENCH", scratch.bigbench())
+        .env("HIR_TRAINER__RELABELER", &relabeler)
+        .env("HIR_TRAINER__RELABELER_TOKEN", TOKEN)
+        .env("HIR_TRAINER__GENERATORS", format!("[\"{generator}\"]"))
+        .env("HIR_TRAINER__GENERATOR_TOKEN", TOKEN)
+        .env("HIR_TRAINER__CHECKPOINT_DIR", scratch.checkpoints())
+        .env("HIR_TRAINER__STATE_DIR", scratch.state())
+        .env("HIR_TRAINER__OWNER", "trainer-backtrace")
+        .env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1")
+        .env("RUST_LOG", "error")
+        .spawn()
+        .map(KillOnDrop)
+        .expect("hir serve trainer starts");
+    let store = db.store.clone();
+    wait_for("the run to fail", async || {
+        store.get_run(run).await.unwrap().status != RunStatus::Running
+    })
+    .await;
+    let failed = db.store.get_run(run).await.unwrap();
+    assert_eq!(failed.status, RunStatus::Failed);
+    let iteration = db.store.get_iteration(run, 1).await.unwrap();
+    assert_eq!(iteration.status, IterationStatus::Failed);
+    for error in [failed.error.unwrap(), iteration.error.unwrap()] {
+        assert!(error.contains("GGUF"), "{error}");
+        assert!(
+            !error.contains('\n') && error.len() <= 1100,
+            "one bounded line, no backtrace: {error}"
+        );
+    }
+    db.drop_db().await;
+}

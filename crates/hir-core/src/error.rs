@@ -41,7 +41,7 @@ pub enum CoreError {
     /// A task name or path matched nothing in the catalog.
     #[error("unknown task `{name}` under {root}; {hint}")]
     UnknownTask {
-        /// The name asked for.
+        /// The name asked for, cut to its first 64 characters.
         name: String,
         /// The catalog's root folder.
         root: PathBuf,

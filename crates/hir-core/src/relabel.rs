@@ -74,7 +74,8 @@ pub fn policy_by_name(name: &str) -> Result<Box<dyn RelabelPolicy>> {
         other => Err(CoreError::InvalidArgument {
             field: "policy",
             reason: format!(
-                "unknown relabel policy `{other}`; known policies: {}",
+                "unknown relabel policy `{}`; known policies: {}",
+                crate::text_enum::bounded(other),
                 POLICY_NAMES.join(", ")
             ),
         }),

@@ -21,11 +21,11 @@ macro_rules! for_each_knob {
         $m! {
             /// AdamW learning rate, constant.
             learning_rate: f64 = "learning-rate",
-            /// Effective batch size in examples (reached by gradient accumulation).
+            /// Effective batch size in examples (reached by gradient accumulation), at most 65536.
             batch_size: u32 = "batch-size",
             /// Examples per forward/backward pass; divides `batch_size`.
             micro_batch_size: u32 = "micro-batch-size",
-            /// Passes over an iteration's training data.
+            /// Passes over an iteration's training data, at most 1000.
             epochs_per_iteration: u32 = "epochs",
             /// Label smoothing of the supervised and contrastive terms.
             label_smoothing: f64 = "label-smoothing",
@@ -33,17 +33,20 @@ macro_rules! for_each_knob {
             entropy_coef: f64 = "entropy-coef",
             /// Weight of the contrastive term.
             contrastive_coef: f64 = "contrastive-coef",
-            /// Samples per training prompt per iteration.
+            /// Samples per training prompt per iteration, 1 to 64 (and at most the generators'
+            /// `max_n`).
             samples_per_prompt: u32 = "samples-per-prompt",
-            /// Sample → train → evaluate rounds after the base evaluation: `run.sh` runs 1 + 30.
+            /// Sample → train → evaluate rounds after the base evaluation, 1 to 1000: `run.sh`
+            /// runs 1 + 30.
             iterations: u32 = "iterations",
             /// Sampling temperature.
             temperature: f32 = "temperature",
-            /// Sampling top-k (0 disables).
+            /// Sampling top-k (0 disables), at most the model's vocabulary size.
             top_k: u32 = "top-k",
             /// Sampling nucleus mass.
             top_p: f32 = "top-p",
-            /// New tokens per sample and per evaluation answer.
+            /// New tokens per sample and per evaluation answer, 1 to 4096 (and at most the
+            /// generators' `max_new_tokens` and the model's context).
             max_new_tokens: u32 = "max-new-tokens",
             /// Global gradient-norm clip (0 disables, as the reference).
             max_grad_norm: f64 = "max-grad-norm",
@@ -154,11 +157,41 @@ impl PromptStyle {
             "chat" => Ok(PromptStyle::Chat),
             other => Err(CoreError::InvalidArgument {
                 field: "prompt_style",
-                reason: format!("is {other:?}; must be \"raw\" or \"chat\""),
+                reason: format!(
+                    "is {:?}; must be \"raw\" or \"chat\"",
+                    crate::text_enum::bounded(other)
+                ),
             }),
         }
     }
 }
+
+/// The largest value of each bounded knob. A run is checked against these when it starts,
+/// so that it never fails later on a value nothing can run (an iteration count no one
+/// waits for, more samples or tokens than a generator serves). The trainer also checks
+/// `samples_per_prompt`, `max_new_tokens` and `top_k` against what its generators report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KnobLimits {
+    /// Most iterations after the base evaluation.
+    pub iterations: u32,
+    /// Most samples per training prompt per iteration.
+    pub samples_per_prompt: u32,
+    /// Most new tokens per sample or evaluation answer.
+    pub max_new_tokens: u32,
+    /// Largest effective batch (and micro-batch) in examples.
+    pub batch_size: u32,
+    /// Most passes over an iteration's training data.
+    pub epochs_per_iteration: u32,
+}
+
+/// The bounds [`RunConfig::validate`] enforces.
+pub const LIMITS: KnobLimits = KnobLimits {
+    iterations: 1000,
+    samples_per_prompt: 64,
+    max_new_tokens: 4096,
+    batch_size: 65_536,
+    epochs_per_iteration: 1000,
+};
 
 /// The names of the presets.
 pub const PRESETS: [&str; 2] = ["reference", "paper"];
@@ -213,7 +246,8 @@ impl RunConfig {
             other => Err(CoreError::InvalidArgument {
                 field: "preset",
                 reason: format!(
-                    "unknown preset {other:?}; known presets: {}",
+                    "unknown preset {:?}; known presets: {}",
+                    crate::text_enum::bounded(other),
                     PRESETS.join(", ")
                 ),
             }),
@@ -229,7 +263,7 @@ impl RunConfig {
                 "preset",
                 format!(
                     "is {:?}; known presets: {}",
-                    self.preset,
+                    crate::text_enum::bounded(&self.preset),
                     PRESETS.join(", ")
                 ),
             );
@@ -246,16 +280,27 @@ impl RunConfig {
                 format!("is {}; must be positive", self.learning_rate),
             );
         }
-        for (field, v) in [
-            ("batch_size", self.batch_size),
-            ("micro_batch_size", self.micro_batch_size),
-            ("epochs_per_iteration", self.epochs_per_iteration),
-            ("samples_per_prompt", self.samples_per_prompt),
-            ("iterations", self.iterations),
-            ("max_new_tokens", self.max_new_tokens),
+        for (field, v, max) in [
+            ("batch_size", self.batch_size, LIMITS.batch_size),
+            ("micro_batch_size", self.micro_batch_size, LIMITS.batch_size),
+            (
+                "epochs_per_iteration",
+                self.epochs_per_iteration,
+                LIMITS.epochs_per_iteration,
+            ),
+            (
+                "samples_per_prompt",
+                self.samples_per_prompt,
+                LIMITS.samples_per_prompt,
+            ),
+            ("iterations", self.iterations, LIMITS.iterations),
+            ("max_new_tokens", self.max_new_tokens, LIMITS.max_new_tokens),
         ] {
             if v == 0 {
                 return bad(field, "must be positive".into());
+            }
+            if v > max {
+                return bad(field, format!("is {v}; at most {max}"));
             }
         }
         if self.batch_size % self.micro_batch_size != 0 {
@@ -392,10 +437,61 @@ mod tests {
                 },
                 "entropy_coef",
             ),
+            (
+                RunConfig {
+                    iterations: u32::MAX,
+                    ..Default::default()
+                },
+                "iterations",
+            ),
+            (
+                RunConfig {
+                    samples_per_prompt: 1_000_000,
+                    ..Default::default()
+                },
+                "samples_per_prompt",
+            ),
+            (
+                RunConfig {
+                    max_new_tokens: 1_000_000_000,
+                    ..Default::default()
+                },
+                "max_new_tokens",
+            ),
+            (
+                RunConfig {
+                    batch_size: 1 << 20,
+                    micro_batch_size: 1 << 20,
+                    ..Default::default()
+                },
+                "batch_size",
+            ),
         ] {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(field), "{err}");
         }
+    }
+
+    #[test]
+    fn the_limits_are_inclusive_and_echoes_are_bounded() {
+        let at_limits = RunConfig {
+            iterations: LIMITS.iterations,
+            samples_per_prompt: LIMITS.samples_per_prompt,
+            max_new_tokens: LIMITS.max_new_tokens,
+            epochs_per_iteration: LIMITS.epochs_per_iteration,
+            batch_size: LIMITS.batch_size,
+            micro_batch_size: 8,
+            ..Default::default()
+        };
+        at_limits.validate().unwrap();
+        let huge = "x".repeat(20_000);
+        let preset = RunConfig {
+            preset: huge.clone(),
+            ..Default::default()
+        };
+        assert!(preset.validate().unwrap_err().to_string().len() < 200);
+        assert!(RunConfig::preset(&huge).unwrap_err().to_string().len() < 200);
+        assert!(PromptStyle::parse(&huge).unwrap_err().to_string().len() < 200);
     }
 
     #[test]

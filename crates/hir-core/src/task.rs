@@ -368,7 +368,7 @@ impl Catalog {
             format!("did you mean {}?", close.join(", "))
         };
         Err(CoreError::UnknownTask {
-            name: name_or_path.to_string(),
+            name: crate::text_enum::bounded(name_or_path),
             root: self.root.clone(),
             hint,
         })

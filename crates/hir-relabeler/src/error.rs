@@ -45,6 +45,14 @@ impl RelabelerError {
 }
 
 impl RelabelerError {
+    /// The error as it is recorded with a failed iteration: the first line of its message,
+    /// cut to a bounded length, so that a backtrace or a multi-line dump a dependency
+    /// appends never reaches the store (the log has the whole error).
+    pub fn summary(&self) -> String {
+        let text = self.to_string();
+        hir_runtime::status::bounded(text.lines().next().unwrap_or_default().trim_end())
+    }
+
     /// What a caller can do about it.
     pub fn class(&self) -> ErrorClass {
         match self {

@@ -19,6 +19,36 @@ use crate::metrics::Metrics;
 use crate::sampler::{Progress, Sampler, SamplerSettings};
 use hir_runtime::generators::GeneratorPool;
 
+/// Longest `source` and `external_id` of feedback, in bytes: together they are the stored
+/// item's key, and a key must fit in an index entry.
+pub const MAX_KEY_BYTES: usize = 256;
+/// Longest feedback instruction, in bytes.
+pub const MAX_INSTRUCTION_BYTES: usize = 4 << 10;
+/// Longest feedback query, in bytes.
+pub const MAX_QUERY_BYTES: usize = 64 << 10;
+/// Longest feedback answer, in bytes (it is quoted into relabeled instructions).
+pub const MAX_ANSWER_BYTES: usize = 256;
+/// Longest task name or path, in bytes.
+pub const MAX_TASK_BYTES: usize = 256;
+
+/// Checks one text field of a request before anything stores it: at most `max` bytes and
+/// no NUL byte, which Postgres text cannot hold. `field` names it in the error.
+fn check_text(field: impl FnOnce() -> String, value: &str, max: usize) -> Result<()> {
+    if value.len() > max {
+        return Err(RelabelerError::invalid(
+            field(),
+            format!("is {} bytes; at most {max}", value.len()),
+        ));
+    }
+    if let Some(at) = value.find('\0') {
+        return Err(RelabelerError::invalid(
+            field(),
+            format!("holds a NUL byte (at byte {at}); text cannot contain one"),
+        ));
+    }
+    Ok(())
+}
+
 /// Limits on API input.
 #[derive(Debug, Clone, Copy)]
 pub struct ApiLimits {
@@ -95,7 +125,7 @@ impl Relabeler {
                 let result = inner.sampler.sample_iteration(run_id, iteration, &tx).await;
                 if let Err(err) = result {
                     tracing::error!(%err, "sampling failed; the iteration is marked failed");
-                    let message = err.to_string();
+                    let message = err.summary();
                     if let Err(store_err) = inner
                         .sampler
                         .store
@@ -184,8 +214,12 @@ fn to_pb(
 }
 
 fn parse_run(run_id: &str) -> Result<Uuid> {
-    Uuid::parse_str(run_id)
-        .map_err(|_| RelabelerError::invalid("run_id", format!("`{run_id}` is not a UUID")))
+    Uuid::parse_str(run_id).map_err(|_| {
+        RelabelerError::invalid(
+            "run_id",
+            format!("`{}` is not a UUID", hir_core::text_enum::bounded(run_id)),
+        )
+    })
 }
 
 fn parse_iteration(iteration: u32) -> Result<i32> {
@@ -299,17 +333,12 @@ impl RelabelerService for Relabeler {
         request: Request<pb::ScoreRequest>,
     ) -> Result<Response<pb::ScoreResponse>, Status> {
         let req = request.into_inner();
-        if req.output.len() > self.inner.limits.max_output_bytes {
-            return Err(RelabelerError::invalid(
-                "output",
-                format!(
-                    "is {} bytes; at most {}",
-                    req.output.len(),
-                    self.inner.limits.max_output_bytes
-                ),
-            )
-            .into());
-        }
+        check_text(
+            || "output".into(),
+            &req.output,
+            self.inner.limits.max_output_bytes,
+        )?;
+        check_text(|| "task".into(), &req.task, MAX_TASK_BYTES)?;
         let task = self
             .inner
             .sampler
@@ -341,6 +370,7 @@ impl RelabelerService for Relabeler {
                 RelabelerError::invalid("source", "is required (who sends the feedback)").into(),
             );
         }
+        check_text(|| "source".into(), &req.source, MAX_KEY_BYTES)?;
         let policy = hir_core::relabel::policy_by_name(&req.policy)
             .map_err(|e| RelabelerError::invalid("policy", e.to_string()))?;
         let run_id = if req.run_id.is_empty() {
@@ -366,11 +396,11 @@ impl RelabelerService for Relabeler {
         let mut relabels = Vec::with_capacity(req.items.len());
         let mut skipped = 0u32;
         for (i, item) in req.items.iter().enumerate() {
-            for (field, value) in [
-                ("external_id", &item.external_id),
-                ("instruction", &item.instruction),
-                ("query", &item.query),
-                ("output", &item.output),
+            for (field, value, max) in [
+                ("external_id", &item.external_id, MAX_KEY_BYTES),
+                ("instruction", &item.instruction, MAX_INSTRUCTION_BYTES),
+                ("query", &item.query, MAX_QUERY_BYTES),
+                ("output", &item.output, limits.max_output_bytes),
             ] {
                 if value.trim().is_empty() {
                     return Err(RelabelerError::invalid(
@@ -379,18 +409,13 @@ impl RelabelerService for Relabeler {
                     )
                     .into());
                 }
+                check_text(|| format!("items[{i}].{field}"), value, max)?;
             }
-            if item.output.len() > limits.max_output_bytes {
-                return Err(RelabelerError::invalid(
-                    format!("items[{i}].output"),
-                    format!(
-                        "is {} bytes; at most {}",
-                        item.output.len(),
-                        limits.max_output_bytes
-                    ),
-                )
-                .into());
-            }
+            check_text(
+                || format!("items[{i}].answer"),
+                &item.answer,
+                MAX_ANSWER_BYTES,
+            )?;
             let answer = Some(item.answer.as_str()).filter(|a| !a.is_empty());
             let kind =
                 if answer.is_some_and(|a| a.len() == 3 && a.starts_with('(') && a.ends_with(')')) {

@@ -39,6 +39,12 @@ impl Store {
     /// Stores feedback tuples in one transaction. Tuples whose
     /// `(source, external_id)` is already stored are left untouched.
     /// Returns how many rows were new.
+    ///
+    /// Rows are inserted in the order of their key, whatever the order of `tuples`: an
+    /// insert waits on a concurrent transaction's uncommitted row with the same key, so
+    /// two calls holding the same new keys in different orders would each wait for the
+    /// other (a deadlock). In one order, the later call waits for the earlier one and then
+    /// skips what it stored.
     #[tracing::instrument(name = "Inserting feedback", skip_all, fields(tuples = tuples.len()))]
     pub async fn insert_feedback(&self, tuples: &[NewFeedback]) -> Result<u64> {
         for (i, t) in tuples.iter().enumerate() {
@@ -48,9 +54,11 @@ impl Store {
                 )));
             }
         }
+        let mut sorted: Vec<&NewFeedback> = tuples.iter().collect();
+        sorted.sort_by(|a, b| (&a.source, &a.external_id).cmp(&(&b.source, &b.external_id)));
         let mut inserted = 0;
         let mut tx = self.pool().begin().await?;
-        for chunk in tuples.chunks(FEEDBACK_CHUNK) {
+        for chunk in sorted.chunks(FEEDBACK_CHUNK) {
             let source: Vec<&str> = chunk.iter().map(|t| t.source.as_str()).collect();
             let external_id: Vec<&str> = chunk.iter().map(|t| t.external_id.as_str()).collect();
             let run_id: Vec<Option<Uuid>> = chunk.iter().map(|t| t.run_id).collect();
@@ -70,8 +78,11 @@ impl Store {
             let result = sqlx::query(
                 "INSERT INTO feedback (source, external_id, run_id, instruction, query, output,
                                        feedback, policy, positive_instruction, negative_instruction)
-                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[],
-                                      $6::text[], $7::jsonb[], $8::text[], $9::text[], $10::text[])
+                 SELECT s, e, r, i, q, o, f, p, pos, neg
+                 FROM UNNEST($1::text[], $2::text[], $3::uuid[], $4::text[], $5::text[],
+                             $6::text[], $7::jsonb[], $8::text[], $9::text[], $10::text[])
+                      WITH ORDINALITY AS u(s, e, r, i, q, o, f, p, pos, neg, n)
+                 ORDER BY n
                  ON CONFLICT (source, external_id) DO NOTHING",
             )
             .bind(&source)

@@ -107,6 +107,15 @@ impl From<candle_core::Error> for TrainerError {
 }
 
 impl TrainerError {
+    /// The error as a failed run or iteration records it: the first line of its message,
+    /// cut to a bounded length, so that a backtrace or a multi-line dump a dependency
+    /// appends (candle does, with `RUST_BACKTRACE` set) never reaches the store; the log
+    /// has the whole error.
+    pub fn summary(&self) -> String {
+        let text = self.to_string();
+        hir_runtime::status::bounded(text.lines().next().unwrap_or_default().trim_end())
+    }
+
     /// What a caller can do about it. Model, file and verification failures are ours.
     pub fn class(&self) -> ErrorClass {
         match self {

@@ -5,8 +5,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hir_core::run::RunConfig;
+use hir_core::text_enum::bounded;
 use hir_proto::pb::trainer_service_server::TrainerService;
 use hir_proto::{convert, pb};
 use hir_store::{NewRun, RunStatus, StoreError};
@@ -40,7 +42,195 @@ impl std::fmt::Debug for Trainer {
 
 fn parse_run_id(field: &str, s: &str) -> Result<Uuid> {
     Uuid::parse_str(s.trim())
-        .map_err(|e| TrainerError::invalid(field, format!("{s:?} is not a UUID: {e}")))
+        .map_err(|e| TrainerError::invalid(field, format!("{:?} is not a UUID: {e}", bounded(s))))
+}
+
+/// Longest run name and task name, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Longest model path, in bytes.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// How long StartRun waits for each generator's GetModelInfo.
+const GENERATOR_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest safetensors header read when a model is checked.
+const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
+
+/// Checks one text field of a request: at most `max` bytes and no NUL byte (which the
+/// store cannot hold). `field` names it in the error.
+fn check_text(field: impl FnOnce() -> String, value: &str, max: usize) -> Result<()> {
+    if value.len() > max {
+        return Err(TrainerError::invalid(
+            field(),
+            format!("is {} bytes; at most {max}", value.len()),
+        ));
+    }
+    if let Some(at) = value.find('\0') {
+        return Err(TrainerError::invalid(
+            field(),
+            format!("holds a NUL byte (at byte {at}); text cannot contain one"),
+        ));
+    }
+    Ok(())
+}
+
+/// The first line of an error's message: dependencies may append a backtrace.
+fn first_line(err: &dyn std::fmt::Display) -> String {
+    err.to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_end()
+        .to_owned()
+}
+
+/// Reads enough of a starting model to know that training can load it: a folder's
+/// `config.json`, the headers of its safetensors files and its tokenizer; a GGUF file's
+/// header and the extent of its tensors. Returns the architecture (`model_type`, or the
+/// GGUF `general.architecture`), or why the model cannot be trained.
+fn probe_model(path: &Path) -> std::result::Result<String, String> {
+    if path.is_dir() {
+        probe_folder(path)
+    } else {
+        probe_gguf(path)
+    }
+}
+
+fn probe_folder(dir: &Path) -> std::result::Result<String, String> {
+    let config = std::fs::read(dir.join("config.json"))
+        .map_err(|e| format!("has an unreadable config.json: {e}"))?;
+    let config: serde_json::Value = serde_json::from_slice(&config)
+        .map_err(|e| format!("has a config.json that is not JSON: {e}"))?;
+    let model_type = config
+        .get("model_type")
+        .and_then(|t| t.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    if !matches!(model_type.as_str(), "llama" | "qwen2" | "t5") {
+        return Err(format!(
+            "is a {:?} model; runs train llama, qwen2 (SmolLM2, Llama, Qwen2) and t5 \
+             (FLAN-T5) models",
+            bounded(&model_type)
+        ));
+    }
+    let single = dir.join("model.safetensors");
+    let index = dir.join("model.safetensors.index.json");
+    let files = if single.is_file() {
+        vec![single]
+    } else if index.is_file() {
+        let v: serde_json::Value = std::fs::read(&index)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or("has an unreadable model.safetensors.index.json")?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or("has a model.safetensors.index.json without a weight_map")?;
+        let mut files: Vec<_> = map
+            .values()
+            .filter_map(|f| f.as_str())
+            .map(|f| dir.join(f))
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    } else {
+        return Err("has no model.safetensors or model.safetensors.index.json".into());
+    };
+    for file in &files {
+        check_safetensors(file)?;
+    }
+    if !dir.join("tokenizer.json").is_file() {
+        return Err("has no tokenizer.json".into());
+    }
+    Ok(model_type)
+}
+
+/// Reads a safetensors file's header and checks that every tensor it lists lies inside
+/// the file.
+fn check_safetensors(file: &Path) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let name = file
+        .file_name()
+        .map(|n| bounded(&n.to_string_lossy()))
+        .unwrap_or_default();
+    let not = |why: String| format!("has a {name} that is not a safetensors file ({why})");
+    let mut f = std::fs::File::open(file).map_err(|e| format!("cannot read {name}: {e}"))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("cannot read {name}: {e}"))?
+        .len();
+    let mut size = [0u8; 8];
+    f.read_exact(&mut size)
+        .map_err(|_| not(format!("only {len} bytes")))?;
+    let size = u64::from_le_bytes(size);
+    if size > MAX_SAFETENSORS_HEADER || size > len - 8 {
+        return Err(not(format!("a header of {size} bytes in a file of {len}")));
+    }
+    let mut header = vec![0u8; size as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| format!("cannot read {name}: {e}"))?;
+    let tensors: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| not(format!("its header: {e}")))?;
+    let data = len - 8 - size;
+    for (tensor, info) in &tensors {
+        if tensor == "__metadata__" {
+            continue;
+        }
+        let end = info
+            .get("data_offsets")
+            .and_then(|o| o.get(1))
+            .and_then(|e| e.as_u64())
+            .ok_or_else(|| not(format!("tensor {:?} has no data_offsets", bounded(tensor))))?;
+        if end > data {
+            return Err(format!(
+                "has a truncated {name}: tensor {:?} ends at byte {end} of {data}",
+                bounded(tensor)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn probe_gguf(path: &Path) -> std::result::Result<String, String> {
+    use candle_core::quantized::gguf_file;
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot be read: {e}"))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("cannot be read: {e}"))?
+        .len();
+    let content = gguf_file::Content::read(&mut f)
+        .map_err(|e| format!("is not a readable GGUF file: {}", first_line(&e)))?;
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .ok_or("is a GGUF file without general.architecture")?;
+    if !matches!(arch.as_str(), "llama" | "qwen2") {
+        return Err(format!(
+            "is a GGUF {:?} model; runs train llama and qwen2 GGUF files",
+            bounded(&arch)
+        ));
+    }
+    for (name, info) in &content.tensor_infos {
+        // Checked: the sizes come from the file.
+        let end = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64))
+            .map(|n| n / info.ggml_dtype.block_size().max(1) as u64)
+            .and_then(|blocks| blocks.checked_mul(info.ggml_dtype.type_size() as u64))
+            .and_then(|bytes| bytes.checked_add(info.offset))
+            .and_then(|end| end.checked_add(content.tensor_data_offset))
+            .unwrap_or(u64::MAX);
+        if end > len {
+            return Err(format!(
+                "is a truncated GGUF file: tensor {:?} ends at byte {end} of {len}",
+                bounded(name)
+            ));
+        }
+    }
+    Ok(arch)
 }
 
 impl Trainer {
@@ -112,8 +302,10 @@ impl Trainer {
                 "name at least one BIG-bench task, e.g. tracking_shuffled_objects_three_objects",
             ));
         }
+        check_text(|| "name".into(), &r.name, MAX_NAME_BYTES)?;
         let mut names = Vec::with_capacity(r.tasks.len());
         for (i, t) in r.tasks.iter().enumerate() {
+            check_text(|| format!("tasks[{i}]"), t, MAX_NAME_BYTES)?;
             let task = self
                 .ctx
                 .tasks
@@ -127,6 +319,7 @@ impl Trainer {
                 "give the starting model: a Hugging Face folder or a .gguf file the trainer can read",
             ));
         }
+        check_text(|| "model".into(), &r.model, MAX_PATH_BYTES)?;
         let model = Path::new(&r.model);
         if !(model.is_dir() && model.join("config.json").is_file()
             || model.is_file() && model.extension().is_some_and(|e| e == "gguf"))
@@ -136,30 +329,9 @@ impl Trainer {
                 format!(
                     "{:?} is neither a model folder with config.json nor a .gguf file on the \
                      trainer's disk",
-                    r.model
+                    bounded(&r.model)
                 ),
             ));
-        }
-        if model.is_dir() {
-            let model_type = std::fs::read(model.join("config.json"))
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|v| {
-                    v.get("model_type")
-                        .and_then(|t| t.as_str())
-                        .map(str::to_owned)
-                })
-                .unwrap_or_default();
-            if !matches!(model_type.as_str(), "llama" | "qwen2" | "t5") {
-                return Err(TrainerError::invalid(
-                    "model",
-                    format!(
-                        "{:?} is a {model_type:?} model; runs train llama, qwen2 (SmolLM2, \
-                         Llama, Qwen2) and t5 (FLAN-T5) models",
-                        r.model
-                    ),
-                ));
-            }
         }
         let policy = if r.policy.is_empty() {
             "hir"
@@ -249,8 +421,91 @@ impl Trainer {
         })
     }
 
+    /// Reads the starting model's header (see [`probe_model`]); returns its architecture.
+    async fn check_model(&self, model: &str) -> Result<String> {
+        let path = std::path::PathBuf::from(model);
+        tokio::task::spawn_blocking(move || probe_model(&path))
+            .await
+            .map_err(|e| TrainerError::Internal(format!("checking the model: {e}")))?
+            .map_err(|reason| {
+                TrainerError::invalid("model", format!("{:?} {reason}", bounded(model)))
+            })
+    }
+
+    /// Asks every generator what it serves and refuses a run it cannot sample or
+    /// evaluate: another architecture than the starting model's, more new tokens or
+    /// samples per prompt than it allows, a top-k beyond its vocabulary. A generator that
+    /// does not answer makes the call UNAVAILABLE.
+    async fn check_generators(&self, config: &RunConfig, architecture: &str) -> Result<()> {
+        let remotes = &self.ctx.remotes;
+        for g in remotes.generators() {
+            let info = tokio::time::timeout(GENERATOR_CHECK_TIMEOUT, remotes.model_info(g))
+                .await
+                .map_err(|_| TrainerError::Remote {
+                    service: format!("generator {}", g.address),
+                    message: format!(
+                        "no answer to GetModelInfo within {} s",
+                        GENERATOR_CHECK_TIMEOUT.as_secs()
+                    ),
+                })??;
+            let at = &g.address;
+            if !info.architecture.is_empty() && info.architecture != architecture {
+                return Err(TrainerError::invalid(
+                    "model",
+                    format!(
+                        "is a {architecture} model but generator {at} serves a {} model \
+                         (version {}); start from a {} model or serve a {architecture} one",
+                        info.architecture, info.version, info.architecture
+                    ),
+                ));
+            }
+            if let Some(limits) = &info.limits {
+                if limits.max_new_tokens > 0 && config.max_new_tokens > limits.max_new_tokens {
+                    return Err(TrainerError::invalid(
+                        "hyperparameters.max_new_tokens",
+                        format!(
+                            "is {}; generator {at} allows at most {}",
+                            config.max_new_tokens, limits.max_new_tokens
+                        ),
+                    ));
+                }
+                if limits.max_n > 0 && config.samples_per_prompt > limits.max_n {
+                    return Err(TrainerError::invalid(
+                        "hyperparameters.samples_per_prompt",
+                        format!(
+                            "is {}; generator {at} samples at most {} per prompt",
+                            config.samples_per_prompt, limits.max_n
+                        ),
+                    ));
+                }
+            }
+            if info.context_length > 0 && config.max_new_tokens > info.context_length {
+                return Err(TrainerError::invalid(
+                    "hyperparameters.max_new_tokens",
+                    format!(
+                        "is {}; the model generator {at} serves has a context of {} tokens",
+                        config.max_new_tokens, info.context_length
+                    ),
+                ));
+            }
+            if info.vocab_size > 0 && config.top_k > info.vocab_size {
+                return Err(TrainerError::invalid(
+                    "hyperparameters.top_k",
+                    format!(
+                        "is {}; the vocabulary of the model generator {at} serves has {} \
+                         tokens",
+                        config.top_k, info.vocab_size
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     async fn start_run(&self, r: pb::StartRunRequest) -> Result<pb::Run> {
         let (run_id, policy, config, task_names) = self.validate_start(&r)?;
+        let architecture = self.check_model(&config.model).await?;
+        self.check_generators(&config, &architecture).await?;
         let store = &self.ctx.store;
         let name = if r.name.trim().is_empty() {
             format!("{policy} on {}", task_names.join(", "))

@@ -64,3 +64,39 @@ async fn an_eval_result_for_an_unknown_example_is_not_found(pool: PgPool) {
     );
     assert_eq!(f.count("eval_results").await, 0);
 }
+
+#[sqlx::test(migrator = "hir_store::MIGRATOR")]
+async fn concurrent_feedback_in_different_orders_is_stored_once(pool: PgPool) {
+    let f = fixture(pool).await;
+    let tuples: Vec<NewFeedback> = (0..200)
+        .map(|i| NewFeedback {
+            source: "chat-ui".into(),
+            external_id: format!("m-{i:03}"),
+            run_id: None,
+            instruction: "Answer briefly.".into(),
+            query: format!("What is {i} + 1?"),
+            output: format!("{}", i + 1),
+            feedback: json!({ "thumbs": "up" }),
+            policy: "hir_paper".into(),
+            positive_instruction: "Answer briefly.".into(),
+            negative_instruction: "Answer at length.".into(),
+        })
+        .collect();
+    let writers: Vec<_> = (0..8u64)
+        .map(|k| {
+            let store = f.store.clone();
+            let mut copy = tuples.clone();
+            let mut rng = hir_core::rng::SplitMix64::new(k + 1);
+            for i in (1..copy.len()).rev() {
+                copy.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            tokio::spawn(async move { store.insert_feedback(&copy).await })
+        })
+        .collect();
+    let mut inserted = 0;
+    for w in writers {
+        inserted += w.await.unwrap().unwrap();
+    }
+    assert_eq!(inserted, 200, "each tuple inserted by exactly one writer");
+    assert_eq!(f.count("feedback").await, 200);
+}

@@ -252,7 +252,7 @@ pub async fn finish(store: &Store, run_id: Uuid, outcome: &Result<()>, events: &
     let (status, error) = match outcome {
         Ok(()) => (RunStatus::Done, None),
         Err(TrainerError::Stopped) => (RunStatus::Stopped, None),
-        Err(e) => (RunStatus::Failed, Some(e.to_string())),
+        Err(e) => (RunStatus::Failed, Some(e.summary())),
     };
     if let Some(err) = &error {
         tracing::error!(%run_id, error = %err, "run failed");
