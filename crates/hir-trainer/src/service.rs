@@ -435,19 +435,36 @@ impl Trainer {
     /// Asks every generator what it serves and refuses a run it cannot sample or
     /// evaluate: another architecture than the starting model's, more new tokens or
     /// samples per prompt than it allows, a top-k beyond its vocabulary. A generator that
-    /// does not answer makes the call UNAVAILABLE.
+    /// does not answer is passed over (it is brought to the run's version when it is back);
+    /// when none answers the call is UNAVAILABLE.
     async fn check_generators(&self, config: &RunConfig, architecture: &str) -> Result<()> {
         let remotes = &self.ctx.remotes;
-        for g in remotes.generators() {
-            let info = tokio::time::timeout(GENERATOR_CHECK_TIMEOUT, remotes.model_info(g))
+        remotes.refresh_generators().await;
+        let mut unanswered = None;
+        let mut answered = 0;
+        for g in remotes.generators().iter() {
+            let info = match tokio::time::timeout(GENERATOR_CHECK_TIMEOUT, remotes.model_info(g))
                 .await
-                .map_err(|_| TrainerError::Remote {
-                    service: format!("generator {}", g.address),
-                    message: format!(
-                        "no answer to GetModelInfo within {} s",
-                        GENERATOR_CHECK_TIMEOUT.as_secs()
-                    ),
-                })??;
+            {
+                Ok(Ok(info)) => info,
+                Ok(Err(e @ (TrainerError::Unreachable { .. } | TrainerError::Remote { .. }))) => {
+                    tracing::warn!(generator = %g.address, error = %e, "a generator does not answer at StartRun");
+                    unanswered = Some(e);
+                    continue;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    unanswered = Some(TrainerError::Unreachable {
+                        service: format!("generator {}", g.address),
+                        message: format!(
+                            "no answer to GetModelInfo within {} s",
+                            GENERATOR_CHECK_TIMEOUT.as_secs()
+                        ),
+                    });
+                    continue;
+                }
+            };
+            answered += 1;
             let at = &g.address;
             if !info.architecture.is_empty() && info.architecture != architecture {
                 return Err(TrainerError::invalid(
@@ -499,7 +516,10 @@ impl Trainer {
                 ));
             }
         }
-        Ok(())
+        match unanswered {
+            Some(e) if answered == 0 => Err(e),
+            _ => Ok(()),
+        }
     }
 
     async fn start_run(&self, r: pb::StartRunRequest) -> Result<pb::Run> {
