@@ -85,13 +85,14 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Most prompts in one request.
+    /// Most prompts in one request (capped by `engine.max_batch_sequences`).
     pub max_prompts_per_request: usize,
-    /// Largest `n`.
+    /// Largest `n` (capped by `engine.max_batch_sequences`).
     pub max_n: usize,
     /// Largest `max_new_tokens`.
     pub max_new_tokens: usize,
-    /// Longest prompt in tokens.
+    /// Longest prompt in tokens (capped by the model's context); a prompt of more than
+    /// [`BYTES_PER_TOKEN`] bytes per token of it is refused before it is tokenized.
     pub max_prompt_tokens: usize,
     /// Most stop strings, and the longest one in bytes.
     pub max_stop_strings: usize,
@@ -108,6 +109,57 @@ impl Default for Limits {
             max_prompt_tokens: 4096,
             max_stop_strings: 16,
             max_message_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Bytes a prompt may take per token it may hold: prompts longer than this many bytes per
+/// token of their limit are refused before they are tokenized.
+pub const BYTES_PER_TOKEN: usize = 8;
+
+/// The bounds a request must keep, as the service enforces them and `GetModelInfo`
+/// advertises them: [`Limits`] capped by what the engine and the model can take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Most prompts (or `LogProbs` items) in one request.
+    pub max_prompts_per_request: usize,
+    /// Largest `n`.
+    pub max_n: usize,
+    /// Most sequences (prompts times `n`) in one request.
+    pub max_sequences_per_request: usize,
+    /// Largest `max_new_tokens`.
+    pub max_new_tokens: usize,
+    /// Longest prompt in tokens.
+    pub max_prompt_tokens: usize,
+    /// Most tokens of cache one request may hold (prompt plus new tokens, every sequence).
+    pub max_request_tokens: usize,
+    /// Longest prompt in bytes, checked before tokenizing.
+    pub max_prompt_bytes: usize,
+    /// Most prompt bytes in one request, checked before tokenizing.
+    pub max_request_bytes: usize,
+    /// Most stop strings.
+    pub max_stop_strings: usize,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl RequestLimits {
+    /// The limits of a server configured with `limits` and `engine` serving a model of
+    /// `context_length` tokens.
+    pub fn new(limits: &Limits, engine: &EngineConfig, context_length: usize) -> Self {
+        let sequences = engine.max_batch_sequences;
+        let max_prompt_tokens = limits.max_prompt_tokens.min(context_length);
+        Self {
+            max_prompts_per_request: limits.max_prompts_per_request.min(sequences),
+            max_n: limits.max_n.min(sequences),
+            max_sequences_per_request: sequences,
+            max_new_tokens: limits.max_new_tokens,
+            max_prompt_tokens,
+            max_request_tokens: engine.token_budget,
+            max_prompt_bytes: max_prompt_tokens.saturating_mul(BYTES_PER_TOKEN),
+            max_request_bytes: engine.token_budget.saturating_mul(BYTES_PER_TOKEN),
+            max_stop_strings: limits.max_stop_strings,
+            max_message_bytes: limits.max_message_bytes,
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum GeneratorError {
     /// The request queue is full; retry later.
     #[error("{0}")]
     Overloaded(String),
+    /// A message of the request is larger than this server accepts.
+    #[error("{0}")]
+    TooLarge(String),
     /// A checkpoint is missing, corrupt or does not fit the served model.
     #[error("checkpoint refused: {0}")]
     Checkpoint(String),
@@ -41,6 +44,9 @@ pub enum GeneratorError {
     /// The model failed while running.
     #[error("model error: {0}")]
     Model(#[from] hir_model::ModelError),
+    /// A task of the request failed on its own (a panic on a blocking thread).
+    #[error("{0}")]
+    Internal(String),
     /// A file operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -70,11 +76,15 @@ impl GeneratorError {
             GeneratorError::FailedPrecondition(_)
             | GeneratorError::VersionMismatch { .. }
             | GeneratorError::Checkpoint(_) => ErrorClass::FailedPrecondition,
-            GeneratorError::Overloaded(_) => ErrorClass::ResourceExhausted,
+            GeneratorError::Overloaded(_) | GeneratorError::TooLarge(_) => {
+                ErrorClass::ResourceExhausted
+            }
             GeneratorError::DeadlineExceeded(..) | GeneratorError::EngineStopped => {
                 ErrorClass::Unavailable
             }
-            GeneratorError::Model(_) | GeneratorError::Io { .. } => ErrorClass::Internal,
+            GeneratorError::Model(_) | GeneratorError::Internal(_) | GeneratorError::Io { .. } => {
+                ErrorClass::Internal
+            }
         }
     }
 }

@@ -15,8 +15,8 @@ use tokio::io::AsyncWriteExt;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::config::{Limits, SwapConfig};
-use crate::engine::{Completion, EngineHandle, Job};
+use crate::config::{Limits, RequestLimits, SwapConfig, BYTES_PER_TOKEN};
+use crate::engine::{Completion, EngineHandle, Job, Serving};
 use crate::error::{GeneratorError, Result};
 use crate::metrics::Metrics;
 use crate::swap::{self, LoadTimes};
@@ -62,13 +62,26 @@ impl Generator {
         Duration::from_secs(self.swap.timeout_secs.max(1))
     }
 
-    /// Turns a request into a job, or says which field is wrong.
-    fn job(
+    /// The bounds requests must keep while `serving` serves: what `Generate` and `LogProbs`
+    /// enforce and `GetModelInfo` advertises.
+    pub fn request_limits(&self, serving: &Serving) -> RequestLimits {
+        RequestLimits::new(
+            &self.limits,
+            &self.engine.config(),
+            serving.model.info().context_length,
+        )
+    }
+
+    /// Turns a request into a job, or says which field is wrong. Everything that can be
+    /// checked without the tokenizer is checked first; the prompts are then tokenized on a
+    /// blocking thread, so that large ones never hold up the server's other calls.
+    async fn job(
         &self,
         req: pb::GenerateRequest,
         out: tokio::sync::mpsc::UnboundedSender<Result<Completion>>,
     ) -> Result<Job> {
-        let limits = &self.limits;
+        let serving = self.engine.serving();
+        let limits = self.request_limits(&serving);
         if req.prompts.is_empty() {
             return Err(GeneratorError::invalid(
                 "prompts",
@@ -90,6 +103,16 @@ impl Generator {
             return Err(GeneratorError::invalid(
                 "n",
                 format!("is {n}; must be between 1 and {}", limits.max_n),
+            ));
+        }
+        let sequences = req.prompts.len() * n;
+        if sequences > limits.max_sequences_per_request {
+            return Err(GeneratorError::invalid(
+                "n",
+                format!(
+                    "the request has {sequences} sequences (prompts times n); at most {} per request",
+                    limits.max_sequences_per_request
+                ),
             ));
         }
         let s = req.sampling.unwrap_or_default();
@@ -131,44 +154,39 @@ impl Generator {
                 "must be 1 to 256 bytes",
             ));
         }
-        let serving = self.engine.serving();
-        let context = serving.model.info().context_length;
-        let mut prompts = Vec::with_capacity(req.prompts.len());
         for (i, text) in req.prompts.iter().enumerate() {
-            if text.trim().is_empty() {
-                return Err(GeneratorError::invalid(format!("prompts[{i}]"), "is empty"));
-            }
-            let ids = if req.chat {
-                serving
-                    .model
-                    .encode_prompt(&serving.model.chat_prompt(text))?
-            } else {
-                serving.model.encode_prompt(text)?
-            };
-            if ids.is_empty() {
-                return Err(GeneratorError::invalid(
-                    format!("prompts[{i}]"),
-                    "tokenizes to nothing",
-                ));
-            }
-            if ids.len() > limits.max_prompt_tokens {
+            if text.len() > limits.max_prompt_bytes {
                 return Err(GeneratorError::invalid(
                     format!("prompts[{i}]"),
                     format!(
-                        "is {} tokens; at most {}",
-                        ids.len(),
+                        "is {} bytes; at most {} ({BYTES_PER_TOKEN} bytes per token of the longest prompt, {} tokens)",
+                        text.len(),
+                        limits.max_prompt_bytes,
                         limits.max_prompt_tokens
                     ),
                 ));
             }
-            if serving.model.model().context_needed(ids.len(), max_new) > context {
-                return Err(GeneratorError::invalid(
-                    format!("prompts[{i}]"),
-                    format!("{} tokens plus max_new_tokens {max_new} exceed the model's context of {context}", ids.len()),
-                ));
+            if text.trim().is_empty() {
+                return Err(GeneratorError::invalid(format!("prompts[{i}]"), "is empty"));
             }
-            prompts.push(ids);
         }
+        let bytes: usize = req.prompts.iter().map(String::len).sum();
+        if bytes > limits.max_request_bytes {
+            return Err(GeneratorError::invalid(
+                "prompts",
+                format!(
+                    "{bytes} bytes in all; at most {} per request ({BYTES_PER_TOKEN} bytes per token of the request's {} tokens)",
+                    limits.max_request_bytes, limits.max_request_tokens
+                ),
+            ));
+        }
+        let (texts, chat) = (req.prompts, req.chat);
+        let prompts =
+            tokio::task::spawn_blocking(move || tokenize(&serving, &texts, chat, max_new, &limits))
+                .await
+                .map_err(|err| {
+                    GeneratorError::Internal(format!("tokenizing the prompts: {err}"))
+                })??;
         let seed = s.seed.unwrap_or_else(|| {
             self.seeds
                 .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
@@ -196,19 +214,16 @@ impl Generator {
 
     async fn swap_in(
         &self,
-        dir: std::path::PathBuf,
-        sha256: String,
-        version: String,
+        candidate: swap::Candidate,
         expected: String,
         started: Instant,
     ) -> Result<pb::SwapWeightsResponse> {
         let current = self.engine.serving();
+        let version = candidate.version.clone();
         // `weights = auto` holds a checkpoint folder dense, whatever the first model was.
-        let mode = crate::weight_mode(self.weights, &dir, &self.device);
+        let mode = crate::weight_mode(self.weights, &candidate.dir, &self.device);
         let (serving, times): (_, LoadTimes) = swap::load_checkpoint(
-            dir,
-            sha256,
-            version.clone(),
+            candidate,
             &current,
             self.device.clone(),
             mode,
@@ -240,10 +255,7 @@ impl Generator {
         &self,
         mut stream: Streaming<pb::UploadWeightsRequest>,
     ) -> Result<(swap::Staging, pb::UploadHeader)> {
-        let first = stream
-            .message()
-            .await
-            .map_err(|s| GeneratorError::invalid("header", s.message().to_string()))?;
+        let first = stream.message().await.map_err(|s| received("header", &s))?;
         let Some(pb::UploadWeightsRequest {
             part: Some(pb::upload_weights_request::Part::Header(header)),
         }) = first
@@ -256,8 +268,8 @@ impl Generator {
         check_version_fields(&header.version, &header.sha256)?;
         let mut sizes: HashMap<String, (u64, u64)> = HashMap::new();
         let mut total = 0u64;
-        for f in &header.files {
-            swap::validate_file_name(&f.name)?;
+        for (i, f) in header.files.iter().enumerate() {
+            swap::check_file_name(&format!("header.files[{i}].name"), &f.name)?;
             total = total.saturating_add(f.size);
             if sizes.insert(f.name.clone(), (f.size, 0)).is_some() {
                 return Err(GeneratorError::invalid(
@@ -283,11 +295,7 @@ impl Generator {
         }
         let staging = swap::Staging::new(&self.swap.staging_dir)?;
         let mut open: HashMap<String, tokio::fs::File> = HashMap::new();
-        while let Some(msg) = stream
-            .message()
-            .await
-            .map_err(|s| GeneratorError::invalid("chunk", s.message().to_string()))?
-        {
+        while let Some(msg) = stream.message().await.map_err(|s| received("chunk", &s))? {
             let Some(pb::upload_weights_request::Part::Chunk(chunk)) = msg.part else {
                 return Err(GeneratorError::invalid(
                     "header",
@@ -363,6 +371,15 @@ impl Generator {
     }
 }
 
+/// A message of an upload that could not be received: too large (RESOURCE_EXHAUSTED, as
+/// gRPC specifies) or malformed (`field` is invalid).
+fn received(field: &str, status: &Status) -> GeneratorError {
+    match hir_runtime::server::message_too_large(status) {
+        Some(exhausted) => GeneratorError::TooLarge(exhausted.message().to_string()),
+        None => GeneratorError::invalid(field, status.message().to_string()),
+    }
+}
+
 fn check_version_fields(version: &str, sha256: &str) -> Result<()> {
     if version.is_empty()
         || version.len() > 128
@@ -374,6 +391,53 @@ fn check_version_fields(version: &str, sha256: &str) -> Result<()> {
         ));
     }
     swap::validate_sha256("sha256", sha256)
+}
+
+/// Tokenizes each prompt (as a chat turn with `chat`) and checks it fits; blocking.
+fn tokenize(
+    serving: &Serving,
+    texts: &[String],
+    chat: bool,
+    max_new: usize,
+    limits: &RequestLimits,
+) -> Result<Vec<Vec<u32>>> {
+    let model = &serving.model;
+    let context = model.info().context_length;
+    let mut prompts = Vec::with_capacity(texts.len());
+    for (i, text) in texts.iter().enumerate() {
+        let ids = if chat {
+            model.encode_prompt(&model.chat_prompt(text))?
+        } else {
+            model.encode_prompt(text)?
+        };
+        if ids.is_empty() {
+            return Err(GeneratorError::invalid(
+                format!("prompts[{i}]"),
+                "tokenizes to nothing",
+            ));
+        }
+        if ids.len() > limits.max_prompt_tokens {
+            return Err(GeneratorError::invalid(
+                format!("prompts[{i}]"),
+                format!(
+                    "is {} tokens; at most {}",
+                    ids.len(),
+                    limits.max_prompt_tokens
+                ),
+            ));
+        }
+        if model.model().context_needed(ids.len(), max_new) > context {
+            return Err(GeneratorError::invalid(
+                format!("prompts[{i}]"),
+                format!(
+                    "{} tokens plus max_new_tokens {max_new} exceed the model's context of {context}",
+                    ids.len()
+                ),
+            ));
+        }
+        prompts.push(ids);
+    }
+    Ok(prompts)
 }
 
 fn completion_to_pb(c: Completion, seed: u64) -> pb::GenerateResponse {
@@ -409,7 +473,7 @@ impl GeneratorService for Generator {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let job = self.job(request.into_inner(), tx)?;
+        let job = self.job(request.into_inner(), tx).await?;
         let seed = job.params.seed;
         job.span.in_scope(|| tracing::info!("queued"));
         if let Err(err) = self.engine.submit(job) {
@@ -435,12 +499,11 @@ impl GeneratorService for Generator {
             serving.model.info().vocab_size,
             serving.model.info().context_length,
         );
-        if req.items.is_empty() || req.items.len() > self.limits.max_prompts_per_request {
-            return Err(GeneratorError::invalid(
-                "items",
-                format!("need 1 to {} items", self.limits.max_prompts_per_request),
-            )
-            .into());
+        let max_items = self.request_limits(&serving).max_prompts_per_request;
+        if req.items.is_empty() || req.items.len() > max_items {
+            return Err(
+                GeneratorError::invalid("items", format!("need 1 to {max_items} items")).into(),
+            );
         }
         let mut items = Vec::with_capacity(req.items.len());
         for (i, item) in req.items.into_iter().enumerate() {
@@ -496,9 +559,17 @@ impl GeneratorService for Generator {
         let started = Instant::now();
         let req = request.into_inner();
         check_version_fields(&req.version, &req.sha256)?;
-        let dir = swap::resolve_under_root(self.swap.checkpoint_root.as_deref(), &req.checkpoint)?;
+        let (root, dir) =
+            swap::resolve_under_root(self.swap.checkpoint_root.as_deref(), &req.checkpoint)?;
+        let candidate = swap::Candidate {
+            root,
+            dir,
+            field: "checkpoint",
+            sha256: req.sha256,
+            version: req.version,
+        };
         let response = self
-            .swap_in(dir, req.sha256, req.version, req.expected_version, started)
+            .swap_in(candidate, req.expected_version, started)
             .await
             .map_err(|err| {
                 tracing::warn!(%err, "swap refused; the current version keeps serving");
@@ -524,15 +595,15 @@ impl GeneratorService for Generator {
                 .into())
             }
         };
-        let dir = staging.dir().to_path_buf();
+        let candidate = swap::Candidate {
+            root: staging.dir().to_path_buf(),
+            dir: staging.dir().to_path_buf(),
+            field: "header",
+            sha256: header.sha256,
+            version: header.version,
+        };
         let response = self
-            .swap_in(
-                dir,
-                header.sha256,
-                header.version,
-                header.expected_version,
-                started,
-            )
+            .swap_in(candidate, header.expected_version, started)
             .await
             .map_err(|err| {
                 tracing::warn!(%err, "upload refused; the current version keeps serving");
@@ -548,8 +619,9 @@ impl GeneratorService for Generator {
     ) -> Result<Response<pb::ModelInfo>, Status> {
         let serving = self.engine.serving();
         let info = serving.model.info();
-        let l = &self.limits;
+        let l = self.request_limits(&serving);
         let u = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+        let u64 = |v: usize| v as u64;
         Ok(Response::new(pb::ModelInfo {
             version: serving.version.to_string(),
             architecture: info.architecture.clone(),
@@ -566,6 +638,11 @@ impl GeneratorService for Generator {
                 max_n: u(l.max_n),
                 max_new_tokens: u(l.max_new_tokens),
                 max_prompt_tokens: u(l.max_prompt_tokens),
+                max_sequences_per_request: u(l.max_sequences_per_request),
+                max_request_tokens: u64(l.max_request_tokens),
+                max_prompt_bytes: u64(l.max_prompt_bytes),
+                max_request_bytes: u64(l.max_request_bytes),
+                max_message_bytes: u64(l.max_message_bytes),
             }),
         }))
     }

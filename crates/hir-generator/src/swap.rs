@@ -14,9 +14,9 @@ use crate::error::{GeneratorError, Result};
 /// The manifest file every checkpoint carries.
 pub const MANIFEST: &str = hir_model::checkpoint::MANIFEST;
 
-/// Resolves `reference` under `root`: relative, no `..`, and after following symbolic links
-/// still inside the root.
-pub fn resolve_under_root(root: Option<&Path>, reference: &str) -> Result<PathBuf> {
+/// Resolves `reference` under `root` ([`confine`]: relative, no `..`, and after following
+/// symbolic links still inside the root). Returns the canonical root and the folder.
+pub fn resolve_under_root(root: Option<&Path>, reference: &str) -> Result<(PathBuf, PathBuf)> {
     let Some(root) = root else {
         return Err(GeneratorError::FailedPrecondition(
             "this generator has no checkpoint root configured (swap.checkpoint_root); use UploadWeights".into(),
@@ -28,30 +28,136 @@ pub fn resolve_under_root(root: Option<&Path>, reference: &str) -> Result<PathBu
             "is empty; give a folder relative to the checkpoint root",
         ));
     }
-    let rel = Path::new(reference);
-    if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
-        return Err(GeneratorError::invalid(
-            "checkpoint",
-            format!("`{reference}` must be a relative path without `..` or `.` components"),
-        ));
-    }
-    let io = |what: String| move |source| GeneratorError::Io { what, source };
-    let root = root
-        .canonicalize()
-        .map_err(io(format!("checkpoint root {}", root.display())))?;
-    let path = root.join(rel).canonicalize().map_err(|_| {
-        GeneratorError::invalid(
-            "checkpoint",
-            format!("`{reference}` does not exist under the checkpoint root"),
-        )
+    let root = root.canonicalize().map_err(|source| GeneratorError::Io {
+        what: format!("checkpoint root {}", root.display()),
+        source,
     })?;
-    if !path.starts_with(&root) {
-        return Err(GeneratorError::invalid(
+    match confine(&root, &root, "checkpoint", reference)? {
+        Some(dir) => Ok((root, dir)),
+        None => Err(GeneratorError::invalid(
             "checkpoint",
-            format!("`{reference}` leaves the checkpoint root"),
+            format!(
+                "`{}` does not exist under the checkpoint root",
+                hir_core::text_enum::bounded(reference)
+            ),
+        )),
+    }
+}
+
+/// The one confinement check of every path a checkpoint names: the reference to its folder,
+/// the folder's own entries, the files its manifest lists, the shards of its weight index.
+/// `name` must be relative to `dir` (the checkpoint folder, or the root for a reference), made of plain components (no root, `.`, `..` or NUL), and must
+/// lead, once symbolic links are followed, to a place inside `root` (canonical; `dir` lies
+/// in it). Returns where it leads, or `None` when nothing is there. `field` is what names it
+/// (e.g. `manifest.json`), for the refusal.
+pub fn confine(
+    root: &Path,
+    dir: &Path,
+    field: &str,
+    name: impl AsRef<Path>,
+) -> Result<Option<PathBuf>> {
+    let rel = name.as_ref();
+    let shown = || {
+        let name = rel.to_string_lossy().escape_debug().to_string();
+        format!("`{}`", hir_core::text_enum::bounded(&name))
+    };
+    if rel.as_os_str().is_empty()
+        || rel.as_os_str().as_encoded_bytes().contains(&0)
+        || rel.components().any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(GeneratorError::invalid(
+            field,
+            format!(
+                "{} must be a relative path of plain names (no leading `/`, no `.` or `..`)",
+                shown()
+            ),
         ));
     }
-    Ok(path)
+    match dir.join(rel).canonicalize() {
+        Ok(real) if real.starts_with(root) => Ok(Some(real)),
+        Ok(_) => Err(GeneratorError::invalid(
+            field,
+            format!(
+                "{} leads out of the checkpoint root (a symbolic link)",
+                shown()
+            ),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(GeneratorError::invalid(
+            field,
+            format!(
+                "{} cannot be resolved inside the checkpoint root: {e}",
+                shown()
+            ),
+        )),
+    }
+}
+
+/// Confines every path the checkpoint in `dir` names ([`confine`]) before any of its files
+/// is read: each entry of the folder (links included, subfolders walked), then each file
+/// `manifest.json` lists and each shard `model.safetensors.index.json` maps. Returns the
+/// manifest's bytes and the checkpoint's size in bytes. Blocking.
+fn confine_checkpoint(root: &Path, dir: &Path, field: &str) -> Result<(Vec<u8>, u64)> {
+    let io = |what: String| move |source| GeneratorError::Io { what, source };
+    let mut bytes = 0u64;
+    let mut folders = vec![dir.to_path_buf()];
+    while let Some(folder) = folders.pop() {
+        let entries =
+            std::fs::read_dir(&folder).map_err(io(format!("listing {}", folder.display())))?;
+        for entry in entries {
+            let entry = entry.map_err(io(format!("listing {}", folder.display())))?;
+            let path = entry.path();
+            let name = path.strip_prefix(dir).unwrap_or(&path);
+            let Some(real) = confine(root, dir, field, name)? else {
+                continue; // a dangling link: nothing to read
+            };
+            let kind = entry
+                .file_type()
+                .map_err(io(format!("reading {}", path.display())))?;
+            if kind.is_dir() {
+                folders.push(path);
+            } else if let Ok(meta) = std::fs::metadata(&real) {
+                if meta.is_file() {
+                    bytes += meta.len();
+                }
+            }
+        }
+    }
+    let manifest_path = dir.join(MANIFEST);
+    let manifest = std::fs::read(&manifest_path)
+        .map_err(|e| GeneratorError::Checkpoint(format!("{MANIFEST}: {e}")))?;
+    if let Ok(parsed) = serde_json::from_slice::<hir_model::checkpoint::Manifest>(&manifest) {
+        for name in parsed.files.keys() {
+            confine(root, dir, MANIFEST, name)?;
+        }
+    }
+    const INDEX: &str = "model.safetensors.index.json";
+    if let Ok(index) = std::fs::read(dir.join(INDEX)) {
+        if let Ok(index) = serde_json::from_slice::<serde_json::Value>(&index) {
+            let shards = index.get("weight_map").and_then(|m| m.as_object());
+            for shard in shards.into_iter().flat_map(|m| m.values()) {
+                if let Some(shard) = shard.as_str() {
+                    confine(root, dir, INDEX, shard)?;
+                }
+            }
+        }
+    }
+    Ok((manifest, bytes))
+}
+
+/// A loader error as a client may read it: a file whose digest differs from the manifest is
+/// named, but its digest is not quoted.
+fn checkpoint_error(dir: &Path, err: hir_model::ModelError) -> GeneratorError {
+    match err {
+        hir_model::ModelError::ChecksumMismatch { path, .. } => {
+            let name = path.strip_prefix(dir).unwrap_or(&path);
+            GeneratorError::Checkpoint(format!(
+                "{} does not match its SHA-256 in {MANIFEST}",
+                name.display()
+            ))
+        }
+        other => GeneratorError::Checkpoint(other.to_string()),
+    }
 }
 
 pub use hir_core::digest::sha256_hex;
@@ -78,14 +184,28 @@ pub struct LoadTimes {
     pub load: Duration,
 }
 
-/// Verifies `dir`'s manifest digest against `expected`, then loads the model (which checks
-/// every file against the manifest and every tensor's name and shape), and checks that it
-/// can replace `current` (same architecture and vocabulary). Runs on a blocking thread and
-/// gives up after `deadline`.
+/// A checkpoint a swap asks for.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// What every file of it must stay inside: the checkpoint root, or an upload's staging
+    /// folder.
+    pub root: PathBuf,
+    /// The checkpoint folder, inside `root`.
+    pub dir: PathBuf,
+    /// The request field that named the folder, for refusals.
+    pub field: &'static str,
+    /// The SHA-256 its manifest must have.
+    pub sha256: String,
+    /// The version it is to serve as.
+    pub version: String,
+}
+
+/// Confines every path the checkpoint names to its root ([`confine`]), verifies the
+/// manifest's digest, then loads the model (which checks every file against the manifest
+/// and every tensor's name and shape), and checks that it can replace `current` (same
+/// architecture and vocabulary). Runs on a blocking thread and gives up after `deadline`.
 pub async fn load_checkpoint(
-    dir: PathBuf,
-    expected_sha256: String,
-    version: String,
+    candidate: Candidate,
     current: &Serving,
     device: Device,
     mode: WeightMode,
@@ -93,27 +213,36 @@ pub async fn load_checkpoint(
 ) -> Result<(Serving, LoadTimes)> {
     let current_info = current.model.info().clone();
     let work = tokio::task::spawn_blocking(move || -> Result<(Serving, LoadTimes)> {
+        let Candidate {
+            root,
+            dir,
+            field,
+            sha256: expected_sha256,
+            version,
+        } = candidate;
         let t0 = Instant::now();
-        let manifest_path = dir.join(MANIFEST);
-        let manifest = std::fs::read(&manifest_path)
-            .map_err(|e| GeneratorError::Checkpoint(format!("{}: {e}", manifest_path.display())))?;
+        let canonical = |p: &Path| {
+            p.canonicalize().map_err(|source| GeneratorError::Io {
+                what: format!("resolving {}", p.display()),
+                source,
+            })
+        };
+        let root = canonical(&root)?;
+        let dir = canonical(&dir)?;
+        if !dir.starts_with(&root) {
+            return Err(GeneratorError::invalid(field, "leaves the checkpoint root"));
+        }
+        let (manifest, bytes) = confine_checkpoint(&root, &dir, field)?;
         let actual = sha256_hex(&manifest);
         if actual != expected_sha256 {
+            tracing::warn!(%actual, expected = %expected_sha256, "manifest digest differs");
             return Err(GeneratorError::Checkpoint(format!(
-                "manifest.json has SHA-256 {actual}, not the expected {expected_sha256}"
+                "manifest.json does not have the expected SHA-256 {expected_sha256}"
             )));
         }
-        let bytes = std::fs::read_dir(&dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
         let verify = t0.elapsed();
-        let model = LoadedModel::load(&dir, &device, mode)
-            .map_err(|e| GeneratorError::Checkpoint(e.to_string()))?;
+        let model =
+            LoadedModel::load(&dir, &device, mode).map_err(|e| checkpoint_error(&dir, e))?;
         let info = model.info();
         if info.architecture != current_info.architecture
             || info.vocab_size != current_info.vocab_size
@@ -186,8 +315,15 @@ impl Drop for Staging {
 
 /// Checks an uploaded file name: a plain name, no folders.
 pub fn validate_file_name(name: &str) -> Result<()> {
+    check_file_name("header.files.name", name)
+}
+
+/// Checks an uploaded file name given as `field`: a plain name, no folders, no control
+/// characters (NUL included).
+pub fn check_file_name(field: &str, name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 255
+        && !name.chars().any(char::is_control)
         && Path::new(name).components().count() == 1
         && matches!(
             Path::new(name).components().next(),
@@ -198,8 +334,11 @@ pub fn validate_file_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(GeneratorError::invalid(
-            "header.files.name",
-            format!("`{name}` must be a plain file name"),
+            field,
+            format!(
+                "`{}` must be a plain file name (no folders, `.`, `..` or control characters)",
+                hir_core::text_enum::bounded(&name.escape_debug().to_string())
+            ),
         ))
     }
 }
@@ -240,11 +379,64 @@ mod tests {
     }
 
     #[test]
+    fn every_path_a_checkpoint_names_stays_in_the_root() {
+        let base = std::env::temp_dir().join(format!("hir-confine-{}", std::process::id()));
+        let (root, outside) = (base.join("root"), base.join("outside"));
+        std::fs::create_dir_all(root.join("ckpt/sub")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("ckpt/a"), b"a").unwrap();
+        std::fs::write(root.join("b"), b"b").unwrap();
+        std::fs::write(outside.join("c"), b"c").unwrap();
+        std::os::unix::fs::symlink(root.join("b"), root.join("ckpt/in")).unwrap();
+        std::os::unix::fs::symlink(outside.join("c"), root.join("ckpt/out")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("ckpt/sub/away")).unwrap();
+        let root = root.canonicalize().unwrap();
+        let dir = root.join("ckpt");
+        let confined = |name: &str| confine(&root, &dir, "manifest.json", name);
+        assert_eq!(confined("a").unwrap(), Some(dir.join("a")));
+        assert_eq!(
+            confined("in").unwrap(),
+            Some(root.join("b")),
+            "links inside are followed"
+        );
+        assert_eq!(confined("missing").unwrap(), None);
+        for bad in [
+            "/etc/hostname",
+            "../b",
+            "./a",
+            "sub/../a",
+            "",
+            "a\0",
+            "out",
+            "sub/away/c",
+        ] {
+            let err = confined(bad).unwrap_err();
+            assert!(
+                err.to_string().starts_with("manifest.json: "),
+                "{bad:?}: {err}"
+            );
+            assert!(
+                matches!(err, GeneratorError::InvalidArgument { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+        let err = confine_checkpoint(&root, &dir, "checkpoint").unwrap_err();
+        assert!(err.to_string().starts_with("checkpoint: "), "{err}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
     fn file_names_and_digests_are_checked() {
         assert!(validate_file_name("model.safetensors").is_ok());
         for bad in ["", "..", "a/b", "/abs", "."] {
             assert!(validate_file_name(bad).is_err(), "{bad}");
         }
+        let err = check_file_name("header.files[1].name", "a\0b").unwrap_err();
+        assert!(matches!(err, GeneratorError::InvalidArgument { .. }));
+        assert!(
+            err.to_string().starts_with("header.files[1].name: `a\\0b`"),
+            "{err}"
+        );
         assert!(validate_sha256("sha256", &"a".repeat(64)).is_ok());
         assert!(validate_sha256("sha256", &"A".repeat(64)).is_err());
         assert!(validate_sha256("sha256", "abc").is_err());

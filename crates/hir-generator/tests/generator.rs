@@ -953,3 +953,441 @@ async fn swapped_checkpoints_are_held_as_the_weights_setting_says() {
         s.stop().await;
     }
 }
+
+/// The messages of an upload of the checkpoint folder `dir`: its header, then every file in
+/// chunks.
+fn upload_messages(dir: &Path, version: &str, sha256: &str) -> Vec<pb::UploadWeightsRequest> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (
+                p.file_name().unwrap().to_string_lossy().to_string(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    let header = pb::UploadHeader {
+        version: version.into(),
+        expected_version: String::new(),
+        sha256: sha256.into(),
+        files: files
+            .iter()
+            .map(|(n, b)| pb::UploadFile {
+                name: n.clone(),
+                size: b.len() as u64,
+            })
+            .collect(),
+    };
+    let mut messages = vec![pb::UploadWeightsRequest {
+        part: Some(pb::upload_weights_request::Part::Header(header)),
+    }];
+    for (name, bytes) in &files {
+        for (i, chunk) in bytes.chunks(10_000).enumerate() {
+            messages.push(pb::UploadWeightsRequest {
+                part: Some(pb::upload_weights_request::Part::Chunk(pb::FileChunk {
+                    name: name.clone(),
+                    offset: (i * 10_000) as u64,
+                    data: chunk.to_vec(),
+                })),
+            });
+        }
+    }
+    messages
+}
+
+/// Copies the checkpoint folder `from` to `to` (links are copied as the files they point
+/// to).
+fn copy_folder(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+    }
+}
+
+/// Adds `entries` (name, digest) to `dir/manifest.json`; returns the manifest's new SHA-256.
+fn add_to_manifest(dir: &Path, entries: &[(&str, &str)]) -> String {
+    let path = dir.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for (name, digest) in entries {
+        manifest["files"][*name] = serde_json::Value::from(*digest);
+    }
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
+    std::fs::write(&path, &bytes).unwrap();
+    hir_generator::swap::sha256_hex(&bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_prompts_are_refused_at_once_and_never_stall_health() {
+    // The fixture with a context of 2^20 tokens, so that prompts of megabytes can be within
+    // the byte limit of a prompt.
+    let model = scratch("large-model");
+    copy_folder(&fixture(), &model);
+    let config = model.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = serde_json::Value::from(1u64 << 20);
+    std::fs::write(&config, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let s = start("large", |c| {
+        c.model = model.clone();
+        c.limits.max_prompt_tokens = 1 << 20;
+        c.engine.token_budget = 1 << 20;
+    })
+    .await;
+    let mut client = s.client.clone();
+    let info = client.get_model_info(pb::GetModelInfoRequest {}).await;
+    let limits = info.unwrap().into_inner().limits.unwrap();
+    assert_eq!(
+        limits.max_prompt_bytes,
+        8 << 20,
+        "8 bytes per token of 2^20"
+    );
+    let max_prompt_bytes = limits.max_prompt_bytes as usize;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(s.channel.clone());
+    let check = pb_health_check();
+    // Over the byte limit: refused before any work, naming the prompt and its size.
+    let huge = "w5 ".repeat(5_000_000);
+    assert!(huge.len() > max_prompt_bytes);
+    let started = std::time::Instant::now();
+    let err = collect(&mut client, request(&[&huge], 1, 1.0, 4, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("prompts[0]:") && err.message().contains("bytes"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    // Prompts each within the limit, together over the request's: refused at once too.
+    assert_eq!(
+        limits.max_request_bytes,
+        8 << 20,
+        "8 bytes per token of the budget"
+    );
+    let half = "w5 ".repeat(1_500_000);
+    let started = std::time::Instant::now();
+    let err = collect(&mut client, request(&[&half, &half], 1, 1.0, 4, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("prompts:") && err.message().contains("bytes in all"),
+        "{}",
+        err.message()
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Three prompts within the byte limit but too many tokens: tokenized, then refused.
+    // Health answers promptly all along.
+    let large = std::sync::Arc::new("w5 ".repeat(1_500_000));
+    assert!(large.len() <= max_prompt_bytes);
+    let mut calls = Vec::new();
+    for _ in 0..3 {
+        let (mut client, large) = (s.client.clone(), std::sync::Arc::clone(&large));
+        calls.push(tokio::spawn(async move {
+            collect(&mut client, request(&[large.as_str()], 1, 1.0, 4, None)).await
+        }));
+    }
+    let (mut slowest, mut checks) = (Duration::ZERO, 0);
+    while calls.iter().any(|c| !c.is_finished()) {
+        let t = std::time::Instant::now();
+        health.check(check.clone()).await.unwrap();
+        slowest = slowest.max(t.elapsed());
+        checks += 1;
+    }
+    for c in calls {
+        let err = c.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("tokens"), "{}", err.message());
+    }
+    assert!(
+        checks > 0,
+        "no health check ran while the prompts were handled"
+    );
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a health check took {slowest:?} while large prompts were handled ({checks} checks)"
+    );
+    s.stop().await;
+    let _ = std::fs::remove_dir_all(&model);
+}
+
+fn pb_health_check() -> tonic_health::pb::HealthCheckRequest {
+    tonic_health::pb::HealthCheckRequest {
+        service: "hir.v1.GeneratorService".into(),
+    }
+}
+
+#[tokio::test]
+async fn checkpoints_never_reach_outside_their_root() {
+    let mut s = start("confined", |_| {}).await;
+    let good_sha = perturbed_checkpoint(&s.root, "good", 2.0);
+    let good = s.root.join("good");
+    // A file outside the root, and its digest, which no reply may ever quote.
+    let outside = scratch("confined-outside");
+    let secret = outside.join("secret.bin");
+    std::fs::write(&secret, b"not for clients").unwrap();
+    let mut forbidden = vec![hir_generator::swap::sha256_hex(b"not for clients")];
+    if let Ok(bytes) = std::fs::read("/etc/hostname") {
+        forbidden.push(hir_generator::swap::sha256_hex(&bytes));
+    }
+    // A file inside the root but outside any checkpoint folder.
+    std::fs::write(s.root.join("x"), b"beside the checkpoints").unwrap();
+    forbidden.push(hir_generator::swap::sha256_hex(b"beside the checkpoints"));
+    let zeros = "0".repeat(64);
+    let secret_path = secret.to_str().unwrap().to_string();
+    let mut cases: Vec<(String, String)> = Vec::new();
+    for (name, listed) in [
+        ("absolute", "/etc/hostname"),
+        ("absolute-secret", secret_path.as_str()),
+        ("parent", "../x"),
+    ] {
+        let dir = s.root.join(name);
+        copy_folder(&good, &dir);
+        cases.push((name.into(), add_to_manifest(&dir, &[(listed, &zeros)])));
+    }
+    // A listed file that is a link out of the root.
+    let dir = s.root.join("listed-link");
+    copy_folder(&good, &dir);
+    std::os::unix::fs::symlink(&secret, dir.join("extra.bin")).unwrap();
+    cases.push((
+        "listed-link".into(),
+        add_to_manifest(&dir, &[("extra.bin", &zeros)]),
+    ));
+    // A file the loader reads that is a link out of the root, to a copy of the very bytes
+    // the manifest expects.
+    let dir = s.root.join("loader-link");
+    copy_folder(&good, &dir);
+    std::fs::copy(good.join("tokenizer.json"), outside.join("tokenizer.json")).unwrap();
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    std::os::unix::fs::symlink(outside.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    cases.push(("loader-link".into(), good_sha.clone()));
+    for (name, sha256) in cases {
+        let req = pb::SwapWeightsRequest {
+            checkpoint: name.clone(),
+            sha256,
+            version: name.clone(),
+            expected_version: String::new(),
+        };
+        let err = s.client.swap_weights(authed(req)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+        for digest in &forbidden {
+            assert!(!err.message().contains(digest), "{name}: {}", err.message());
+        }
+    }
+    // The same manifests uploaded.
+    for (name, listed) in [
+        ("up-absolute", "/etc/hostname"),
+        ("up-secret", secret_path.as_str()),
+        ("up-parent", "../x"),
+    ] {
+        let dir = outside.join(name);
+        copy_folder(&good, &dir);
+        let sha256 = add_to_manifest(&dir, &[(listed, &zeros)]);
+        let messages = upload_messages(&dir, name, &sha256);
+        let err = s
+            .client
+            .upload_weights(authed(tokio_stream::iter(messages)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+        for digest in &forbidden {
+            assert!(!err.message().contains(digest), "{name}: {}", err.message());
+        }
+    }
+    assert_eq!(s.info().await.version, "base", "nothing was swapped in");
+    // Links that stay inside the root are followed.
+    let dir = s.root.join("inner-link");
+    copy_folder(&good, &dir);
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    std::os::unix::fs::symlink(
+        good.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let req = pb::SwapWeightsRequest {
+        checkpoint: "inner-link".into(),
+        sha256: good_sha,
+        version: "inner-link".into(),
+        expected_version: "base".into(),
+    };
+    s.client.swap_weights(authed(req)).await.unwrap();
+    assert_eq!(s.info().await.version, "inner-link");
+    let _ = std::fs::remove_dir_all(&outside);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_file_name_with_a_nul_is_an_invalid_argument() {
+    let mut s = start("nul-name", |c| c.swap.checkpoint_root = None).await;
+    let header = pb::UploadHeader {
+        version: "nul".into(),
+        expected_version: String::new(),
+        sha256: "a".repeat(64),
+        files: vec![
+            pb::UploadFile {
+                name: "manifest.json".into(),
+                size: 2,
+            },
+            pb::UploadFile {
+                name: "a\0b".into(),
+                size: 1,
+            },
+        ],
+    };
+    let chunk = |name: &str, data: &[u8]| pb::UploadWeightsRequest {
+        part: Some(pb::upload_weights_request::Part::Chunk(pb::FileChunk {
+            name: name.into(),
+            offset: 0,
+            data: data.to_vec(),
+        })),
+    };
+    let messages = vec![
+        pb::UploadWeightsRequest {
+            part: Some(pb::upload_weights_request::Part::Header(header)),
+        },
+        chunk("manifest.json", b"{}"),
+        chunk("a\0b", b"x"),
+    ];
+    let err = s
+        .client
+        .upload_weights(authed(tokio_stream::iter(messages)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("header.files[1].name:"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(s.info().await.version, "base");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn oversize_messages_are_resource_exhausted() {
+    let mut s = start("oversize", |c| {
+        c.limits.max_message_bytes = 64 << 10;
+        c.swap.checkpoint_root = None;
+    })
+    .await;
+    let big = "w5 ".repeat(30_000);
+    let err = collect(&mut s.client, request(&[&big], 1, 1.0, 4, None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let probe = pb::LogProbsRequest {
+        items: vec![pb::LogProbsItem {
+            prompt_token_ids: vec![5; 100_000],
+            continuation_token_ids: vec![5],
+        }],
+        expected_version: String::new(),
+    };
+    let err = s.client.log_probs(probe).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // A chunk of an upload over the limit.
+    let header = pb::UploadHeader {
+        version: "big".into(),
+        expected_version: String::new(),
+        sha256: "a".repeat(64),
+        files: vec![pb::UploadFile {
+            name: "manifest.json".into(),
+            size: 100_000,
+        }],
+    };
+    let messages = vec![
+        pb::UploadWeightsRequest {
+            part: Some(pb::upload_weights_request::Part::Header(header)),
+        },
+        pb::UploadWeightsRequest {
+            part: Some(pb::upload_weights_request::Part::Chunk(pb::FileChunk {
+                name: "manifest.json".into(),
+                offset: 0,
+                data: vec![b' '; 100_000],
+            })),
+        },
+    ];
+    let err = s
+        .client
+        .upload_weights(authed(tokio_stream::iter(messages)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // The server still answers.
+    assert_eq!(s.info().await.version, "base");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_advertised_limits_are_the_enforced_ones() {
+    let mut s = start("limits", |_| {}).await;
+    let limits = s.info().await.limits.expect("limits are advertised");
+    let words = |k: usize| format!("w{}", 2 + k % 60);
+    let prompts = |k: u32| (0..k as usize).map(words).collect::<Vec<_>>();
+    let generate = |prompts: Vec<String>, n: u32| pb::GenerateRequest {
+        prompts,
+        ..request(&[], n, 1.0, 2, Some(1))
+    };
+    // Prompts: exactly the limit passes, one more is refused.
+    let at = limits.max_prompts_per_request;
+    let got = collect(&mut s.client, generate(prompts(at), 1))
+        .await
+        .unwrap_or_else(|e| panic!("{at} prompts: {e:?}"));
+    assert_eq!(got.len(), at as usize);
+    let err = collect(&mut s.client, generate(prompts(at + 1), 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("prompts:"), "{}", err.message());
+    // n: the same.
+    let at = limits.max_n;
+    let got = collect(&mut s.client, generate(prompts(1), at))
+        .await
+        .unwrap_or_else(|e| panic!("n = {at}: {e:?}"));
+    assert_eq!(got.len(), at as usize);
+    let err = collect(&mut s.client, generate(prompts(1), at + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("n:"), "{}", err.message());
+    // Sequences (prompts times n): the same.
+    let at = limits.max_sequences_per_request;
+    assert!(at < limits.max_prompts_per_request * limits.max_n);
+    let (p, n) = (at / 8, 8);
+    assert_eq!(p * n, at, "the limit splits into {p} prompts of 8 samples");
+    let got = collect(&mut s.client, generate(prompts(p), n))
+        .await
+        .unwrap_or_else(|e| panic!("{p} prompts, n = {n}: {e:?}"));
+    assert_eq!(got.len(), at as usize);
+    let err = collect(&mut s.client, generate(prompts(p + 1), n))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("n:"), "{}", err.message());
+    // Prompt bytes: the same, before tokenizing.
+    let at = limits.max_prompt_bytes as usize;
+    assert_eq!(at, 8 * limits.max_prompt_tokens as usize);
+    let err = collect(&mut s.client, generate(vec!["w5".repeat(at / 2 + 1)], 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("prompts[0]:") && err.message().contains("bytes"),
+        "{}",
+        err.message()
+    );
+    // One word the vocabulary does not know: a single token.
+    let got = collect(&mut s.client, generate(vec!["w5".repeat(at / 2)], 1))
+        .await
+        .unwrap_or_else(|e| panic!("a prompt of {at} bytes: {e:?}"));
+    assert_eq!(got.len(), 1);
+    assert_eq!(limits.max_message_bytes, 16 << 20);
+    s.stop().await;
+}

@@ -11,6 +11,8 @@
 //!   describing the `hir.v1` contract, the files it imports, health and reflection.
 //! * the bearer-token layer ([`ServerBuilder::auth`]), checked before any service sees a
 //!   call, and a tracing span per call.
+//! * RESOURCE_EXHAUSTED for a request message over a service's size limit, as gRPC
+//!   specifies (tonic itself answers OUT_OF_RANGE; [`MessageSizeLayer`]).
 //! * the Prometheus endpoint on the metrics listener, if bound ([`ServerBuilder::metrics`]).
 //! * graceful shutdown: when the `shutdown` future given to [`ServerBuilder::serve`]
 //!   resolves, or the service fails to get ready, the server closes its gRPC listener,
@@ -23,7 +25,10 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use futures_util::future::TryFutureExt;
 
 use prometheus_client::registry::Registry;
 use tonic::body::Body;
@@ -238,6 +243,7 @@ impl ServerBuilder {
         tracing::info!(%addr, "serving gRPC");
         let server = tonic::transport::Server::builder()
             .layer(auth)
+            .layer(MessageSizeLayer)
             .trace_fn(|request| tracing::info_span!("grpc", path = %request.uri().path()))
             .add_routes(routes)
             .serve_with_incoming_shutdown(
@@ -271,6 +277,106 @@ impl Statuses {
     async fn set(&self, status: ServingStatus) {
         for name in self.names.iter() {
             self.health.set_service_status(name, status).await;
+        }
+    }
+}
+
+/// The status gRPC specifies for a message larger than the receiver accepts
+/// (RESOURCE_EXHAUSTED), if `status` is tonic's report of one (OUT_OF_RANGE, "... message
+/// length too large ..."); `None` for any other status.
+pub fn message_too_large(status: &tonic::Status) -> Option<tonic::Status> {
+    (status.code() == tonic::Code::OutOfRange
+        && status.message().contains("message length too large"))
+    .then(|| tonic::Status::resource_exhausted(status.message()))
+}
+
+/// Answers a request message over a service's size limit with RESOURCE_EXHAUSTED instead of
+/// tonic's OUT_OF_RANGE ([`message_too_large`]). Tonic refuses such a message before the
+/// service sees the call, in the response's headers; this layer rewrites them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MessageSizeLayer;
+
+impl<S> tower::Layer<S> for MessageSizeLayer {
+    type Service = MessageSize<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MessageSize { inner }
+    }
+}
+
+/// The service [`MessageSizeLayer`] wraps around a router.
+#[derive(Debug, Clone)]
+pub struct MessageSize<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for MessageSize<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = futures_util::future::MapOk<
+        S::Future,
+        fn(http::Response<ResBody>) -> http::Response<ResBody>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        self.inner
+            .call(request)
+            .map_ok(resource_exhausted_if_too_large)
+    }
+}
+
+fn resource_exhausted_if_too_large<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let code = response.headers().get("grpc-status").map(|v| v.as_bytes());
+    if code.map(tonic::Code::from_bytes) != Some(tonic::Code::OutOfRange) {
+        return response;
+    }
+    let rewritten = tonic::Status::from_header_map(response.headers())
+        .as_ref()
+        .and_then(message_too_large);
+    if let Some(status) = rewritten {
+        if let Err(err) = status.add_header(response.headers_mut()) {
+            tracing::warn!(%err, "could not rewrite an oversize message's status");
+        }
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversize_messages_are_resource_exhausted_and_nothing_else_changes() {
+        let tonic_says = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 90024 bytes, the limit is: 65536 bytes",
+        );
+        let rewritten = resource_exhausted_if_too_large(tonic_says.into_http::<()>());
+        let status = tonic::Status::from_header_map(rewritten.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status.message().contains("found 90024 bytes"),
+            "{}",
+            status.message()
+        );
+        for other in [
+            tonic::Status::out_of_range("step 12 is past the end"),
+            tonic::Status::invalid_argument("message length too large"),
+        ] {
+            let code = other.code();
+            let kept = resource_exhausted_if_too_large(other.into_http::<()>());
+            assert_eq!(
+                tonic::Status::from_header_map(kept.headers())
+                    .unwrap()
+                    .code(),
+                code
+            );
         }
     }
 }
