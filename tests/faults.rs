@@ -21,6 +21,8 @@ use uuid::Uuid;
 
 const TOKEN: &str = "fault-token";
 const SERVICES: [&str; 3] = ["generator", "relabeler", "trainer"];
+/// Examples of the run's task: 80% are training prompts, sampled twice per iteration.
+const EXAMPLES: usize = 1_000;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -172,8 +174,8 @@ fn restart_postgres() {
 
 /// Runs the seeded run to its end; with `kills`, kills each service that many times and
 /// restarts Postgres once on the way. Returns the run's id, the kills made, and the
-/// resumes the run needed.
-async fn run(db: &TestDb, root: &Path, kills: u32, seed: u64) -> (Uuid, u32, u32) {
+/// resumes the run needed and whether Postgres was restarted.
+async fn run(db: &TestDb, root: &Path, kills: u32, seed: u64) -> (Uuid, u32, u32, bool) {
     let mut cluster = Cluster::new(&db.url, root);
     for i in 0..3 {
         cluster.start(i);
@@ -186,7 +188,7 @@ async fn run(db: &TestDb, root: &Path, kills: u32, seed: u64) -> (Uuid, u32, u32
         .await
         .unwrap();
     let mut rng = SplitMix64::new(seed);
-    let (mut made, mut resumes, mut postgres) = (0, 0, kills == 0);
+    let (mut made, mut resumes, mut postgres) = (0, 0, false);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(900);
     loop {
         assert!(
@@ -215,18 +217,18 @@ async fn run(db: &TestDb, root: &Path, kills: u32, seed: u64) -> (Uuid, u32, u32
             }
             _ => {}
         }
-        if made < 3 * kills {
+        if kills > 0 && !postgres && made == 3 * kills / 2 {
+            eprintln!("restarting Postgres after {pause} ms");
+            restart_postgres();
+            postgres = true;
+        } else if made < 3 * kills {
             let service = (made % 3) as usize;
             eprintln!("kill {}: {} after {pause} ms", made + 1, SERVICES[service]);
             cluster.kill_and_restart(service);
             made += 1;
-        } else if !postgres {
-            eprintln!("restarting Postgres");
-            restart_postgres();
-            postgres = true;
         }
     }
-    (run_id, made, resumes)
+    (run_id, made, resumes, postgres)
 }
 
 async fn final_weights(db: &TestDb, run_id: Uuid) -> String {
@@ -261,14 +263,14 @@ async fn killed_services_and_a_restarted_database_leave_the_run_as_if_uninterrup
     let scratch = |tag: &str| {
         let root = std::env::temp_dir().join(format!("hir-faults-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        hir_testkit::tiny_task(&root.join("bigbench"), 100, Answers::Alternating);
+        hir_testkit::tiny_task(&root.join("bigbench"), EXAMPLES, Answers::Alternating);
         root
     };
 
     let reference = {
         let db = TestDb::create("faults_reference").await;
         let root = scratch("reference");
-        let (run_id, _, _) = run(&db, &root, 0, seed).await;
+        let (run_id, ..) = run(&db, &root, 0, seed).await;
         let weights = final_weights(&db, run_id).await;
         db.drop_db().await;
         let _ = std::fs::remove_dir_all(&root);
@@ -277,8 +279,17 @@ async fn killed_services_and_a_restarted_database_leave_the_run_as_if_uninterrup
 
     let db = TestDb::create("faults").await;
     let root = scratch("killed");
-    let (run_id, made, resumes) = run(&db, &root, kills, seed).await;
-    eprintln!("the run survived {made} kills ({kills} per service) and a Postgres restart with {resumes} resumes");
+    let (run_id, made, resumes, postgres) = run(&db, &root, kills, seed).await;
+    eprintln!(
+        "the run survived {made} kills ({kills} per service asked), {} Postgres restart, \
+         and needed {resumes} resumes",
+        u32::from(postgres)
+    );
+    assert_eq!(made, 3 * kills, "the run outlasted every kill");
+    assert!(
+        postgres || kills == 0,
+        "the run outlasted the Postgres restart"
+    );
     // The pool may hold connections from before the restart.
     let db = TestDb {
         store: hir_store::Store::connect(&db.url).await.unwrap(),
@@ -310,9 +321,10 @@ async fn killed_services_and_a_restarted_database_leave_the_run_as_if_uninterrup
         run_id,
     )
     .await;
+    let prompts = (EXAMPLES * 4 / 5) as i64;
     assert_eq!(
         samples,
-        3 * 80 * 2,
+        3 * prompts * 2,
         "every prompt of every iteration has its samples"
     );
     let (steps, distinct, last): (i64, i64, Option<i64>) = sqlx::query_as(
