@@ -569,31 +569,21 @@ async fn mutated_requests_never_get_an_internal_error_or_take_a_service_down() {
     g.swap.checkpoint_root = Some(root.join("checkpoints"));
     g.swap.staging_dir = root.join("staging");
     let (generator, _g): (String, Running) = hir_testkit::spawn_generator(g).await;
-    let (relabeler, _r) = hir_testkit::spawn_relabeler(hir_relabeler::config::RelabelerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.url.clone(),
-        bigbench: bigbench.clone(),
-        generators: vec![generator.clone()],
-        generator_token: Some(TOKEN.into()),
-        auth_token: Some(TOKEN.into()),
-        ..Default::default()
-    })
+    let (relabeler, _r) = hir_testkit::spawn_relabeler(hir_testkit::relabeler_config(
+        &db.url,
+        &bigbench,
+        vec![generator.clone()],
+        TOKEN,
+    ))
     .await;
-    let (trainer, _t) = hir_testkit::spawn_trainer(hir_trainer::config::TrainerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.url.clone(),
-        bigbench,
-        relabeler: relabeler.clone(),
-        relabeler_token: Some(TOKEN.into()),
-        generators: vec![generator.clone()],
-        generator_token: Some(TOKEN.into()),
-        auth_token: Some(TOKEN.into()),
-        checkpoint_dir: root.join("checkpoints"),
-        state_dir: root.join("state"),
-        ..Default::default()
-    })
+    let (trainer, _t) = hir_testkit::spawn_trainer(hir_testkit::trainer_config(
+        &db.url,
+        &bigbench,
+        &relabeler,
+        vec![generator.clone()],
+        TOKEN,
+        &root,
+    ))
     .await;
     let mut channels = Vec::new();
     for url in [&generator, &relabeler, &trainer] {

@@ -74,33 +74,14 @@ async fn a_restarted_and_a_new_generator_are_brought_to_the_runs_version() {
     let (a, running_a) = start_generator(0, &checkpoints).await;
     let b = format!("http://127.0.0.1:{}", free_port());
     let generators = vec![a.clone(), b.clone()];
-    let (relabeler, _r) = hir_testkit::spawn_relabeler(hir_relabeler::config::RelabelerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.url.clone(),
-        bigbench: bigbench.clone(),
-        generators: generators.clone(),
-        generator_token: Some(TOKEN.into()),
-        auth_token: Some(TOKEN.into()),
-        concurrency: 1,
-        retry_initial_ms: 50,
-        ..Default::default()
-    })
-    .await;
-    let (trainer, _t) = hir_testkit::spawn_trainer(hir_trainer::config::TrainerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.url.clone(),
-        bigbench,
-        relabeler,
-        relabeler_token: Some(TOKEN.into()),
-        generators,
-        generator_token: Some(TOKEN.into()),
-        auth_token: Some(TOKEN.into()),
-        checkpoint_dir: checkpoints.clone(),
-        state_dir: root.join("state"),
-        ..Default::default()
-    })
+    let mut relabeler_config =
+        hir_testkit::relabeler_config(&db.url, &bigbench, generators.clone(), TOKEN);
+    relabeler_config.concurrency = 1;
+    relabeler_config.retry_initial_ms = 50;
+    let (relabeler, _r) = hir_testkit::spawn_relabeler(relabeler_config).await;
+    let (trainer, _t) = hir_testkit::spawn_trainer(hir_testkit::trainer_config(
+        &db.url, &bigbench, &relabeler, generators, TOKEN, &root,
+    ))
     .await;
     let mut client = TrainerServiceClient::connect(trainer).await.unwrap();
     let run_id = Uuid::new_v4();

@@ -22,6 +22,7 @@
 // architectures, then what drives them.
 pub mod error;
 pub mod ops;
+pub mod probe;
 
 pub mod checkpoint;
 pub mod kv_cache;

@@ -134,6 +134,52 @@ pub fn generator_config(model: PathBuf) -> hir_generator::config::GeneratorConfi
     }
 }
 
+/// A relabeler configuration on port 0 over `db` and `bigbench`, sampling from
+/// `generators`, with `token` for its callers and for the generators.
+pub fn relabeler_config(
+    db: &str,
+    bigbench: &Path,
+    generators: Vec<String>,
+    token: &str,
+) -> hir_relabeler::config::RelabelerConfig {
+    hir_relabeler::config::RelabelerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        database_url: db.into(),
+        bigbench: bigbench.into(),
+        generators,
+        generator_token: Some(token.into()),
+        auth_token: Some(token.into()),
+        ..Default::default()
+    }
+}
+
+/// A trainer configuration on port 0 over `db` and `bigbench`, driving `relabeler` and
+/// `generators` with `token` everywhere, with checkpoints and state under `root`.
+pub fn trainer_config(
+    db: &str,
+    bigbench: &Path,
+    relabeler: &str,
+    generators: Vec<String>,
+    token: &str,
+    root: &Path,
+) -> hir_trainer::config::TrainerConfig {
+    hir_trainer::config::TrainerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: None,
+        database_url: db.into(),
+        bigbench: bigbench.into(),
+        relabeler: relabeler.into(),
+        relabeler_token: Some(token.into()),
+        generators,
+        generator_token: Some(token.into()),
+        auth_token: Some(token.into()),
+        checkpoint_dir: root.join("checkpoints"),
+        state_dir: root.join("state"),
+        ..Default::default()
+    }
+}
+
 /// Starts a generator; returns its `http://` address.
 pub async fn spawn_generator(config: hir_generator::config::GeneratorConfig) -> (String, Running) {
     let app = hir_generator::Application::build(config).await.unwrap();
