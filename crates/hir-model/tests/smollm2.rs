@@ -212,3 +212,16 @@ fn a_dense_checkpoint_served_quantized_stays_within_the_probe_tolerance() {
         assert!(diff > 0.0, "the matrices were quantized");
     }
 }
+
+#[test]
+fn the_real_gguf_passes_the_start_check_and_a_cut_copy_does_not() {
+    let path = common::smollm2_gguf();
+    assert_eq!(hir_model::probe::probe(&path).as_deref(), Ok("llama"));
+    // The same file cut short: its last tensors lie past the end.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = std::env::temp_dir().join(format!("hir-cut-{}.gguf", std::process::id()));
+    std::fs::write(&cut, &bytes[..bytes.len() * 9 / 10]).unwrap();
+    let err = hir_model::probe::probe(&cut).unwrap_err();
+    assert!(err.contains("truncated"), "{err}");
+    std::fs::remove_file(&cut).unwrap();
+}
