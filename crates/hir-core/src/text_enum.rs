@@ -81,6 +81,12 @@ pub fn bounded(s: &str) -> String {
     }
 }
 
+/// The first line of an error's message, without trailing space: what is recorded or
+/// quoted of an error, since dependencies may append a backtrace or a multi-line dump.
+pub fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default().trim_end()
+}
+
 #[cfg(test)]
 mod tests {
     use crate::status::RunStatus;

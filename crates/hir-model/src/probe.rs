@@ -14,7 +14,7 @@ const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
 
 /// The first line of an error's message: dependencies may append a backtrace.
 fn first_line(err: &dyn std::fmt::Display) -> String {
-    bounded(err.to_string().lines().next().unwrap_or_default())
+    bounded(hir_core::text_enum::first_line(&err.to_string()))
 }
 
 /// Reads enough of a starting model to know that training can load it: a folder's

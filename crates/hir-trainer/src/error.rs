@@ -112,8 +112,7 @@ impl TrainerError {
     /// appends (candle does, with `RUST_BACKTRACE` set) never reaches the store; the log
     /// has the whole error.
     pub fn summary(&self) -> String {
-        let text = self.to_string();
-        hir_runtime::status::bounded(text.lines().next().unwrap_or_default().trim_end())
+        hir_runtime::status::bounded(hir_core::text_enum::first_line(&self.to_string()))
     }
 
     /// What a caller can do about it. Model, file and verification failures are ours.
