@@ -1,7 +1,7 @@
 //! SHA-256 in lowercase hex: how checkpoints, manifests and task files are identified
 //! throughout hindsight.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -30,6 +30,70 @@ pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// A writer that hashes every byte written through it: a file and its digest in one pass.
+#[derive(Debug)]
+pub struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+}
+
+impl<W: Write> HashingWriter<W> {
+    /// Hashes what is written to `inner`.
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// The writer and the lowercase hex SHA-256 of everything written.
+    pub fn finish(self) -> (W, String) {
+        (self.inner, hex(&self.hasher.finalize()))
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that hashes every byte read through it: a file checked while it is read.
+#[derive(Debug)]
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> HashingReader<R> {
+    /// Hashes what is read from `inner`.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// The lowercase hex SHA-256 of everything read so far.
+    pub fn finish(self) -> String {
+        hex(&self.hasher.finalize())
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -49,5 +113,22 @@ mod tests {
         assert!(is_sha256_hex(abc));
         assert!(!is_sha256_hex(&abc.to_uppercase()));
         assert!(!is_sha256_hex(&abc[1..]));
+    }
+
+    #[test]
+    fn the_hashing_writer_and_reader_digest_what_passes_through() {
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let mut w = HashingWriter::new(Vec::new());
+        w.write_all(b"a").unwrap();
+        w.write_all(b"bc").unwrap();
+        let (bytes, digest) = w.finish();
+        assert_eq!((bytes.as_slice(), digest.as_str()), (&b"abc"[..], abc));
+        let mut r = HashingReader::new(&b"abc"[..]);
+        let mut first = [0u8; 1];
+        r.read_exact(&mut first).unwrap();
+        assert_ne!(HashingReader::new(&b""[..]).finish(), abc);
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert_eq!(r.finish(), abc);
     }
 }

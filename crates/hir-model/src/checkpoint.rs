@@ -1,8 +1,9 @@
 //! The checkpoint format: Hugging Face layout (`config.json`, `model.safetensors`,
 //! `tokenizer.json`) plus a `manifest.json` with the sha256 of every file. Writing a
 //! folder ([`write_folder`]) and checking one ([`verify`]): each architecture's `save`
-//! writes through the former; loading a folder that has a manifest runs the latter and
-//! refuses a file whose checksum differs.
+//! writes through the former, hashing the weights as they are written; loading a folder
+//! that has a manifest checks its small files with the latter and its weight files while
+//! reading them, and refuses a file whose checksum differs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -30,10 +31,23 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// Checks every file listed in `dir/manifest.json`.
 pub fn verify(dir: &Path) -> Result<Manifest> {
+    verify_except(dir, |_| false)
+}
+
+/// Checks the files listed in `dir/manifest.json` other than those `skip` names (which
+/// the caller checks as it reads them); returns the manifest.
+pub(crate) fn verify_except(dir: &Path, skip: impl Fn(&str) -> bool) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
     let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
     let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| ModelError::json(&path, e))?;
     for (name, want) in &m.files {
+        if skip(name) {
+            let p = dir.join(name);
+            if !p.is_file() {
+                return Err(ModelError::MissingFile { path: p });
+            }
+            continue;
+        }
         let p = dir.join(name);
         if !p.is_file() {
             return Err(ModelError::MissingFile { path: p });
@@ -78,7 +92,13 @@ pub fn write_folder(
         &cfg_path,
         &serde_json::to_vec_pretty(config).map_err(|e| ModelError::json(&cfg_path, e))?,
     )?;
-    candle_core::safetensors::save(tensors, dir.join("model.safetensors"))?;
+    let weights = crate::tensor_file::write(
+        &dir.join("model.safetensors"),
+        tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), crate::tensor_file::Entry::Tensor(t.clone())))
+            .collect(),
+    )?;
     if let Some(tok) = tokenizer {
         tok.save(dir.join("tokenizer.json"), false)
             .map_err(ModelError::tokenizer)?;
@@ -91,13 +111,9 @@ pub fn write_folder(
                 .map_err(|e| ModelError::json(&p, e))?,
         )?;
     }
-    let mut files = BTreeMap::new();
-    for name in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
+    // The weights were hashed as they were written; the small files are read back.
+    let mut files = BTreeMap::from([("model.safetensors".to_string(), weights)]);
+    for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         let p = dir.join(name);
         if p.is_file() {
             files.insert(name.to_string(), sha256_file(&p)?);

@@ -10,9 +10,9 @@ use candle_core::Device;
 use serde::de::DeserializeOwned;
 use tokenizers::Tokenizer;
 
-use crate::checkpoint;
 use crate::error::{ModelError, Result};
-use crate::weights::{SafetensorsSource, WeightMode, Weights};
+use crate::weights::{MemorySource, SafetensorsSource, WeightMode, Weights};
+use crate::{checkpoint, tensor_file};
 
 /// A JSON file, parsed.
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
@@ -26,20 +26,27 @@ pub(crate) struct HfFolder {
     dir: PathBuf,
     config_path: PathBuf,
     config: serde_json::Value,
+    /// The manifest, when the folder has one: its weight files are checked as they are
+    /// read, the others were checked on opening.
+    manifest: Option<checkpoint::Manifest>,
 }
 
 impl HfFolder {
-    /// Verifies `dir/manifest.json` when there is one, then reads `dir/config.json`.
+    /// Verifies `dir/manifest.json` when there is one (every file but the weights, which
+    /// [`HfFolder::weights`] checks while reading them), then reads `dir/config.json`.
     pub(crate) fn open(dir: &Path) -> Result<Self> {
-        if dir.join(checkpoint::MANIFEST).is_file() {
-            checkpoint::verify(dir)?;
-        }
+        let manifest = if dir.join(checkpoint::MANIFEST).is_file() {
+            Some(checkpoint::verify_except(dir, is_weight_file)?)
+        } else {
+            None
+        };
         let config_path = dir.join("config.json");
         let config = read_json(&config_path)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             config_path,
             config,
+            manifest,
         })
     }
 
@@ -84,11 +91,44 @@ impl HfFolder {
         read_json(&self.dir.join(name)).ok()
     }
 
-    /// A weight builder over the folder's safetensors files.
+    /// A weight builder over the folder's safetensors files: memory-mapped, or, when the
+    /// folder has a manifest, read once front to back and checked against it as they are
+    /// read (one pass over the bytes, not a pass to hash and another to load).
     pub(crate) fn weights(&self, device: &Device, mode: WeightMode) -> Result<Weights> {
-        let src = SafetensorsSource::open(&safetensors_files(&self.dir)?)?;
-        Ok(Weights::new(Arc::new(src), device, mode))
+        let files = safetensors_files(&self.dir)?;
+        let Some(manifest) = &self.manifest else {
+            let src = SafetensorsSource::open(&files)?;
+            return Ok(Weights::new(Arc::new(src), device, mode));
+        };
+        let mut tensors = std::collections::HashMap::new();
+        for file in &files {
+            let name = file
+                .strip_prefix(&self.dir)
+                .unwrap_or(file)
+                .to_string_lossy()
+                .into_owned();
+            let want = manifest.files.get(&name).ok_or_else(|| {
+                ModelError::InvalidConfig(format!(
+                    "{}: the weight file {name} is not in the manifest",
+                    self.dir.display()
+                ))
+            })?;
+            if !file.is_file() {
+                return Err(ModelError::MissingFile { path: file.clone() });
+            }
+            tensors.extend(tensor_file::read_verified(file, want, device)?);
+        }
+        Ok(Weights::new(
+            Arc::new(MemorySource::new(tensors)),
+            device,
+            mode,
+        ))
     }
+}
+
+/// Whether a manifest entry is a weight file (checked while it is read).
+fn is_weight_file(name: &str) -> bool {
+    name.ends_with(".safetensors")
 }
 
 /// The weight files of a Hugging Face folder: `model.safetensors` or the

@@ -21,6 +21,7 @@
 // Modules from the bottom of the dependency graph up: shared pieces, then the
 // architectures, then what drives them.
 pub mod error;
+pub mod fused;
 pub mod ops;
 pub mod probe;
 
@@ -28,6 +29,7 @@ pub mod checkpoint;
 pub mod kv_cache;
 pub mod loss;
 pub mod smollm2;
+pub mod tensor_file;
 pub mod weights;
 
 mod hf_folder;

@@ -433,6 +433,21 @@ impl Linear {
         Self { weight, bias }
     }
 
+    /// The same layer with its tensors detached from the autograd graph (shared, not
+    /// copied).
+    pub fn detached(&self) -> Self {
+        let weight = match &self.weight {
+            WeightMatrix::Dense(t) => WeightMatrix::Dense(t.detach()),
+            WeightMatrix::Quant(q, d) => {
+                WeightMatrix::Quant(q.clone(), d.as_ref().map(Tensor::detach))
+            }
+        };
+        Self {
+            weight,
+            bias: self.bias.as_ref().map(Tensor::detach),
+        }
+    }
+
     /// The bias, if any.
     pub fn bias_tensor(&self) -> Option<&Tensor> {
         self.bias.as_ref()

@@ -501,3 +501,78 @@ fn cancelled_requests_leave_the_others_untouched() {
     assert_eq!(out[0].token_ids, reference[0][0].token_ids);
     assert_eq!(batch.retain_requests(|_| false).unwrap(), 0);
 }
+
+#[test]
+fn layer_by_layer_gradients_equal_the_whole_graph_for_every_weight() {
+    use hir_model::train::{GradAccumulator, TrainLogits};
+    let (m, vars) = tiny_model(WeightMode::Trainable(DType::F32), 13);
+    let ex = |prompt: Vec<u32>, completion: Vec<u32>| Example { prompt, completion };
+    // Mixed prompt and completion lengths: padding inside both batches.
+    let pos = TrainBatch::new(
+        &[
+            ex(vec![20, 21, 22, 5, 6, 7], vec![30, 31, 0]),
+            ex(vec![23, 24], vec![32, 0]),
+            ex(vec![9, 8, 7, 6], vec![33, 34, 35, 0]),
+        ],
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let neg = TrainBatch::new(
+        &[
+            ex(vec![25, 21, 22], vec![30, 31, 0]),
+            ex(vec![26, 24, 27, 28, 29], vec![32, 0]),
+            ex(vec![9, 8], vec![33, 34, 35, 0]),
+        ],
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let cfg = hir_model::loss::HirLossConfig::default();
+    let plain: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
+
+    let whole = hir_model::train::hir_loss(&m, &pos, &neg, &cfg).unwrap();
+    let mut want = GradAccumulator::new(plain.len());
+    want.add(&plain, &whole.total.backward().unwrap(), 0.5)
+        .unwrap();
+
+    let mut got = GradAccumulator::new(plain.len());
+    let mut parts = 0;
+    let layered = m
+        .hir_gradients(&pos, &neg, &cfg, &mut |g| {
+            parts += 1;
+            got.add_part(&plain, g, 0.5)
+        })
+        .unwrap();
+    // Head, two sides per layer, two embeddings.
+    assert_eq!(parts, 1 + 2 * m.config().num_hidden_layers + 2);
+    let (a, b) = (
+        whole.total.to_scalar::<f32>().unwrap(),
+        layered.total.to_scalar::<f32>().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    for (i, (name, _)) in vars.iter().enumerate() {
+        let w = want
+            .grad(i)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = got
+            .grad(i)
+            .unwrap_or_else(|| panic!("no layered gradient for {name}"));
+        let scale = w
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let d = common::max_abs_diff(g, w);
+        assert!(
+            d <= 1e-4 * scale.max(1e-3),
+            "{name}: max |diff| {d} (scale {scale})"
+        );
+    }
+    assert!(
+        !layered.total.track_op(),
+        "the returned loss holds no graph"
+    );
+}

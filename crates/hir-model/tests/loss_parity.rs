@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor, Var};
 use common::max_abs_diff;
 use hir_model::loss::{HirLoss, HirLossConfig};
-use hir_model::train::{hir_loss, Example, GradAccumulator, TrainBatch};
+use hir_model::train::{hir_loss, Example, GradAccumulator, TrainBatch, TrainLogits};
 use hir_model::weights::WeightMode;
 use hir_model::LoadedModel;
 
@@ -197,6 +197,39 @@ fn loss_parity(name: &str) {
         assert!(
             d < GRAD_TOL,
             "{name} micro-batch grad {var}: max |diff| {d}"
+        );
+    }
+
+    // The trainer's path, `hir_gradients` (layer by layer with recomputation for the
+    // Llama family), over the same two micro-batches: the same total and gradients.
+    let pad = model.pad_token_id();
+    let mut acc = GradAccumulator::new(vars.len());
+    let mut combined = 0f32;
+    for (lo, hi) in [(0, split), (split, n)] {
+        let w = (hi - lo) as f64 / n as f64;
+        let batch = |e: &[Example]| TrainBatch::for_model(model.model(), e, pad, &Device::Cpu);
+        let (pb, nb) = (batch(&pos[lo..hi]).unwrap(), batch(&neg[lo..hi]).unwrap());
+        let l = model
+            .model()
+            .hir_gradients(&pb, &nb, &HirLossConfig::default(), &mut |g| {
+                acc.add_part(&vars, g, w)
+            })
+            .unwrap();
+        combined += w as f32 * l.total.to_scalar::<f32>().unwrap();
+    }
+    assert!(
+        (combined - want).abs() < LOSS_TOL,
+        "{name} hir_gradients: {combined} vs {want}"
+    );
+    for (var, i, want) in &grads {
+        let got = acc
+            .grad(*i)
+            .unwrap_or_else(|| panic!("{name} hir_gradients: no gradient for {var}"));
+        let d = max_abs_diff(got, want);
+        eprintln!("{name} hir_gradients grad {var}: max |diff| {d:e}");
+        assert!(
+            d < GRAD_TOL,
+            "{name} hir_gradients grad {var}: max |diff| {d}"
         );
     }
 }

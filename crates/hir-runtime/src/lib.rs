@@ -7,6 +7,7 @@
 //! * [`metrics`]: a Prometheus `/metrics` endpoint over a `prometheus-client` registry.
 //! * [`generators`]: a pool of generator clients, round-robin, with backoff.
 //! * [`listeners`]: the gRPC and metrics sockets of a server.
+//! * [`memory`]: this process's resident memory now and at its peak.
 //! * [`shutdown`]: a future that resolves on Ctrl-C or SIGTERM.
 //! * [`status`]: errors to gRPC statuses, the same way in every service.
 //! * [`server`]: the gRPC server of every service, with health, reflection, auth, metrics
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod config;
 pub mod generators;
 pub mod listeners;
+pub mod memory;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;

@@ -32,16 +32,61 @@ fn smollm2_path() -> PathBuf {
         .expect("SmolLM2 is fetched")
 }
 
-/// Timed steps: (median step seconds, tokens per step).
+/// Timed steps: median step seconds, tokens per step, and the peak resident memory the
+/// steps added to what the process held before them.
 struct Timing {
     step_s: f64,
     tokens: usize,
+    peak_mib: Option<f64>,
 }
 
 impl Timing {
     fn tps(&self) -> f64 {
         self.tokens as f64 / self.step_s
     }
+
+    fn memory(&self) -> String {
+        match self.peak_mib {
+            Some(m) => format!("peak +{m:.0} MiB"),
+            None => "peak n/a".into(),
+        }
+    }
+}
+
+/// Runs `steps + 1` steps (the first a warm-up) and times them, recording the peak
+/// resident memory above the level before the first.
+fn timed(steps: usize, tokens: usize, device: &Device, mut step: impl FnMut()) -> Timing {
+    let start = hir_runtime::memory::reset_peak()
+        .then(hir_runtime::memory::Rss::read)
+        .flatten();
+    let mut times = Vec::new();
+    for _ in 0..steps + 1 {
+        let t = Instant::now();
+        step();
+        sync(device);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.remove(0); // warm-up
+    let peak_mib = start.and_then(|s| {
+        let end = hir_runtime::memory::Rss::read()?;
+        Some(hir_runtime::memory::mib(end.peak.saturating_sub(s.now)))
+    });
+    Timing {
+        step_s: median(times),
+        tokens,
+        peak_mib,
+    }
+}
+
+/// How a step computes its gradients.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Path {
+    /// The trainer's: `Optimizer::backward_hir` (layer by layer for the Llama family).
+    Trainer,
+    /// One backward pass over the whole graph of both sequences.
+    WholeGraph,
+    /// The reference's: the whole graph with a third, redundant forward pass.
+    Reference,
 }
 
 /// HIR pairs of TSO-3 training prompts with plausible outputs, built like the trainer does.
@@ -121,7 +166,7 @@ fn smollm2(
     dtype: DType,
     steps: usize,
     random: bool,
-) -> (Timing, Timing, &'static str) {
+) -> ([Timing; 3], &'static str, Option<TorchStep>) {
     let micro = 4;
     let (model, vars, pairs, pad, label) = if random {
         let w = Weights::random(1, 0.02, device, WeightMode::Trainable(dtype));
@@ -153,18 +198,25 @@ fn smollm2(
     let tokens: usize = pairs.iter().map(HirExample::tokens).sum();
     let cfg = HirLossConfig::default();
     let mut optimizer = Optimizer::new(&vars, AdamWConfig::default(), 2, Some(1.0));
-    let mut run = |three_forwards: bool| {
-        let mut times = Vec::new();
-        for _ in 0..steps + 1 {
-            let t = Instant::now();
+    let mut first_loss = None;
+    let mut run = |path: Path| {
+        timed(steps, tokens, device, || {
+            let mut step_loss = 0.0;
             for chunk in pairs.chunks(micro) {
                 let pos: Vec<_> = chunk.iter().map(|e| e.positive.clone()).collect();
                 let neg: Vec<_> = chunk.iter().map(|e| e.negative.clone()).collect();
                 let pos = TrainBatch::new(&pos, pad, device).expect("batch");
                 let neg = TrainBatch::new(&neg, pad, device).expect("batch");
+                if path == Path::Trainer {
+                    let (l, _) = optimizer
+                        .backward_hir(&model, &pos, &neg, &cfg, 1.0)
+                        .expect("backward");
+                    step_loss += f64::from(l.total.to_scalar::<f32>().expect("loss")) / 2.0;
+                    continue;
+                }
                 let (pl, py) = model.aligned_logits(&pos).expect("forward");
                 let (nl, ny) = model.aligned_logits(&neg).expect("forward");
-                let l = if three_forwards {
+                let l = if path == Path::Reference {
                     // The reference: `outputs` and `outputs_pos` are the same computation.
                     let (pl2, _) = model.aligned_logits(&pos).expect("forward");
                     reference_loss(&pl, &pl2, &py, &nl, &ny, &cfg)
@@ -175,18 +227,85 @@ fn smollm2(
                 };
                 optimizer.backward(&l).expect("backward");
             }
-            sync(device);
-            times.push(t.elapsed().as_secs_f64());
-        }
-        times.remove(0); // warm-up
-        Timing {
-            step_s: median(times),
-            tokens,
-        }
+            if path == Path::Trainer {
+                first_loss.get_or_insert(step_loss);
+            }
+        })
     };
-    let ours = run(false);
-    let reference = run(true);
-    (ours, reference, label)
+    let timings = [
+        run(Path::Trainer),
+        run(Path::WholeGraph),
+        run(Path::Reference),
+    ];
+    let baseline = (!random && device.is_cpu()).then(|| TorchStep {
+        pairs,
+        pad,
+        micro,
+        steps,
+        first_loss: first_loss.unwrap_or(f64::NAN),
+    });
+    (timings, label, baseline)
+}
+
+/// The SmolLM2 step as `scripts/torch-hir-step.py` takes it, to time PyTorch eager on it.
+struct TorchStep {
+    pairs: Vec<HirExample>,
+    pad: u32,
+    micro: usize,
+    steps: usize,
+    /// The trainer's loss at the first step, to compare with PyTorch's.
+    first_loss: f64,
+}
+
+impl TorchStep {
+    /// Runs the script (with `$HIR_PYTHON`, default `python3`): its JSON reply, or why
+    /// there is none (torch not installed, the script failed).
+    fn run(&self) -> Result<serde_json::Value, String> {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let example = |e: &hir_model::train::Example| serde_json::json!({"prompt": e.prompt, "completion": e.completion});
+        let cfg = HirLossConfig::default();
+        let spec = serde_json::json!({
+            "model": smollm2_path(),
+            "pad": self.pad,
+            "micro_batch": self.micro,
+            "steps": self.steps,
+            "threads": candle_core::utils::get_num_threads(),
+            "lr": AdamWConfig::default().lr,
+            "max_grad_norm": 1.0,
+            "epsilon": cfg.epsilon,
+            "contrastive_coef": cfg.contrastive_coef,
+            "entropy_coef": cfg.entropy_coef,
+            "pairs": self.pairs.iter().map(|p| serde_json::json!({
+                "pos": example(&p.positive),
+                "neg": example(&p.negative),
+            })).collect::<Vec<_>>(),
+        });
+        let path = std::env::temp_dir().join(format!("hir-torch-step-{}.json", std::process::id()));
+        std::fs::write(&path, spec.to_string()).map_err(|e| e.to_string())?;
+        let python = std::env::var("HIR_PYTHON").unwrap_or_else(|_| "python3".into());
+        let out = std::process::Command::new(&python)
+            .arg(root.join("scripts/torch-hir-step.py"))
+            .arg(&path)
+            .output();
+        let _ = std::fs::remove_file(&path);
+        let out = out.map_err(|e| format!("{python}: {e}"))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let reply: Option<serde_json::Value> = stdout
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok());
+        match (out.status.code(), reply) {
+            (Some(0), Some(v)) => Ok(v),
+            (Some(3), Some(v)) => Err(format!("skipped: {}", v["skipped"])),
+            (code, _) => Err(format!(
+                "the script failed ({code:?}): {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or_default()
+            )),
+        }
+    }
 }
 
 /// The reference's loss graph: supervised and entropy terms from the first forward, the
@@ -245,9 +364,7 @@ fn t5(device: &Device, dtype: DType, steps: usize) -> (Timing, Timing, usize) {
     let tokens = 2 * 2 * b * (src + tgt);
     let mut run = |three_forwards: bool| {
         let mut rng = SplitMix64::new(11);
-        let mut times = Vec::new();
-        for _ in 0..steps + 1 {
-            let t = Instant::now();
+        timed(steps, tokens, device, || {
             for _ in 0..2 {
                 let (pos_ids, mask, labels) = t5_batch(&mut rng, b, src, tgt, device);
                 // The negative side: the same labels under another instruction.
@@ -268,14 +385,7 @@ fn t5(device: &Device, dtype: DType, steps: usize) -> (Timing, Timing, usize) {
                 };
                 optimizer.backward(&l).expect("backward");
             }
-            sync(device);
-            times.push(t.elapsed().as_secs_f64());
-        }
-        times.remove(0);
-        Timing {
-            step_s: median(times),
-            tokens,
-        }
+        })
     };
     let ours = run(false);
     let reference = run(true);
@@ -309,25 +419,52 @@ fn main() {
         candle_core::utils::get_num_threads()
     );
     let random = args.iter().any(|a| a == "--random");
-    let (ours, reference, label) = smollm2(&device, dtype, steps, random);
+    let ([ours, whole, reference], label, torch) = smollm2(&device, dtype, steps, random);
+    println!("SmolLM2-135M, {label} ({} tokens/step):", ours.tokens);
     println!(
-        "SmolLM2-135M, {label} ({} tokens/step): {:.3} s/step, {:.0} tok/s; \
-         reference 3-forward step {:.3} s ({:.2}x slower)",
-        ours.tokens,
+        "  trainer (layer by layer, recomputed): {:.3} s/step, {:.0} tok/s, {}",
         ours.step_s,
         ours.tps(),
-        reference.step_s,
-        reference.step_s / ours.step_s
+        ours.memory()
     );
+    for (name, t) in [
+        ("whole graph, 2 forwards", &whole),
+        ("reference, whole graph, 3 forwards", &reference),
+    ] {
+        println!(
+            "  {name}: {:.3} s/step ({:.2}x the trainer's time), {}",
+            t.step_s,
+            t.step_s / ours.step_s,
+            t.memory()
+        );
+    }
+    match torch.as_ref().map(TorchStep::run) {
+        Some(Ok(v)) => {
+            let step_s = v["step_s"].as_f64().unwrap_or(f64::NAN);
+            println!(
+                "  PyTorch {} eager, same step and threads: {step_s:.3} s/step, peak +{:.0} MiB; \
+                 the trainer at {:.2}x PyTorch's speed; first-step loss {:.5} (trainer {:.5})",
+                v["torch"].as_str().unwrap_or("?"),
+                v["peak_mib"].as_f64().unwrap_or(f64::NAN),
+                step_s / ours.step_s,
+                v["first_loss"].as_f64().unwrap_or(f64::NAN),
+                torch.as_ref().map_or(f64::NAN, |t| t.first_loss),
+            );
+        }
+        Some(Err(why)) => println!("  PyTorch baseline not run: {why}"),
+        None => println!("  PyTorch baseline: only for the GGUF's weights on the CPU"),
+    }
     let (ours, reference, params) = t5(&device, dtype, steps);
     println!(
         "FLAN-T5-base shape ({:.0}M params), 8 pairs of 200+8 tokens ({} tokens/step): \
-         {:.3} s/step, {:.0} tok/s; reference 3-forward step {:.3} s ({:.2}x slower)",
+         {:.3} s/step, {:.0} tok/s, {}; reference 3-forward step {:.3} s ({:.2}x slower), {}",
         params as f64 / 1e6,
         ours.tokens,
         ours.step_s,
         ours.tps(),
+        ours.memory(),
         reference.step_s,
-        reference.step_s / ours.step_s
+        reference.step_s / ours.step_s,
+        reference.memory()
     );
 }

@@ -9,14 +9,15 @@
 //! written under a temporary name and renamed into place, so a crash never leaves a
 //! half-written one under its real name.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use hir_core::run::RunConfig;
 use hir_model::loss::HirLossConfig;
+use hir_model::tensor_file::{self, Entry};
 use hir_model::train::{AdamWConfig, Optimizer, TrainBatch};
-use hir_model::{LoadedModel, WeightMode};
+use hir_model::{LoadedModel, ModelError, WeightMode};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainerError};
@@ -136,16 +137,21 @@ impl TrainState {
             let model = self.model.model();
             let pos = TrainBatch::for_model(model, &pos, pad, &device)?;
             let neg = TrainBatch::for_model(model, &neg, pad, &device)?;
-            let l = hir_model::train::hir_loss(model, &pos, &neg, &self.loss)?;
             let share = chunk.len() as f64 / total;
             // The optimizer divides by the number of micro-batches; weigh by examples instead.
-            let scaled = l.total.affine(share * chunks.len() as f64, 0.0)?;
+            let (l, stepped) = self.optimizer.backward_hir(
+                model,
+                &pos,
+                &neg,
+                &self.loss,
+                share * chunks.len() as f64,
+            )?;
             stats.loss += share * f64::from(l.total.to_scalar::<f32>()?);
             stats.loss_supervised += share * f64::from(l.label_smoothed);
             stats.loss_contrastive += share * f64::from(l.contrastive);
             stats.entropy += share * f64::from(l.entropy);
             stats.tokens += chunk.iter().map(HirExample::tokens).sum::<usize>();
-            report = self.optimizer.backward(&scaled)?;
+            report = stepped;
         }
         let report = report
             .ok_or_else(|| TrainerError::FailedPrecondition("the optimizer did not step".into()))?;
@@ -175,28 +181,30 @@ impl TrainState {
             }
         }
         self.model.save(&tmp)?;
-        let names: Vec<&str> = self.model.vars().iter().map(|(n, _)| n.as_str()).collect();
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        // The optimizer state is streamed from where it lives, hashed as it is written.
         let opt = self.optimizer.adamw();
-        for ((name, m), w) in names.iter().zip(opt.moments()?).zip(opt.masters()?) {
+        let moments = opt.moment_values()?;
+        let masters = opt.masters()?;
+        let mut entries = Vec::new();
+        for (((name, var), m), w) in self.model.vars().iter().zip(moments).zip(masters) {
             if let Some((m, v)) = m {
-                tensors.insert(format!("m.{name}"), m);
-                tensors.insert(format!("v.{name}"), v);
+                let shape = var.dims().to_vec();
+                entries.push((format!("m.{name}"), Entry::F32(m, shape.clone())));
+                entries.push((format!("v.{name}"), Entry::F32(v, shape)));
             }
             if let Some(w) = w {
-                tensors.insert(format!("w.{name}"), w);
+                entries.push((format!("w.{name}"), Entry::Tensor(w)));
             }
         }
-        let opt_path = tmp.join("optimizer.safetensors");
-        candle_core::safetensors::save(&tensors, &opt_path)?;
+        let optimizer = tensor_file::write(&tmp.join("optimizer.safetensors"), entries)?;
         write_json(&tmp.join("trainer.json"), &SnapshotInfo { step, iteration })?;
-        let mut files = BTreeMap::new();
-        for name in ["manifest.json", "optimizer.safetensors", "trainer.json"] {
-            files.insert(
-                name.to_string(),
-                hir_model::checkpoint::sha256_file(&tmp.join(name))?,
-            );
-        }
+        let manifest_sha = hir_model::checkpoint::sha256_file(&tmp.join("manifest.json"))?;
+        let trainer_sha = hir_model::checkpoint::sha256_file(&tmp.join("trainer.json"))?;
+        let files = BTreeMap::from([
+            ("manifest.json".to_string(), manifest_sha),
+            ("optimizer.safetensors".to_string(), optimizer),
+            ("trainer.json".to_string(), trainer_sha),
+        ]);
         let snapshot = tmp.join("snapshot.json");
         write_json(&snapshot, &files)?;
         let sha = hir_model::checkpoint::sha256_file(&snapshot)?;
@@ -224,7 +232,12 @@ impl TrainState {
             )));
         }
         let files: BTreeMap<String, String> = read_json(&snapshot)?;
+        // The small files are hashed here; the model's weights are checked against its
+        // manifest and the optimizer state against the snapshot while they are read.
         for (name, want) in &files {
+            if name.ends_with(".safetensors") {
+                continue;
+            }
             let actual = hir_model::checkpoint::sha256_file(&dir.join(name))?;
             if &actual != want {
                 return Err(TrainerError::FailedPrecondition(format!(
@@ -236,7 +249,21 @@ impl TrainState {
         let info: SnapshotInfo = read_json(&dir.join("trainer.json"))?;
         let mut state = Self::load(dir, device, config)?;
         let opt_path = dir.join("optimizer.safetensors");
-        let mut saved = candle_core::safetensors::load(&opt_path, &Device::Cpu)?;
+        let want = files.get("optimizer.safetensors").ok_or_else(|| {
+            TrainerError::FailedPrecondition(format!(
+                "{}: the snapshot does not list optimizer.safetensors",
+                snapshot.display()
+            ))
+        })?;
+        let mut saved = match tensor_file::read_verified(&opt_path, want, &Device::Cpu) {
+            Err(ModelError::ChecksumMismatch { actual, .. }) => {
+                return Err(TrainerError::FailedPrecondition(format!(
+                    "{}: SHA-256 {actual}, the snapshot lists {want}; it is corrupt",
+                    opt_path.display()
+                )))
+            }
+            other => other?,
+        };
         let moments = state
             .model
             .vars()

@@ -24,5 +24,6 @@ mod save;
 
 pub use crate::kv_cache::KvCache;
 pub use config::Config;
+pub(crate) use model::LayerShared;
 pub use model::{causal_bias, positions_from_mask, Batch, Model};
 pub(crate) use save::save;

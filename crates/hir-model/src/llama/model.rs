@@ -63,9 +63,14 @@ pub fn positions_from_mask(mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
 
 // === layers ===
 
+/// RMSNorm: candle's inference kernel (`fused`), else, for training, the kernel with a
+/// backward pass on the CPU or the same maths in primitive ops.
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, fused: bool) -> candle_core::Result<Tensor> {
     if fused {
         return candle_nn::ops::rms_norm(x, w, eps as f32);
+    }
+    if crate::fused::applies(x) {
+        return crate::fused::rms_norm(x, w, eps);
     }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
@@ -173,9 +178,20 @@ impl Attention {
         // Group query heads by their key/value head instead of repeating K and V.
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?.reshape((b, nkv, rep, t, tk))?;
-        let scores = scores.broadcast_add(bias)?;
-        let p = softmax(&scores, fused)?.reshape((b, nkv, rep * t, tk))?;
+        let qk = q.matmul(&k.t()?)?;
+        let p = if !fused && crate::fused::applies(&qk) {
+            // Training on the CPU: scale, mask and softmax as one node.
+            crate::fused::masked_softmax(
+                &qk.reshape((b, nh * t, tk))?,
+                &bias.reshape((b, t, tk))?,
+                scale,
+            )?
+            .reshape((b, nkv, rep * t, tk))?
+        } else {
+            let scores = (qk * scale)?.reshape((b, nkv, rep, t, tk))?;
+            let scores = scores.broadcast_add(bias)?;
+            softmax(&scores, fused)?.reshape((b, nkv, rep * t, tk))?
+        };
         let y = p.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?;
         let y = y.reshape((b, t, nh * hd))?;
         self.o.forward(&y)
@@ -199,9 +215,14 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+    fn forward(&self, x: &Tensor, fused: bool) -> candle_core::Result<Tensor> {
+        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let h = if !fused && crate::fused::applies(&g) {
+            crate::fused::swiglu(&g, &u)?
+        } else {
+            (candle_nn::ops::silu(&g)? * u)?
+        };
+        self.down.forward(&h)
     }
 }
 
@@ -226,6 +247,14 @@ impl Layer {
 }
 
 // === impl Model ===
+
+/// What every layer of one forward pass shares: RoPE tables and the attention bias.
+#[derive(Debug)]
+pub(crate) struct LayerShared {
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+}
 
 /// Batched inputs for one forward pass.
 #[derive(Debug, Clone)]
@@ -346,26 +375,38 @@ impl Model {
         batch: &Batch<'_>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, t) = batch.input_ids.dims2()?;
-        if batch.positions.len() != b || batch.positions.iter().any(|p| p.len() != t) {
-            return Err(ModelError::InvalidRequest(format!(
-                "positions must be [{b}][{t}]"
-            )));
-        }
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
-        if batch.key_mask.len() != b || batch.key_mask.iter().any(|m| m.len() != past + t) {
-            return Err(ModelError::InvalidRequest(format!(
-                "key mask must be [{b}][{}]",
-                past + t
-            )));
-        }
         if let Some(c) = cache.as_ref() {
+            let b = batch.input_ids.dim(0)?;
             if c.seq_len() > 0 && c.batch_size() != b {
                 return Err(ModelError::InvalidRequest(format!(
                     "cache holds {} sequences, batch has {b}",
                     c.batch_size()
                 )));
             }
+        }
+        let shared = self.prepare(batch, past)?;
+        let mut x = self.embed_tokens(batch.input_ids)?;
+        for i in 0..self.layers.len() {
+            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
+            x = self.layer(i, &x, &shared, slot)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Checks a batch against `past` cached positions and builds what its layers share.
+    pub(crate) fn prepare(&self, batch: &Batch<'_>, past: usize) -> Result<LayerShared> {
+        let (b, t) = batch.input_ids.dims2()?;
+        if batch.positions.len() != b || batch.positions.iter().any(|p| p.len() != t) {
+            return Err(ModelError::InvalidRequest(format!(
+                "positions must be [{b}][{t}]"
+            )));
+        }
+        if batch.key_mask.len() != b || batch.key_mask.iter().any(|m| m.len() != past + t) {
+            return Err(ModelError::InvalidRequest(format!(
+                "key mask must be [{b}][{}]",
+                past + t
+            )));
         }
         let max_id = batch.input_ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
         if max_id as usize >= self.cfg.vocab_size {
@@ -376,23 +417,72 @@ impl Model {
         }
         let (cos, sin) = self.rope_tables(batch.positions)?;
         let bias = causal_bias(batch.key_mask, t, self.dtype, &self.device)?;
-        let ids = batch.input_ids.flatten_all()?;
-        let mut x = self
+        Ok(LayerShared { cos, sin, bias })
+    }
+
+    /// The embeddings `[B, T, hidden]` of token ids `[B, T]`.
+    pub(crate) fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        Ok(self
             .embed
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.cfg.hidden_size))?;
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Layer `i` applied to hidden states `x` `[B, T, hidden]`, extending its cache slot.
+    pub(crate) fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        shared: &LayerShared,
+        slot: Option<&mut Option<LayerKv>>,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[i];
         let eps = self.cfg.rms_norm_eps;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| c.layer_mut(i));
-            let h = rms_norm(&x, &layer.ln1, eps, self.fused)?;
-            let h = layer
-                .attn
-                .forward(&h, &cos, &sin, &bias, slot, self.fused)?;
-            x = (x + h)?;
-            let h = rms_norm(&x, &layer.ln2, eps, self.fused)?;
-            x = (&x + layer.mlp.forward(&h)?)?;
+        let h = rms_norm(x, &layer.ln1, eps, self.fused)?;
+        let h = layer
+            .attn
+            .forward(&h, &shared.cos, &shared.sin, &shared.bias, slot, self.fused)?;
+        let x = (x + h)?;
+        let h = rms_norm(&x, &layer.ln2, eps, self.fused)?;
+        Ok((&x + layer.mlp.forward(&h, self.fused)?)?)
+    }
+
+    /// The number of layers.
+    pub(crate) fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The last norm, applied to the last layer's output.
+    pub(crate) fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, &self.norm, self.cfg.rms_norm_eps, self.fused)?)
+    }
+
+    /// The same model with every weight detached from the autograd graph and the fused
+    /// kernels on: a forward pass that records nothing to differentiate. The weights are
+    /// shared, not copied.
+    pub(crate) fn detached(&self) -> Self {
+        let mut m = self.clone();
+        m.embed = m.embed.detach();
+        m.norm = m.norm.detach();
+        m.lm_head = m.lm_head.detached();
+        for l in &mut m.layers {
+            for lin in [
+                &mut l.attn.q,
+                &mut l.attn.k,
+                &mut l.attn.v,
+                &mut l.attn.o,
+                &mut l.mlp.gate,
+                &mut l.mlp.up,
+                &mut l.mlp.down,
+            ] {
+                *lin = lin.detached();
+            }
+            l.ln1 = l.ln1.detach();
+            l.ln2 = l.ln2.detach();
         }
-        Ok(rms_norm(&x, &self.norm, eps, self.fused)?)
+        m.fused = true;
+        m
     }
 
     /// Logits `[..., vocab]` from hidden states `[..., hidden]`.

@@ -7,8 +7,10 @@
 //! rule and its state); the losses of a model's batch are here.
 
 mod batch;
+mod layerwise;
 mod optimizer;
 
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
 pub use batch::{Example, TrainBatch};
@@ -26,6 +28,25 @@ pub trait TrainLogits {
     /// Whether two forward passes of the same batch differ (training-mode dropout).
     fn has_dropout(&self) -> bool {
         false
+    }
+    /// The HIR loss of paired batches (see [`hir_loss`]), with the gradients of its total
+    /// handed to `add`, in one or more parts that sum to them.
+    ///
+    /// By default one backward pass over the whole graph; a model may instead compute the
+    /// same gradients in parts that need less memory.
+    fn hir_gradients(
+        &self,
+        pos: &TrainBatch,
+        neg: &TrainBatch,
+        cfg: &HirLossConfig,
+        add: &mut dyn FnMut(&GradStore) -> Result<()>,
+    ) -> Result<HirLoss>
+    where
+        Self: Sized,
+    {
+        let loss = hir_loss(self, pos, neg, cfg)?;
+        add(&loss.total.backward()?)?;
+        Ok(loss)
     }
 }
 
@@ -45,11 +66,32 @@ impl TrainLogits for llama::Model {
             },
             None,
         )?;
-        // Position t predicts token t + 1: hidden states and labels aligned.
-        let (hidden, labels) = loss::shift_for_causal(&hidden, &batch.labels)?;
-        let (hidden, labels) = label_span(&hidden, &labels)?;
-        Ok((self.logits(&hidden)?, labels))
+        head_logits(self, &hidden, batch)
     }
+
+    /// Layer by layer, recomputing each layer's activations for its backward pass: the
+    /// same gradients in a fraction of the memory (see [`layerwise`]).
+    fn hir_gradients(
+        &self,
+        pos: &TrainBatch,
+        neg: &TrainBatch,
+        cfg: &HirLossConfig,
+        add: &mut dyn FnMut(&GradStore) -> Result<()>,
+    ) -> Result<HirLoss> {
+        layerwise::hir_gradients(self, pos, neg, cfg, add)
+    }
+}
+
+/// Logits and labels of each row's labelled span from a decoder's final hidden states
+/// `[B, T, H]` (after the last norm): position t predicts token t + 1.
+fn head_logits(
+    model: &llama::Model,
+    hidden: &Tensor,
+    batch: &TrainBatch,
+) -> Result<(Tensor, Tensor)> {
+    let (hidden, labels) = loss::shift_for_causal(hidden, &batch.labels)?;
+    let (hidden, labels) = label_span(&hidden, &labels)?;
+    Ok((model.logits(&hidden)?, labels))
 }
 
 /// The hidden states `[B, L, H]` and labels `[B, L]` of each row's labelled span, `L` the
@@ -118,6 +160,18 @@ impl TrainLogits for AnyModel {
         match self {
             Self::Llama(m) => m.has_dropout(),
             Self::T5(m) => TrainLogits::has_dropout(m),
+        }
+    }
+    fn hir_gradients(
+        &self,
+        pos: &TrainBatch,
+        neg: &TrainBatch,
+        cfg: &HirLossConfig,
+        add: &mut dyn FnMut(&GradStore) -> Result<()>,
+    ) -> Result<HirLoss> {
+        match self {
+            Self::Llama(m) => m.hir_gradients(pos, neg, cfg, add),
+            Self::T5(m) => m.hir_gradients(pos, neg, cfg, add),
         }
     }
 }

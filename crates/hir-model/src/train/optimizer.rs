@@ -6,10 +6,14 @@
 //! candle_nn's `AdamW` steps straight from one backward pass and has no
 //! clipping or accumulation, so the optimizer here is written out.
 
+use std::borrow::Cow;
+
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use super::{TrainBatch, TrainLogits};
 use crate::error::{ModelError, Result};
+use crate::loss::{HirLoss, HirLossConfig};
 
 // === impl GradAccumulator ===
 
@@ -29,19 +33,36 @@ impl GradAccumulator {
         }
     }
 
-    /// Adds `scale · grad` of every variable found in `grads`.
+    /// Adds `scale · grad` of every variable found in `grads` and counts one micro-batch.
     pub fn add(&mut self, vars: &[Var], grads: &GradStore, scale: f64) -> Result<()> {
+        self.add_part(vars, grads, scale)?;
+        self.micro_batches += 1;
+        Ok(())
+    }
+
+    /// Adds `scale · grad` of every variable found in `grads`: one part of a micro-batch's
+    /// gradients, which [`GradAccumulator::count_micro_batch`] closes.
+    pub fn add_part(&mut self, vars: &[Var], grads: &GradStore, scale: f64) -> Result<()> {
         for (slot, v) in self.sums.iter_mut().zip(vars) {
             if let Some(g) = grads.get(v.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?.affine(scale, 0.0)?;
+                let g = g.to_dtype(DType::F32)?;
+                let g = if scale == 1.0 {
+                    g
+                } else {
+                    g.affine(scale, 0.0)?
+                };
                 *slot = Some(match slot.take() {
                     Some(s) => (s + g)?,
                     None => g,
                 });
             }
         }
-        self.micro_batches += 1;
         Ok(())
+    }
+
+    /// Counts one micro-batch whose gradients [`GradAccumulator::add_part`] added.
+    pub fn count_micro_batch(&mut self) {
+        self.micro_batches += 1;
     }
 
     /// Micro-batches added since the last reset.
@@ -185,6 +206,27 @@ impl AdamW {
                         Tensor::from_slice(v, var.shape(), &cpu)?,
                     )),
                     Some(Moments::Device(m, v)) => Some((m.to_device(&cpu)?, v.to_device(&cpu)?)),
+                })
+            })
+            .collect()
+    }
+
+    /// The first and second moments of each variable as f32 values, borrowed where they
+    /// are held in host memory (copied from a device otherwise); `None` for a variable
+    /// that has not been updated yet. What a snapshot writes, without a copy on the CPU.
+    pub fn moment_values(&self) -> Result<Vec<Option<(Cow<'_, [f32]>, Cow<'_, [f32]>)>>> {
+        self.moments
+            .iter()
+            .map(|m| {
+                Ok(match m {
+                    None => None,
+                    Some(Moments::Host(m, v)) => {
+                        Some((Cow::Borrowed(&m[..]), Cow::Borrowed(&v[..])))
+                    }
+                    Some(Moments::Device(m, v)) => Some((
+                        Cow::Owned(m.flatten_all()?.to_vec1()?),
+                        Cow::Owned(v.flatten_all()?.to_vec1()?),
+                    )),
                 })
             })
             .collect()
@@ -397,6 +439,28 @@ impl Optimizer {
             &grads,
             1.0 / self.accumulation_steps as f64,
         )?;
+        self.step_when_ready()
+    }
+
+    /// The HIR loss of one micro-batch of paired batches: its gradients, times `weight`
+    /// and divided by the accumulation steps, are accumulated as the model computes them
+    /// ([`TrainLogits::hir_gradients`]); once enough micro-batches are in, clips and steps.
+    pub fn backward_hir(
+        &mut self,
+        model: &impl TrainLogits,
+        pos: &TrainBatch,
+        neg: &TrainBatch,
+        cfg: &HirLossConfig,
+        weight: f64,
+    ) -> Result<(HirLoss, Option<StepReport>)> {
+        let scale = weight / self.accumulation_steps as f64;
+        let (acc, vars) = (&mut self.acc, self.opt.vars());
+        let loss = model.hir_gradients(pos, neg, cfg, &mut |g| acc.add_part(vars, g, scale))?;
+        self.acc.count_micro_batch();
+        Ok((loss, self.step_when_ready()?))
+    }
+
+    fn step_when_ready(&mut self) -> Result<Option<StepReport>> {
         if self.acc.micro_batches() < self.accumulation_steps {
             return Ok(None);
         }

@@ -1,0 +1,468 @@
+//! Fused CPU kernels with backward passes, for training: the attention softmax with its
+//! scale and mask, RMSNorm, and the SwiGLU gate.
+//!
+//! Built from primitive ops, each of these is a chain of five to eight graph nodes, and
+//! every node's backward pass allocates, zero-fills and adds a gradient as large as its
+//! input: for the attention scores, `[B, heads, T, T]`, that traffic was most of a
+//! training step's time outside the matrix products. Here each is one node whose forward
+//! and backward read and write each tensor once, row-parallel.
+//!
+//! They take contiguous f32 tensors on the CPU ([`applies`]); the model uses the
+//! primitive ops elsewhere (bf16 on a GPU), with the same maths. Tests check each
+//! kernel's values and gradients against the primitive-op graph.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Whether the kernels here can take `t`: f32 on the CPU.
+pub fn applies(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// Rows per parallel task: enough work to amortise scheduling.
+fn rows_per_task(width: usize) -> usize {
+    (16384 / width.max(1)).max(1)
+}
+
+/// The contiguous f32 values of a CPU tensor, read in place.
+fn with_values<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("fused kernels run on the CPU");
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("not contiguous".into()))?;
+    f(&cpu.as_slice::<f32>()?[start..end])
+}
+
+/// The contiguous f32 values of a kernel's input.
+fn input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused kernels take contiguous inputs".into()))?;
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+// === masked softmax ===
+
+/// `softmax(x · scale + bias)` over the last dimension, for attention scores `x`
+/// `[B, H·T, Tk]` and an additive mask `bias` `[B, T, Tk]` shared by the `H` heads of a
+/// sequence. The mask takes no gradient.
+pub fn masked_softmax(x: &Tensor, bias: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(
+        &bias.contiguous()?,
+        MaskedSoftmax {
+            scale: scale as f32,
+        },
+    )
+}
+
+struct MaskedSoftmax {
+    scale: f32,
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, bias) = (input(s1, l1)?, input(s2, l2)?);
+        let (b, ht, tk) = l1.shape().dims3()?;
+        let (bb, t, btk) = l2.shape().dims3()?;
+        if bb != b || btk != tk || t == 0 || ht % t != 0 {
+            candle_core::bail!(
+                "masked softmax: scores {:?}, mask {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let mut y = vec![0f32; x.len()];
+        let chunk = rows_per_task(tk);
+        y.par_chunks_mut(chunk * tk)
+            .enumerate()
+            .for_each(|(c, out)| {
+                for (i, row) in out.chunks_mut(tk).enumerate() {
+                    let r = c * chunk + i;
+                    let (seq, query) = (r / ht, r % t);
+                    let xs = &x[r * tk..(r + 1) * tk];
+                    let m = &bias[(seq * t + query) * tk..(seq * t + query + 1) * tk];
+                    let mut max = f32::NEG_INFINITY;
+                    for j in 0..tk {
+                        let v = xs[j] * self.scale + m[j];
+                        row[j] = v;
+                        max = max.max(v);
+                    }
+                    let mut sum = 0f32;
+                    for v in row.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    let inv = 1.0 / sum;
+                    for v in row.iter_mut() {
+                        *v *= inv;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _bias: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // dx = scale · y ⊙ (g − Σ_j g_j y_j), row by row.
+        let tk = y.dim(candle_core::D::Minus1)?;
+        let scale = self.scale;
+        let dx = with_values(y, |y| {
+            with_values(g, |g| {
+                let mut dx = vec![0f32; y.len()];
+                let chunk = rows_per_task(tk);
+                dx.par_chunks_mut(chunk * tk)
+                    .enumerate()
+                    .for_each(|(c, out)| {
+                        for (i, row) in out.chunks_mut(tk).enumerate() {
+                            let r = c * chunk + i;
+                            let (ys, gs) = (&y[r * tk..(r + 1) * tk], &g[r * tk..(r + 1) * tk]);
+                            let dot: f32 = ys.iter().zip(gs).map(|(a, b)| a * b).sum();
+                            for j in 0..tk {
+                                row[j] = scale * ys[j] * (gs[j] - dot);
+                            }
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Ok((Some(Tensor::from_vec(dx, y.shape(), y.device())?), None))
+    }
+}
+
+// === RMSNorm ===
+
+/// `x / sqrt(mean(x²) + eps) · w` over the last dimension, with gradients for `x` and `w`.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn inv_rms(&self, row: &[f32]) -> f32 {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        1.0 / (ms + self.eps).sqrt()
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w) = (input(s1, l1)?, input(s2, l2)?);
+        let h = w.len();
+        if h == 0 || l1.shape().dims().last() != Some(&h) {
+            candle_core::bail!("rms norm: input {:?}, weight {:?}", l1.shape(), l2.shape());
+        }
+        let mut y = vec![0f32; x.len()];
+        let chunk = rows_per_task(h);
+        y.par_chunks_mut(chunk * h)
+            .enumerate()
+            .for_each(|(c, out)| {
+                for (i, row) in out.chunks_mut(h).enumerate() {
+                    let r = c * chunk + i;
+                    let xs = &x[r * h..(r + 1) * h];
+                    let inv = self.inv_rms(xs);
+                    for j in 0..h {
+                        row[j] = xs[j] * inv * w[j];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // With r = 1/rms(x) and u = g ⊙ w:  dx = r·u − x·r³·mean(u ⊙ x),  dw = Σ_rows g ⊙ x·r.
+        let h = w.elem_count();
+        let chunk = rows_per_task(h);
+        let (dx, dw) = with_values(x, |x| {
+            with_values(w, |w| {
+                with_values(g, |g| {
+                    let mut dx = vec![0f32; x.len()];
+                    let dw = dx
+                        .par_chunks_mut(chunk * h)
+                        .enumerate()
+                        .map(|(c, out)| {
+                            let mut dw = vec![0f32; h];
+                            for (i, row) in out.chunks_mut(h).enumerate() {
+                                let r = c * chunk + i;
+                                let (xs, gs) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
+                                let inv = self.inv_rms(xs);
+                                let mean_ux =
+                                    (0..h).map(|j| gs[j] * w[j] * xs[j]).sum::<f32>() / h as f32;
+                                let k = inv * inv * inv * mean_ux;
+                                for j in 0..h {
+                                    row[j] = inv * gs[j] * w[j] - xs[j] * k;
+                                    dw[j] += gs[j] * xs[j] * inv;
+                                }
+                            }
+                            dw
+                        })
+                        .reduce(
+                            || vec![0f32; h],
+                            |mut a, b| {
+                                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                                a
+                            },
+                        );
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+        ))
+    }
+}
+
+// === SwiGLU ===
+
+/// `silu(a) ⊙ b`, with gradients for both.
+pub fn swiglu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    a.contiguous()?.apply_op2(&b.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (a, b) = (input(s1, l1)?, input(s2, l2)?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(16384).enumerate().for_each(|(c, out)| {
+            let at = c * 16384;
+            for (i, v) in out.iter_mut().enumerate() {
+                let (x, u) = (a[at + i], b[at + i]);
+                *v = x * sigmoid(x) * u;
+            }
+        });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // silu'(a) = s(a)·(1 + a·(1 − s(a))).
+        let (da, db) = with_values(a, |a| {
+            with_values(b, |b| {
+                with_values(g, |g| {
+                    let mut da = vec![0f32; a.len()];
+                    let mut db = vec![0f32; a.len()];
+                    da.par_chunks_mut(16384)
+                        .zip(db.par_chunks_mut(16384))
+                        .enumerate()
+                        .for_each(|(c, (da, db))| {
+                            let at = c * 16384;
+                            for i in 0..da.len() {
+                                let (x, u, gr) = (a[at + i], b[at + i], g[at + i]);
+                                let s = sigmoid(x);
+                                da[i] = gr * u * s * (1.0 + x * (1.0 - s));
+                                db[i] = gr * x * s;
+                            }
+                        });
+                    Ok((da, db))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(da, a.shape(), a.device())?),
+            Some(Tensor::from_vec(db, b.shape(), b.device())?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        crate::weights::RandomSource::new(seed, 1.0)
+            .tensor("x", shape, &Device::Cpu)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Values and the gradients of `Σ f(args) ⊙ probe` from the kernel and from the
+    /// primitive-op graph agree.
+    fn check(
+        args: &[Tensor],
+        kernel: impl Fn(&[Tensor]) -> Tensor,
+        reference: impl Fn(&[Tensor]) -> Tensor,
+        grads_of: &[usize],
+    ) {
+        let run = |f: &dyn Fn(&[Tensor]) -> Tensor| {
+            let vars: Vec<Var> = args.iter().map(|a| Var::from_tensor(a).unwrap()).collect();
+            let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            let y = f(&ts);
+            let probe = random(y.dims(), 99);
+            let grads = (&y * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g: Vec<Option<Tensor>> = grads_of
+                .iter()
+                .map(|&i| grads.get(vars[i].as_tensor()).cloned())
+                .collect();
+            (y.detach(), g)
+        };
+        let (y1, g1) = run(&kernel);
+        let (y2, g2) = run(&reference);
+        assert!(
+            max_diff(&y1, &y2) < 1e-5,
+            "values differ by {}",
+            max_diff(&y1, &y2)
+        );
+        for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
+            let (a, b) = (
+                a.as_ref().expect("kernel grad"),
+                b.as_ref().expect("graph grad"),
+            );
+            let d = max_diff(a, b);
+            assert!(d < 1e-4, "gradient {i} differs by {d}");
+        }
+    }
+
+    #[test]
+    fn masked_softmax_matches_the_primitive_ops() {
+        let (b, h, t, tk) = (2, 3, 5, 7);
+        let x = random(&[b, h * t, tk], 1);
+        // A causal-style mask with a padded key in the second sequence.
+        let mut m = vec![0f32; b * t * tk];
+        for s in 0..b {
+            for q in 0..t {
+                for k in 0..tk {
+                    if k > q + 2 || (s == 1 && k == 0) {
+                        m[(s * t + q) * tk + k] = -1e9;
+                    }
+                }
+            }
+        }
+        let bias = Tensor::from_vec(m, (b, t, tk), &Device::Cpu).unwrap();
+        let scale = 0.125;
+        check(
+            &[x],
+            |a| masked_softmax(&a[0], &bias, scale).unwrap(),
+            |a| {
+                let s = (&a[0] * scale).unwrap().reshape((b, h, t, tk)).unwrap();
+                let s = s.broadcast_add(&bias.unsqueeze(1).unwrap()).unwrap();
+                candle_nn::ops::softmax(&s, D::Minus1)
+                    .unwrap()
+                    .reshape((b, h * t, tk))
+                    .unwrap()
+            },
+            &[0],
+        );
+    }
+
+    #[test]
+    fn rms_norm_matches_the_primitive_ops() {
+        let x = random(&[3, 4, 16], 2);
+        let w = (random(&[16], 3) + 1.0).unwrap();
+        let eps = 1e-5;
+        check(
+            &[x, w],
+            |a| rms_norm(&a[0], &a[1], eps).unwrap(),
+            |a| {
+                let ms = a[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                let n = a[0]
+                    .broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+                    .unwrap();
+                n.broadcast_mul(&a[1]).unwrap()
+            },
+            &[0, 1],
+        );
+    }
+
+    #[test]
+    fn swiglu_matches_the_primitive_ops() {
+        let a = random(&[2, 5, 24], 4);
+        let b = random(&[2, 5, 24], 5);
+        check(
+            &[a, b],
+            |t| swiglu(&t[0], &t[1]).unwrap(),
+            |t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
+            &[0, 1],
+        );
+    }
+
+    #[test]
+    fn mismatched_shapes_are_errors_not_panics() {
+        let x = random(&[2, 6, 4], 6);
+        assert!(masked_softmax(&x, &random(&[2, 4, 4], 7), 1.0).is_err());
+        assert!(rms_norm(&x, &random(&[5], 8), 1e-5).is_err());
+        assert!(swiglu(&x, &random(&[2, 6, 5], 9)).is_err());
+    }
+}

@@ -1,0 +1,311 @@
+//! Safetensors files streamed one tensor at a time and hashed on the way.
+//!
+//! [`write`] never assembles a file in memory (each tensor's bytes are produced when they
+//! are written) and returns the file's SHA-256 without reading it back. [`read_verified`]
+//! reads a file once, front to back, hashing as it goes, into tensors, and keeps them only
+//! if the digest is the expected one: the check and the load are one pass over the bytes.
+//!
+//! The format is safetensors': an 8-byte little-endian header length, a JSON header
+//! naming each tensor's dtype, shape and byte range, then the data, little-endian.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufWriter, Read, Write};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use hir_core::digest::{HashingReader, HashingWriter};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+
+/// Longest header accepted (the safetensors limit).
+const MAX_HEADER: u64 = 100 << 20;
+
+/// One tensor to write.
+pub enum Entry<'a> {
+    /// A candle tensor, copied out when it is written.
+    Tensor(Tensor),
+    /// f32 values, written as they are, with their shape.
+    F32(Cow<'a, [f32]>, Vec<usize>),
+}
+
+impl Entry<'_> {
+    fn dtype(&self) -> DType {
+        match self {
+            Entry::Tensor(t) => t.dtype(),
+            Entry::F32(..) => DType::F32,
+        }
+    }
+
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            Entry::Tensor(t) => t.dims().to_vec(),
+            Entry::F32(_, shape) => shape.clone(),
+        }
+    }
+
+    fn byte_len(&self) -> usize {
+        self.shape().iter().product::<usize>() * self.dtype().size_in_bytes()
+    }
+
+    fn bytes(&self) -> Cow<'_, [u8]> {
+        match self {
+            Entry::F32(values, _) => Cow::Borrowed(bytemuck::cast_slice(values.as_ref())),
+            Entry::Tensor(t) => safetensors::View::data(t),
+        }
+    }
+}
+
+/// A header entry.
+#[derive(Debug, Serialize, Deserialize)]
+struct Info {
+    dtype: String,
+    shape: Vec<usize>,
+    data_offsets: [u64; 2],
+}
+
+fn dtype_name(d: DType) -> Result<&'static str> {
+    Ok(match d {
+        DType::F32 => "F32",
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        other => {
+            return Err(ModelError::InvalidRequest(format!(
+                "{other:?} tensors are not written by this format"
+            )))
+        }
+    })
+}
+
+fn dtype_of(name: &str) -> Option<DType> {
+    Some(match name {
+        "F32" => DType::F32,
+        "BF16" => DType::BF16,
+        "F16" => DType::F16,
+        _ => return None,
+    })
+}
+
+/// Writes `entries` (names sorted; data in that order) to `path` and returns the file's
+/// SHA-256, computed as it was written. The file is flushed to disk.
+pub fn write(path: &Path, mut entries: Vec<(String, Entry<'_>)>) -> Result<String> {
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut header = BTreeMap::new();
+    let mut at = 0u64;
+    for (name, e) in &entries {
+        let len = e.byte_len() as u64;
+        header.insert(
+            name.as_str(),
+            Info {
+                dtype: dtype_name(e.dtype())?.to_string(),
+                shape: e.shape(),
+                data_offsets: [at, at + len],
+            },
+        );
+        at += len;
+    }
+    let mut json = serde_json::to_vec(&header).map_err(|e| ModelError::json(path, e))?;
+    // Data starts on an 8-byte boundary, as the reference writer pads it.
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let io = |e| ModelError::io(path, e);
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+    out.write_all(&(json.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    out.write_all(&json).map_err(io)?;
+    for (_, e) in &entries {
+        out.write_all(&e.bytes()).map_err(io)?;
+    }
+    let (writer, digest) = out.finish();
+    let file = writer.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(digest)
+}
+
+/// Reads the safetensors file at `path` in one pass, hashing it, and returns its tensors
+/// (on `device`) if its SHA-256 is `expected`. A file that is truncated, malformed, or
+/// differs from its digest is an error and nothing of it is kept.
+pub fn read_verified(
+    path: &Path,
+    expected: &str,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let io = |e| ModelError::io(path, e);
+    let file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    let mut r = HashingReader::new(std::io::BufReader::with_capacity(1 << 20, file));
+    let bad = |why: String| ModelError::InvalidConfig(format!("{}: {why}", path.display()));
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len).map_err(io)?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > MAX_HEADER || header_len + 8 > size {
+        return Err(bad(format!(
+            "header of {header_len} bytes in a file of {size}"
+        )));
+    }
+    let mut json = vec![0u8; header_len as usize];
+    r.read_exact(&mut json).map_err(io)?;
+    let mut header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|e| ModelError::json(path, e))?;
+    header.remove("__metadata__");
+    let mut infos = header
+        .into_iter()
+        .map(|(name, v)| {
+            let info: Info = serde_json::from_value(v).map_err(|e| ModelError::json(path, e))?;
+            Ok((name, info))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    infos.sort_by_key(|(_, i)| i.data_offsets);
+    let data_len = size - 8 - header_len;
+    let mut at = 0u64;
+    let mut tensors = HashMap::with_capacity(infos.len());
+    for (name, info) in infos {
+        let dtype = dtype_of(&info.dtype)
+            .ok_or_else(|| bad(format!("{name}: unsupported dtype {}", info.dtype)))?;
+        let [begin, end] = info.data_offsets;
+        let n: usize = info.shape.iter().product();
+        if begin != at
+            || end < begin
+            || end > data_len
+            || (end - begin) as usize != n * dtype.size_in_bytes()
+        {
+            return Err(bad(format!(
+                "{name}: byte range {begin}..{end} does not follow {at} or fit its shape"
+            )));
+        }
+        at = end;
+        let t = if dtype == DType::F32 {
+            let mut values = vec![0f32; n];
+            r.read_exact(bytemuck::cast_slice_mut(&mut values))
+                .map_err(io)?;
+            Tensor::from_vec(values, info.shape, device)?
+        } else {
+            let mut bytes = vec![0u8; n * dtype.size_in_bytes()];
+            r.read_exact(&mut bytes).map_err(io)?;
+            Tensor::from_raw_buffer(&bytes, dtype, &info.shape, device)?
+        };
+        tensors.insert(name, t);
+    }
+    if at != data_len {
+        return Err(bad(format!(
+            "{} bytes after the last tensor",
+            data_len - at
+        )));
+    }
+    let actual = r.finish();
+    if actual != expected {
+        return Err(ModelError::ChecksumMismatch {
+            path: path.to_path_buf(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("hir-tensor-file-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn written_files_load_in_candle_and_read_back_verified() {
+        let dev = Device::Cpu;
+        let dir = scratch("roundtrip");
+        let path = dir.join("t.safetensors");
+        let a = Tensor::arange(0f32, 6.0, &dev)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let b = Tensor::new(&[1.5f32, -2.0], &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let moments = [0.25f32, 0.5, 0.75];
+        let digest = write(
+            &path,
+            vec![
+                ("b".into(), Entry::Tensor(b.clone())),
+                ("m".into(), Entry::F32(Cow::Borrowed(&moments), vec![3])),
+                ("a".into(), Entry::Tensor(a.clone())),
+            ],
+        )
+        .unwrap();
+        assert_eq!(digest, hir_core::digest::sha256_file(&path).unwrap());
+        // The reference reader takes it.
+        let theirs = candle_core::safetensors::load(&path, &dev).unwrap();
+        assert_eq!(
+            theirs["a"].to_vec2::<f32>().unwrap(),
+            a.to_vec2::<f32>().unwrap()
+        );
+        assert_eq!(theirs["m"].to_vec1::<f32>().unwrap(), moments);
+        let ours = read_verified(&path, &digest, &dev).unwrap();
+        assert_eq!(ours.len(), 3);
+        assert_eq!(
+            ours["a"].to_vec2::<f32>().unwrap(),
+            a.to_vec2::<f32>().unwrap()
+        );
+        assert_eq!(
+            ours["b"]
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            [1.5, -2.0]
+        );
+        // A file candle wrote reads the same.
+        let other = dir.join("candle.safetensors");
+        candle_core::safetensors::save(&HashMap::from([("a".to_string(), a.clone())]), &other)
+            .unwrap();
+        let d = hir_core::digest::sha256_file(&other).unwrap();
+        assert_eq!(
+            read_verified(&other, &d, &dev).unwrap()["a"].dims(),
+            &[2, 3]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_changed_truncated_or_malformed_file_is_refused() {
+        let dev = Device::Cpu;
+        let dir = scratch("refused");
+        let path = dir.join("t.safetensors");
+        let values = vec![1f32; 1000];
+        let digest = write(
+            &path,
+            vec![(
+                "w".into(),
+                Entry::F32(Cow::Borrowed(&values), vec![10, 100]),
+            )],
+        )
+        .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        std::fs::write(&path, &flipped).unwrap();
+        let err = read_verified(&path, &digest, &dev).unwrap_err();
+        assert!(matches!(err, ModelError::ChecksumMismatch { .. }), "{err}");
+
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        assert!(read_verified(&path, &digest, &dev).is_err());
+
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(&[0; 8]);
+        std::fs::write(&path, &longer).unwrap();
+        let err = read_verified(&path, &digest, &dev).unwrap_err();
+        assert!(err.to_string().contains("after the last tensor"), "{err}");
+
+        let mut huge = bytes.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &huge).unwrap();
+        assert!(read_verified(&path, &digest, &dev).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,153 @@
+//! The HIR gradients of a Llama-family model computed one layer at a time, recomputing each
+//! layer's activations for its backward pass (activation checkpointing).
+//!
+//! One backward pass over the whole graph keeps every intermediate tensor of every layer of
+//! both sequences alive until it ends: attention scores and their softmax, MLP activations,
+//! norms, for 30 layers. Here instead:
+//!
+//! 1. A forward pass that records nothing (the weights detached, the fused kernels) keeps
+//!    only each layer's input `[B, T, H]`.
+//! 2. The head (last norm, label-span language-model head, the HIR loss) is differentiated
+//!    from the last layer's output, which gives the head's weight gradients and the
+//!    gradient at that output.
+//! 3. From the last layer down, each layer is run again with its graph from its saved
+//!    input, and `Σ output ⊙ upstream` is differentiated: the layer's weight gradients and
+//!    the gradient at its input, which is the previous layer's upstream. Its graph is then
+//!    dropped.
+//! 4. The embedding's gradient comes the same way from the first layer's input gradient.
+//!
+//! The gradients are the same as the whole-graph pass's, up to the rounding of the fused
+//! kernels in step 1 (tested against it and against the reference's gradients); the cost
+//! is one more forward pass without a graph, and at most one layer's activations are
+//! held at a time.
+
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+
+use super::{head_logits, TrainBatch};
+use crate::error::Result;
+use crate::llama::{self, positions_from_mask};
+use crate::loss::{self, HirLoss, HirLossConfig};
+
+/// One side (positive or negative sequences) of a paired batch in flight.
+struct Side<'a> {
+    batch: &'a TrainBatch,
+    shared: llama::LayerShared,
+    /// The input of every layer, from the forward pass without a graph; consumed from the
+    /// top down.
+    inputs: Vec<Tensor>,
+    /// The gradient of the loss at the output of the layer processed next.
+    upstream: Tensor,
+}
+
+impl<'a> Side<'a> {
+    /// The forward pass without a graph; `upstream` holds the last layer's output.
+    fn forward(model: &llama::Model, plain: &llama::Model, batch: &'a TrainBatch) -> Result<Self> {
+        let positions = positions_from_mask(&batch.mask);
+        let inputs = llama::Batch {
+            input_ids: &batch.input_ids,
+            key_mask: &batch.mask,
+            positions: &positions,
+        };
+        let shared = model.prepare(&inputs, 0)?;
+        let mut x = plain.embed_tokens(&batch.input_ids)?;
+        let mut saved = Vec::with_capacity(model.num_layers());
+        for i in 0..model.num_layers() {
+            let next = plain.layer(i, &x, &shared, None)?;
+            saved.push(x);
+            x = next;
+        }
+        Ok(Self {
+            batch,
+            shared,
+            inputs: saved,
+            upstream: x,
+        })
+    }
+}
+
+/// The gradient of `Σ output ⊙ upstream` with respect to `input` and every weight on the
+/// way: the vector-Jacobian product of `f` at `input`. The weight gradients go to `add`,
+/// the input's is returned.
+fn pull_back(
+    input: &Tensor,
+    upstream: &Tensor,
+    f: impl FnOnce(&Tensor) -> Result<Tensor>,
+    add: &mut dyn FnMut(&GradStore) -> Result<()>,
+) -> Result<Tensor> {
+    let x = Var::from_tensor(input)?;
+    let out = f(x.as_tensor())?;
+    let grads = (out * upstream)?.sum_all()?.backward()?;
+    add(&grads)?;
+    match grads.get(x.as_tensor()) {
+        Some(g) => Ok(g.clone()),
+        None => Ok(x.as_tensor().zeros_like()?),
+    }
+}
+
+/// See the module documentation.
+pub(super) fn hir_gradients(
+    model: &llama::Model,
+    pos: &TrainBatch,
+    neg: &TrainBatch,
+    cfg: &HirLossConfig,
+    add: &mut dyn FnMut(&GradStore) -> Result<()>,
+) -> Result<HirLoss> {
+    if pos.decoder.is_some() || neg.decoder.is_some() {
+        return Err(crate::error::ModelError::InvalidRequest(
+            "an encoder-decoder batch given to a decoder-only model".into(),
+        ));
+    }
+    let plain = model.detached();
+    let mut sides = [
+        Side::forward(model, &plain, pos)?,
+        Side::forward(model, &plain, neg)?,
+    ];
+    drop(plain);
+
+    // The head and the loss, differentiated from the last layer's outputs.
+    let tops = [
+        Var::from_tensor(&sides[0].upstream)?,
+        Var::from_tensor(&sides[1].upstream)?,
+    ];
+    let (pl, py) = head_logits(model, &model.final_norm(tops[0].as_tensor())?, pos)?;
+    let (nl, ny) = head_logits(model, &model.final_norm(tops[1].as_tensor())?, neg)?;
+    let hir = loss::hir_loss(None, &pl, &py, &nl, &ny, cfg)?;
+    let grads = hir.total.backward()?;
+    add(&grads)?;
+    for (side, top) in sides.iter_mut().zip(&tops) {
+        side.upstream = match grads.get(top.as_tensor()) {
+            Some(g) => g.clone(),
+            None => top.as_tensor().zeros_like()?,
+        };
+    }
+    drop(grads);
+    // The loss value stays; its graph (logits over the label spans) goes.
+    let hir = HirLoss {
+        total: hir.total.detach(),
+        ..hir
+    };
+
+    // The layers, from the top down, each recomputed with its graph.
+    for i in (0..model.num_layers()).rev() {
+        for side in &mut sides {
+            let input = side.inputs.pop().expect("one saved input per layer");
+            let shared = &side.shared;
+            side.upstream = pull_back(
+                &input,
+                &side.upstream,
+                |x| model.layer(i, x, shared, None),
+                add,
+            )?;
+        }
+    }
+
+    // The embedding rows the tokens picked.
+    for side in &sides {
+        let ids = &side.batch.input_ids;
+        let embedded = model.embed_tokens(ids)?;
+        let grads = (embedded * &side.upstream)?.sum_all()?.backward()?;
+        add(&grads)?;
+    }
+    Ok(hir)
+}
