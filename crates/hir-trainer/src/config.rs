@@ -56,6 +56,36 @@ pub struct TrainerConfig {
     pub owner: Option<String>,
     /// How long to keep asking an unreachable or restarting relabeler before the run fails.
     pub relabeler_give_up_secs: u64,
+    /// Whether a Llama-family model is trained layer by layer, recomputing each layer's
+    /// activations for its backward pass: the same gradients with at most one layer's
+    /// activations held (on SmolLM2, about 1.5 GB less per micro-batch of 4 pairs) for one
+    /// more forward pass without a graph (about 15% of a CPU step). `auto` recomputes on
+    /// the CPU, where memory is scarce, and keeps the whole graph on a GPU.
+    pub recompute_activations: Recompute,
+}
+
+/// See [`TrainerConfig::recompute_activations`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// On the CPU.
+    #[default]
+    Auto,
+    /// Always.
+    Always,
+    /// Never: one backward pass over the whole graph.
+    Never,
+}
+
+impl Recompute {
+    /// Whether to recompute on `device`.
+    pub fn on(self, device: &candle_core::Device) -> bool {
+        match self {
+            Recompute::Auto => device.is_cpu(),
+            Recompute::Always => true,
+            Recompute::Never => false,
+        }
+    }
 }
 
 impl TrainerConfig {
@@ -88,6 +118,7 @@ impl Default for TrainerConfig {
             probe_tolerance_quantized: 0.2,
             owner: None,
             relabeler_give_up_secs: 600,
+            recompute_activations: Recompute::Auto,
         }
     }
 }

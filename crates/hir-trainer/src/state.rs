@@ -61,6 +61,9 @@ pub struct TrainState {
     micro_batch: usize,
     /// The run's seed: with the step count it seeds each step's dropout masks.
     seed: u64,
+    /// Train layer by layer, recomputing activations ([`Optimizer::backward_hir`]), rather
+    /// than with one backward pass over the whole graph.
+    pub recompute: bool,
 }
 
 impl TrainState {
@@ -97,6 +100,7 @@ impl TrainState {
             },
             micro_batch: config.micro_batch_size.max(1) as usize,
             seed: config.seed,
+            recompute: device.is_cpu(),
         })
     }
 
@@ -139,13 +143,15 @@ impl TrainState {
             let neg = TrainBatch::for_model(model, &neg, pad, &device)?;
             let share = chunk.len() as f64 / total;
             // The optimizer divides by the number of micro-batches; weigh by examples instead.
-            let (l, stepped) = self.optimizer.backward_hir(
-                model,
-                &pos,
-                &neg,
-                &self.loss,
-                share * chunks.len() as f64,
-            )?;
+            let weight = share * chunks.len() as f64;
+            let (l, stepped) = if self.recompute {
+                self.optimizer
+                    .backward_hir(model, &pos, &neg, &self.loss, weight)?
+            } else {
+                let l = hir_model::train::hir_loss(model, &pos, &neg, &self.loss)?;
+                let stepped = self.optimizer.backward(&l.total.affine(weight, 0.0)?)?;
+                (l, stepped)
+            };
             stats.loss += share * f64::from(l.total.to_scalar::<f32>()?);
             stats.loss_supervised += share * f64::from(l.label_smoothed);
             stats.loss_contrastive += share * f64::from(l.contrastive);
@@ -153,6 +159,9 @@ impl TrainState {
             stats.tokens += chunk.iter().map(HirExample::tokens).sum::<usize>();
             report = stepped;
         }
+        // The step's activations and gradients are freed; give their memory back so it
+        // does not stay resident between steps and phases.
+        hir_runtime::memory::release_free();
         let report = report
             .ok_or_else(|| TrainerError::FailedPrecondition("the optimizer did not step".into()))?;
         stats.step = report.step;

@@ -151,7 +151,8 @@ impl Engine {
             if self.pending.is_some() {
                 continue;
             }
-            // Idle: wait for work or control.
+            // Idle: hand the freed KV caches back, then wait for work or control.
+            hir_runtime::memory::release_free();
             let woke = idle.block_on(async {
                 tokio::select! {
                     c = self.control.recv() => c.map(Wake::Control),

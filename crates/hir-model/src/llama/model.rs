@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use super::Config;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, LayerKv};
-use crate::weights::{Linear, WeightMode, Weights};
+use crate::weights::{Linear, WeightMatrix, WeightMode, Weights};
 
 // === attention masks ===
 
@@ -299,7 +299,13 @@ impl Model {
         let norm = m.tensor("norm.weight", &[h])?;
         let lm_head = if cfg.tie_word_embeddings {
             if w.mode().is_quantized() {
-                Linear::from_matrix(m.matrix("embed_tokens.weight", v, h)?, None)
+                // The head's f32 copy (for products of many rows) is the embedding itself:
+                // one f32 copy of the matrix, not two.
+                let head = match m.matrix("embed_tokens.weight", v, h)? {
+                    WeightMatrix::Quant(q, Some(_)) => WeightMatrix::Quant(q, Some(embed.clone())),
+                    other => other,
+                };
+                Linear::from_matrix(head, None)
             } else {
                 Linear::from_dense(embed.clone(), None)
             }

@@ -42,6 +42,8 @@ impl Driver<'_> {
         })
         .await
         .map_err(join_error)??;
+        let mut state = state;
+        state.recompute = self.ctx.config.recompute_activations.on(&self.ctx.device);
         tracing::info!(run_id = %self.run_id, step = state.step_count(), ms = started.elapsed().as_millis() as u64, "training state loaded");
         Ok(state)
     }
