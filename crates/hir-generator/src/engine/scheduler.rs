@@ -12,6 +12,9 @@ use super::{new_batch, Activated, Batching, Completion, Control, EngineConfig, J
 use crate::error::{GeneratorError, Result};
 use crate::metrics::Metrics;
 
+/// How long the engine waits without work before returning freed memory to the system.
+const IDLE_BEFORE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// One version's model and its running batches (none when idle).
 struct Slot {
     serving: Serving,
@@ -151,12 +154,23 @@ impl Engine {
             if self.pending.is_some() {
                 continue;
             }
-            // Idle: hand the freed KV caches back, then wait for work or control.
-            hir_runtime::memory::release_free();
+            // Idle: wait for work or control. After a second without any, hand the memory
+            // of freed KV caches back (not between the requests of a burst, which would
+            // allocate it again at once).
             let woke = idle.block_on(async {
-                tokio::select! {
-                    c = self.control.recv() => c.map(Wake::Control),
-                    j = self.jobs.recv() => j.map(Wake::Job),
+                let wait = async {
+                    tokio::select! {
+                        c = self.control.recv() => c.map(Wake::Control),
+                        j = self.jobs.recv() => j.map(Wake::Job),
+                    }
+                };
+                tokio::pin!(wait);
+                match tokio::time::timeout(IDLE_BEFORE_RELEASE, &mut wait).await {
+                    Ok(woke) => woke,
+                    Err(_) => {
+                        hir_runtime::memory::release_free();
+                        wait.await
+                    }
                 }
             });
             match woke {
