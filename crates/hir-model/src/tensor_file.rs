@@ -14,7 +14,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use hir_core::digest::{HashingReader, HashingWriter};
+use hir_core::digest::HashingWriter;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -126,6 +126,9 @@ pub fn write(path: &Path, mut entries: Vec<(String, Entry<'_>)>) -> Result<Strin
 /// Reads the safetensors file at `path` in one pass, hashing it, and returns its tensors
 /// (on `device`) if its SHA-256 is `expected`. A file that is truncated, malformed, or
 /// differs from its digest is an error and nothing of it is kept.
+///
+/// Reading and hashing overlap: each block read is handed to a second thread that hashes
+/// it while the next is read, so the pass costs about the longer of the two, not their sum.
 pub fn read_verified(
     path: &Path,
     expected: &str,
@@ -134,7 +137,7 @@ pub fn read_verified(
     let io = |e| ModelError::io(path, e);
     let file = std::fs::File::open(path).map_err(io)?;
     let size = file.metadata().map_err(io)?.len();
-    let mut r = HashingReader::new(std::io::BufReader::with_capacity(1 << 20, file));
+    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
     let bad = |why: String| ModelError::InvalidConfig(format!("{}: {why}", path.display()));
     let mut len = [0u8; 8];
     r.read_exact(&mut len).map_err(io)?;
@@ -153,16 +156,15 @@ pub fn read_verified(
         .into_iter()
         .map(|(name, v)| {
             let info: Info = serde_json::from_value(v).map_err(|e| ModelError::json(path, e))?;
-            Ok((name, info))
+            let dtype = dtype_of(&info.dtype)
+                .ok_or_else(|| bad(format!("{name}: unsupported dtype {}", info.dtype)))?;
+            Ok((name, dtype, info))
         })
         .collect::<Result<Vec<_>>>()?;
-    infos.sort_by_key(|(_, i)| i.data_offsets);
+    infos.sort_by_key(|(_, _, i)| i.data_offsets);
     let data_len = size - 8 - header_len;
     let mut at = 0u64;
-    let mut tensors = HashMap::with_capacity(infos.len());
-    for (name, info) in infos {
-        let dtype = dtype_of(&info.dtype)
-            .ok_or_else(|| bad(format!("{name}: unsupported dtype {}", info.dtype)))?;
+    for (name, dtype, info) in &infos {
         let [begin, end] = info.data_offsets;
         let n: usize = info.shape.iter().product();
         if begin != at
@@ -175,17 +177,6 @@ pub fn read_verified(
             )));
         }
         at = end;
-        let t = if dtype == DType::F32 {
-            let mut values = vec![0f32; n];
-            r.read_exact(bytemuck::cast_slice_mut(&mut values))
-                .map_err(io)?;
-            Tensor::from_vec(values, info.shape, device)?
-        } else {
-            let mut bytes = vec![0u8; n * dtype.size_in_bytes()];
-            r.read_exact(&mut bytes).map_err(io)?;
-            Tensor::from_raw_buffer(&bytes, dtype, &info.shape, device)?
-        };
-        tensors.insert(name, t);
     }
     if at != data_len {
         return Err(bad(format!(
@@ -193,7 +184,57 @@ pub fn read_verified(
             data_len - at
         )));
     }
-    let actual = r.finish();
+
+    let (read, (actual, blocks)) = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(Option<Info>, DType, Block)>(2);
+        let hasher = scope.spawn(move || {
+            let mut h = HashingWriter::new(std::io::sink());
+            let mut blocks = Vec::new();
+            for (info, dtype, block) in rx {
+                // Writing to a sink cannot fail.
+                let _ = h.write_all(block.bytes());
+                if let Some(info) = info {
+                    blocks.push((info, dtype, block));
+                }
+            }
+            (h.finish().1, blocks)
+        });
+        let read = (|| -> Result<()> {
+            let mut head = len.to_vec();
+            head.extend_from_slice(&json);
+            let send = |item| {
+                tx.send(item)
+                    .map_err(|_| bad("the hashing thread stopped".into()))
+            };
+            send((None, DType::U8, Block::Bytes(head)))?;
+            for (_, dtype, info) in &infos {
+                let n: usize = info.shape.iter().product();
+                let block = if *dtype == DType::F32 {
+                    let mut values = vec![0f32; n];
+                    r.read_exact(bytemuck::cast_slice_mut(&mut values))
+                        .map_err(io)?;
+                    Block::Values(values)
+                } else {
+                    let mut bytes = vec![0u8; n * dtype.size_in_bytes()];
+                    r.read_exact(&mut bytes).map_err(io)?;
+                    Block::Bytes(bytes)
+                };
+                let info = Info {
+                    dtype: info.dtype.clone(),
+                    shape: info.shape.clone(),
+                    data_offsets: info.data_offsets,
+                };
+                send((Some(info), *dtype, block))?;
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let hashed = hasher
+            .join()
+            .unwrap_or_else(|_| (String::new(), Vec::new()));
+        (read, hashed)
+    });
+    read?;
     if actual != expected {
         return Err(ModelError::ChecksumMismatch {
             path: path.to_path_buf(),
@@ -201,7 +242,32 @@ pub fn read_verified(
             actual,
         });
     }
+    let mut tensors = HashMap::with_capacity(infos.len());
+    for ((name, _, _), (info, dtype, block)) in infos.into_iter().zip(blocks) {
+        let t = match block {
+            Block::Values(values) => Tensor::from_vec(values, info.shape, device)?,
+            Block::Bytes(bytes) => Tensor::from_raw_buffer(&bytes, dtype, &info.shape, device)?,
+        };
+        tensors.insert(name, t);
+    }
     Ok(tensors)
+}
+
+/// One block of a file on its way through the hashing thread.
+enum Block {
+    /// Raw bytes (the header, tensors other than f32).
+    Bytes(Vec<u8>),
+    /// An f32 tensor's values.
+    Values(Vec<f32>),
+}
+
+impl Block {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Block::Bytes(b) => b,
+            Block::Values(v) => bytemuck::cast_slice(v),
+        }
+    }
 }
 
 #[cfg(test)]
