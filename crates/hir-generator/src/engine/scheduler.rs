@@ -13,7 +13,7 @@ use crate::error::{GeneratorError, Result};
 use crate::metrics::Metrics;
 
 /// How long the engine waits without work before returning freed memory to the system.
-const IDLE_BEFORE_RELEASE: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_BEFORE_RELEASE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One version's model and its running batches (none when idle).
 struct Slot {
@@ -154,7 +154,7 @@ impl Engine {
             if self.pending.is_some() {
                 continue;
             }
-            // Idle: wait for work or control. After a second without any, hand the memory
+            // Idle: wait for work or control. After five seconds without any, hand the memory
             // of freed KV caches back (not between the requests of a burst, which would
             // allocate it again at once).
             let woke = idle.block_on(async {
