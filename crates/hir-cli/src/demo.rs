@@ -1,4 +1,4 @@
-//! `hir demo`: the whole loop on one machine, in about a quarter of an hour on two CPU cores.
+//! `hir demo`: the whole loop on one machine, in about six minutes on two CPU cores.
 //!
 //! It fetches SmolLM2-135M-Instruct if missing, uses `DATABASE_URL` or starts a private
 //! temporary PostgreSQL, starts the generator, relabeler and trainer on free local ports,

@@ -14,7 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 
 pub use batch::{Example, TrainBatch};
-pub use optimizer::{AdamW, AdamWConfig, GradAccumulator, Optimizer, StepReport};
+pub use optimizer::{AdamW, AdamWConfig, GradAccumulator, MomentValues, Optimizer, StepReport};
 
 use crate::arch::AnyModel;
 use crate::error::{ModelError, Result};

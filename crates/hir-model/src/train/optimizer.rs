@@ -144,6 +144,9 @@ impl Default for AdamWConfig {
     }
 }
 
+/// First and second moments of one variable as f32 values, borrowed or copied.
+pub type MomentValues<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
+
 /// First and second moments of one variable.
 #[derive(Debug)]
 enum Moments {
@@ -214,7 +217,7 @@ impl AdamW {
     /// The first and second moments of each variable as f32 values, borrowed where they
     /// are held in host memory (copied from a device otherwise); `None` for a variable
     /// that has not been updated yet. What a snapshot writes, without a copy on the CPU.
-    pub fn moment_values(&self) -> Result<Vec<Option<(Cow<'_, [f32]>, Cow<'_, [f32]>)>>> {
+    pub fn moment_values(&self) -> Result<Vec<Option<MomentValues<'_>>>> {
         self.moments
             .iter()
             .map(|m| {
