@@ -24,6 +24,18 @@ fn rows_per_task(width: usize) -> usize {
     (16384 / width.max(1)).max(1)
 }
 
+/// Fills `out` row by row, `width` values a row, rows in parallel: `f(row index, row)`.
+fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let chunk = rows_per_task(width);
+    out.par_chunks_mut(chunk * width)
+        .enumerate()
+        .for_each(|(c, rows)| {
+            for (i, row) in rows.chunks_mut(width).enumerate() {
+                f(c * chunk + i, row);
+            }
+        });
+}
+
 /// The contiguous f32 values of a CPU tensor, read in place.
 fn with_values<R>(
     t: &Tensor,
@@ -89,32 +101,26 @@ impl CustomOp2 for MaskedSoftmax {
             );
         }
         let mut y = vec![0f32; x.len()];
-        let chunk = rows_per_task(tk);
-        y.par_chunks_mut(chunk * tk)
-            .enumerate()
-            .for_each(|(c, out)| {
-                for (i, row) in out.chunks_mut(tk).enumerate() {
-                    let r = c * chunk + i;
-                    let (seq, query) = (r / ht, r % t);
-                    let xs = &x[r * tk..(r + 1) * tk];
-                    let m = &bias[(seq * t + query) * tk..(seq * t + query + 1) * tk];
-                    let mut max = f32::NEG_INFINITY;
-                    for j in 0..tk {
-                        let v = xs[j] * self.scale + m[j];
-                        row[j] = v;
-                        max = max.max(v);
-                    }
-                    let mut sum = 0f32;
-                    for v in row.iter_mut() {
-                        *v = (*v - max).exp();
-                        sum += *v;
-                    }
-                    let inv = 1.0 / sum;
-                    for v in row.iter_mut() {
-                        *v *= inv;
-                    }
-                }
-            });
+        par_rows(&mut y, tk, |r, row| {
+            let (seq, query) = (r / ht, r % t);
+            let xs = &x[r * tk..(r + 1) * tk];
+            let m = &bias[(seq * t + query) * tk..(seq * t + query + 1) * tk];
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..tk {
+                let v = xs[j] * self.scale + m[j];
+                row[j] = v;
+                max = max.max(v);
+            }
+            let mut sum = 0f32;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            for v in row.iter_mut() {
+                *v *= inv;
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -131,19 +137,13 @@ impl CustomOp2 for MaskedSoftmax {
         let dx = with_values(y, |y| {
             with_values(g, |g| {
                 let mut dx = vec![0f32; y.len()];
-                let chunk = rows_per_task(tk);
-                dx.par_chunks_mut(chunk * tk)
-                    .enumerate()
-                    .for_each(|(c, out)| {
-                        for (i, row) in out.chunks_mut(tk).enumerate() {
-                            let r = c * chunk + i;
-                            let (ys, gs) = (&y[r * tk..(r + 1) * tk], &g[r * tk..(r + 1) * tk]);
-                            let dot: f32 = ys.iter().zip(gs).map(|(a, b)| a * b).sum();
-                            for j in 0..tk {
-                                row[j] = scale * ys[j] * (gs[j] - dot);
-                            }
-                        }
-                    });
+                par_rows(&mut dx, tk, |r, row| {
+                    let (ys, gs) = (&y[r * tk..(r + 1) * tk], &g[r * tk..(r + 1) * tk]);
+                    let dot: f32 = ys.iter().zip(gs).map(|(a, b)| a * b).sum();
+                    for j in 0..tk {
+                        row[j] = scale * ys[j] * (gs[j] - dot);
+                    }
+                });
                 Ok(dx)
             })
         })?;
@@ -188,19 +188,13 @@ impl CustomOp2 for RmsNorm {
             candle_core::bail!("rms norm: input {:?}, weight {:?}", l1.shape(), l2.shape());
         }
         let mut y = vec![0f32; x.len()];
-        let chunk = rows_per_task(h);
-        y.par_chunks_mut(chunk * h)
-            .enumerate()
-            .for_each(|(c, out)| {
-                for (i, row) in out.chunks_mut(h).enumerate() {
-                    let r = c * chunk + i;
-                    let xs = &x[r * h..(r + 1) * h];
-                    let inv = self.inv_rms(xs);
-                    for j in 0..h {
-                        row[j] = xs[j] * inv * w[j];
-                    }
-                }
-            });
+        par_rows(&mut y, h, |r, row| {
+            let xs = &x[r * h..(r + 1) * h];
+            let inv = self.inv_rms(xs);
+            for j in 0..h {
+                row[j] = xs[j] * inv * w[j];
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
