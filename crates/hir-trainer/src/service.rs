@@ -313,44 +313,43 @@ impl Trainer {
                     ),
                 ));
             }
-            if let Some(limits) = &info.limits {
-                if limits.max_new_tokens > 0 && config.max_new_tokens > limits.max_new_tokens {
-                    return Err(TrainerError::invalid(
-                        "hyperparameters.max_new_tokens",
-                        format!(
-                            "is {}; generator {at} allows at most {}",
-                            config.max_new_tokens, limits.max_new_tokens
-                        ),
-                    ));
-                }
-                if limits.max_n > 0 && config.samples_per_prompt > limits.max_n {
-                    return Err(TrainerError::invalid(
-                        "hyperparameters.samples_per_prompt",
-                        format!(
-                            "is {}; generator {at} samples at most {} per prompt",
-                            config.samples_per_prompt, limits.max_n
-                        ),
-                    ));
-                }
-            }
-            if info.context_length > 0 && config.max_new_tokens > info.context_length {
-                return Err(TrainerError::invalid(
+            // A generator's bound of 0 means it sets none.
+            let limits = info.limits.unwrap_or_default();
+            for (field, value, bound, what) in [
+                (
                     "hyperparameters.max_new_tokens",
+                    config.max_new_tokens,
+                    limits.max_new_tokens,
+                    format!("generator {at} allows at most {}", limits.max_new_tokens),
+                ),
+                (
+                    "hyperparameters.samples_per_prompt",
+                    config.samples_per_prompt,
+                    limits.max_n,
+                    format!("generator {at} samples at most {} per prompt", limits.max_n),
+                ),
+                (
+                    "hyperparameters.max_new_tokens",
+                    config.max_new_tokens,
+                    info.context_length,
                     format!(
-                        "is {}; the model generator {at} serves has a context of {} tokens",
-                        config.max_new_tokens, info.context_length
+                        "the model generator {at} serves has a context of {} tokens",
+                        info.context_length
                     ),
-                ));
-            }
-            if info.vocab_size > 0 && config.top_k > info.vocab_size {
-                return Err(TrainerError::invalid(
+                ),
+                (
                     "hyperparameters.top_k",
+                    config.top_k,
+                    info.vocab_size,
                     format!(
-                        "is {}; the vocabulary of the model generator {at} serves has {} \
-                         tokens",
-                        config.top_k, info.vocab_size
+                        "the vocabulary of the model generator {at} serves has {} tokens",
+                        info.vocab_size
                     ),
-                ));
+                ),
+            ] {
+                if bound > 0 && value > bound {
+                    return Err(TrainerError::invalid(field, format!("is {value}; {what}")));
+                }
             }
         }
         match unanswered {
