@@ -41,16 +41,12 @@ pub(crate) fn verify_except(dir: &Path, skip: impl Fn(&str) -> bool) -> Result<M
     let bytes = std::fs::read(&path).map_err(|e| ModelError::io(&path, e))?;
     let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| ModelError::json(&path, e))?;
     for (name, want) in &m.files {
-        if skip(name) {
-            let p = dir.join(name);
-            if !p.is_file() {
-                return Err(ModelError::MissingFile { path: p });
-            }
-            continue;
-        }
         let p = dir.join(name);
         if !p.is_file() {
             return Err(ModelError::MissingFile { path: p });
+        }
+        if skip(name) {
+            continue;
         }
         let got = sha256_file(&p)?;
         if &got != want {

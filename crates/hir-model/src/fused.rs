@@ -19,9 +19,12 @@ pub fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
-/// Rows per parallel task: enough work to amortise scheduling.
+/// Values per parallel task: enough work to amortise scheduling.
+const PER_TASK: usize = 16384;
+
+/// Rows per parallel task.
 fn rows_per_task(width: usize) -> usize {
-    (16384 / width.max(1)).max(1)
+    (PER_TASK / width.max(1)).max(1)
 }
 
 /// Fills `out` row by row, `width` values a row, rows in parallel: `f(row index, row)`.
@@ -279,8 +282,8 @@ impl CustomOp2 for SwiGlu {
             candle_core::bail!("swiglu: {:?} and {:?}", l1.shape(), l2.shape());
         }
         let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(16384).enumerate().for_each(|(c, out)| {
-            let at = c * 16384;
+        y.par_chunks_mut(PER_TASK).enumerate().for_each(|(c, out)| {
+            let at = c * PER_TASK;
             for (i, v) in out.iter_mut().enumerate() {
                 let (x, u) = (a[at + i], b[at + i]);
                 *v = x * sigmoid(x) * u;
@@ -302,11 +305,11 @@ impl CustomOp2 for SwiGlu {
                 with_values(g, |g| {
                     let mut da = vec![0f32; a.len()];
                     let mut db = vec![0f32; a.len()];
-                    da.par_chunks_mut(16384)
-                        .zip(db.par_chunks_mut(16384))
+                    da.par_chunks_mut(PER_TASK)
+                        .zip(db.par_chunks_mut(PER_TASK))
                         .enumerate()
                         .for_each(|(c, (da, db))| {
-                            let at = c * 16384;
+                            let at = c * PER_TASK;
                             for i in 0..da.len() {
                                 let (x, u, gr) = (a[at + i], b[at + i], g[at + i]);
                                 let s = sigmoid(x);

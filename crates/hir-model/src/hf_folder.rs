@@ -113,9 +113,6 @@ impl HfFolder {
                     self.dir.display()
                 ))
             })?;
-            if !file.is_file() {
-                return Err(ModelError::MissingFile { path: file.clone() });
-            }
             tensors.extend(tensor_file::read_verified(file, want, device)?);
         }
         Ok(Weights::new(

@@ -65,26 +65,25 @@ struct Info {
     data_offsets: [u64; 2],
 }
 
+/// The dtypes these files hold, with their names in the header.
+const DTYPES: [(DType, &str); 3] = [
+    (DType::F32, "F32"),
+    (DType::BF16, "BF16"),
+    (DType::F16, "F16"),
+];
+
 fn dtype_name(d: DType) -> Result<&'static str> {
-    Ok(match d {
-        DType::F32 => "F32",
-        DType::BF16 => "BF16",
-        DType::F16 => "F16",
-        other => {
-            return Err(ModelError::InvalidRequest(format!(
-                "{other:?} tensors are not written by this format"
-            )))
-        }
-    })
+    DTYPES
+        .iter()
+        .find(|(t, _)| *t == d)
+        .map(|(_, name)| *name)
+        .ok_or_else(|| {
+            ModelError::InvalidRequest(format!("{d:?} tensors are not written by this format"))
+        })
 }
 
 fn dtype_of(name: &str) -> Option<DType> {
-    Some(match name {
-        "F32" => DType::F32,
-        "BF16" => DType::BF16,
-        "F16" => DType::F16,
-        _ => return None,
-    })
+    DTYPES.iter().find(|(_, n)| *n == name).map(|(t, _)| *t)
 }
 
 /// Writes `entries` (names sorted; data in that order) to `path` and returns the file's
@@ -185,31 +184,32 @@ pub fn read_verified(
         )));
     }
 
+    // Each block goes to the hashing thread with the name and shape of its tensor (none
+    // for the header) and comes back once hashed.
+    type Hashed = (Option<(String, Vec<usize>)>, DType, Block);
     let (read, (actual, blocks)) = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<(Option<Info>, DType, Block)>(2);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Hashed>(2);
         let hasher = scope.spawn(move || {
             let mut h = HashingWriter::new(std::io::sink());
             let mut blocks = Vec::new();
-            for (info, dtype, block) in rx {
+            for item in rx {
                 // Writing to a sink cannot fail.
-                let _ = h.write_all(block.bytes());
-                if let Some(info) = info {
-                    blocks.push((info, dtype, block));
-                }
+                let _ = h.write_all(item.2.bytes());
+                blocks.push(item);
             }
             (h.finish().1, blocks)
         });
         let read = (|| -> Result<()> {
-            let mut head = len.to_vec();
-            head.extend_from_slice(&json);
             let send = |item| {
                 tx.send(item)
                     .map_err(|_| bad("the hashing thread stopped".into()))
             };
+            let mut head = len.to_vec();
+            head.extend_from_slice(&json);
             send((None, DType::U8, Block::Bytes(head)))?;
-            for (_, dtype, info) in &infos {
+            for (name, dtype, info) in infos {
                 let n: usize = info.shape.iter().product();
-                let block = if *dtype == DType::F32 {
+                let block = if dtype == DType::F32 {
                     let mut values = vec![0f32; n];
                     r.read_exact(bytemuck::cast_slice_mut(&mut values))
                         .map_err(io)?;
@@ -219,12 +219,7 @@ pub fn read_verified(
                     r.read_exact(&mut bytes).map_err(io)?;
                     Block::Bytes(bytes)
                 };
-                let info = Info {
-                    dtype: info.dtype.clone(),
-                    shape: info.shape.clone(),
-                    data_offsets: info.data_offsets,
-                };
-                send((Some(info), *dtype, block))?;
+                send((Some((name, info.shape)), dtype, block))?;
             }
             Ok(())
         })();
@@ -242,11 +237,14 @@ pub fn read_verified(
             actual,
         });
     }
-    let mut tensors = HashMap::with_capacity(infos.len());
-    for ((name, _, _), (info, dtype, block)) in infos.into_iter().zip(blocks) {
+    let mut tensors = HashMap::with_capacity(blocks.len());
+    for (tensor, dtype, block) in blocks {
+        let Some((name, shape)) = tensor else {
+            continue;
+        };
         let t = match block {
-            Block::Values(values) => Tensor::from_vec(values, info.shape, device)?,
-            Block::Bytes(bytes) => Tensor::from_raw_buffer(&bytes, dtype, &info.shape, device)?,
+            Block::Values(values) => Tensor::from_vec(values, shape, device)?,
+            Block::Bytes(bytes) => Tensor::from_raw_buffer(&bytes, dtype, &shape, device)?,
         };
         tensors.insert(name, t);
     }

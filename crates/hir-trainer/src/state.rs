@@ -20,6 +20,7 @@ use hir_model::train::{AdamWConfig, Optimizer, TrainBatch};
 use hir_model::{LoadedModel, ModelError, WeightMode};
 use serde::{Deserialize, Serialize};
 
+use crate::config::Recompute;
 use crate::error::{Result, TrainerError};
 use crate::examples::HirExample;
 
@@ -100,7 +101,7 @@ impl TrainState {
             },
             micro_batch: config.micro_batch_size.max(1) as usize,
             seed: config.seed,
-            recompute: device.is_cpu(),
+            recompute: Recompute::default().on(device),
         })
     }
 

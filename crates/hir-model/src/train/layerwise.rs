@@ -79,6 +79,11 @@ fn pull_back(
     let out = f(x.as_tensor())?;
     let grads = (out * upstream)?.sum_all()?.backward()?;
     add(&grads)?;
+    grad_of(&grads, &x)
+}
+
+/// The gradient of `x` in `grads`; zeros where the loss does not depend on it.
+fn grad_of(grads: &GradStore, x: &Var) -> Result<Tensor> {
     match grads.get(x.as_tensor()) {
         Some(g) => Ok(g.clone()),
         None => Ok(x.as_tensor().zeros_like()?),
@@ -116,10 +121,7 @@ pub(super) fn hir_gradients(
     let grads = hir.total.backward()?;
     add(&grads)?;
     for (side, top) in sides.iter_mut().zip(&tops) {
-        side.upstream = match grads.get(top.as_tensor()) {
-            Some(g) => g.clone(),
-            None => top.as_tensor().zeros_like()?,
-        };
+        side.upstream = grad_of(&grads, top)?;
     }
     drop(grads);
     // The loss value stays; its graph (logits over the label spans) goes.

@@ -28,7 +28,7 @@ impl Driver<'_> {
         let committed = self.ctx.store.trainer_state(self.run_id).await?;
         let (device, config) = (self.ctx.device.clone(), self.config.clone());
         let started = Instant::now();
-        let state = tokio::task::spawn_blocking(move || match committed {
+        let mut state = tokio::task::spawn_blocking(move || match committed {
             Some(c) => {
                 let (s, _) = TrainState::load_snapshot(
                     Path::new(&c.state_uri),
@@ -42,7 +42,6 @@ impl Driver<'_> {
         })
         .await
         .map_err(join_error)??;
-        let mut state = state;
         state.recompute = self.ctx.config.recompute_activations.on(&self.ctx.device);
         tracing::info!(run_id = %self.run_id, step = state.step_count(), ms = started.elapsed().as_millis() as u64, "training state loaded");
         Ok(state)
