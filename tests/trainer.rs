@@ -476,6 +476,50 @@ async fn bad_requests_are_refused_and_a_run_without_training_data_fails_with_the
             },
             "hyperparameters.replay_holdout",
         ),
+        (
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    lora_rank: Some(0),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+            "hyperparameters.lora_rank",
+        ),
+        (
+            // k_proj of the fixture maps 32 features to 16.
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    lora_rank: Some(17),
+                    lora_targets: Some("q_proj,k_proj".into()),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+            "hyperparameters.lora_rank",
+        ),
+        (
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    lora_rank: Some(4),
+                    lora_targets: Some("q_proj,attn".into()),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+            "hyperparameters.lora_targets",
+        ),
+        (
+            pb::StartRunRequest {
+                hyperparameters: Some(pb::Hyperparameters {
+                    lora_rank: Some(4),
+                    lora_alpha: Some(f64::NAN),
+                    ..hyperparameters()
+                }),
+                ..good.clone()
+            },
+            "hyperparameters.lora_alpha",
+        ),
     ];
     for (request, field) in cases {
         let err = client.start_run(authed(request)).await.unwrap_err();
@@ -920,6 +964,76 @@ async fn a_flan_t5_run_trains_the_encoder_decoder_and_swaps_it_in() {
     )
     .unwrap();
     assert_eq!(trained.info().architecture, "t5");
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lora_run_trains_adapters_and_swaps_only_them_in() {
+    let db = Db::fresh("lora").await;
+    let scratch = Scratch::new("lora");
+    let (generator, _g) = start_generator(Some(&scratch.checkpoints())).await;
+    let (relabeler, _r) = start_relabeler(&db.url, &generator, &scratch.bigbench()).await;
+    let (mut client, _t) =
+        start_trainer(trainer_config(&db.url, &relabeler, &generator, &scratch)).await;
+    let request = start_request(
+        pb::Hyperparameters {
+            lora_rank: Some(4),
+            lora_targets: Some("q_proj,v_proj,down_proj".into()),
+            learning_rate: Some(1e-2),
+            ..hyperparameters()
+        },
+        "hir",
+    );
+    let run = client
+        .start_run(authed(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let h = run.hyperparameters.as_ref().unwrap();
+    assert_eq!((h.lora_rank, h.lora_alpha), (Some(4), Some(16.0)));
+    let (_, run) = watch_to_end(&mut client, &run.run_id).await;
+    assert_eq!(
+        run.status,
+        pb::RunStatus::Done as i32,
+        "error: {}",
+        run.error
+    );
+    assert_eq!(run.iterations.len(), 3);
+    assert_eq!(run.iterations[2].steps, 20);
+    // Each checkpoint is a PEFT folder of the adapters alone, and the generator serves the
+    // last one (it verified the manifest and passed the probe).
+    let versions = client
+        .list_checkpoints(pb::ListCheckpointsRequest {
+            run_id: run.run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(versions.len(), 2);
+    let adapters: Vec<_> = versions
+        .iter()
+        .map(|v| {
+            let dir = Path::new(&v.checkpoint_uri);
+            assert!(!dir.join("model.safetensors").exists());
+            hir_model::lora::Adapter::read(dir, 2, &candle_core::Device::Cpu).unwrap()
+        })
+        .collect();
+    let base_digest = hir_model::checkpoint::model_digest(&fixture_model()).unwrap();
+    for a in &adapters {
+        a.check_base(&base_digest).unwrap();
+        assert_eq!(a.config.targets, ["down_proj", "q_proj", "v_proj"]);
+        assert!(a.bytes() < 32 << 10, "{} bytes", a.bytes());
+    }
+    let info = GeneratorServiceClient::connect(generator.clone())
+        .await
+        .unwrap()
+        .get_model_info(pb::GetModelInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.version, format!("{}-it002", run.run_id));
+    assert_eq!(info.sha256, versions[0].sha256);
     db.drop_db().await;
 }
 

@@ -115,6 +115,10 @@ pub struct RunArgs {
     /// (4 samples per prompt, otherwise the same) [paper].
     #[arg(long)]
     pub preset: Option<String>,
+    /// The projections LoRA adapts when `--lora-rank` is given, comma-separated, of q_proj,
+    /// k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj [q_proj,v_proj].
+    #[arg(long)]
+    pub lora_targets: Option<String>,
     #[command(flatten)]
     pub knobs: crate::knobs::KnobArgs,
     /// Follow the run's progress until it ends.
@@ -131,6 +135,7 @@ impl RunArgs {
         let mut h = pb::Hyperparameters {
             prompt_style: self.prompt_style.clone(),
             preset: self.preset.clone(),
+            lora_targets: self.lora_targets.clone(),
             ..Default::default()
         };
         self.knobs.apply(&mut h)?;

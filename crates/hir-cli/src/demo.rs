@@ -42,6 +42,16 @@ pub struct DemoArgs {
     /// Where the report goes.
     #[arg(long, default_value = "reports")]
     pub out: PathBuf,
+    /// Train LoRA adapters of this rank instead of every weight: less memory, and each
+    /// swap moves only the adapter.
+    #[arg(long)]
+    pub lora_rank: Option<u32>,
+    /// LoRA's alpha (with `--lora-rank`) [16].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// The projections LoRA adapts, comma-separated (with `--lora-rank`) [q_proj,v_proj].
+    #[arg(long)]
+    pub lora_targets: Option<String>,
     /// Postgres URL; a private temporary server is started when absent.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
@@ -82,6 +92,9 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         policy: "hir".into(),
         hyperparameters: Some(pb::Hyperparameters {
             iterations: Some(args.iterations),
+            lora_rank: args.lora_rank,
+            lora_alpha: args.lora_alpha,
+            lora_targets: args.lora_targets.clone(),
             ..knobs
         }),
     };

@@ -80,6 +80,13 @@ macro_rules! for_each_knob {
             max_test_prompts: u32 = "max-test-prompts",
             /// Optimizer steps per iteration at most (0 = no cap).
             max_steps_per_iteration: u32 = "max-steps",
+            /// Train LoRA adapters of this rank beside frozen weights instead of every weight
+            /// (Llama-family models; 0 = every weight, as the paper). A departure when set:
+            /// far less memory and a swap that moves only the adapter, at a cost in what
+            /// the model can learn.
+            lora_rank: u32 = "lora-rank",
+            /// LoRA's alpha: the adapters' product is scaled by `lora_alpha / lora_rank`.
+            lora_alpha: f64 = "lora-alpha",
         }
     };
 }
@@ -107,6 +114,9 @@ macro_rules! declare_run_config {
             pub preset: String,
             /// The starting model (a Hugging Face folder or a GGUF file) as the trainer sees it.
             pub model: String,
+            /// The projections LoRA adapts when `lora_rank` is set, comma-separated
+            /// (`q_proj,v_proj`, PEFT's default for Llama).
+            pub lora_targets: String,
             $( $(#[doc = $doc])* pub $field: $ty, )*
             /// How prompts reach the model.
             pub prompt_style: PromptStyle,
@@ -193,6 +203,18 @@ pub const LIMITS: KnobLimits = KnobLimits {
     epochs_per_iteration: 1000,
 };
 
+/// The projections of a Llama-family layer a LoRA adapter can target, by their Hugging
+/// Face module names.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// The names of the presets.
 pub const PRESETS: [&str; 2] = ["reference", "paper"];
 
@@ -226,6 +248,9 @@ impl Default for RunConfig {
             max_train_prompts: 0,
             max_test_prompts: 0,
             max_steps_per_iteration: 0,
+            lora_rank: 0,
+            lora_alpha: 16.0,
+            lora_targets: "q_proj,v_proj".into(),
             prompt_style: PromptStyle::Raw,
         }
     }
@@ -337,7 +362,41 @@ impl RunConfig {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("is {}; must be in (0, 1]", self.top_p));
         }
+        if self.lora_rank > 0 {
+            if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+                return bad(
+                    "lora_alpha",
+                    format!("is {}; must be finite and positive", self.lora_alpha),
+                );
+            }
+            let targets = self.lora_target_list();
+            if targets.is_empty() {
+                return bad(
+                    "lora_targets",
+                    format!("is empty; name one or more of {}", LORA_TARGETS.join(", ")),
+                );
+            }
+            if let Some(t) = targets.iter().find(|t| !LORA_TARGETS.contains(t)) {
+                return bad(
+                    "lora_targets",
+                    format!(
+                        "{:?} is not a projection of a Llama-family layer; known: {}",
+                        crate::text_enum::bounded(t),
+                        LORA_TARGETS.join(", ")
+                    ),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// `lora_targets` as a list of names.
+    pub fn lora_target_list(&self) -> Vec<&str> {
+        self.lora_targets
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect()
     }
 
     /// The seed of the tasks' train/test permutation (the reference's numpy seed, a

@@ -91,9 +91,9 @@ async fn load(
     let device = parse_device(&config.device)?;
     let mode = weight_mode(config.weights, &config.model, &device);
     let path = config.model.clone();
-    let (model, sha256) = {
+    let (model, sha256, base_sha256) = {
         let device = device.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(LoadedModel, String)> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(LoadedModel, String, String)> {
             let model = LoadedModel::load(&path, &device, mode)
                 .with_context(|| format!("loading {}", path.display()))?;
             let digest_of = if path.is_dir() {
@@ -106,14 +106,24 @@ async fn load(
             } else {
                 String::new()
             };
-            Ok((model, sha256))
+            // The identity adapters are checked against (the same digest unless the
+            // folder has no manifest).
+            let base_sha256 = if sha256.is_empty() {
+                hir_model::checkpoint::model_digest(&path)?
+            } else {
+                sha256.clone()
+            };
+            Ok((model, sha256, base_sha256))
         })
         .await??
     };
+    let model = Arc::new(model);
     let serving = Serving {
         version: Arc::from(config.version.as_str()),
-        model: Arc::new(model),
+        base: Arc::clone(&model),
+        model,
         sha256,
+        base_sha256,
         activated_at: SystemTime::now(),
     };
     let engine = {

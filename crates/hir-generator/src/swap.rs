@@ -145,6 +145,37 @@ fn confine_checkpoint(root: &Path, dir: &Path, field: &str) -> Result<(Vec<u8>, 
     Ok((manifest, bytes))
 }
 
+/// The served base model with the adapter in `dir` beside it: only the adapter is read. An
+/// adapter that cannot be used (its PEFT settings, its shapes, or another base model than
+/// `base`) is INVALID_ARGUMENT, naming the field of `field`'s folder at fault.
+fn with_adapter(
+    dir: &Path,
+    field: &str,
+    base: &LoadedModel,
+    base_sha256: &str,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let refused = |e: hir_model::ModelError| match e {
+        hir_model::ModelError::InvalidAdapter {
+            field: inner,
+            reason,
+        } => GeneratorError::invalid(format!("{field}: {inner}"), reason),
+        other => checkpoint_error(dir, other),
+    };
+    let layers = base.num_layers().ok_or_else(|| {
+        GeneratorError::invalid(
+            field,
+            format!(
+                "is a LoRA adapter; they apply to Llama-family models and this generator serves {}",
+                base.info().architecture
+            ),
+        )
+    })?;
+    let adapter = hir_model::lora::Adapter::read(dir, layers, device).map_err(refused)?;
+    adapter.check_base(base_sha256).map_err(refused)?;
+    base.with_adapter(&adapter, dir).map_err(refused)
+}
+
 /// A loader error as a client may read it: a file whose digest differs from the manifest is
 /// named, but its digest is not quoted.
 fn checkpoint_error(dir: &Path, err: hir_model::ModelError) -> GeneratorError {
@@ -212,6 +243,7 @@ pub async fn load_checkpoint(
     deadline: Duration,
 ) -> Result<(Serving, LoadTimes)> {
     let current_info = current.model.info().clone();
+    let (base, base_sha256) = (Arc::clone(&current.base), current.base_sha256.clone());
     let work = tokio::task::spawn_blocking(move || -> Result<(Serving, LoadTimes)> {
         let Candidate {
             root,
@@ -241,6 +273,26 @@ pub async fn load_checkpoint(
             )));
         }
         let verify = t0.elapsed();
+        if hir_model::lora::is_adapter(&dir) {
+            let model = with_adapter(&dir, field, &base, &base_sha256, &device)?;
+            let serving = Serving {
+                version: Arc::from(version.as_str()),
+                model: Arc::new(model),
+                sha256: actual,
+                base,
+                base_sha256,
+                activated_at: SystemTime::now(),
+            };
+            let load = t0.elapsed() - verify;
+            return Ok((
+                serving,
+                LoadTimes {
+                    bytes,
+                    verify,
+                    load,
+                },
+            ));
+        }
         let model =
             LoadedModel::load(&dir, &device, mode).map_err(|e| checkpoint_error(&dir, e))?;
         let info = model.info();
@@ -255,9 +307,12 @@ pub async fn load_checkpoint(
                 current_info.vocab_size
             )));
         }
+        let model = Arc::new(model);
         let serving = Serving {
             version: Arc::from(version.as_str()),
-            model: Arc::new(model),
+            base: Arc::clone(&model),
+            model,
+            base_sha256: actual.clone(),
             sha256: actual,
             activated_at: SystemTime::now(),
         };

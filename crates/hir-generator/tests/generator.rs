@@ -1391,3 +1391,197 @@ async fn the_advertised_limits_are_the_enforced_ones() {
     assert_eq!(limits.max_message_bytes, 16 << 20);
     s.stop().await;
 }
+
+/// A LoRA adapter trained (in effect) on the fixture: its `B`s set to seeded values so it
+/// changes what the model says. Returns the manifest's SHA-256 and the model it makes.
+fn adapter_checkpoint(root: &Path, name: &str, targets: &str, seed: u64) -> (String, LoadedModel) {
+    let cfg = hir_model::lora::LoraConfig::from_knobs(4, 16.0, targets).unwrap();
+    let lm = LoadedModel::load_lora(
+        &fixture(),
+        &candle_core::Device::Cpu,
+        candle_core::DType::F32,
+        &cfg,
+        None,
+        seed,
+    )
+    .unwrap();
+    for (i, (n, var)) in lm.vars().iter().enumerate() {
+        if n.ends_with("lora_B.weight") {
+            let w = hir_model::weights::RandomSource::new(seed + i as u64, 0.5)
+                .tensor(n, var.dims(), &candle_core::Device::Cpu)
+                .unwrap();
+            var.set(&w).unwrap();
+        }
+    }
+    let dir = root.join(name);
+    lm.save(&dir).unwrap();
+    let sha = hir_generator::swap::sha256_hex(&std::fs::read(dir.join("manifest.json")).unwrap());
+    (sha, lm)
+}
+
+fn greedy(prompt: &str) -> pb::GenerateRequest {
+    request(&[prompt], 1, 0.0, 12, None)
+}
+
+#[tokio::test]
+async fn adapters_swap_beside_the_base_and_bad_ones_are_refused() {
+    let mut s = start("lora", |_| {}).await;
+    let prompt = "w2 w3 w4";
+    let base_text = collect(&mut s.client, greedy(prompt)).await.unwrap()[0]
+        .text
+        .clone();
+    let (sha, trained) = adapter_checkpoint(&s.root, "a1", "q_proj,v_proj,down_proj", 3);
+    let swap = |checkpoint: &str, sha: &str, version: &str| pb::SwapWeightsRequest {
+        checkpoint: checkpoint.into(),
+        sha256: sha.into(),
+        version: version.into(),
+        expected_version: String::new(),
+    };
+    let r = s
+        .client
+        .swap_weights(authed(swap("a1", &sha, "a1")))
+        .await
+        .expect("an adapter of the served base swaps in")
+        .into_inner();
+    assert!(
+        r.bytes < 64 << 10,
+        "only the adapter is read: {} bytes",
+        r.bytes
+    );
+    let served = collect(&mut s.client, greedy(prompt)).await.unwrap();
+    assert_eq!(served[0].model_version, "a1");
+    // What the generator serves is what the trainer's model computes.
+    let params = hir_model::SamplingParams::greedy(12);
+    let want = trained
+        .generate_text(&[prompt.to_string()], &params)
+        .unwrap();
+    assert_eq!(served[0].text, want[0][0].text);
+    assert_ne!(served[0].text, base_text, "the adapter changes the answer");
+
+    // A second adapter goes beside the base, not beside the first one.
+    let (sha2, second) = adapter_checkpoint(&s.root, "a2", "o_proj", 5);
+    s.client
+        .swap_weights(authed(swap("a2", &sha2, "a2")))
+        .await
+        .unwrap();
+    let served = collect(&mut s.client, greedy(prompt)).await.unwrap();
+    let want = second
+        .generate_text(&[prompt.to_string()], &params)
+        .unwrap();
+    assert_eq!(served[0].text, want[0][0].text);
+
+    // Unusable adapters: INVALID_ARGUMENT naming the field; a2 keeps serving.
+    let copy = |name: &str, edit: &dyn Fn(&Path)| -> String {
+        let d = s.root.join(name);
+        copy_folder(&s.root.join("a1"), &d);
+        edit(&d);
+        let m = d.join("manifest.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            v["files"][f] = hir_model::checkpoint::sha256_file(&d.join(f))
+                .unwrap()
+                .into();
+        }
+        std::fs::write(&m, serde_json::to_vec(&v).unwrap()).unwrap();
+        hir_generator::swap::sha256_hex(&std::fs::read(&m).unwrap())
+    };
+    let set_config = |key: &'static str, value: serde_json::Value| {
+        move |d: &Path| {
+            let p = d.join("adapter_config.json");
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            v[key] = value.clone();
+            std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+        }
+    };
+    let other_base = |d: &Path| {
+        let m = d.join("manifest.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
+        v["base_model_sha256"] = "0".repeat(64).into();
+        std::fs::write(&m, serde_json::to_vec(&v).unwrap()).unwrap();
+    };
+    for (name, edit, field) in [
+        (
+            "rank0",
+            &set_config("r", 0.into()) as &dyn Fn(&Path),
+            "checkpoint: adapter_config.json: r: ",
+        ),
+        (
+            "unknown",
+            &set_config("target_modules", serde_json::json!(["q_proj", "c_attn"])),
+            "checkpoint: adapter_config.json: target_modules: ",
+        ),
+        (
+            // Rank 20 on k_proj, which maps 32 features to 16.
+            "wide",
+            &|d: &Path| {
+                set_config("r", 20.into())(d);
+                set_config("target_modules", serde_json::json!(["k_proj"]))(d);
+                let mut t = std::collections::HashMap::new();
+                for i in 0..2 {
+                    let m = format!("base_model.model.model.layers.{i}.self_attn.k_proj");
+                    let dev = candle_core::Device::Cpu;
+                    t.insert(
+                        format!("{m}.lora_A.weight"),
+                        candle_core::Tensor::zeros((20, 32), candle_core::DType::F32, &dev)
+                            .unwrap(),
+                    );
+                    t.insert(
+                        format!("{m}.lora_B.weight"),
+                        candle_core::Tensor::zeros((16, 20), candle_core::DType::F32, &dev)
+                            .unwrap(),
+                    );
+                }
+                candle_core::safetensors::save(&t, d.join("adapter_model.safetensors")).unwrap();
+            },
+            "checkpoint: adapter_config.json: r: ",
+        ),
+        (
+            "otherbase",
+            &other_base,
+            "checkpoint: manifest.json: base_model_sha256: ",
+        ),
+    ] {
+        let sha = copy(name, edit);
+        let err = s
+            .client
+            .swap_weights(authed(swap(name, &sha, name)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{name}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with(field),
+            "{name}: {}",
+            err.message()
+        );
+    }
+    assert_eq!(
+        s.info().await.version,
+        "a2",
+        "the old version keeps serving"
+    );
+
+    // After a whole checkpoint swaps in, adapters of the first base no longer fit it.
+    let full = perturbed_checkpoint(&s.root, "full", 2.0);
+    s.client
+        .swap_weights(authed(swap("full", &full, "full")))
+        .await
+        .unwrap();
+    let err = s
+        .client
+        .swap_weights(authed(swap("a1", &sha, "a1-again")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("base_model_sha256"),
+        "{}",
+        err.message()
+    );
+    s.stop().await;
+}

@@ -22,6 +22,44 @@ pub struct Manifest {
     pub version: u32,
     /// sha256 of each file of the checkpoint, by file name.
     pub files: BTreeMap<String, String>,
+    /// For an adapter ([`crate::lora`]): the digest of the base model it was trained on
+    /// ([`model_digest`]); it may only be applied to that model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_sha256: Option<String>,
+}
+
+/// The identity of a model as generators and adapters name it: the SHA-256 of a GGUF file,
+/// of a folder's `manifest.json`, or, for a folder without one, of the list of its
+/// `config.json` and weight files with their digests.
+pub fn model_digest(path: &Path) -> Result<String> {
+    if !path.is_dir() {
+        return sha256_file(path);
+    }
+    let manifest = path.join(MANIFEST);
+    if manifest.is_file() {
+        return sha256_file(&manifest);
+    }
+    let mut listing = String::new();
+    let mut names = vec!["config.json".to_string()];
+    for f in crate::hf_folder::safetensors_files(path)? {
+        if let Some(n) = f.file_name() {
+            names.push(n.to_string_lossy().into_owned());
+        }
+    }
+    for name in names {
+        let digest = sha256_file(&path.join(&name))?;
+        listing.push_str(&format!("{digest}  {name}\n"));
+    }
+    Ok(hir_core::digest::sha256_hex(listing.as_bytes()))
+}
+
+/// Writes `dir/manifest.json`.
+pub(crate) fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
+    let mp = dir.join(MANIFEST);
+    write(
+        &mp,
+        &serde_json::to_vec_pretty(m).map_err(|e| ModelError::json(&mp, e))?,
+    )
 }
 
 /// sha256 of a file, hex encoded.
@@ -115,11 +153,11 @@ pub fn write_folder(
             files.insert(name.to_string(), sha256_file(&p)?);
         }
     }
-    let m = Manifest { version: 1, files };
-    let mp = dir.join(MANIFEST);
-    write(
-        &mp,
-        &serde_json::to_vec_pretty(&m).map_err(|e| ModelError::json(&mp, e))?,
-    )?;
+    let m = Manifest {
+        version: 1,
+        files,
+        base_model_sha256: None,
+    };
+    write_manifest(dir, &m)?;
     Ok(m)
 }

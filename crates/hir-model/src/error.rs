@@ -89,6 +89,15 @@ pub enum ModelError {
     /// A request (generation, training batch) is malformed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A LoRA adapter or its settings cannot be used: `field` names what is wrong (a knob
+    /// such as `lora_rank`, or a file of the adapter and its key).
+    #[error("{field}: {reason}")]
+    InvalidAdapter {
+        /// The setting or file entry at fault.
+        field: String,
+        /// Why.
+        reason: String,
+    },
     /// An error from the tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -39,11 +39,26 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Reads the whole file. Unknown quantization types are reported by name.
     pub fn read(path: &Path) -> Result<Self> {
+        Self::read_with(path, true)
+    }
+
+    /// Reads the header only: the metadata, no tensor.
+    pub fn read_header(path: &Path) -> Result<Self> {
+        Self::read_with(path, false)
+    }
+
+    fn read_with(path: &Path, tensors_too: bool) -> Result<Self> {
         let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
         let content = gguf_file::Content::read(&mut f).map_err(|e| {
             ModelError::InvalidConfig(format!("{}: not a readable GGUF file: {e}", path.display()))
         })?;
         let mut tensors = HashMap::new();
+        if !tensors_too {
+            return Ok(Self {
+                metadata: content.metadata,
+                tensors,
+            });
+        }
         for (name, info) in &content.tensor_infos {
             check_dtype(name, info.ggml_dtype)?;
             let q = info.read(&mut f, content.tensor_data_offset, &Device::Cpu)?;

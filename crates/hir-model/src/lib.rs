@@ -27,6 +27,7 @@ pub mod probe;
 
 pub mod checkpoint;
 pub mod kv_cache;
+pub mod lora;
 pub mod loss;
 pub mod smollm2;
 pub mod tensor_file;

@@ -14,6 +14,7 @@ use crate::generate::{generate, GeneratedSequence, GenerationRequest, SamplingPa
 use crate::gguf::{GgufFile, GgufSource};
 use crate::hf_folder::HfFolder;
 use crate::llama::{self, Config};
+use crate::lora::{self, Adapter, LoraConfig};
 use crate::t5;
 use crate::train::{AdamWConfig, Optimizer};
 use crate::weights::{WeightMode, Weights};
@@ -41,13 +42,22 @@ pub struct ModelInfo {
 #[derive(Debug)]
 pub struct LoadedModel {
     model: AnyModel,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<Tokenizer>,
     info: ModelInfo,
     pad_id: u32,
     vars: Vec<(String, Var)>,
     chat_system: Option<String>,
     chatml: bool,
     chat_template: Option<String>,
+    lora: Option<TrainedAdapter>,
+}
+
+/// What a model training LoRA adapters saves: the adapter and the base it belongs to.
+#[derive(Debug, Clone)]
+struct TrainedAdapter {
+    config: LoraConfig,
+    base_model: String,
+    base_model_sha256: String,
 }
 
 impl LoadedModel {
@@ -240,14 +250,97 @@ impl LoadedModel {
         };
         Ok(Self {
             model,
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             info,
             pad_id,
             vars,
             chat_system,
             chatml,
             chat_template,
+            lora: None,
         })
+    }
+
+    /// Loads `path` (as [`LoadedModel::load`]) with its weights frozen and trainable LoRA
+    /// adapters beside the projections `cfg` targets: the adapters are the only
+    /// variables. They start from the adapter folder `resume` when given (a snapshot),
+    /// else from PEFT's initialisation under `seed`. Llama-family models only.
+    pub fn load_lora(
+        path: &Path,
+        device: &Device,
+        dtype: candle_core::DType,
+        cfg: &LoraConfig,
+        resume: Option<&Path>,
+        seed: u64,
+    ) -> Result<Self> {
+        let mut loaded = Self::load(path, device, WeightMode::Dense(dtype))?;
+        let AnyModel::Llama(model) = &mut loaded.model else {
+            return Err(ModelError::InvalidAdapter {
+                field: "lora_rank".into(),
+                reason: format!(
+                    "LoRA adapters are trained on Llama-family models; this model is {}",
+                    loaded.info.architecture
+                ),
+            });
+        };
+        let base_model_sha256 = crate::checkpoint::model_digest(path)?;
+        let from = match resume {
+            Some(dir) => {
+                let a = Adapter::read(dir, model.num_layers(), device)?;
+                a.check_base(&base_model_sha256)?;
+                Some(a)
+            }
+            None => None,
+        };
+        loaded.vars = lora::attach_trainable(model, cfg, from.as_ref(), seed)?;
+        loaded.lora = Some(TrainedAdapter {
+            config: cfg.clone(),
+            base_model: path.to_string_lossy().into_owned(),
+            base_model_sha256,
+        });
+        Ok(loaded)
+    }
+
+    /// This model with `adapter` beside its weights in place of any it had (the weights
+    /// and tokenizer are shared, not copied): what a generator serves after swapping in an
+    /// adapter. Llama-family models only.
+    pub fn with_adapter(&self, adapter: &Adapter, source: &Path) -> Result<Self> {
+        let AnyModel::Llama(base) = &self.model else {
+            return Err(ModelError::InvalidAdapter {
+                field: lora::ADAPTER_CONFIG.into(),
+                reason: format!(
+                    "LoRA adapters apply to Llama-family models; the served model is {}",
+                    self.info.architecture
+                ),
+            });
+        };
+        Ok(Self {
+            model: AnyModel::Llama(adapter.apply(base)?),
+            tokenizer: Arc::clone(&self.tokenizer),
+            info: ModelInfo {
+                source: source.to_path_buf(),
+                ..self.info.clone()
+            },
+            pad_id: self.pad_id,
+            vars: Vec::new(),
+            chat_system: self.chat_system.clone(),
+            chatml: self.chatml,
+            chat_template: self.chat_template.clone(),
+            lora: None,
+        })
+    }
+
+    /// The number of decoder layers of a Llama-family model (what an adapter must cover).
+    pub fn num_layers(&self) -> Option<usize> {
+        match &self.model {
+            AnyModel::Llama(m) => Some(m.num_layers()),
+            AnyModel::T5(_) => None,
+        }
+    }
+
+    /// Whether the model trains LoRA adapters (and saves them, not its weights).
+    pub fn trains_adapters(&self) -> bool {
+        self.lora.is_some()
     }
 
     /// Wraps an already built model and tokenizer (tests, checkpoints). A T5 model pads
@@ -395,10 +488,20 @@ impl LoadedModel {
     }
 
     /// Saves the model in Hugging Face layout with a manifest. Weights are
-    /// written in their current dtype; quantized models cannot be saved.
+    /// written in their current dtype; quantized models cannot be saved. A model training
+    /// LoRA adapters saves them instead, as a PEFT folder ([`lora::write_adapter`]).
     pub fn save(&self, dir: &Path) -> Result<Manifest> {
+        if let Some(t) = &self.lora {
+            return lora::write_adapter(
+                dir,
+                &t.config,
+                &self.vars,
+                &t.base_model,
+                &t.base_model_sha256,
+            );
+        }
         match &self.model {
-            AnyModel::T5(m) => m.save(dir, Some(&self.tokenizer)),
+            AnyModel::T5(m) => m.save(dir, Some(self.tokenizer.as_ref())),
             AnyModel::Llama(m) => llama::save(
                 m,
                 dir,

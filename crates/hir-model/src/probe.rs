@@ -29,6 +29,31 @@ pub fn probe(path: &Path) -> std::result::Result<String, String> {
     }
 }
 
+/// Checks LoRA settings against the starting model without loading its weights: a
+/// Llama-family model whose targeted projections are all at least `cfg.rank` wide.
+pub fn check_lora(path: &Path, cfg: &crate::lora::LoraConfig) -> crate::Result<()> {
+    let config: crate::llama::Config = if path.is_dir() {
+        let p = path.join("config.json");
+        let bytes = std::fs::read(&p).map_err(|e| ModelError::io(&p, e))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| ModelError::json(&p, e))?;
+        let kind = v.get("model_type").and_then(|t| t.as_str()).unwrap_or("");
+        if !matches!(kind, "llama" | "qwen2") {
+            return Err(ModelError::InvalidAdapter {
+                field: "lora_rank".into(),
+                reason: format!(
+                    "LoRA adapters are trained on Llama-family models; this model is {:?}",
+                    bounded(kind)
+                ),
+            });
+        }
+        serde_json::from_value(v).map_err(|e| ModelError::json(&p, e))?
+    } else {
+        crate::gguf::GgufFile::read_header(path)?.llama_config()?
+    };
+    cfg.check_widths(&config, "lora_rank")
+}
+
 fn probe_folder(dir: &Path) -> std::result::Result<String, String> {
     let config = std::fs::read(dir.join("config.json"))
         .map_err(|e| format!("has an unreadable config.json: {e}"))?;

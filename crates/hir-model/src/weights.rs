@@ -328,7 +328,7 @@ impl Weights {
             None
         };
         let weight = w.matrix("weight", out_dim, in_dim)?;
-        Ok(Linear { weight, bias: b })
+        Ok(Linear::from_matrix(weight, b))
     }
 
     /// A weight matrix `[out, in]`, quantized if the mode and source allow.
@@ -412,25 +412,73 @@ impl WeightMatrix {
     }
 }
 
-/// `y = x W^T + b` over a dense or quantized `W`.
+/// A low-rank update beside a layer's weight (LoRA): `y += scale · (x Aᵀ) Bᵀ`, with `A`
+/// `[r, in]` and `B` `[out, r]`, as Hugging Face PEFT computes it (see [`crate::lora`]).
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    /// `lora_A`, `[r, in]`.
+    pub a: Tensor,
+    /// `lora_B`, `[out, r]`.
+    pub b: Tensor,
+    /// `lora_alpha / r` (or `/ √r` with rank-stabilised scaling).
+    pub scale: f64,
+}
+
+/// `y = x W^T + b` over a dense or quantized `W`, plus a low-rank update when one is
+/// attached.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: WeightMatrix,
     bias: Option<Tensor>,
+    lora: Option<LowRank>,
+}
+
+/// `x Wᵀ` for a dense `W` `[out, in]` and `x` `[..., in]`.
+fn dense_product(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let (rows, k) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
+    let y = x.reshape((rows, k))?.matmul(&w.t()?)?;
+    let mut out = dims[..dims.len() - 1].to_vec();
+    out.push(w.dim(0)?);
+    y.reshape(out)
 }
 
 impl Linear {
     /// A dense layer from its parts.
     pub fn from_dense(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
-            weight: WeightMatrix::Dense(weight),
-            bias,
-        }
+        Self::from_matrix(WeightMatrix::Dense(weight), bias)
     }
 
     /// A layer from a (possibly quantized) matrix.
     pub fn from_matrix(weight: WeightMatrix, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    /// `(out, in)`: the shape of the weight.
+    pub fn dims(&self) -> (usize, usize) {
+        let d = match &self.weight {
+            WeightMatrix::Dense(t) => t.dims().to_vec(),
+            WeightMatrix::Quant(_, Some(t)) => t.dims().to_vec(),
+            WeightMatrix::Quant(QMatMul::QTensor(q), None) => q.shape().dims().to_vec(),
+            WeightMatrix::Quant(QMatMul::Tensor(t) | QMatMul::TensorF16(t), None) => {
+                t.dims().to_vec()
+            }
+        };
+        (d[0], d.get(1).copied().unwrap_or(1))
+    }
+
+    /// The low-rank update, if one is attached.
+    pub fn lora(&self) -> Option<&LowRank> {
+        self.lora.as_ref()
+    }
+
+    /// Attaches `lora` (replacing any), or removes it with `None`. The weight is shared.
+    pub fn set_lora(&mut self, lora: Option<LowRank>) {
+        self.lora = lora;
     }
 
     /// The same layer with its tensors detached from the autograd graph (shared, not
@@ -445,6 +493,11 @@ impl Linear {
         Self {
             weight,
             bias: self.bias.as_ref().map(Tensor::detach),
+            lora: self.lora.as_ref().map(|l| LowRank {
+                a: l.a.detach(),
+                b: l.b.detach(),
+                scale: l.scale,
+            }),
         }
     }
 
@@ -464,23 +517,23 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let dense = |w: &Tensor| -> candle_core::Result<Tensor> {
-            let dims = x.dims();
-            let (rows, k) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
-            let x2 = x.reshape((rows, k))?;
-            let y = x2.matmul(&w.t()?)?;
-            let mut out = dims[..dims.len() - 1].to_vec();
-            out.push(w.dim(0)?);
-            y.reshape(out)
-        };
         let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
         let y = match &self.weight {
-            WeightMatrix::Dense(w) => dense(w)?,
-            WeightMatrix::Quant(_, Some(w)) if rows >= DENSE_ROWS => dense(w)?,
+            WeightMatrix::Dense(w) => dense_product(x, w)?,
+            WeightMatrix::Quant(_, Some(w)) if rows >= DENSE_ROWS => dense_product(x, w)?,
             WeightMatrix::Quant(q, _) => q.forward(&x.contiguous()?)?,
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        match &self.lora {
+            Some(l) => {
+                let x = x.to_dtype(l.a.dtype())?;
+                let update = dense_product(&dense_product(&x, &l.a)?, &l.b)?;
+                let update = update.affine(l.scale, 0.0)?.to_dtype(y.dtype())?;
+                y + update
+            }
             None => Ok(y),
         }
     }

@@ -111,6 +111,15 @@ pub fn run_config(
     if let Some(style) = &h.prompt_style {
         c.prompt_style = hir_core::run::PromptStyle::parse(style)?;
     }
+    if h.lora_rank == Some(0) {
+        return Err(hir_core::CoreError::InvalidArgument {
+            field: "lora_rank",
+            reason: "must be at least 1; leave it unset to train every weight".into(),
+        });
+    }
+    if let Some(targets) = &h.lora_targets {
+        c.lora_targets = targets.clone();
+    }
     macro_rules! set {
         ($($(#[doc = $d:literal])* $f:ident : $t:ty = $flag:literal,)*) => {
             $( if let Some(v) = h.$f { c.$f = v; } )*
@@ -134,6 +143,12 @@ pub fn hyperparameters(c: &RunConfig) -> pb::Hyperparameters {
         };
     }
     hir_core::for_each_knob!(get);
+    if c.lora_rank == 0 {
+        // Every weight is trained: the adapter's knobs are not used.
+        (h.lora_rank, h.lora_alpha) = (None, None);
+    } else {
+        h.lora_targets = Some(c.lora_targets.clone());
+    }
     h
 }
 
@@ -161,6 +176,7 @@ pub fn set_hyperparameter(
                 } )*
                 "prompt_style" => h.prompt_style = Some(value.to_owned()),
                 "preset" => h.preset = Some(value.to_owned()),
+                "lora_targets" => h.lora_targets = Some(value.to_owned()),
                 _ => {
                     return Err(hir_core::CoreError::InvalidArgument {
                         field: "hyperparameters",
@@ -203,6 +219,50 @@ mod tests {
         c.eos_after_cut = true;
         c.prompt_style = hir_core::run::PromptStyle::Chat;
         assert_eq!(run_config("m", Some(&hyperparameters(&c))).unwrap(), c);
+        c.lora_rank = 8;
+        c.lora_alpha = 32.0;
+        c.lora_targets = "q_proj,k_proj,v_proj,o_proj".into();
+        assert_eq!(run_config("m", Some(&hyperparameters(&c))).unwrap(), c);
+    }
+
+    #[test]
+    fn lora_is_off_unless_a_rank_is_given_and_a_zero_rank_is_refused() {
+        let full = hyperparameters(&RunConfig::default());
+        assert_eq!(
+            (full.lora_rank, full.lora_alpha, full.lora_targets),
+            (None, None, None)
+        );
+        let h = pb::Hyperparameters {
+            lora_rank: Some(0),
+            ..Default::default()
+        };
+        let err = run_config("m", Some(&h)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                hir_core::CoreError::InvalidArgument {
+                    field: "lora_rank",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let h = pb::Hyperparameters {
+            lora_rank: Some(4),
+            lora_targets: Some("q_proj,w_proj".into()),
+            ..Default::default()
+        };
+        let err = run_config("m", Some(&h)).unwrap().validate().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                hir_core::CoreError::InvalidArgument {
+                    field: "lora_targets",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
@@ -217,7 +277,7 @@ mod tests {
             .expect("Hyperparameters is in the descriptor set");
         let mut wire: Vec<&str> = message.field.iter().map(|f| f.name()).collect();
         let mut ours: Vec<&str> = hir_core::run::KNOBS.iter().map(|k| k.name).collect();
-        ours.extend(["prompt_style", "preset"]);
+        ours.extend(["prompt_style", "preset", "lora_targets"]);
         wire.sort_unstable();
         ours.sort_unstable();
         assert_eq!(wire, ours);

@@ -269,6 +269,35 @@ impl Trainer {
             })
     }
 
+    /// With `lora_rank` set, checks the adapters fit the starting model: a Llama-family
+    /// model whose targeted projections are at least that wide.
+    async fn check_lora(&self, config: &RunConfig) -> Result<()> {
+        if config.lora_rank == 0 {
+            return Ok(());
+        }
+        let lora = hir_model::lora::LoraConfig::from_knobs(
+            config.lora_rank,
+            config.lora_alpha,
+            &config.lora_targets,
+        );
+        let path = std::path::PathBuf::from(&config.model);
+        let checked = tokio::task::spawn_blocking(move || {
+            lora.and_then(|l| hir_model::probe::check_lora(&path, &l))
+        })
+        .await
+        .map_err(|e| TrainerError::Internal(format!("checking the LoRA settings: {e}")))?;
+        match checked {
+            Ok(()) => Ok(()),
+            Err(hir_model::ModelError::InvalidAdapter { field, reason }) => Err(
+                TrainerError::invalid(format!("hyperparameters.{field}"), reason),
+            ),
+            Err(other) => Err(TrainerError::invalid(
+                "model",
+                format!("{:?}: {}", bounded(&config.model), other),
+            )),
+        }
+    }
+
     /// Asks every generator what it serves and refuses a run it cannot sample or
     /// evaluate: another architecture than the starting model's, more new tokens or
     /// samples per prompt than it allows, a top-k beyond its vocabulary. A generator that
@@ -361,6 +390,7 @@ impl Trainer {
     async fn start_run(&self, r: pb::StartRunRequest) -> Result<pb::Run> {
         let (run_id, policy, config, task_names) = self.validate_start(&r)?;
         let architecture = self.check_model(&config.model).await?;
+        self.check_lora(&config).await?;
         self.check_generators(&config, &architecture).await?;
         let store = &self.ctx.store;
         let name = if r.name.trim().is_empty() {

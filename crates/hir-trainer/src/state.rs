@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use hir_core::run::RunConfig;
+use hir_model::lora::LoraConfig;
 use hir_model::loss::HirLossConfig;
 use hir_model::tensor_file::{self, Entry};
 use hir_model::train::{AdamWConfig, Optimizer, TrainBatch};
@@ -72,13 +73,32 @@ impl TrainState {
     ///
     /// Weights are f32 on the CPU; on a GPU they are bf16 for the forward and backward
     /// passes, with f32 master copies in the optimizer.
+    ///
+    /// With `lora_rank` set, the model's weights are frozen and LoRA adapters are the
+    /// variables ([`LoadedModel::load_lora`]).
     pub fn load(path: &Path, device: &Device, config: &RunConfig) -> Result<Self> {
+        Self::load_from(path, None, device, config)
+    }
+
+    /// [`TrainState::load`], with a LoRA run's adapters resumed from the folder `adapter`.
+    fn load_from(
+        path: &Path,
+        adapter: Option<&Path>,
+        device: &Device,
+        config: &RunConfig,
+    ) -> Result<Self> {
         let dtype = if device.is_cpu() {
             candle_core::DType::F32
         } else {
             candle_core::DType::BF16
         };
-        let mut model = LoadedModel::load(path, device, WeightMode::Trainable(dtype))?;
+        let mut model = if config.lora_rank > 0 {
+            let lora =
+                LoraConfig::from_knobs(config.lora_rank, config.lora_alpha, &config.lora_targets)?;
+            LoadedModel::load_lora(path, device, dtype, &lora, adapter, config.seed)?
+        } else {
+            LoadedModel::load(path, device, WeightMode::Trainable(dtype))?
+        };
         if config.train_dropout {
             model.model_mut().enable_train_dropout(config.seed)?;
         }
@@ -257,7 +277,12 @@ impl TrainState {
             }
         }
         let info: SnapshotInfo = read_json(&dir.join("trainer.json"))?;
-        let mut state = Self::load(dir, device, config)?;
+        // A LoRA run's snapshot holds its adapters, which go beside the starting model.
+        let mut state = if config.lora_rank > 0 {
+            Self::load_from(Path::new(&config.model), Some(dir), device, config)?
+        } else {
+            Self::load(dir, device, config)?
+        };
         let opt_path = dir.join("optimizer.safetensors");
         let want = files.get("optimizer.safetensors").ok_or_else(|| {
             TrainerError::FailedPrecondition(format!(
@@ -410,6 +435,43 @@ mod tests {
             assert!(err.to_string().contains(file), "{file}: {err}");
             std::fs::write(&path, &good).unwrap();
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_lora_run_trains_and_snapshots_only_its_adapters_and_resumes_bit_exactly() {
+        let dev = Device::Cpu;
+        let cfg = RunConfig {
+            model: tiny_llama().to_string_lossy().into_owned(),
+            lora_rank: 4,
+            lora_targets: "q_proj,v_proj".into(),
+            ..config()
+        };
+        let mut a = TrainState::load(&tiny_llama(), &dev, &cfg).unwrap();
+        assert_eq!(
+            a.model.vars().len(),
+            2 * 2 * 2,
+            "A and B of 2 targets in 2 layers"
+        );
+        let before = weights(&a);
+        a.step(&examples()).unwrap();
+        assert_ne!(weights(&a), before, "the adapters train");
+        let dir = scratch("lora-snapshot");
+        let (folder, sha) = a.save_snapshot(&dir, 2).unwrap();
+        assert!(folder.join(hir_model::lora::ADAPTER_WEIGHTS).is_file());
+        assert!(
+            !folder.join("model.safetensors").exists(),
+            "the frozen base is not copied"
+        );
+        let (mut b, iteration) = TrainState::load_snapshot(&folder, &sha, &dev, &cfg).unwrap();
+        assert_eq!((iteration, b.step_count()), (2, 1));
+        assert_eq!(weights(&a), weights(&b));
+        let (sa, sb) = (a.step(&examples()).unwrap(), b.step(&examples()).unwrap());
+        assert_eq!(
+            sa, sb,
+            "the resumed adapters and moments step exactly like the original"
+        );
+        assert_eq!(weights(&a), weights(&b));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -455,7 +455,7 @@ impl Model {
     }
 
     /// The number of layers.
-    pub(crate) fn num_layers(&self) -> usize {
+    pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
@@ -472,23 +472,36 @@ impl Model {
         m.embed = m.embed.detach();
         m.norm = m.norm.detach();
         m.lm_head = m.lm_head.detached();
+        for (_, lin) in m.layer_linears_mut() {
+            *lin = lin.detached();
+        }
         for l in &mut m.layers {
-            for lin in [
-                &mut l.attn.q,
-                &mut l.attn.k,
-                &mut l.attn.v,
-                &mut l.attn.o,
-                &mut l.mlp.gate,
-                &mut l.mlp.up,
-                &mut l.mlp.down,
-            ] {
-                *lin = lin.detached();
-            }
             l.ln1 = l.ln1.detach();
             l.ln2 = l.ln2.detach();
         }
         m.fused = true;
         m
+    }
+
+    /// Every projection of every layer under its Hugging Face module name
+    /// (`model.layers.3.self_attn.q_proj`), in layer order: what LoRA adapters attach to.
+    pub fn layer_linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut l.attn, &mut l.mlp);
+            for (part, name, lin) in [
+                ("self_attn", "q_proj", &mut a.q),
+                ("self_attn", "k_proj", &mut a.k),
+                ("self_attn", "v_proj", &mut a.v),
+                ("self_attn", "o_proj", &mut a.o),
+                ("mlp", "gate_proj", &mut m.gate),
+                ("mlp", "up_proj", &mut m.up),
+                ("mlp", "down_proj", &mut m.down),
+            ] {
+                out.push((format!("model.layers.{i}.{part}.{name}"), lin));
+            }
+        }
+        out
     }
 
     /// Logits `[..., vocab]` from hidden states `[..., hidden]`.
