@@ -52,6 +52,9 @@ pub struct DemoArgs {
     /// The projections LoRA adapts, comma-separated (with `--lora-rank`) [q_proj,v_proj].
     #[arg(long)]
     pub lora_targets: Option<String>,
+    /// AdamW learning rate [5e-5; adapters usually train at a larger one, e.g. 5e-4].
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
     /// Postgres URL; a private temporary server is started when absent.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
@@ -92,6 +95,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         policy: "hir".into(),
         hyperparameters: Some(pb::Hyperparameters {
             iterations: Some(args.iterations),
+            learning_rate: args.learning_rate.or(knobs.learning_rate),
             lora_rank: args.lora_rank,
             lora_alpha: args.lora_alpha,
             lora_targets: args.lora_targets.clone(),

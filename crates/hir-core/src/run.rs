@@ -81,9 +81,10 @@ macro_rules! for_each_knob {
             /// Optimizer steps per iteration at most (0 = no cap).
             max_steps_per_iteration: u32 = "max-steps",
             /// Train LoRA adapters of this rank beside frozen weights instead of every weight
-            /// (Llama-family models; 0 = every weight, as the paper). A departure when set:
-            /// far less memory and a swap that moves only the adapter, at a cost in what
-            /// the model can learn.
+            /// (Llama-family models). Unset, every weight trains, as the paper (stored as 0;
+            /// a request that sets it to 0 is refused). A departure when set: far less
+            /// memory and a swap that moves only the adapter, at a cost in what the model
+            /// can learn.
             lora_rank: u32 = "lora-rank",
             /// LoRA's alpha: the adapters' product is scaled by `lora_alpha / lora_rank`.
             lora_alpha: f64 = "lora-alpha",

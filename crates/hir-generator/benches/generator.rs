@@ -11,7 +11,8 @@
 //! * Throughput: C concurrent requests of 4 samples each (distinct BIG-bench prompts)
 //!   against the same kind of requests sent one at a time, as the reference's sampling loop
 //!   does.
-//! * Swap: SwapWeights of a dense checkpoint of the served model against reading the same
+//! * Swap: SwapWeights of a LoRA adapter of the served model (and sampling with it beside
+//!   the weights), then of a dense checkpoint of the served model against reading the same
 //!   bytes.
 
 use std::path::PathBuf;
@@ -324,6 +325,63 @@ async fn main() {
         );
     }
 
+    let mut serving = "base";
+    if a.swap && info.architecture != "t5" {
+        // A LoRA adapter of the served model (rank 8 on q_proj and v_proj, B drawn at
+        // random so it changes the outputs), as a LoRA run's trainer writes it.
+        let cfg = hir_model::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").unwrap();
+        let trained = hir_model::LoadedModel::load_lora(
+            &a.model,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+            &cfg,
+            None,
+            1,
+        )
+        .expect("adapters attach");
+        for (name, var) in trained.vars() {
+            if name.ends_with("lora_B.weight") {
+                let w = hir_model::weights::RandomSource::new(2, 0.01)
+                    .tensor(name, var.dims(), &candle_core::Device::Cpu)
+                    .unwrap();
+                var.set(&w).unwrap();
+            }
+        }
+        let dir = swap_root.join("adapter");
+        trained.save(&dir).expect("save adapter");
+        drop(trained);
+        let sha =
+            hir_generator::swap::sha256_hex(&std::fs::read(dir.join("manifest.json")).unwrap());
+        let mut req = tonic::Request::new(pb::SwapWeightsRequest {
+            checkpoint: "adapter".into(),
+            sha256: sha,
+            version: "adapter".into(),
+            expected_version: "base".into(),
+        });
+        req.metadata_mut()
+            .insert("authorization", "Bearer bench".parse().unwrap());
+        let r = client
+            .swap_weights(req)
+            .await
+            .expect("adapter swap")
+            .into_inner();
+        println!(
+            "\nSwap of a LoRA adapter (r=8, q_proj and v_proj), {:.1} MB: verify {:.1} ms, load \
+             {:.1} ms, activate {:.2} ms, total {:.1} ms",
+            r.bytes as f64 / 1e6,
+            r.verify_ms,
+            r.load_ms,
+            r.activate_ms,
+            r.total_ms
+        );
+        let (_, rate) = sequential(&mut client, &prompts[..a.sequential], a.max_new_tokens).await;
+        println!(
+            "With the adapter beside the weights: {rate:.1} new tokens/s one request at a time \
+             ({:.2}x without)",
+            rate / seq_rate
+        );
+        serving = "adapter";
+    }
     if a.swap {
         // A dense checkpoint of the same model, as a trainer would write it.
         let dense = hir_model::LoadedModel::load(
@@ -352,7 +410,7 @@ async fn main() {
             checkpoint: "dense".into(),
             sha256: sha,
             version: "dense".into(),
-            expected_version: "base".into(),
+            expected_version: serving.into(),
         });
         req.metadata_mut()
             .insert("authorization", "Bearer bench".parse().unwrap());

@@ -24,6 +24,9 @@ use crate::weights::{Param, WeightSource};
 /// A parsed GGUF file: metadata plus all tensors, still quantized.
 pub struct GgufFile {
     metadata: HashMap<String, gguf_file::Value>,
+    /// Every tensor's shape, from the header.
+    shapes: HashMap<String, Vec<usize>>,
+    /// The tensors, unless only the header was read.
     tensors: HashMap<String, Arc<QTensor>>,
 }
 
@@ -52,10 +55,16 @@ impl GgufFile {
         let content = gguf_file::Content::read(&mut f).map_err(|e| {
             ModelError::InvalidConfig(format!("{}: not a readable GGUF file: {e}", path.display()))
         })?;
+        let shapes = content
+            .tensor_infos
+            .iter()
+            .map(|(name, info)| (name.clone(), info.shape.dims().to_vec()))
+            .collect();
         let mut tensors = HashMap::new();
         if !tensors_too {
             return Ok(Self {
                 metadata: content.metadata,
+                shapes,
                 tensors,
             });
         }
@@ -66,6 +75,7 @@ impl GgufFile {
         }
         Ok(Self {
             metadata: content.metadata,
+            shapes,
             tensors,
         })
     }
@@ -131,13 +141,13 @@ impl GgufFile {
             .unwrap_or(n_heads);
         let hidden = self.u64(&k("embedding_length"))? as usize;
         let emb =
-            self.tensors
+            self.shapes
                 .get("token_embd.weight")
                 .ok_or_else(|| ModelError::MissingTensor {
                     name: "token_embd.weight".into(),
                     expected: vec![0, hidden],
                 })?;
-        let vocab = emb.shape().dims()[0];
+        let vocab = emb[0];
         let head_dim = self
             .u64(&k("attention.key_length"))
             .map(|v| v as usize)
@@ -156,8 +166,8 @@ impl GgufFile {
             "rms_norm_eps": self.f64(&k("attention.layer_norm_rms_epsilon"))?,
             "rope_theta": self.f64(&k("rope.freq_base")).unwrap_or(10_000.0),
             "max_position_embeddings": self.u64(&k("context_length")).unwrap_or(2048),
-            "tie_word_embeddings": !self.tensors.contains_key("output.weight"),
-            "attention_bias": self.tensors.contains_key("blk.0.attn_q.bias"),
+            "tie_word_embeddings": !self.shapes.contains_key("output.weight"),
+            "attention_bias": self.shapes.contains_key("blk.0.attn_q.bias"),
             "bos_token_id": bos,
             "eos_token_id": eos,
         });

@@ -260,6 +260,11 @@ fn unusable_settings_and_adapters_are_refused_naming_the_field() {
         .unwrap();
     let err = hir_model::probe::check_lora(&base_dir(), &lora(17, &["k_proj"])).unwrap_err();
     assert_eq!(refusal(err).0, "lora_rank");
+    let t5 = repo_root().join("crates/hir-model/tests/fixtures/t5");
+    let (field, reason) =
+        refusal(hir_model::probe::check_lora(&t5, &lora(4, &["q_proj"])).unwrap_err());
+    assert_eq!(field, "lora_rank");
+    assert!(reason.contains("Llama-family"), "{reason}");
 
     // Adapter folders.
     let cfg = lora(4, &["q_proj", "v_proj"]);
@@ -339,4 +344,16 @@ fn unusable_settings_and_adapters_are_refused_naming_the_field() {
     bytes[n - 3] ^= 0x40;
     std::fs::write(&p, bytes).unwrap();
     assert!(matches!(read(&d), Err(ModelError::ChecksumMismatch { .. })));
+}
+
+#[test]
+fn settings_are_checked_against_a_gguf_header_without_reading_the_weights() {
+    let gguf = common::smollm2_gguf();
+    hir_model::probe::check_lora(&gguf, &lora(8, &["q_proj", "v_proj"])).unwrap();
+    // SmolLM2's k_proj maps 576 features to 192.
+    hir_model::probe::check_lora(&gguf, &lora(192, &["k_proj"])).unwrap();
+    let (field, reason) =
+        refusal(hir_model::probe::check_lora(&gguf, &lora(193, &["k_proj"])).unwrap_err());
+    assert_eq!(field, "lora_rank");
+    assert!(reason.contains("k_proj (576 → 192)"), "{reason}");
 }

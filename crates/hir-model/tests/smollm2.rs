@@ -225,3 +225,73 @@ fn the_real_gguf_passes_the_start_check_and_a_cut_copy_does_not() {
     assert!(err.contains("truncated"), "{err}");
     std::fs::remove_file(&cut).unwrap();
 }
+
+#[test]
+fn a_lora_adapter_trained_on_the_gguf_serves_beside_the_quantized_weights() {
+    let gguf = common::smollm2_gguf();
+    let cfg = hir_model::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").unwrap();
+    let lm = LoadedModel::load_lora(&gguf, &Device::Cpu, DType::F32, &cfg, None, 1).unwrap();
+    assert_eq!(lm.vars().len(), 30 * 2 * 2);
+    let ex = vec![Example {
+        prompt: lm
+            .encode(&lm.chat_prompt("Which ball does Alice hold?"))
+            .unwrap(),
+        completion: lm.encode("(C) The blue ball.<|im_end|>").unwrap(),
+    }];
+    let batch = TrainBatch::new(&ex, lm.pad_token_id(), &Device::Cpu).unwrap();
+    let adamw = hir_model::train::AdamWConfig {
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let mut optimizer = lm.optimizer(adamw, 1, Some(1.0)).unwrap();
+    for _ in 0..2 {
+        let loss = hir_model::train::lm_loss(lm.model(), &batch, 0.0).unwrap();
+        optimizer.backward(&loss).unwrap();
+    }
+    let dir = common::scratch("smollm2_lora");
+    let adapter_dir = dir.join("adapter");
+    lm.save(&adapter_dir).unwrap();
+
+    // A generator holding the GGUF quantized serves the adapter beside its weights: within
+    // the trainer's swap-probe tolerance of the trained model, and not the base's answer.
+    let q8 = load(WeightMode::Quantized);
+    let adapter =
+        hir_model::lora::Adapter::read(&adapter_dir, 30, &Device::Cpu).expect("adapter reads");
+    adapter
+        .check_base(&hir_model::checkpoint::model_digest(&gguf).unwrap())
+        .unwrap();
+    let served = q8.with_adapter(&adapter, &adapter_dir).unwrap();
+    let (prompt, continuation) = (&ex[0].prompt, &ex[0].completion);
+    let mean_diff = |a: &LoadedModel, b: &LoadedModel| {
+        let x = a
+            .model()
+            .continuation_logprobs(prompt, continuation)
+            .unwrap();
+        let y = b
+            .model()
+            .continuation_logprobs(prompt, continuation)
+            .unwrap();
+        x.iter().zip(&y).map(|(p, q)| (p - q).abs()).sum::<f32>() / x.len() as f32
+    };
+    let (to_trained, base_to_trained) = (mean_diff(&served, &lm), mean_diff(&q8, &lm));
+    assert!(to_trained < 0.2, "served adapter vs trained: {to_trained}");
+    assert!(
+        base_to_trained > 5.0 * to_trained,
+        "{base_to_trained} vs {to_trained}"
+    );
+
+    // The logits of the prompt, for `scripts/check-peft-load.py` with the GGUF as base.
+    let t = prompt.len();
+    let x = Tensor::from_vec(prompt.clone(), (1, t), &Device::Cpu).unwrap();
+    let logits = lm
+        .model()
+        .as_llama()
+        .unwrap()
+        .forward(&x, &[vec![1u8; t]])
+        .unwrap();
+    let out = std::collections::HashMap::from([
+        ("input_ids".to_string(), x.to_dtype(DType::I64).unwrap()),
+        ("logits".to_string(), logits),
+    ]);
+    candle_core::safetensors::save(&out, dir.join("expected.safetensors")).unwrap();
+}

@@ -4,7 +4,9 @@
 //! FLAN-T5-base-shaped model (random weights, 248M parameters), prints the step time and
 //! training tokens/s of one optimizer step over HIR pairs (positive and negative sequence
 //! per example, AdamW with clipping), and of the reference implementation's step, which
-//! runs a third, redundant forward pass (HIR.md §1.6), measured in the same process.
+//! runs a third, redundant forward pass (HIR.md §1.6), measured in the same process; for
+//! SmolLM2 also the step with LoRA adapters (rank 8 on `q_proj` and `v_proj`) beside the
+//! frozen weights.
 //!
 //! Run: `cargo bench -p hir-trainer --bench trainer [-- --device cuda:0] [--random] [bf16] [quick]`
 //! (`bf16`: bf16 weights with f32 master copies, as the trainer trains on a GPU).
@@ -56,6 +58,9 @@ impl Timing {
 /// Runs `steps + 1` steps (the first a warm-up) and times them, recording the peak
 /// resident memory above the level before the first.
 fn timed(steps: usize, tokens: usize, device: &Device, mut step: impl FnMut()) -> Timing {
+    // What an earlier measurement freed goes back first, so that its pages are not
+    // reused here unseen.
+    hir_runtime::memory::release_free();
     let start = hir_runtime::memory::reset_peak()
         .then(hir_runtime::memory::Rss::read)
         .flatten();
@@ -392,6 +397,33 @@ fn t5(device: &Device, dtype: DType, steps: usize) -> (Timing, Timing, usize) {
     (ours, reference, params)
 }
 
+/// The trainer's step on SmolLM2 with LoRA adapters (rank 8 on `q_proj` and `v_proj`,
+/// PEFT's default targets) beside the frozen weights: the same pairs and micro-batches.
+/// Returns the timing and the adapters' parameter count.
+fn smollm2_lora(device: &Device, dtype: DType, steps: usize) -> (Timing, usize) {
+    let cfg = hir_model::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").expect("valid");
+    let loaded = hir_model::LoadedModel::load_lora(&smollm2_path(), device, dtype, &cfg, None, 1)
+        .expect("SmolLM2 loads with adapters");
+    let pairs = smollm2_examples(&loaded, 8);
+    let tokens: usize = pairs.iter().map(HirExample::tokens).sum();
+    let params = loaded.vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let pad = loaded.pad_token_id();
+    let mut optimizer = Optimizer::new(loaded.vars(), AdamWConfig::default(), 2, Some(1.0));
+    let cfg = HirLossConfig::default();
+    let timing = timed(steps, tokens, device, || {
+        for chunk in pairs.chunks(4) {
+            let pos: Vec<_> = chunk.iter().map(|e| e.positive.clone()).collect();
+            let neg: Vec<_> = chunk.iter().map(|e| e.negative.clone()).collect();
+            let pos = TrainBatch::new(&pos, pad, device).expect("batch");
+            let neg = TrainBatch::new(&neg, pad, device).expect("batch");
+            optimizer
+                .backward_hir(loaded.model(), &pos, &neg, &cfg, 1.0)
+                .expect("backward");
+        }
+    });
+    (timing, params)
+}
+
 fn sync(device: &Device) {
     let _ = device.synchronize();
 }
@@ -436,6 +468,18 @@ fn main() {
             t.step_s,
             t.step_s / ours.step_s,
             t.memory()
+        );
+    }
+    if !random {
+        let full_step = ours.step_s;
+        let (lora, params) = smollm2_lora(&device, dtype, steps);
+        println!(
+            "  trainer, LoRA r=8 on q_proj and v_proj ({:.2}M parameters trained): {:.3} s/step \
+             ({:.2}x the full step's time), {}",
+            params as f64 / 1e6,
+            lora.step_s,
+            lora.step_s / full_step,
+            lora.memory()
         );
     }
     match torch.as_ref().map(TorchStep::run) {

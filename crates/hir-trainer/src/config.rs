@@ -62,6 +62,13 @@ pub struct TrainerConfig {
     /// more forward pass without a graph (about 15% of a CPU step). `auto` recomputes on
     /// the CPU, where memory is scarce, and keeps the whole graph on a GPU.
     pub recompute_activations: Recompute,
+    /// Drop the training state (model, optimizer) from memory once an iteration's
+    /// checkpoint is swapped in and verified, and load it again from its committed snapshot when the next
+    /// iteration trains (bit-exactly: a snapshot resumes the same steps). Sampling and
+    /// evaluation then run without the trainer's weights and moments resident (on
+    /// SmolLM2, 2.2 GB for full fine-tuning, 540 MB with LoRA) for a load of a few
+    /// seconds per iteration.
+    pub release_state_between_iterations: bool,
 }
 
 /// See [`TrainerConfig::recompute_activations`].
@@ -119,6 +126,7 @@ impl Default for TrainerConfig {
             owner: None,
             relabeler_give_up_secs: 600,
             recompute_activations: Recompute::Auto,
+            release_state_between_iterations: true,
         }
     }
 }

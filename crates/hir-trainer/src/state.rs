@@ -146,6 +146,10 @@ impl TrainState {
         )
         .next_u64();
         self.model.model().reseed_dropout(step_seed);
+        // Memory freed since the last step (this process's, or in a process that hosts
+        // every service, a generator's finished caches) goes back before the step
+        // allocates its own.
+        hir_runtime::memory::release_free();
         let chunks: Vec<&[HirExample]> = examples.chunks(self.micro_batch).collect();
         self.optimizer.accumulation_steps = chunks.len();
         let total = examples.len() as f64;

@@ -224,6 +224,12 @@ impl Driver<'_> {
                 IterationStatus::Trained => {
                     self.swap_all(k).await?;
                     self.advance(k, IterationStatus::Evaluating).await?;
+                    if self.ctx.config.release_state_between_iterations {
+                        // Every step is committed and the swap verified against the state:
+                        // the next iteration loads the snapshot.
+                        self.state = None;
+                        hir_runtime::memory::release_free();
+                    }
                 }
                 IterationStatus::Evaluating => {
                     let version = store

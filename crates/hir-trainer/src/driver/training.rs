@@ -28,6 +28,8 @@ impl Driver<'_> {
         let committed = self.ctx.store.trainer_state(self.run_id).await?;
         let (device, config) = (self.ctx.device.clone(), self.config.clone());
         let started = Instant::now();
+        // Hand back what was freed (e.g. sampling's caches) before the state takes its place.
+        hir_runtime::memory::release_free();
         let mut state = tokio::task::spawn_blocking(move || match committed {
             Some(c) => {
                 let (s, _) = TrainState::load_snapshot(
