@@ -216,6 +216,63 @@ pub const LORA_TARGETS: [&str; 7] = [
     "down_proj",
 ];
 
+/// `lora_targets` (`"q_proj, v_proj"`) as a list of names.
+pub fn split_lora_targets(targets: &str) -> Vec<&str> {
+    targets
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Which LoRA setting [`check_lora`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraKnob {
+    /// `lora_alpha`.
+    Alpha,
+    /// `lora_targets`.
+    Targets,
+}
+
+impl LoraKnob {
+    /// The run setting's name.
+    pub fn field(self) -> &'static str {
+        match self {
+            LoraKnob::Alpha => "lora_alpha",
+            LoraKnob::Targets => "lora_targets",
+        }
+    }
+}
+
+/// The rules for LoRA's alpha and targets, shared by a run's settings and an adapter's
+/// `adapter_config.json`: alpha finite and positive, one or more targets, each one of
+/// [`LORA_TARGETS`]. On a refusal, the setting and why.
+pub fn check_lora(alpha: f64, targets: &[&str]) -> Result<(), (LoraKnob, String)> {
+    if !(alpha.is_finite() && alpha > 0.0) {
+        return Err((
+            LoraKnob::Alpha,
+            format!("is {alpha}; must be finite and positive"),
+        ));
+    }
+    if targets.is_empty() {
+        return Err((
+            LoraKnob::Targets,
+            format!("is empty; name one or more of {}", LORA_TARGETS.join(", ")),
+        ));
+    }
+    if let Some(t) = targets.iter().find(|t| !LORA_TARGETS.contains(t)) {
+        return Err((
+            LoraKnob::Targets,
+            format!(
+                "{:?} is not a projection of a Llama-family layer; known: {}",
+                crate::text_enum::bounded(t),
+                LORA_TARGETS.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The names of the presets.
 pub const PRESETS: [&str; 2] = ["reference", "paper"];
 
@@ -364,40 +421,12 @@ impl RunConfig {
             return bad("top_p", format!("is {}; must be in (0, 1]", self.top_p));
         }
         if self.lora_rank > 0 {
-            if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
-                return bad(
-                    "lora_alpha",
-                    format!("is {}; must be finite and positive", self.lora_alpha),
-                );
-            }
-            let targets = self.lora_target_list();
-            if targets.is_empty() {
-                return bad(
-                    "lora_targets",
-                    format!("is empty; name one or more of {}", LORA_TARGETS.join(", ")),
-                );
-            }
-            if let Some(t) = targets.iter().find(|t| !LORA_TARGETS.contains(t)) {
-                return bad(
-                    "lora_targets",
-                    format!(
-                        "{:?} is not a projection of a Llama-family layer; known: {}",
-                        crate::text_enum::bounded(t),
-                        LORA_TARGETS.join(", ")
-                    ),
-                );
+            let targets = split_lora_targets(&self.lora_targets);
+            if let Err((knob, reason)) = check_lora(self.lora_alpha, &targets) {
+                return bad(knob.field(), reason);
             }
         }
         Ok(())
-    }
-
-    /// `lora_targets` as a list of names.
-    pub fn lora_target_list(&self) -> Vec<&str> {
-        self.lora_targets
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .collect()
     }
 
     /// The seed of the tasks' train/test permutation (the reference's numpy seed, a

@@ -162,16 +162,16 @@ fn with_adapter(
         } => GeneratorError::invalid(format!("{field}: {inner}"), reason),
         other => checkpoint_error(dir, other),
     };
-    let layers = base.num_layers().ok_or_else(|| {
-        GeneratorError::invalid(
+    if base.num_layers().is_none() {
+        return Err(GeneratorError::invalid(
             field,
             format!(
                 "is a LoRA adapter; they apply to Llama-family models and this generator serves {}",
                 base.info().architecture
             ),
-        )
-    })?;
-    let adapter = hir_model::lora::Adapter::read(dir, layers, device).map_err(refused)?;
+        ));
+    }
+    let adapter = hir_model::lora::Adapter::read(dir, device).map_err(refused)?;
     adapter.check_base(base_sha256).map_err(refused)?;
     base.with_adapter(&adapter, dir).map_err(refused)
 }

@@ -1475,15 +1475,9 @@ async fn adapters_swap_beside_the_base_and_bad_ones_are_refused() {
         let d = s.root.join(name);
         copy_folder(&s.root.join("a1"), &d);
         edit(&d);
-        let m = d.join("manifest.json");
-        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&m).unwrap()).unwrap();
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
-            v["files"][f] = hir_model::checkpoint::sha256_file(&d.join(f))
-                .unwrap()
-                .into();
-        }
-        std::fs::write(&m, serde_json::to_vec(&v).unwrap()).unwrap();
-        hir_generator::swap::sha256_hex(&std::fs::read(&m).unwrap())
+        let digests = ["adapter_config.json", "adapter_model.safetensors"]
+            .map(|f| (f, hir_model::checkpoint::sha256_file(&d.join(f)).unwrap()));
+        add_to_manifest(&d, &digests.each_ref().map(|(f, h)| (*f, h.as_str())))
     };
     let set_config = |key: &'static str, value: serde_json::Value| {
         move |d: &Path| {

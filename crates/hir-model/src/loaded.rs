@@ -286,7 +286,7 @@ impl LoadedModel {
         let base_model_sha256 = crate::checkpoint::model_digest(path)?;
         let from = match resume {
             Some(dir) => {
-                let a = Adapter::read(dir, model.num_layers(), device)?;
+                let a = Adapter::read(dir, device)?;
                 a.check_base(&base_model_sha256)?;
                 Some(a)
             }

@@ -27,6 +27,7 @@ use crate::llama;
 use crate::ops::{fnv1a, mix};
 use crate::tensor_file::{self, Entry};
 use crate::weights::LowRank;
+use hir_core::run::LoraKnob;
 
 /// PEFT's configuration file of an adapter.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -60,43 +61,25 @@ fn invalid(field: &str, reason: impl Into<String>) -> ModelError {
 impl LoraConfig {
     /// A checked configuration; `fields` names the rank, alpha and targets settings in
     /// errors (`lora_rank` for a run, `adapter_config.json: r` for a file).
-    pub fn new(rank: usize, alpha: f64, targets: &[String], fields: [&str; 3]) -> Result<Self> {
+    pub fn new(rank: usize, alpha: f64, targets: &[&str], fields: [&str; 3]) -> Result<Self> {
         if rank == 0 {
             return Err(invalid(fields[0], "must be at least 1"));
         }
-        if !(alpha.is_finite() && alpha > 0.0) {
-            return Err(invalid(
-                fields[1],
-                format!("is {alpha}; must be finite and positive"),
-            ));
+        let targets: Vec<&str> = targets.iter().map(|t| t.trim()).collect();
+        if let Err((knob, reason)) = hir_core::run::check_lora(alpha, &targets) {
+            let field = match knob {
+                LoraKnob::Alpha => fields[1],
+                LoraKnob::Targets => fields[2],
+            };
+            return Err(invalid(field, reason));
         }
-        if targets.is_empty() {
-            return Err(invalid(
-                fields[2],
-                format!("is empty; name one or more of {}", TARGETS.join(", ")),
-            ));
-        }
-        let mut t: Vec<String> = Vec::with_capacity(targets.len());
-        for name in targets {
-            let name = name.trim();
-            if !TARGETS.contains(&name) {
-                return Err(invalid(
-                    fields[2],
-                    format!(
-                        "{:?} is not a projection of a Llama-family layer; known: {}",
-                        hir_core::text_enum::bounded(name),
-                        TARGETS.join(", ")
-                    ),
-                ));
-            }
-            t.push(name.to_string());
-        }
-        t.sort_unstable();
-        t.dedup();
+        let mut targets: Vec<String> = targets.into_iter().map(str::to_string).collect();
+        targets.sort_unstable();
+        targets.dedup();
         Ok(Self {
             rank,
             alpha,
-            targets: t,
+            targets,
             rslora: false,
         })
     }
@@ -104,16 +87,10 @@ impl LoraConfig {
     /// A configuration from a run's knobs: `lora_rank`, `lora_alpha` and `lora_targets`
     /// (comma-separated).
     pub fn from_knobs(rank: u32, alpha: f64, targets: &str) -> Result<Self> {
-        let targets: Vec<String> = targets
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .map(str::to_string)
-            .collect();
         Self::new(
             rank as usize,
             alpha,
-            &targets,
+            &hir_core::run::split_lora_targets(targets),
             ["lora_rank", "lora_alpha", "lora_targets"],
         )
     }
@@ -229,7 +206,11 @@ pub fn attach_trainable(
     model.set_fused(false);
     let (dtype, device) = (model.dtype(), model.device().clone());
     let mut vars = Vec::new();
-    for (module, lin) in model.layer_linears_mut() {
+    let linears = model.layer_linears_mut();
+    if let Some(a) = from {
+        a.check_pairs(linears.iter().map(|(m, _)| m.as_str()))?;
+    }
+    for (module, lin) in linears {
         if !cfg.targets_module(&module) {
             lin.set_lora(None);
             continue;
@@ -346,6 +327,7 @@ impl PeftConfig {
                 return Err(invalid(&field(key), why));
             }
         }
+        let targets: Vec<&str> = targets.iter().map(String::as_str).collect();
         let mut cfg = LoraConfig::new(
             usize::try_from(rank).unwrap_or(usize::MAX),
             alpha,
@@ -372,10 +354,11 @@ pub struct Adapter {
 
 impl Adapter {
     /// Reads and checks the adapter folder `dir`: its manifest (every file's digest, the
-    /// weights' while they are read), the PEFT configuration, and that the weight file
-    /// holds exactly a pair per targeted module of a `layers`-layer model with rank `r`.
-    /// Shapes against the base are checked by [`Adapter::apply`].
-    pub fn read(dir: &Path, layers: usize, device: &Device) -> Result<Self> {
+    /// weights' while they are read), the PEFT configuration, and that every tensor has
+    /// rank `r`. Whether the pairs are exactly those of a model's targeted projections,
+    /// with their shapes, is checked against that model by [`Adapter::apply`] (and by
+    /// [`attach_trainable`] when it resumes from the adapter).
+    pub fn read(dir: &Path, device: &Device) -> Result<Self> {
         let manifest = checkpoint::verify_except(dir, |n| n == ADAPTER_WEIGHTS)?;
         let cfg_path = dir.join(ADAPTER_CONFIG);
         let bytes = std::fs::read(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
@@ -390,36 +373,6 @@ impl Adapter {
             )
         })?;
         let tensors = tensor_file::read_verified(&weights, want, device)?;
-        let mut expected: Vec<String> = (0..layers)
-            .flat_map(|i| {
-                config.targets.iter().flat_map(move |t| {
-                    let part = if matches!(t.as_str(), "gate_proj" | "up_proj" | "down_proj") {
-                        "mlp"
-                    } else {
-                        "self_attn"
-                    };
-                    peft_names(&format!("model.layers.{i}.{part}.{t}"))
-                })
-            })
-            .collect();
-        expected.sort_unstable();
-        let mut got: Vec<&String> = tensors.keys().collect();
-        got.sort_unstable();
-        if let Some(extra) = got.iter().find(|n| expected.binary_search(n).is_err()) {
-            return Err(invalid(
-                ADAPTER_WEIGHTS,
-                format!(
-                    "tensor {:?} is not a pair of a targeted projection of this {layers}-layer model",
-                    hir_core::text_enum::bounded(extra)
-                ),
-            ));
-        }
-        if let Some(missing) = expected.iter().find(|n| !tensors.contains_key(*n)) {
-            return Err(invalid(
-                ADAPTER_WEIGHTS,
-                format!("lacks {missing:?}, which its target_modules call for"),
-            ));
-        }
         for (name, t) in &tensors {
             let r = if name.ends_with(".lora_A.weight") {
                 t.dims().first().copied()
@@ -443,6 +396,38 @@ impl Adapter {
             base_model_sha256: manifest.base_model_sha256,
             tensors,
         })
+    }
+
+    /// Checks that the adapter holds exactly one pair per targeted module of `modules`
+    /// (a model's projections, as [`llama::Model::layer_linears_mut`] names them): no pair
+    /// missing, no tensor left over.
+    fn check_pairs<'a>(&self, modules: impl Iterator<Item = &'a str>) -> Result<()> {
+        let mut expected: Vec<String> = modules
+            .filter(|m| self.config.targets_module(m))
+            .flat_map(peft_names)
+            .collect();
+        expected.sort_unstable();
+        let mut held: Vec<&String> = self.tensors.keys().collect();
+        held.sort_unstable();
+        if let Some(extra) = held
+            .into_iter()
+            .find(|&n| expected.binary_search(n).is_err())
+        {
+            return Err(invalid(
+                ADAPTER_WEIGHTS,
+                format!(
+                    "tensor {:?} is not a pair of a targeted projection of this model",
+                    hir_core::text_enum::bounded(extra)
+                ),
+            ));
+        }
+        if let Some(missing) = expected.iter().find(|n| !self.tensors.contains_key(*n)) {
+            return Err(invalid(
+                ADAPTER_WEIGHTS,
+                format!("lacks {missing:?}, which its target_modules call for"),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks that the adapter was trained on the model whose digest
@@ -488,7 +473,9 @@ impl Adapter {
         let mut model = base.clone();
         let dtype = model.dtype();
         let scale = self.config.scale();
-        for (module, lin) in model.layer_linears_mut() {
+        let linears = model.layer_linears_mut();
+        self.check_pairs(linears.iter().map(|(m, _)| m.as_str()))?;
+        for (module, lin) in linears {
             if !self.config.targets_module(&module) {
                 lin.set_lora(None);
                 continue;

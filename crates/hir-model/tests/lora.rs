@@ -21,8 +21,7 @@ fn base_dir() -> PathBuf {
 }
 
 fn lora(rank: usize, targets: &[&str]) -> LoraConfig {
-    let t: Vec<String> = targets.iter().map(|s| s.to_string()).collect();
-    LoraConfig::new(rank, 16.0, &t, ["r", "alpha", "targets"]).unwrap()
+    LoraConfig::new(rank, 16.0, targets, ["r", "alpha", "targets"]).unwrap()
 }
 
 fn llama(m: &LoadedModel) -> &Model {
@@ -172,7 +171,7 @@ fn a_saved_adapter_applies_to_the_base_as_its_merged_weights() {
     assert_eq!(peft["lora_alpha"], 16.0);
 
     let base = LoadedModel::load(&base_dir(), &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap();
-    let adapter = Adapter::read(&dir, 2, &Device::Cpu).unwrap();
+    let adapter = Adapter::read(&dir, &Device::Cpu).unwrap();
     let digest = hir_model::checkpoint::model_digest(&base_dir()).unwrap();
     adapter.check_base(&digest).unwrap();
     let served = base.with_adapter(&adapter, &dir).unwrap();
@@ -242,11 +241,8 @@ fn unusable_settings_and_adapters_are_refused_naming_the_field() {
     assert_eq!(knobs(4, 0.0, "q_proj"), "lora_alpha");
     assert_eq!(knobs(4, 16.0, "q_proj,wq"), "lora_targets");
     assert_eq!(knobs(4, 16.0, " , "), "lora_targets");
-    let base_cfg = llama(
-        &LoadedModel::load(&base_dir(), &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap(),
-    )
-    .config()
-    .clone();
+    let base = LoadedModel::load(&base_dir(), &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap();
+    let base_cfg = llama(&base).config().clone();
     // k_proj is 32 → 16 wide in the fixture.
     let (field, reason) = refusal(
         lora(17, &["k_proj"])
@@ -279,7 +275,7 @@ fn unusable_settings_and_adapters_are_refused_naming_the_field() {
         }
         d
     };
-    let read = |d: &Path| Adapter::read(d, 2, &Device::Cpu);
+    let read = |d: &Path| Adapter::read(d, &Device::Cpu);
     for (edit, field) in [
         (
             Box::new(|v: &mut serde_json::Value| v["r"] = 0.into())
@@ -316,10 +312,18 @@ fn unusable_settings_and_adapters_are_refused_naming_the_field() {
             }),
             ADAPTER_WEIGHTS,
         ),
+        (
+            // Pairs (v_proj's) the targets do not call for.
+            Box::new(|v: &mut serde_json::Value| {
+                v["target_modules"] = serde_json::json!(["q_proj"])
+            }),
+            ADAPTER_WEIGHTS,
+        ),
     ] {
         let d = copy("edited");
         edit_json(&d, ADAPTER_CONFIG, edit);
-        assert_eq!(refusal(read(&d).unwrap_err()).0, field);
+        let applied = read(&d).and_then(|a| a.apply(llama(&base)));
+        assert_eq!(refusal(applied.unwrap_err()).0, field);
     }
 
     // Another base model.

@@ -256,7 +256,7 @@ fn a_lora_adapter_trained_on_the_gguf_serves_beside_the_quantized_weights() {
     // the trainer's swap-probe tolerance of the trained model, and not the base's answer.
     let q8 = load(WeightMode::Quantized);
     let adapter =
-        hir_model::lora::Adapter::read(&adapter_dir, 30, &Device::Cpu).expect("adapter reads");
+        hir_model::lora::Adapter::read(&adapter_dir, &Device::Cpu).expect("adapter reads");
     adapter
         .check_base(&hir_model::checkpoint::model_digest(&gguf).unwrap())
         .unwrap();
