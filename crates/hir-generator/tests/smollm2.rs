@@ -120,22 +120,45 @@ async fn serves_smollm2_over_grpc() {
         assert_eq!(c.model_version, "base");
     }
 
-    // `chat` wraps the plain question in the template (with its default system turn), and
-    // the model answers it.
-    let request = pb::GenerateRequest {
-        prompts: vec!["What is the capital of France?".into()],
-        n: 1,
-        chat: true,
-        sampling: Some(pb::SamplingParams {
-            temperature: 0.0,
-            max_new_tokens: 12,
+    // `chat` wraps the plain question in the model's template, with its default system
+    // turn: the same completion as that text sent raw. (Whether greedy decoding still says
+    // "Paris" after a system turn depends on the CPU's rounding; the check above does not.)
+    let question = "What is the capital of France?";
+    let templated = hir_model::LoadedModel::load(
+        &smollm2(),
+        &hir_model::parse_device("cpu").unwrap(),
+        hir_model::WeightMode::QuantizedAsIs,
+    )
+    .unwrap()
+    .chat_prompt(question);
+    assert!(
+        templated.starts_with("<|im_start|>system\n"),
+        "{templated:?}"
+    );
+    let mut answers = Vec::new();
+    for (prompt, chat) in [(question.to_string(), true), (templated, false)] {
+        let request = pb::GenerateRequest {
+            prompts: vec![prompt],
+            n: 1,
+            chat,
+            sampling: Some(pb::SamplingParams {
+                temperature: 0.0,
+                max_new_tokens: 12,
+                ..Default::default()
+            }),
             ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let mut stream = client.generate(request).await.unwrap().into_inner();
-    let chat = stream.message().await.unwrap().unwrap().completion.unwrap();
-    assert!(chat.text.contains("Paris"), "{:?}", chat.text);
+        };
+        let mut stream = client.generate(request).await.unwrap().into_inner();
+        answers.push(stream.message().await.unwrap().unwrap().completion.unwrap());
+    }
+    let (chat, raw) = (&answers[0], &answers[1]);
+    assert!(!chat.token_ids.is_empty());
+    assert_eq!(
+        chat.token_ids, raw.token_ids,
+        "{:?} / {:?}",
+        chat.text, raw.text
+    );
+    assert_eq!(chat.prompt_tokens, raw.prompt_tokens);
     assert!(
         chat.prompt_tokens > paris.prompt_tokens,
         "the system turn is added: {} tokens",
