@@ -180,10 +180,12 @@ fn with_adapter(
 /// named, but its digest is not quoted.
 fn checkpoint_error(dir: &Path, err: hir_model::ModelError) -> GeneratorError {
     match err {
-        hir_model::ModelError::ChecksumMismatch { path, .. } => {
+        hir_model::ModelError::ChecksumMismatch {
+            path, algorithm, ..
+        } => {
             let name = path.strip_prefix(dir).unwrap_or(&path);
             GeneratorError::Checkpoint(format!(
-                "{} does not match its SHA-256 in {MANIFEST}",
+                "{} does not match its {algorithm} in {MANIFEST}",
                 name.display()
             ))
         }

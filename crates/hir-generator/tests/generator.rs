@@ -1007,13 +1007,17 @@ fn copy_folder(from: &Path, to: &Path) {
     }
 }
 
-/// Adds `entries` (name, digest) to `dir/manifest.json`; returns the manifest's new SHA-256.
+/// Adds `entries` (name, SHA-256) to `dir/manifest.json`, dropping any BLAKE3 it had for
+/// those names (so the file is checked by the SHA-256); returns the manifest's new SHA-256.
 fn add_to_manifest(dir: &Path, entries: &[(&str, &str)]) -> String {
     let path = dir.join("manifest.json");
     let mut manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     for (name, digest) in entries {
         manifest["files"][*name] = serde_json::Value::from(*digest);
+        if let Some(b3) = manifest.get_mut("blake3").and_then(|v| v.as_object_mut()) {
+            b3.remove(*name);
+        }
     }
     let bytes = serde_json::to_vec_pretty(&manifest).unwrap();
     std::fs::write(&path, &bytes).unwrap();

@@ -1,5 +1,6 @@
 //! The checkpoint format: Hugging Face layout (`config.json`, `model.safetensors`,
-//! `tokenizer.json`) plus a `manifest.json` with the sha256 of every file. Writing a
+//! `tokenizer.json`) plus a `manifest.json` with the sha256 of every file and the BLAKE3 of
+//! the weight files, which loading checks them against. Writing a
 //! folder ([`write_folder`]) and checking one ([`verify`]): each architecture's `save`
 //! writes through the former, hashing the weights as they are written; loading a folder
 //! that has a manifest checks its small files with the latter and its weight files while
@@ -8,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use hir_core::digest::Expected;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -22,10 +24,26 @@ pub struct Manifest {
     pub version: u32,
     /// sha256 of each file of the checkpoint, by file name.
     pub files: BTreeMap<String, String>,
+    /// BLAKE3 of the weight files (`*.safetensors`), by file name: what loading checks them
+    /// against while it reads them, several times faster than SHA-256. A file without one
+    /// (a manifest written before, or by hand) is checked against its SHA-256.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub blake3: BTreeMap<String, String>,
     /// For an adapter ([`crate::lora`]): the digest of the base model it was trained on
     /// ([`model_digest`]); it may only be applied to that model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_model_sha256: Option<String>,
+}
+
+impl Manifest {
+    /// The digest a listed file is checked against when it is read: its BLAKE3 if the
+    /// manifest has one, else its SHA-256; `None` if the file is not listed.
+    pub fn expected(&self, name: &str) -> Option<Expected<'_>> {
+        match self.blake3.get(name) {
+            Some(b3) if self.files.contains_key(name) => Some(Expected::Blake3(b3)),
+            _ => self.files.get(name).map(|s| Expected::Sha256(s)),
+        }
+    }
 }
 
 /// The identity of a model as generators and adapters name it: the SHA-256 of a GGUF file,
@@ -90,6 +108,7 @@ pub(crate) fn verify_except(dir: &Path, skip: impl Fn(&str) -> bool) -> Result<M
         if &got != want {
             return Err(ModelError::ChecksumMismatch {
                 path: p,
+                algorithm: "SHA-256",
                 expected: want.clone(),
                 actual: got,
             });
@@ -146,7 +165,11 @@ pub fn write_folder(
         )?;
     }
     // The weights were hashed as they were written; the small files are read back.
-    let mut files = BTreeMap::from([("model.safetensors".to_string(), weights)]);
+    let mut files = BTreeMap::from([("model.safetensors".to_string(), weights.sha256)]);
+    let blake3 = weights
+        .blake3
+        .map(|b3| BTreeMap::from([("model.safetensors".to_string(), b3)]))
+        .unwrap_or_default();
     for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         let p = dir.join(name);
         if p.is_file() {
@@ -156,6 +179,7 @@ pub fn write_folder(
     let m = Manifest {
         version: 1,
         files,
+        blake3,
         base_model_sha256: None,
     };
     write_manifest(dir, &m)?;

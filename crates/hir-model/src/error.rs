@@ -77,13 +77,15 @@ pub enum ModelError {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     /// A checkpoint file does not match its manifest.
-    #[error("{path}: sha256 {actual} does not match manifest {expected}")]
+    #[error("{path}: {algorithm} {actual} does not match manifest {expected}")]
     ChecksumMismatch {
         /// The file.
         path: PathBuf,
-        /// The sha256 in `manifest.json`.
+        /// The digest's algorithm (`SHA-256`, `BLAKE3`).
+        algorithm: &'static str,
+        /// The digest in `manifest.json`.
         expected: String,
-        /// The sha256 of the file on disk.
+        /// The digest of the file on disk.
         actual: String,
     },
     /// A request (generation, training batch) is malformed.

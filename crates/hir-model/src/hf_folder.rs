@@ -107,7 +107,7 @@ impl HfFolder {
                 .unwrap_or(file)
                 .to_string_lossy()
                 .into_owned();
-            let want = manifest.files.get(&name).ok_or_else(|| {
+            let want = manifest.expected(&name).ok_or_else(|| {
                 ModelError::InvalidConfig(format!(
                     "{}: the weight file {name} is not in the manifest",
                     self.dir.display()

@@ -366,7 +366,7 @@ impl Adapter {
             .map_err(|e| invalid(ADAPTER_CONFIG, format!("is not a PEFT LoRA config: {e}")))?;
         let config = peft.lora_config()?;
         let weights = dir.join(ADAPTER_WEIGHTS);
-        let want = manifest.files.get(ADAPTER_WEIGHTS).ok_or_else(|| {
+        let want = manifest.expected(ADAPTER_WEIGHTS).ok_or_else(|| {
             invalid(
                 MANIFEST,
                 format!("does not list {ADAPTER_WEIGHTS}; the adapter cannot be verified"),
@@ -537,11 +537,15 @@ pub fn write_adapter(
             ADAPTER_CONFIG.to_string(),
             checkpoint::sha256_file(&cfg_path)?,
         ),
-        (ADAPTER_WEIGHTS.to_string(), weights),
+        (ADAPTER_WEIGHTS.to_string(), weights.sha256),
     ]);
     let m = Manifest {
         version: 1,
         files,
+        blake3: weights
+            .blake3
+            .map(|b3| BTreeMap::from([(ADAPTER_WEIGHTS.to_string(), b3)]))
+            .unwrap_or_default(),
         base_model_sha256: Some(base_model_sha256.to_string()),
     };
     checkpoint::write_manifest(dir, &m)?;

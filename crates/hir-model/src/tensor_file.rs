@@ -1,9 +1,10 @@
 //! Safetensors files streamed one tensor at a time and hashed on the way.
 //!
 //! [`write`] never assembles a file in memory (each tensor's bytes are produced when they
-//! are written) and returns the file's SHA-256 without reading it back. [`read_verified`]
-//! reads a file once, front to back, hashing as it goes, into tensors, and keeps them only
-//! if the digest is the expected one: the check and the load are one pass over the bytes.
+//! are written) and returns the file's SHA-256 and BLAKE3 without reading it back.
+//! [`read_verified`] reads a file once, front to back, hashing as it goes, into tensors, and
+//! keeps them only if the digest is the expected one: the check and the load are one pass
+//! over the bytes.
 //!
 //! The format is safetensors': an 8-byte little-endian header length, a JSON header
 //! naming each tensor's dtype, shape and byte range, then the data, little-endian.
@@ -14,7 +15,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use hir_core::digest::HashingWriter;
+use hir_core::digest::{Digests, Expected, HashingWriter};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -87,8 +88,8 @@ fn dtype_of(name: &str) -> Option<DType> {
 }
 
 /// Writes `entries` (names sorted; data in that order) to `path` and returns the file's
-/// SHA-256, computed as it was written. The file is flushed to disk.
-pub fn write(path: &Path, mut entries: Vec<(String, Entry<'_>)>) -> Result<String> {
+/// SHA-256 and BLAKE3, computed as it was written. The file is flushed to disk.
+pub fn write(path: &Path, mut entries: Vec<(String, Entry<'_>)>) -> Result<Digests> {
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let mut header = BTreeMap::new();
     let mut at = 0u64;
@@ -109,28 +110,29 @@ pub fn write(path: &Path, mut entries: Vec<(String, Entry<'_>)>) -> Result<Strin
     json.resize(json.len().next_multiple_of(8), b' ');
     let io = |e| ModelError::io(path, e);
     let file = std::fs::File::create(path).map_err(io)?;
-    let mut out = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+    let mut out = HashingWriter::with_blake3(BufWriter::with_capacity(1 << 20, file));
     out.write_all(&(json.len() as u64).to_le_bytes())
         .map_err(io)?;
     out.write_all(&json).map_err(io)?;
     for (_, e) in &entries {
         out.write_all(&e.bytes()).map_err(io)?;
     }
-    let (writer, digest) = out.finish();
+    let (writer, digests) = out.finish();
     let file = writer.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
-    Ok(digest)
+    Ok(digests)
 }
 
 /// Reads the safetensors file at `path` in one pass, hashing it, and returns its tensors
-/// (on `device`) if its SHA-256 is `expected`. A file that is truncated, malformed, or
+/// (on `device`) if its digest is `expected`. A file that is truncated, malformed, or
 /// differs from its digest is an error and nothing of it is kept.
 ///
 /// Reading and hashing overlap: each block read is handed to a second thread that hashes
-/// it while the next is read, so the pass costs about the longer of the two, not their sum.
+/// it while the next is read, so the pass costs about the longer of the two, not their sum
+/// (with a BLAKE3, the read).
 pub fn read_verified(
     path: &Path,
-    expected: &str,
+    expected: Expected<'_>,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
     let io = |e| ModelError::io(path, e);
@@ -190,14 +192,13 @@ pub fn read_verified(
     let (read, (actual, blocks)) = std::thread::scope(|scope| {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Hashed>(2);
         let hasher = scope.spawn(move || {
-            let mut h = HashingWriter::new(std::io::sink());
+            let mut h = expected.hasher();
             let mut blocks = Vec::new();
             for item in rx {
-                // Writing to a sink cannot fail.
-                let _ = h.write_all(item.2.bytes());
+                h.update(item.2.bytes());
                 blocks.push(item);
             }
-            (h.finish().1, blocks)
+            (h.finish(), blocks)
         });
         let read = (|| -> Result<()> {
             let send = |item| {
@@ -230,10 +231,11 @@ pub fn read_verified(
         (read, hashed)
     });
     read?;
-    if actual != expected {
+    if actual != expected.hex() {
         return Err(ModelError::ChecksumMismatch {
             path: path.to_path_buf(),
-            expected: expected.to_string(),
+            algorithm: expected.algorithm(),
+            expected: expected.hex().to_string(),
             actual,
         });
     }
@@ -292,7 +294,7 @@ mod tests {
             .to_dtype(DType::BF16)
             .unwrap();
         let moments = [0.25f32, 0.5, 0.75];
-        let digest = write(
+        let digests = write(
             &path,
             vec![
                 ("b".into(), Entry::Tensor(b.clone())),
@@ -301,7 +303,11 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(digest, hir_core::digest::sha256_file(&path).unwrap());
+        // Both digests are those of the file as it lies on disk.
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(digests.sha256, hir_core::digest::sha256_hex(&on_disk));
+        let b3 = hir_core::digest::blake3_hex(&on_disk);
+        assert_eq!(digests.blake3.as_deref(), Some(b3.as_str()));
         // The reference reader takes it.
         let theirs = candle_core::safetensors::load(&path, &dev).unwrap();
         assert_eq!(
@@ -309,8 +315,11 @@ mod tests {
             a.to_vec2::<f32>().unwrap()
         );
         assert_eq!(theirs["m"].to_vec1::<f32>().unwrap(), moments);
-        let ours = read_verified(&path, &digest, &dev).unwrap();
+        // Read back checked against either digest.
+        let by_sha = read_verified(&path, Expected::Sha256(&digests.sha256), &dev).unwrap();
+        let ours = read_verified(&path, Expected::Blake3(&b3), &dev).unwrap();
         assert_eq!(ours.len(), 3);
+        assert_eq!(by_sha.len(), 3);
         assert_eq!(
             ours["a"].to_vec2::<f32>().unwrap(),
             a.to_vec2::<f32>().unwrap()
@@ -329,7 +338,7 @@ mod tests {
             .unwrap();
         let d = hir_core::digest::sha256_file(&other).unwrap();
         assert_eq!(
-            read_verified(&other, &d, &dev).unwrap()["a"].dims(),
+            read_verified(&other, Expected::Sha256(&d), &dev).unwrap()["a"].dims(),
             &[2, 3]
         );
         std::fs::remove_dir_all(&dir).unwrap();
@@ -341,7 +350,7 @@ mod tests {
         let dir = scratch("refused");
         let path = dir.join("t.safetensors");
         let values = vec![1f32; 1000];
-        let digest = write(
+        let digests = write(
             &path,
             vec![(
                 "w".into(),
@@ -349,27 +358,36 @@ mod tests {
             )],
         )
         .unwrap();
+        let b3 = digests.blake3.unwrap();
+        let digest = Expected::Blake3(&b3);
         let bytes = std::fs::read(&path).unwrap();
 
         let mut flipped = bytes.clone();
         *flipped.last_mut().unwrap() ^= 1;
         std::fs::write(&path, &flipped).unwrap();
-        let err = read_verified(&path, &digest, &dev).unwrap_err();
-        assert!(matches!(err, ModelError::ChecksumMismatch { .. }), "{err}");
+        for expected in [digest, Expected::Sha256(&digests.sha256)] {
+            let err = read_verified(&path, expected, &dev).unwrap_err();
+            match err {
+                ModelError::ChecksumMismatch { algorithm, .. } => {
+                    assert_eq!(algorithm, expected.algorithm())
+                }
+                other => panic!("expected a checksum mismatch, got {other}"),
+            }
+        }
 
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
-        assert!(read_verified(&path, &digest, &dev).is_err());
+        assert!(read_verified(&path, digest, &dev).is_err());
 
         let mut longer = bytes.clone();
         longer.extend_from_slice(&[0; 8]);
         std::fs::write(&path, &longer).unwrap();
-        let err = read_verified(&path, &digest, &dev).unwrap_err();
+        let err = read_verified(&path, digest, &dev).unwrap_err();
         assert!(err.to_string().contains("after the last tensor"), "{err}");
 
         let mut huge = bytes.clone();
         huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
         std::fs::write(&path, &huge).unwrap();
-        assert!(read_verified(&path, &digest, &dev).is_err());
+        assert!(read_verified(&path, digest, &dev).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

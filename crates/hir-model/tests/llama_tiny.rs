@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
@@ -417,13 +418,33 @@ fn checkpoints_reload_bit_exactly_and_refuse_corruption() {
     let mut bytes = std::fs::read(&st).unwrap();
     let n = bytes.len();
     bytes[n - 1] ^= 0x01;
-    std::fs::write(&st, bytes).unwrap();
-    match LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::F32)) {
-        Err(ModelError::ChecksumMismatch { path, .. }) => {
-            assert!(path.ends_with("model.safetensors"))
-        }
-        other => panic!("expected ChecksumMismatch, got {other:?}"),
-    }
+    std::fs::write(&st, &bytes).unwrap();
+    let refusal =
+        |dir: &Path| match LoadedModel::load(dir, &Device::Cpu, WeightMode::Dense(DType::F32)) {
+            Err(ModelError::ChecksumMismatch {
+                path, algorithm, ..
+            }) => {
+                assert!(path.ends_with("model.safetensors"));
+                algorithm
+            }
+            other => panic!("expected ChecksumMismatch, got {other:?}"),
+        };
+    // Checked against the weights' BLAKE3, which the manifest records beside the SHA-256.
+    assert_eq!(refusal(&dir), "BLAKE3");
+    // A manifest without BLAKE3 digests (as written before them) is checked by SHA-256: it
+    // still refuses the flipped byte, and still loads the intact file.
+    let mp = dir.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
+    assert_eq!(
+        m["blake3"]["model.safetensors"].as_str(),
+        manifest.blake3.get("model.safetensors").map(String::as_str)
+    );
+    m.as_object_mut().unwrap().remove("blake3");
+    std::fs::write(&mp, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    assert_eq!(refusal(&dir), "SHA-256");
+    bytes[n - 1] ^= 0x01;
+    std::fs::write(&st, &bytes).unwrap();
+    LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap();
 }
 
 #[test]

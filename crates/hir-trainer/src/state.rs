@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use hir_core::digest::Expected;
 use hir_core::run::RunConfig;
 use hir_model::lora::LoraConfig;
 use hir_model::loss::HirLossConfig;
@@ -236,7 +237,7 @@ impl TrainState {
         let trainer_sha = hir_model::checkpoint::sha256_file(&tmp.join("trainer.json"))?;
         let files = BTreeMap::from([
             ("manifest.json".to_string(), manifest_sha),
-            ("optimizer.safetensors".to_string(), optimizer),
+            ("optimizer.safetensors".to_string(), optimizer.sha256),
             ("trainer.json".to_string(), trainer_sha),
         ]);
         let snapshot = tmp.join("snapshot.json");
@@ -294,15 +295,16 @@ impl TrainState {
                 snapshot.display()
             ))
         })?;
-        let mut saved = match tensor_file::read_verified(&opt_path, want, &Device::Cpu) {
-            Err(ModelError::ChecksumMismatch { actual, .. }) => {
-                return Err(TrainerError::FailedPrecondition(format!(
-                    "{}: SHA-256 {actual}, the snapshot lists {want}; it is corrupt",
-                    opt_path.display()
-                )))
-            }
-            other => other?,
-        };
+        let mut saved =
+            match tensor_file::read_verified(&opt_path, Expected::Sha256(want), &Device::Cpu) {
+                Err(ModelError::ChecksumMismatch { actual, .. }) => {
+                    return Err(TrainerError::FailedPrecondition(format!(
+                        "{}: SHA-256 {actual}, the snapshot lists {want}; it is corrupt",
+                        opt_path.display()
+                    )))
+                }
+                other => other?,
+            };
         let moments = state
             .model
             .vars()
