@@ -273,7 +273,14 @@ impl LoadedModel {
         resume: Option<&Path>,
         seed: u64,
     ) -> Result<Self> {
-        let mut loaded = Self::load(path, device, WeightMode::Dense(dtype))?;
+        // The base is frozen: in f32, its quantized matrices stay as the file has them and
+        // are dequantized as they are used (the same values, a fraction of the memory).
+        let mode = if dtype == candle_core::DType::F32 {
+            WeightMode::DequantizeOnUse
+        } else {
+            WeightMode::Dense(dtype)
+        };
+        let mut loaded = Self::load(path, device, mode)?;
         let AnyModel::Llama(model) = &mut loaded.model else {
             return Err(ModelError::InvalidAdapter {
                 field: "lora_rank".into(),

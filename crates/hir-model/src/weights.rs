@@ -168,6 +168,13 @@ pub enum WeightMode {
     /// Keep quantized matrices in their GGUF type, even where candle has no
     /// fast CPU kernel, and no dense copy (for comparisons).
     QuantizedAsIs,
+    /// Frozen weights with the values of `Dense(F32)` in the memory of the source's
+    /// quantization: quantized matrices stay in their GGUF type and are dequantized to f32
+    /// each time they are used (the very values `Dense(F32)` holds, so results are
+    /// bit-identical), everything else is dense f32. For training adapters over a frozen
+    /// base (LoRA): a product costs a dequantization more, the base a fraction of its f32
+    /// size. Dense sources (safetensors folders) load as `Dense(F32)`.
+    DequantizeOnUse,
 }
 
 impl WeightMode {
@@ -175,7 +182,9 @@ impl WeightMode {
     pub fn dtype(&self) -> DType {
         match self {
             WeightMode::Dense(d) | WeightMode::Trainable(d) => *d,
-            WeightMode::Quantized | WeightMode::QuantizedAsIs => DType::F32,
+            WeightMode::Quantized | WeightMode::QuantizedAsIs | WeightMode::DequantizeOnUse => {
+                DType::F32
+            }
         }
     }
 
@@ -353,6 +362,7 @@ impl Weights {
                 )?;
                 WeightMatrix::quantized(Arc::new(q), self.mode == WeightMode::Quantized)
             }
+            (Param::Quant(q), WeightMode::DequantizeOnUse) => Ok(WeightMatrix::OnUse(q)),
             (Param::Quant(q), _) => {
                 let t = q.dequantize(&self.device)?;
                 Ok(WeightMatrix::Dense(self.finish_dense(name, t)?))
@@ -398,6 +408,9 @@ pub enum WeightMatrix {
     /// Quantized `[out, in]`, with the same values dequantized to f32 for products of
     /// [`DENSE_ROWS`] rows or more, when kept.
     Quant(QMatMul, Option<Tensor>),
+    /// Quantized `[out, in]`, dequantized to f32 for each product
+    /// ([`WeightMode::DequantizeOnUse`]).
+    OnUse(Arc<QTensor>),
 }
 
 impl WeightMatrix {
@@ -467,6 +480,7 @@ impl Linear {
             WeightMatrix::Quant(QMatMul::Tensor(t) | QMatMul::TensorF16(t), None) => {
                 t.dims().to_vec()
             }
+            WeightMatrix::OnUse(q) => q.shape().dims().to_vec(),
         };
         (d[0], d.get(1).copied().unwrap_or(1))
     }
@@ -489,6 +503,7 @@ impl Linear {
             WeightMatrix::Quant(q, d) => {
                 WeightMatrix::Quant(q.clone(), d.as_ref().map(Tensor::detach))
             }
+            WeightMatrix::OnUse(q) => WeightMatrix::OnUse(Arc::clone(q)),
         };
         Self {
             weight,
@@ -510,7 +525,7 @@ impl Linear {
     pub fn dense_weight(&self) -> Option<&Tensor> {
         match &self.weight {
             WeightMatrix::Dense(t) => Some(t),
-            WeightMatrix::Quant(..) => None,
+            WeightMatrix::Quant(..) | WeightMatrix::OnUse(_) => None,
         }
     }
 }
@@ -522,6 +537,7 @@ impl Module for Linear {
             WeightMatrix::Dense(w) => dense_product(x, w)?,
             WeightMatrix::Quant(_, Some(w)) if rows >= DENSE_ROWS => dense_product(x, w)?,
             WeightMatrix::Quant(q, _) => q.forward(&x.contiguous()?)?,
+            WeightMatrix::OnUse(q) => dense_product(x, &q.dequantize(&q.device())?)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,

@@ -295,3 +295,71 @@ fn a_lora_adapter_trained_on_the_gguf_serves_beside_the_quantized_weights() {
     ]);
     candle_core::safetensors::save(&out, dir.join("expected.safetensors")).unwrap();
 }
+
+#[test]
+fn a_frozen_base_dequantized_on_use_trains_adapters_bit_for_bit_as_the_dense_base() {
+    // What a LoRA run on the CPU holds: the GGUF's matrices as the file has them,
+    // dequantized for each product, against the same base dequantized once at load.
+    let cfg = hir_model::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").unwrap();
+    let llama = |mode| match load(mode).into_model() {
+        hir_model::AnyModel::Llama(m) => m,
+        hir_model::AnyModel::T5(_) => unreachable!("SmolLM2 is a Llama"),
+    };
+    let mut on_use = llama(WeightMode::DequantizeOnUse);
+    let mut dense = llama(WeightMode::Dense(DType::F32));
+    let held = |m: &mut hir_model::llama::Model| {
+        m.layer_linears_mut()
+            .iter()
+            .filter(|(_, l)| l.dense_weight().is_some())
+            .count()
+    };
+    // All but q_proj and k_proj, which the GGUF reader un-permutes into dense tensors.
+    assert_eq!(
+        held(&mut on_use),
+        30 * 2,
+        "the other matrices stay quantized"
+    );
+    assert_eq!(held(&mut dense), 30 * 7);
+
+    let tokenizer = load(WeightMode::QuantizedAsIs);
+    let ex = vec![Example {
+        prompt: tokenizer.encode(PROMPTS[1]).unwrap(),
+        completion: tokenizer.encode(" (C) Claire<|im_end|>").unwrap(),
+    }];
+    let batch = TrainBatch::new(&ex, tokenizer.pad_token_id(), &Device::Cpu).unwrap();
+    let run = |m: &mut hir_model::llama::Model| {
+        let vars = hir_model::lora::attach_trainable(m, &cfg, None, 3).unwrap();
+        // B away from zero, so that A's gradients are not zero too.
+        for (name, var) in &vars {
+            if name.ends_with("lora_B.weight") {
+                let w = hir_model::weights::RandomSource::new(2, 0.01)
+                    .tensor(name, var.dims(), &Device::Cpu)
+                    .unwrap();
+                var.set(&w).unwrap();
+            }
+        }
+        let loss = hir_model::train::lm_loss(&*m, &batch, 0.1).unwrap();
+        let grads = loss.backward().unwrap();
+        let grads: Vec<Vec<f32>> = vars
+            .iter()
+            .map(|(_, v)| {
+                grads
+                    .get(v.as_tensor())
+                    .expect("every adapter has a gradient")
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            })
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), grads)
+    };
+    let (loss_a, grads_a) = run(&mut on_use);
+    let (loss_b, grads_b) = run(&mut dense);
+    assert_eq!(loss_a.to_bits(), loss_b.to_bits(), "{loss_a} vs {loss_b}");
+    assert_eq!(grads_a.len(), 30 * 2 * 2);
+    for (a, b) in grads_a.iter().zip(&grads_b) {
+        assert!(a.iter().any(|g| *g != 0.0));
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+}
