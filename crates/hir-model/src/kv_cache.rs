@@ -6,8 +6,11 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 
-/// Extra positions allocated whenever a layer cache grows.
-const CACHE_CHUNK: usize = 128;
+/// Extra positions allocated whenever a layer cache is built or grows (a cache that fills
+/// up grows by at least half its length, so long generations copy it rarely). Sampling for
+/// HIR asks for few new tokens (16–32 on the CPU): a larger margin would be memory that
+/// every sequence of a batch holds and never uses.
+const CACHE_CHUNK: usize = 32;
 
 /// One layer's keys and values in preallocated buffers
 /// `[B, kv_heads, capacity, head_dim]`, of which the first `len` positions are used.
