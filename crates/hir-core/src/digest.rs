@@ -48,8 +48,8 @@ pub struct Digests {
 #[derive(Debug)]
 pub struct HashingWriter<W> {
     inner: W,
-    sha256: Sha256,
-    blake3: Option<Box<blake3::Hasher>>,
+    sha256: Hasher,
+    blake3: Option<Hasher>,
 }
 
 impl<W: Write> HashingWriter<W> {
@@ -57,7 +57,7 @@ impl<W: Write> HashingWriter<W> {
     pub fn new(inner: W) -> Self {
         Self {
             inner,
-            sha256: Sha256::new(),
+            sha256: Hasher::sha256(),
             blake3: None,
         }
     }
@@ -65,7 +65,7 @@ impl<W: Write> HashingWriter<W> {
     /// Computes the SHA-256 and the BLAKE3 of what is written to `inner`.
     pub fn with_blake3(inner: W) -> Self {
         Self {
-            blake3: Some(Box::default()),
+            blake3: Some(Hasher::blake3()),
             ..Self::new(inner)
         }
     }
@@ -73,8 +73,8 @@ impl<W: Write> HashingWriter<W> {
     /// The writer and the digests of everything written.
     pub fn finish(self) -> (W, Digests) {
         let digests = Digests {
-            sha256: hex(&self.sha256.finalize()),
-            blake3: self.blake3.map(|h| h.finalize().to_hex().to_string()),
+            sha256: self.sha256.finish(),
+            blake3: self.blake3.map(Hasher::finish),
         };
         (self.inner, digests)
     }
@@ -123,8 +123,8 @@ impl<'a> Expected<'a> {
     /// A hasher of this digest's algorithm.
     pub fn hasher(&self) -> Hasher {
         match self {
-            Expected::Sha256(_) => Hasher::Sha256(Sha256::new()),
-            Expected::Blake3(_) => Hasher::Blake3(Box::default()),
+            Expected::Sha256(_) => Hasher::sha256(),
+            Expected::Blake3(_) => Hasher::blake3(),
         }
     }
 }
@@ -139,6 +139,16 @@ pub enum Hasher {
 }
 
 impl Hasher {
+    /// A new SHA-256.
+    pub fn sha256() -> Self {
+        Hasher::Sha256(Sha256::new())
+    }
+
+    /// A new BLAKE3.
+    pub fn blake3() -> Self {
+        Hasher::Blake3(Box::default())
+    }
+
     /// Hashes `bytes`.
     pub fn update(&mut self, bytes: &[u8]) {
         match self {

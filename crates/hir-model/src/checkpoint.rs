@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use hir_core::digest::Expected;
+use hir_core::digest::{Digests, Expected};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ModelError, Result};
@@ -36,6 +36,24 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// A manifest listing the weight file `name` with its `digests` (as
+    /// [`crate::tensor_file::write`] returns them); the caller adds the other files.
+    pub(crate) fn for_weights(
+        name: &str,
+        digests: Digests,
+        base_model_sha256: Option<String>,
+    ) -> Self {
+        Self {
+            version: 1,
+            files: BTreeMap::from([(name.to_string(), digests.sha256)]),
+            blake3: digests
+                .blake3
+                .map(|b3| BTreeMap::from([(name.to_string(), b3)]))
+                .unwrap_or_default(),
+            base_model_sha256,
+        }
+    }
+
     /// The digest a listed file is checked against when it is read: its BLAKE3 if the
     /// manifest has one, else its SHA-256; `None` if the file is not listed.
     pub fn expected(&self, name: &str) -> Option<Expected<'_>> {
@@ -165,23 +183,13 @@ pub fn write_folder(
         )?;
     }
     // The weights were hashed as they were written; the small files are read back.
-    let mut files = BTreeMap::from([("model.safetensors".to_string(), weights.sha256)]);
-    let blake3 = weights
-        .blake3
-        .map(|b3| BTreeMap::from([("model.safetensors".to_string(), b3)]))
-        .unwrap_or_default();
+    let mut m = Manifest::for_weights("model.safetensors", weights, None);
     for name in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         let p = dir.join(name);
         if p.is_file() {
-            files.insert(name.to_string(), sha256_file(&p)?);
+            m.files.insert(name.to_string(), sha256_file(&p)?);
         }
     }
-    let m = Manifest {
-        version: 1,
-        files,
-        blake3,
-        base_model_sha256: None,
-    };
     write_manifest(dir, &m)?;
     Ok(m)
 }

@@ -532,22 +532,15 @@ pub fn write_adapter(
         })
         .collect::<Result<Vec<_>>>()?;
     let weights = tensor_file::write(&dir.join(ADAPTER_WEIGHTS), entries)?;
-    let files = BTreeMap::from([
-        (
-            ADAPTER_CONFIG.to_string(),
-            checkpoint::sha256_file(&cfg_path)?,
-        ),
-        (ADAPTER_WEIGHTS.to_string(), weights.sha256),
-    ]);
-    let m = Manifest {
-        version: 1,
-        files,
-        blake3: weights
-            .blake3
-            .map(|b3| BTreeMap::from([(ADAPTER_WEIGHTS.to_string(), b3)]))
-            .unwrap_or_default(),
-        base_model_sha256: Some(base_model_sha256.to_string()),
-    };
+    let mut m = Manifest::for_weights(
+        ADAPTER_WEIGHTS,
+        weights,
+        Some(base_model_sha256.to_string()),
+    );
+    m.files.insert(
+        ADAPTER_CONFIG.to_string(),
+        checkpoint::sha256_file(&cfg_path)?,
+    );
     checkpoint::write_manifest(dir, &m)?;
     Ok(m)
 }
