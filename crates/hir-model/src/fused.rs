@@ -11,36 +11,30 @@
 //! primitive ops elsewhere (bf16 on a GPU), with the same maths. Tests check each
 //! kernel's values and gradients against the primitive-op graph.
 
+use std::sync::Mutex;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
+
+use crate::cpu_gemm::{for_each_row_block, threads};
 
 /// Whether the kernels here can take `t`: f32 on the CPU.
 pub fn applies(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
 }
 
-/// Values per parallel task: enough work to amortise scheduling.
-const PER_TASK: usize = 16384;
-
-/// Rows per parallel task.
-fn rows_per_task(width: usize) -> usize {
-    (PER_TASK / width.max(1)).max(1)
-}
-
-/// Fills `out` row by row, `width` values a row, rows in parallel: `f(row index, row)`.
+/// Fills `out` row by row, `width` values a row, one block of rows per thread of candle's
+/// CPU pool (the threads its own element-wise kernels and [`crate::cpu_gemm`]'s products
+/// run on): `f(row index, row)`.
 fn par_rows(out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
-    let chunk = rows_per_task(width);
-    out.par_chunks_mut(chunk * width)
-        .enumerate()
-        .for_each(|(c, rows)| {
-            for (i, row) in rows.chunks_mut(width).enumerate() {
-                f(c * chunk + i, row);
-            }
-        });
+    for_each_row_block(out, &mut [], width, |_, first, block, _| {
+        for (i, row) in block.chunks_mut(width).enumerate() {
+            f(first + i, row);
+        }
+    });
 }
 
 /// The contiguous f32 values of a CPU tensor, read in place.
-fn with_values<R>(
+pub(crate) fn with_values<R>(
     t: &Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
@@ -56,7 +50,7 @@ fn with_values<R>(
 }
 
 /// The contiguous f32 values of a kernel's input.
-fn input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let (start, end) = l
         .contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg("fused kernels take contiguous inputs".into()))?;
@@ -209,38 +203,35 @@ impl CustomOp2 for RmsNorm {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // With r = 1/rms(x) and u = g ⊙ w:  dx = r·u − x·r³·mean(u ⊙ x),  dw = Σ_rows g ⊙ x·r.
+        // Each thread sums `dw` over its own rows; the sums are added in thread order, so
+        // the result does not depend on timing.
         let h = w.elem_count();
-        let chunk = rows_per_task(h);
         let (dx, dw) = with_values(x, |x| {
             with_values(w, |w| {
                 with_values(g, |g| {
                     let mut dx = vec![0f32; x.len()];
-                    let dw = dx
-                        .par_chunks_mut(chunk * h)
-                        .enumerate()
-                        .map(|(c, out)| {
-                            let mut dw = vec![0f32; h];
-                            for (i, row) in out.chunks_mut(h).enumerate() {
-                                let r = c * chunk + i;
-                                let (xs, gs) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
-                                let inv = self.inv_rms(xs);
-                                let mean_ux =
-                                    (0..h).map(|j| gs[j] * w[j] * xs[j]).sum::<f32>() / h as f32;
-                                let k = inv * inv * inv * mean_ux;
-                                for j in 0..h {
-                                    row[j] = inv * gs[j] * w[j] - xs[j] * k;
-                                    dw[j] += gs[j] * xs[j] * inv;
-                                }
+                    let partial: Vec<Mutex<Vec<f32>>> =
+                        (0..threads()).map(|_| Mutex::new(vec![0f32; h])).collect();
+                    for_each_row_block(&mut dx, &mut [], h, |tid, first, block, _| {
+                        let mut dw = partial[tid].lock().unwrap_or_else(|p| p.into_inner());
+                        for (i, row) in block.chunks_mut(h).enumerate() {
+                            let r = first + i;
+                            let (xs, gs) = (&x[r * h..(r + 1) * h], &g[r * h..(r + 1) * h]);
+                            let inv = self.inv_rms(xs);
+                            let mean_ux =
+                                (0..h).map(|j| gs[j] * w[j] * xs[j]).sum::<f32>() / h as f32;
+                            let k = inv * inv * inv * mean_ux;
+                            for j in 0..h {
+                                row[j] = inv * gs[j] * w[j] - xs[j] * k;
+                                dw[j] += gs[j] * xs[j] * inv;
                             }
-                            dw
-                        })
-                        .reduce(
-                            || vec![0f32; h],
-                            |mut a, b| {
-                                a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                                a
-                            },
-                        );
+                        }
+                    });
+                    let mut dw = vec![0f32; h];
+                    for p in partial {
+                        let p = p.into_inner().unwrap_or_else(|p| p.into_inner());
+                        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                    }
                     Ok((dx, dw))
                 })
             })
@@ -282,8 +273,7 @@ impl CustomOp2 for SwiGlu {
             candle_core::bail!("swiglu: {:?} and {:?}", l1.shape(), l2.shape());
         }
         let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(PER_TASK).enumerate().for_each(|(c, out)| {
-            let at = c * PER_TASK;
+        for_each_row_block(&mut y, &mut [], 1, |_, at, out, _| {
             for (i, v) in out.iter_mut().enumerate() {
                 let (x, u) = (a[at + i], b[at + i]);
                 *v = x * sigmoid(x) * u;
@@ -305,18 +295,14 @@ impl CustomOp2 for SwiGlu {
                 with_values(g, |g| {
                     let mut da = vec![0f32; a.len()];
                     let mut db = vec![0f32; a.len()];
-                    da.par_chunks_mut(PER_TASK)
-                        .zip(db.par_chunks_mut(PER_TASK))
-                        .enumerate()
-                        .for_each(|(c, (da, db))| {
-                            let at = c * PER_TASK;
-                            for i in 0..da.len() {
-                                let (x, u, gr) = (a[at + i], b[at + i], g[at + i]);
-                                let s = sigmoid(x);
-                                da[i] = gr * u * s * (1.0 + x * (1.0 - s));
-                                db[i] = gr * x * s;
-                            }
-                        });
+                    for_each_row_block(&mut da, &mut db, 1, |_, at, da, db| {
+                        for i in 0..da.len() {
+                            let (x, u, gr) = (a[at + i], b[at + i], g[at + i]);
+                            let s = sigmoid(x);
+                            da[i] = gr * u * s * (1.0 + x * (1.0 - s));
+                            db[i] = gr * x * s;
+                        }
+                    });
                     Ok((da, db))
                 })
             })
@@ -394,7 +380,11 @@ mod tests {
 
     #[test]
     fn masked_softmax_matches_the_primitive_ops() {
-        let (b, h, t, tk) = (2, 3, 5, 7);
+        masked_softmax_case(2, 3, 5, 7);
+        masked_softmax_case(3, 9, 31, 67);
+    }
+
+    fn masked_softmax_case(b: usize, h: usize, t: usize, tk: usize) {
         let x = random(&[b, h * t, tk], 1);
         // A causal-style mask with a padded key in the second sequence.
         let mut m = vec![0f32; b * t * tk];
@@ -424,35 +414,42 @@ mod tests {
         );
     }
 
+    // Each kernel is checked on a small input, filled on the calling thread, and on one
+    // large enough to be split across candle's CPU threads (and not evenly).
+
     #[test]
     fn rms_norm_matches_the_primitive_ops() {
-        let x = random(&[3, 4, 16], 2);
-        let w = (random(&[16], 3) + 1.0).unwrap();
-        let eps = 1e-5;
-        check(
-            &[x, w],
-            |a| rms_norm(&a[0], &a[1], eps).unwrap(),
-            |a| {
-                let ms = a[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-                let n = a[0]
-                    .broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
-                    .unwrap();
-                n.broadcast_mul(&a[1]).unwrap()
-            },
-            &[0, 1],
-        );
+        for (shape, h) in [([3, 4, 16], 16), ([5, 41, 96], 96)] {
+            let x = random(&shape, 2);
+            let w = (random(&[h], 3) + 1.0).unwrap();
+            let eps = 1e-5;
+            check(
+                &[x, w],
+                |a| rms_norm(&a[0], &a[1], eps).unwrap(),
+                |a| {
+                    let ms = a[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                    let n = a[0]
+                        .broadcast_div(&(ms + eps).unwrap().sqrt().unwrap())
+                        .unwrap();
+                    n.broadcast_mul(&a[1]).unwrap()
+                },
+                &[0, 1],
+            );
+        }
     }
 
     #[test]
     fn swiglu_matches_the_primitive_ops() {
-        let a = random(&[2, 5, 24], 4);
-        let b = random(&[2, 5, 24], 5);
-        check(
-            &[a, b],
-            |t| swiglu(&t[0], &t[1]).unwrap(),
-            |t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
-            &[0, 1],
-        );
+        for shape in [[2, 5, 24], [3, 37, 211]] {
+            let a = random(&shape, 4);
+            let b = random(&shape, 5);
+            check(
+                &[a, b],
+                |t| swiglu(&t[0], &t[1]).unwrap(),
+                |t| (candle_nn::ops::silu(&t[0]).unwrap() * &t[1]).unwrap(),
+                &[0, 1],
+            );
+        }
     }
 
     #[test]

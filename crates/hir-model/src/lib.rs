@@ -20,6 +20,7 @@
 
 // Modules from the bottom of the dependency graph up: shared pieces, then the
 // architectures, then what drives them.
+pub mod cpu_gemm;
 pub mod error;
 pub mod fused;
 pub mod ops;

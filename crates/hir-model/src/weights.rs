@@ -450,7 +450,12 @@ pub struct Linear {
 fn dense_product(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
     let (rows, k) = (x.elem_count() / dims[dims.len() - 1], dims[dims.len() - 1]);
-    let y = x.reshape((rows, k))?.matmul(&w.t()?)?;
+    let x = x.reshape((rows, k))?;
+    let y = if crate::cpu_gemm::applies(&x, w) {
+        crate::cpu_gemm::linear(&x, w)?
+    } else {
+        x.matmul(&w.t()?)?
+    };
     let mut out = dims[..dims.len() - 1].to_vec();
     out.push(w.dim(0)?);
     y.reshape(out)

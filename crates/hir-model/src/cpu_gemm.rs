@@ -1,0 +1,377 @@
+//! Dense f32 matrix products on the CPU, split across candle's own worker threads.
+//!
+//! candle runs its element-wise kernels on a barrier pool (the calling thread plus
+//! `threads - 1` workers that spin for a while after each kernel) and its matrix products
+//! on rayon's pool (`threads` more threads, which also spin when they run out of work). A
+//! training step alternates between the two thousands of times, so on a small machine the
+//! idle threads of one pool compete for the cores with the busy threads of the other. Here
+//! a product is cut into one block of rows (or columns) per barrier-pool thread, and each
+//! thread multiplies its block with a single-threaded `gemm` call: the products and the
+//! element-wise kernels then run on the same threads, one per core.
+//!
+//! [`linear`] is `x Wᵀ` as a graph node whose backward pass uses the same products
+//! (`dx = g W`, `dW = gᵀ x`), skipping the gradient of a side that takes none (a frozen
+//! base under LoRA adapters). A block's values are those of the same `gemm` kernel over the
+//! whole product, in a split that depends only on the shapes and the thread count, so a run
+//! repeats bit for bit on the same machine.
+
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use gemm::{gemm, Parallelism};
+
+use crate::fused::{input, with_values};
+
+/// Products below this many multiply-adds run on the calling thread alone: waking the
+/// other threads costs more than they save.
+const PARALLEL_FROM: usize = 1 << 20;
+
+/// Blocks start at multiples of this many rows or columns (the kernels' register tiles
+/// divide it).
+const ALIGN: usize = 16;
+
+/// Threads a product is split across: candle's barrier pool and the calling thread.
+pub fn threads() -> usize {
+    candle_core::utils::barrier_pool().n_workers() + 1
+}
+
+/// Runs `f(thread, range)` for `threads()` contiguous ranges covering `0..n`, each start a
+/// multiple of `align`, on candle's barrier pool (the calling thread takes the last range).
+/// The split depends only on `n`, `align` and the thread count.
+pub(crate) fn for_each_range(n: usize, align: usize, f: impl Fn(usize, Range<usize>) + Sync) {
+    let t = threads();
+    let chunk = n.div_ceil(t).next_multiple_of(align.max(1)).max(1);
+    let range = |tid: usize| (tid * chunk).min(n)..((tid + 1) * chunk).min(n);
+    if t == 1 || n <= chunk {
+        f(0, 0..n);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute(|tid| {
+        let r = range(tid);
+        if !r.is_empty() {
+            f(tid, r);
+        }
+    });
+}
+
+/// A pointer that may cross to the pool's threads; each writes a disjoint part.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: the threads given a `SharedMut` write disjoint blocks of the buffer it points
+// into, and the caller waits for all of them before the buffer is used again.
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer `offset` values on (a method, so that closures capture the whole
+    /// `SharedMut` rather than its raw pointer).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Outputs smaller than this many values are filled on the calling thread alone.
+const PARALLEL_VALUES: usize = 16384;
+
+/// Splits two equally long outputs, rows of `width` values, into one block of whole rows
+/// per thread and runs `f(thread, first row, block of out1, block of out2)` on each (on
+/// the calling thread alone for small outputs). A kernel with one output passes an empty
+/// second one.
+pub(crate) fn for_each_row_block(
+    out1: &mut [f32],
+    out2: &mut [f32],
+    width: usize,
+    f: impl Fn(usize, usize, &mut [f32], &mut [f32]) + Sync,
+) {
+    let width = width.max(1);
+    let rows = out1.len() / width;
+    assert!(out2.is_empty() || out2.len() == out1.len());
+    if out1.len() < PARALLEL_VALUES {
+        f(0, 0, out1, out2);
+        return;
+    }
+    let (p1, p2, two) = (
+        SharedMut(out1.as_mut_ptr()),
+        SharedMut(out2.as_mut_ptr()),
+        !out2.is_empty(),
+    );
+    for_each_range(rows, 1, |tid, r| {
+        let (at, len) = (r.start * width, r.len() * width);
+        // SAFETY: the ranges of rows are disjoint and inside both outputs, which outlive
+        // this call; `for_each_range` returns only when every block is done.
+        let (b1, b2) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(p1.at(at), len),
+                if two {
+                    std::slice::from_raw_parts_mut(p2.at(at), len)
+                } else {
+                    &mut []
+                },
+            )
+        };
+        f(tid, r.start, b1, b2);
+    });
+}
+
+/// A read-only strided matrix: element `(i, j)` is at `data[offset + i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cs: usize,
+}
+
+impl<'a> View<'a> {
+    fn row_major(data: &'a [f32], cols: usize) -> Self {
+        View {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+
+    fn transposed(self) -> Self {
+        View {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+
+    /// Whether a `rows × cols` matrix fits in `data`.
+    fn holds(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `lhs · rhs` for an `m × k` `lhs` and a `k × n` `rhs`, as a row-major `m × n` vector.
+fn product(m: usize, n: usize, k: usize, lhs: View, rhs: View) -> candle_core::Result<Vec<f32>> {
+    if !lhs.holds(m, k) || !rhs.holds(k, n) {
+        candle_core::bail!("matrix product: operands smaller than {m}×{k} · {k}×{n}");
+    }
+    let mut dst: Vec<f32> = Vec::with_capacity(m * n);
+    if k == 0 {
+        dst.resize(m * n, 0.0);
+        return Ok(dst);
+    }
+    let out = SharedMut(dst.as_mut_ptr());
+    // One block: rows [r0, r1) and columns [c0, c1) of the destination.
+    let block = |rows: Range<usize>, cols: Range<usize>| {
+        // SAFETY: `holds` checked both operands' extents; the block lies inside the
+        // destination's `m × n` capacity and no other block overlaps it; `read_dst` is
+        // false, so gemm writes every element of the block without reading it.
+        unsafe {
+            gemm(
+                rows.len(),
+                cols.len(),
+                k,
+                out.at(rows.start * n + cols.start),
+                1,
+                n as isize,
+                false,
+                lhs.data.as_ptr().add(rows.start * lhs.rs),
+                lhs.cs as isize,
+                lhs.rs as isize,
+                rhs.data.as_ptr().add(cols.start * rhs.cs),
+                rhs.cs as isize,
+                rhs.rs as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::None,
+            )
+        }
+    };
+    if m * n * k < PARALLEL_FROM {
+        block(0..m, 0..n);
+    } else if m >= n {
+        for_each_range(m, ALIGN, |_, rows| block(rows, 0..n));
+    } else {
+        for_each_range(n, ALIGN, |_, cols| block(0..m, cols));
+    }
+    // SAFETY: the blocks above cover every element of the `m × n` destination.
+    unsafe { dst.set_len(m * n) };
+    Ok(dst)
+}
+
+/// Whether [`linear`] takes `x` and `w`: both f32 on the CPU.
+pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+    crate::fused::applies(x) && crate::fused::applies(w)
+}
+
+/// `x Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`, f32 on the CPU.
+pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+}
+
+struct Linear;
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((rows, k), (n, wk)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let (x, w) = (input(s1, l1)?, input(s2, l2)?);
+        if wk != k {
+            candle_core::bail!("linear: input {:?}, weight {:?}", l1.shape(), l2.shape());
+        }
+        let y = product(
+            rows,
+            n,
+            k,
+            View::row_major(x, k),
+            View::row_major(w, k).transposed(),
+        )?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let device = x.device();
+        let ((rows, n), k) = (g.dims2()?, x.dim(1)?);
+        let dx = if x.track_op() {
+            // dx = g W: [rows, out] · [out, in].
+            let dx = with_values(g, |g| {
+                with_values(w, |w| {
+                    product(rows, k, n, View::row_major(g, n), View::row_major(w, k))
+                })
+            })?;
+            Some(Tensor::from_vec(dx, x.shape(), device)?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            // dW = gᵀ x: [out, rows] · [rows, in].
+            let dw = with_values(g, |g| {
+                with_values(x, |x| {
+                    product(
+                        n,
+                        k,
+                        rows,
+                        View::row_major(g, n).transposed(),
+                        View::row_major(x, k),
+                    )
+                })
+            })?;
+            Some(Tensor::from_vec(dw, w.shape(), device)?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        crate::weights::RandomSource::new(seed, 1.0)
+            .tensor("x", shape, &Device::Cpu)
+            .unwrap()
+    }
+
+    fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        d / scale.max(1e-30)
+    }
+
+    /// `y`, `dx` and `dW` of `Σ (x Wᵀ) ⊙ probe`, from [`linear`] or from candle's matmul.
+    fn run(x: &Tensor, w: &Tensor, fused: bool) -> (Tensor, Tensor, Tensor) {
+        let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+        let y = if fused {
+            linear(xv.as_tensor(), wv.as_tensor()).unwrap()
+        } else {
+            xv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap()
+        };
+        let probe = random(y.dims(), 77);
+        let grads = (&y * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (
+            y.detach(),
+            grads.get(xv.as_tensor()).unwrap().clone(),
+            grads.get(wv.as_tensor()).unwrap().clone(),
+        )
+    }
+
+    #[test]
+    fn values_and_gradients_match_candles_matmul_on_split_and_unsplit_shapes() {
+        // Tall (split by rows), wide (split by columns, as the LM head at labelled
+        // positions), ragged sizes, and one below the parallel threshold.
+        for (i, &(rows, k, n)) in [(203, 96, 80), (24, 64, 1000), (130, 77, 131), (3, 5, 7)]
+            .iter()
+            .enumerate()
+        {
+            let x = random(&[rows, k], 10 + i as u64);
+            let w = random(&[n, k], 20 + i as u64);
+            let (y1, dx1, dw1) = run(&x, &w, true);
+            let (y2, dx2, dw2) = run(&x, &w, false);
+            assert_eq!(y1.dims(), [rows, n]);
+            for (name, a, b) in [("y", &y1, &y2), ("dx", &dx1, &dx2), ("dW", &dw1, &dw2)] {
+                let d = max_rel_diff(a, b);
+                assert!(d < 1e-5, "{rows}×{k}·{n}: {name} differs by {d} (relative)");
+            }
+        }
+    }
+
+    #[test]
+    fn repeated_products_are_bit_identical() {
+        let x = random(&[300, 128], 1);
+        let w = random(&[200, 128], 2);
+        let a = run(&x, &w, true);
+        let b = run(&x, &w, true);
+        for (p, q) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
+            let (p, q) = (
+                p.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                q.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(p.iter().zip(&q).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+    }
+
+    #[test]
+    fn a_frozen_weight_takes_no_gradient() {
+        let x = Var::from_tensor(&random(&[150, 64], 3)).unwrap();
+        let w = random(&[120, 64], 4);
+        let y = linear(x.as_tensor(), &w).unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(x.as_tensor()).is_some());
+        assert!(grads.get(&w).is_none());
+    }
+
+    #[test]
+    fn mismatched_or_strided_inputs_are_errors_not_panics() {
+        assert!(linear(&random(&[4, 8], 5), &random(&[3, 9], 6)).is_err());
+        assert!(linear(&random(&[2, 4, 8], 5), &random(&[3, 8], 6)).is_err());
+        let v = View::row_major(&[0.0; 6], 3);
+        assert!(product(3, 3, 3, v, v).is_err());
+    }
+}
