@@ -279,25 +279,12 @@ impl CustomOp2 for Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn random(shape: &[usize], seed: u64) -> Tensor {
-        crate::weights::RandomSource::new(seed, 1.0)
-            .tensor("x", shape, &Device::Cpu)
-            .unwrap()
-    }
+    use crate::fused::tests::{max_diff, random};
+    use candle_core::Var;
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
         let scale: f32 = b.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-        let d: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        d / scale.max(1e-30)
+        max_diff(a, b) / scale.max(1e-30)
     }
 
     /// `y`, `dx` and `dW` of `Σ (x Wᵀ) ⊙ probe`, from [`linear`] or from candle's matmul.

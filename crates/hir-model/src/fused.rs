@@ -315,17 +315,17 @@ impl CustomOp2 for SwiGlu {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
-    fn random(shape: &[usize], seed: u64) -> Tensor {
+    pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
         crate::weights::RandomSource::new(seed, 1.0)
             .tensor("x", shape, &Device::Cpu)
             .unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
