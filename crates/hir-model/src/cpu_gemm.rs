@@ -11,9 +11,9 @@
 //!
 //! [`linear`] is `x Wᵀ` as a graph node whose backward pass uses the same products
 //! (`dx = g W`, `dW = gᵀ x`), skipping the gradient of a side that takes none (a frozen
-//! base under LoRA adapters). A block's values are those of the same `gemm` kernel over the
-//! whole product, in a split that depends only on the shapes and the thread count, so a run
-//! repeats bit for bit on the same machine.
+//! base under LoRA adapters). Every block goes through the same `gemm` kernels, in a split
+//! that depends only on the shapes and the thread count, so a run repeats bit for bit on the
+//! same machine.
 
 use std::ops::Range;
 
@@ -113,7 +113,7 @@ pub(crate) fn for_each_row_block(
     });
 }
 
-/// A read-only strided matrix: element `(i, j)` is at `data[offset + i·rs + j·cs]`.
+/// A read-only strided matrix: element `(i, j)` is at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
 struct View<'a> {
     data: &'a [f32],
@@ -242,37 +242,30 @@ impl CustomOp2 for Linear {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let device = x.device();
         let ((rows, n), k) = (g.dims2()?, x.dim(1)?);
-        let dx = if x.track_op() {
+        let (dx, dw) = with_values(g, |g| {
+            let g = View::row_major(g, n);
             // dx = g W: [rows, out] · [out, in].
-            let dx = with_values(g, |g| {
-                with_values(w, |w| {
-                    product(rows, k, n, View::row_major(g, n), View::row_major(w, k))
-                })
-            })?;
-            Some(Tensor::from_vec(dx, x.shape(), device)?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
+            let dx = x
+                .track_op()
+                .then(|| with_values(w, |w| product(rows, k, n, g, View::row_major(w, k))))
+                .transpose()?;
             // dW = gᵀ x: [out, rows] · [rows, in].
-            let dw = with_values(g, |g| {
-                with_values(x, |x| {
-                    product(
-                        n,
-                        k,
-                        rows,
-                        View::row_major(g, n).transposed(),
-                        View::row_major(x, k),
-                    )
+            let dw = w
+                .track_op()
+                .then(|| {
+                    with_values(x, |x| {
+                        product(n, k, rows, g.transposed(), View::row_major(x, k))
+                    })
                 })
-            })?;
-            Some(Tensor::from_vec(dw, w.shape(), device)?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+                .transpose()?;
+            Ok((dx, dw))
+        })?;
+        let tensor = |v: Vec<f32>, like: &Tensor| Tensor::from_vec(v, like.shape(), like.device());
+        Ok((
+            dx.map(|v| tensor(v, x)).transpose()?,
+            dw.map(|v| tensor(v, w)).transpose()?,
+        ))
     }
 }
 
