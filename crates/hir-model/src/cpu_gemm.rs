@@ -113,6 +113,31 @@ pub(crate) fn for_each_row_block(
     });
 }
 
+/// Splits equally long outputs and an input (empty, or as long) into one contiguous block
+/// per thread (all on the calling thread when they are small) and runs
+/// `f(blocks of the outputs, block of the input)` on each: element-wise updates of large
+/// vectors. Each value is computed the same whatever the split.
+pub(crate) fn for_each_block<const M: usize>(
+    outs: [&mut [f32]; M],
+    input: &[f32],
+    f: impl Fn([&mut [f32]; M], &[f32]) + Sync,
+) {
+    let n = outs.first().map_or(input.len(), |o| o.len());
+    assert!(outs.iter().all(|o| o.len() == n) && (input.is_empty() || input.len() == n));
+    if n < PARALLEL_VALUES {
+        f(outs, input);
+        return;
+    }
+    let ptrs = outs.map(|o| SharedMut(o.as_mut_ptr()));
+    for_each_range(n, ALIGN, |_, r| {
+        // SAFETY: the ranges are disjoint and inside every output, which outlive this
+        // call; `for_each_range` returns only when every block is done.
+        let blocks =
+            ptrs.map(|p| unsafe { std::slice::from_raw_parts_mut(p.at(r.start), r.len()) });
+        f(blocks, if input.is_empty() { input } else { &input[r] });
+    });
+}
+
 /// A read-only strided matrix: element `(i, j)` is at `data[i·rs + j·cs]`.
 #[derive(Clone, Copy)]
 struct View<'a> {

@@ -49,6 +49,73 @@ pub(crate) fn with_values<R>(
     f(&cpu.as_slice::<f32>()?[start..end])
 }
 
+/// Runs `f(dst, src)` on the contiguous f32 values of `dst`, written in place, and of `src`
+/// (`None`: an empty slice), when they are contiguous f32 tensors on the CPU, `src` as many
+/// values as `dst` and in other memory; returns `Ok(false)` without calling `f` otherwise,
+/// so the caller takes its general path. Tensors sharing `dst`'s memory see the change.
+pub(crate) fn update_in_place(
+    dst: &Tensor,
+    src: Option<&Tensor>,
+    f: impl FnOnce(&mut [f32], &[f32]) + Send,
+) -> candle_core::Result<bool> {
+    let fits = |t: &Tensor| applies(t) && t.is_contiguous();
+    if !fits(dst) || src.is_some_and(|s| !fits(s) || s.elem_count() != dst.elem_count()) {
+        return Ok(false);
+    }
+    let op = InPlace(Mutex::new(Some(f)));
+    match src {
+        Some(src) => dst.inplace_op2(src, &op)?,
+        None => dst.inplace_op1(&op)?,
+    }
+    Ok(true)
+}
+
+/// The in-place op behind [`update_in_place`]; `f` runs once.
+struct InPlace<F>(Mutex<Option<F>>);
+
+impl<F: FnOnce(&mut [f32], &[f32])> InPlace<F> {
+    fn run(&self, dst: &mut CpuStorage, dl: &Layout, src: &[f32]) -> candle_core::Result<()> {
+        let CpuStorage::F32(values) = dst else {
+            candle_core::bail!("in-place update of a non-f32 tensor");
+        };
+        let (start, end) = dl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("in-place update of a strided tensor".into()))?;
+        let f = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("in-place update poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("in-place update applied twice".into()))?;
+        f(&mut values[start..end], src);
+        Ok(())
+    }
+}
+
+impl<F: FnOnce(&mut [f32], &[f32])> candle_core::InplaceOp1 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "update-in-place"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        self.run(s, l, &[])
+    }
+}
+
+impl<F: FnOnce(&mut [f32], &[f32])> candle_core::InplaceOp2 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "update-in-place"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        self.run(s1, l1, input(s2, l2)?)
+    }
+}
+
 /// The contiguous f32 values of a kernel's input.
 pub(crate) fn input<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let (start, end) = l

@@ -8,8 +8,9 @@
 //! SmolLM2 also the step with LoRA adapters (rank 8 on `q_proj` and `v_proj`) beside the
 //! frozen weights.
 //!
-//! Run: `cargo bench -p hir-trainer --bench trainer [-- --device cuda:0] [--random] [bf16] [quick]`
-//! (`bf16`: bf16 weights with f32 master copies, as the trainer trains on a GPU).
+//! Run: `cargo bench -p hir-trainer --bench trainer [-- --device cuda:0] [--random] [bf16] [quick]
+//! [trainer-only]` (`bf16`: bf16 weights with f32 master copies, as the trainer trains on a
+//! GPU; `trainer-only`: the trainer's own step alone, for comparing two builds).
 //! SmolLM2 pairs are built by the trainer's own example builder from TSO-3 prompts;
 //! `--random` uses random weights of SmolLM2's shape and random pairs of the same lengths.
 
@@ -171,7 +172,8 @@ fn smollm2(
     dtype: DType,
     steps: usize,
     random: bool,
-) -> ([Timing; 3], &'static str, Option<TorchStep>) {
+    only_trainer: bool,
+) -> (Vec<Timing>, &'static str, Option<TorchStep>) {
     let micro = 4;
     let (model, vars, pairs, pad, label) = if random {
         let w = Weights::random(1, 0.02, device, WeightMode::Trainable(dtype));
@@ -237,11 +239,11 @@ fn smollm2(
             }
         })
     };
-    let timings = [
-        run(Path::Trainer),
-        run(Path::WholeGraph),
-        run(Path::Reference),
-    ];
+    let trainer = run(Path::Trainer);
+    if only_trainer {
+        return (vec![trainer], label, None);
+    }
+    let timings = vec![trainer, run(Path::WholeGraph), run(Path::Reference)];
     let baseline = (!random && device.is_cpu()).then(|| TorchStep {
         pairs,
         pad,
@@ -451,7 +453,9 @@ fn main() {
         candle_core::utils::get_num_threads()
     );
     let random = args.iter().any(|a| a == "--random");
-    let ([ours, whole, reference], label, torch) = smollm2(&device, dtype, steps, random);
+    let only_trainer = args.iter().any(|a| a == "trainer-only");
+    let (timings, label, torch) = smollm2(&device, dtype, steps, random, only_trainer);
+    let ours = &timings[0];
     println!("SmolLM2-135M, {label} ({} tokens/step):", ours.tokens);
     println!(
         "  trainer (layer by layer, recomputed): {:.3} s/step, {:.0} tok/s, {}",
@@ -459,10 +463,16 @@ fn main() {
         ours.tps(),
         ours.memory()
     );
+    if only_trainer {
+        return;
+    }
     for (name, t) in [
-        ("whole graph, 2 forwards", &whole),
-        ("reference, whole graph, 3 forwards", &reference),
-    ] {
+        "whole graph, 2 forwards",
+        "reference, whole graph, 3 forwards",
+    ]
+    .into_iter()
+    .zip(&timings[1..])
+    {
         println!(
             "  {name}: {:.3} s/step ({:.2}x the trainer's time), {}",
             t.step_s,

@@ -1,6 +1,7 @@
 //! The Llama-family network: attention masks, RMSNorm, RoPE, grouped-query attention,
 //! the SwiGLU MLP, and [`Model`]'s forward passes with an optional KV cache.
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::Config;
@@ -435,6 +436,58 @@ impl Model {
             .reshape((b, t, self.cfg.hidden_size))?)
     }
 
+    /// The gradient of `Σ embed_tokens(ids) ⊙ upstream` at the embedding matrix, computed
+    /// directly on the CPU: each upstream row added into the row its token picked, in
+    /// token order, as candle's `index_add` (the graph's backward pass) adds them, so the
+    /// values are the same; only the picked rows of the zeroed matrix are touched. An
+    /// empty store when the embedding is not trained; `None` where the graph must do it
+    /// (a GPU, or not f32).
+    pub(crate) fn embedding_gradient(
+        &self,
+        input_ids: &Tensor,
+        upstream: &Tensor,
+    ) -> Result<Option<GradStore>> {
+        if !crate::fused::applies(&self.embed)
+            || !crate::fused::applies(upstream)
+            || input_ids.dtype() != DType::U32
+        {
+            return Ok(None);
+        }
+        let mut store = GradStore::default();
+        if !self.embed.is_variable() {
+            return Ok(Some(store));
+        }
+        let (vocab, h) = self.embed.dims2()?;
+        let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+        if upstream.elem_count() != ids.len() * h {
+            return Err(ModelError::InvalidRequest(format!(
+                "an upstream gradient of shape {:?} for {} tokens of width {h}",
+                upstream.shape(),
+                ids.len()
+            )));
+        }
+        let mut grad = vec![0f32; vocab * h];
+        crate::fused::with_values(upstream, |up| {
+            for (row, &id) in ids.iter().enumerate() {
+                if id == u32::MAX {
+                    continue;
+                }
+                let id = id as usize;
+                if id >= vocab {
+                    candle_core::bail!("token id {id} outside the vocabulary of {vocab}");
+                }
+                let src = &up[row * h..(row + 1) * h];
+                for (d, &s) in grad[id * h..(id + 1) * h].iter_mut().zip(src) {
+                    *d += s;
+                }
+            }
+            Ok(())
+        })?;
+        let grad = Tensor::from_vec(grad, (vocab, h), self.embed.device())?;
+        store.insert(&self.embed, grad);
+        Ok(Some(store))
+    }
+
     /// Layer `i` applied to hidden states `x` `[B, T, hidden]`, extending its cache slot.
     pub(crate) fn layer(
         &self,
@@ -581,5 +634,53 @@ impl Model {
             ));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::{WeightMode, Weights};
+
+    #[test]
+    fn the_direct_embedding_gradient_is_the_graphs_bit_for_bit() {
+        let cfg = Config::tiny();
+        let dev = Device::Cpu;
+        let w = Weights::random(5, 0.2, &dev, WeightMode::Trainable(DType::F32));
+        let m = Model::new(&cfg, &w).unwrap();
+        // Repeated tokens: their rows add up in token order.
+        let ids = Tensor::new(&[[3u32, 7, 3, 1], [7, 7, 2, 0]], &dev).unwrap();
+        let n = 8 * cfg.hidden_size;
+        let up: Vec<f32> = (0..n).map(|i| (i as f32 * 0.61).sin()).collect();
+        let up = Tensor::from_vec(up, (2, 4, cfg.hidden_size), &dev).unwrap();
+        let graph = (m.embed_tokens(&ids).unwrap() * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let direct = m
+            .embedding_gradient(&ids, &up)
+            .unwrap()
+            .expect("f32 on the CPU");
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect()
+        };
+        assert_eq!(
+            bits(direct.get(&m.embed).unwrap()),
+            bits(graph.get(&m.embed).unwrap())
+        );
+
+        let frozen = m.detached();
+        let none = frozen.embedding_gradient(&ids, &up).unwrap().unwrap();
+        assert!(none.get(&frozen.embed).is_none());
+        let outside = Tensor::new(&[[cfg.vocab_size as u32, 1, 2, 3], [0, 0, 0, 0]], &dev).unwrap();
+        assert!(m.embedding_gradient(&outside, &up).is_err());
     }
 }

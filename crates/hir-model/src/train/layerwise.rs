@@ -147,6 +147,10 @@ pub(super) fn hir_gradients(
     // The embedding rows the tokens picked.
     for side in &sides {
         let ids = &side.batch.input_ids;
+        if let Some(grads) = model.embedding_gradient(ids, &side.upstream)? {
+            add(&grads)?;
+            continue;
+        }
         let embedded = model.embed_tokens(ids)?;
         let grads = (embedded * &side.upstream)?.sum_all()?.backward()?;
         add(&grads)?;

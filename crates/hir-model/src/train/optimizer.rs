@@ -12,15 +12,26 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use super::{TrainBatch, TrainLogits};
+use crate::cpu_gemm::for_each_block;
 use crate::error::{ModelError, Result};
+use crate::fused;
 use crate::loss::{HirLoss, HirLossConfig};
 
 // === impl GradAccumulator ===
 
 /// Sums gradients of several backward passes in f32.
+///
+/// On the CPU each variable's sum is one buffer, allocated at its first gradient and kept
+/// from step to step: a part is added into it in place, and the first part of a step
+/// overwrites it, so a step allocates and zero-fills nothing here. Elsewhere (a GPU, a
+/// non-f32 gradient) each addition makes a new tensor. Both compute `sum + g·scale`
+/// with the same roundings.
 #[derive(Debug)]
 pub struct GradAccumulator {
     sums: Vec<Option<Tensor>>,
+    /// Whether `sums[i]` holds this step's sum (a kept buffer holds the last step's until
+    /// the first part of this one overwrites it).
+    live: Vec<bool>,
     micro_batches: usize,
 }
 
@@ -29,6 +40,7 @@ impl GradAccumulator {
     pub fn new(n_vars: usize) -> Self {
         Self {
             sums: vec![None; n_vars],
+            live: vec![false; n_vars],
             micro_batches: 0,
         }
     }
@@ -43,19 +55,38 @@ impl GradAccumulator {
     /// Adds `scale · grad` of every variable found in `grads`: one part of a micro-batch's
     /// gradients, which [`GradAccumulator::count_micro_batch`] closes.
     pub fn add_part(&mut self, vars: &[Var], grads: &GradStore, scale: f64) -> Result<()> {
-        for (slot, v) in self.sums.iter_mut().zip(vars) {
-            if let Some(g) = grads.get(v.as_tensor()) {
+        // `g·scale + 0` is candle's `affine(scale, 0)`, which the general path applies.
+        let (unit, mul) = (scale == 1.0, scale as f32);
+        for (i, v) in vars.iter().enumerate() {
+            let Some(g) = grads.get(v.as_tensor()) else {
+                continue;
+            };
+            let live = self.live[i];
+            let in_place = match &self.sums[i] {
+                Some(sum) => fused::update_in_place(sum, Some(g), move |sum, g| {
+                    for_each_block([sum], g, |[sum], g| {
+                        for (s, &g) in sum.iter_mut().zip(g) {
+                            let g = if unit { g } else { g * mul + 0.0 };
+                            *s = if live { *s + g } else { g };
+                        }
+                    })
+                })?,
+                None => false,
+            };
+            if !in_place {
                 let g = g.to_dtype(DType::F32)?;
-                let g = if scale == 1.0 {
-                    g
-                } else {
-                    g.affine(scale, 0.0)?
+                let g = match (unit, fused::applies(&g)) {
+                    (false, _) => g.affine(scale, 0.0)?,
+                    // A buffer later updated in place must not share the store's memory.
+                    (true, true) => g.copy()?,
+                    (true, false) => g,
                 };
-                *slot = Some(match slot.take() {
-                    Some(s) => (s + g)?,
-                    None => g,
+                self.sums[i] = Some(match self.sums[i].take() {
+                    Some(s) if live => (s + g)?,
+                    _ => g,
                 });
             }
+            self.live[i] = true;
         }
         Ok(())
     }
@@ -70,14 +101,20 @@ impl GradAccumulator {
         self.micro_batches
     }
 
+    /// This step's sums.
+    fn live_sums(&self) -> impl Iterator<Item = &Tensor> {
+        self.sums
+            .iter()
+            .zip(&self.live)
+            .filter_map(|(s, &live)| s.as_ref().filter(|_| live))
+    }
+
     /// The global L2 norm of the summed gradients.
     pub fn global_norm(&self) -> Result<f64> {
         // One scalar per variable, summed on the device: a single read back, not one per
         // variable (each read waits for the device).
         let squares = self
-            .sums
-            .iter()
-            .flatten()
+            .live_sums()
             .map(|g| g.sqr()?.sum_all())
             .collect::<candle_core::Result<Vec<_>>>()?;
         if squares.is_empty() {
@@ -93,8 +130,17 @@ impl GradAccumulator {
         let norm = self.global_norm()?;
         if norm > max_norm && norm > 0.0 {
             let s = max_norm / (norm + 1e-6);
-            for g in self.sums.iter_mut().flatten() {
-                *g = g.affine(s, 0.0)?;
+            let mul = s as f32;
+            for (g, _) in self.sums.iter_mut().zip(&self.live).filter(|(_, &l)| l) {
+                let Some(g) = g else { continue };
+                let scaled = fused::update_in_place(g, None, move |g, _| {
+                    for_each_block([g], &[], |[g], _| {
+                        g.iter_mut().for_each(|x| *x = *x * mul + 0.0)
+                    })
+                })?;
+                if !scaled {
+                    *g = g.affine(s, 0.0)?;
+                }
             }
         }
         Ok(norm)
@@ -102,14 +148,15 @@ impl GradAccumulator {
 
     /// The summed gradient of variable `i`.
     pub fn grad(&self, i: usize) -> Option<&Tensor> {
-        self.sums.get(i).and_then(|g| g.as_ref())
+        self.sums
+            .get(i)
+            .and_then(|g| g.as_ref())
+            .filter(|_| self.live[i])
     }
 
-    /// Forgets all gradients.
+    /// Starts the next step's sums (the CPU buffers are kept, to be overwritten).
     pub fn reset(&mut self) {
-        for g in &mut self.sums {
-            *g = None;
-        }
+        self.live.fill(false);
         self.micro_batches = 0;
     }
 }
@@ -333,6 +380,27 @@ impl AdamW {
                         }
                     }
                 };
+                let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
+                let (lr, eps) = (c.lr as f32, c.eps as f32);
+                let decay = 1.0 - (c.lr * c.weight_decay) as f32;
+                let (ibc1, ibc2) = (1.0 / bc1 as f32, 1.0 / bc2 as f32);
+                let update = |w: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32]| {
+                    for_each_block([w, m, v], g, |[w, m, v], g| {
+                        for j in 0..g.len() {
+                            let gj = g[j];
+                            m[j] = b1 * m[j] + (1.0 - b1) * gj;
+                            v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
+                            let upd = (m[j] * ibc1) / ((v[j] * ibc2).sqrt() + eps);
+                            w[j] = w[j] * decay - lr * upd;
+                        }
+                    })
+                };
+                // An f32 weight is updated where it lives; its gradient is read in place.
+                if self.masters[i].is_none()
+                    && fused::update_in_place(var.as_tensor(), Some(g), |w, g| update(w, m, v, g))?
+                {
+                    continue;
+                }
                 let g: Vec<f32> = g.flatten_all()?.to_vec1()?;
                 let mut w: Vec<f32> = self.masters[i]
                     .take()
@@ -340,17 +408,7 @@ impl AdamW {
                     .flatten_all()?
                     .to_dtype(DType::F32)?
                     .to_vec1()?;
-                let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-                let (lr, eps) = (c.lr as f32, c.eps as f32);
-                let decay = 1.0 - (c.lr * c.weight_decay) as f32;
-                let (ibc1, ibc2) = (1.0 / bc1 as f32, 1.0 / bc2 as f32);
-                for j in 0..n {
-                    let gj = g[j];
-                    m[j] = b1 * m[j] + (1.0 - b1) * gj;
-                    v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
-                    let upd = (m[j] * ibc1) / ((v[j] * ibc2).sqrt() + eps);
-                    w[j] = w[j] * decay - lr * upd;
-                }
+                update(&mut w, m, v, &g);
                 let w = Tensor::from_vec(w, var.shape(), var.device())?;
                 if var.dtype() != DType::F32 {
                     self.masters[i] = Some(w.clone());
@@ -484,6 +542,100 @@ impl Optimizer {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Deterministic values of `n` elements, large enough for the pool's split.
+    fn wave(n: usize, phase: f32) -> Tensor {
+        let v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37 + phase).sin()).collect();
+        Tensor::from_vec(v, n, &Device::Cpu).unwrap()
+    }
+
+    fn store(var: &Var, g: &Tensor) -> GradStore {
+        let mut s = GradStore::default();
+        s.insert(var.as_tensor(), g.clone());
+        s
+    }
+
+    fn bits(t: &Tensor) -> Vec<u32> {
+        t.to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn sums_in_place_are_the_general_paths_and_each_step_starts_from_its_first_part() {
+        let n = 40_000;
+        let var = Var::from_tensor(&wave(n, 0.0)).unwrap();
+        let vars = std::slice::from_ref(&var);
+        let (g1, g2, g3) = (wave(n, 1.0), wave(n, 2.0), wave(n, 3.0));
+        let mut acc = GradAccumulator::new(1);
+        acc.add_part(vars, &store(&var, &g1), 0.5).unwrap();
+        acc.add_part(vars, &store(&var, &g2), 0.5).unwrap();
+        let want = (g1.affine(0.5, 0.0).unwrap() + g2.affine(0.5, 0.0).unwrap()).unwrap();
+        assert_eq!(bits(acc.grad(0).unwrap()), bits(&want));
+        // The store's tensors were not written through.
+        assert_eq!(bits(&g1), bits(&wave(n, 1.0)));
+
+        let norm = acc.global_norm().unwrap();
+        let clipped = acc.clip_global_norm(norm / 4.0).unwrap();
+        assert_eq!(clipped, norm);
+        let s = norm / 4.0 / (norm + 1e-6);
+        assert_eq!(
+            bits(acc.grad(0).unwrap()),
+            bits(&want.affine(s, 0.0).unwrap())
+        );
+
+        // The next step: the kept buffer holds nothing of the last one.
+        acc.reset();
+        assert!(acc.grad(0).is_none());
+        acc.add_part(vars, &store(&var, &g3), 0.25).unwrap();
+        assert_eq!(
+            bits(acc.grad(0).unwrap()),
+            bits(&g3.affine(0.25, 0.0).unwrap())
+        );
+        acc.add_part(vars, &store(&var, &g1), 1.0).unwrap();
+        let want = (g3.affine(0.25, 0.0).unwrap() + &g1).unwrap();
+        assert_eq!(bits(acc.grad(0).unwrap()), bits(&want));
+    }
+
+    #[test]
+    fn adamw_in_place_follows_the_update_rule_value_for_value() {
+        let n = 40_000;
+        let cfg = AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let var = Var::from_tensor(&wave(n, 0.5)).unwrap();
+        let mut opt = AdamW::new(vec![var.clone()], cfg);
+        let (mut w, mut m, mut v) = (
+            wave(n, 0.5).to_vec1::<f32>().unwrap(),
+            vec![0f32; n],
+            vec![0f32; n],
+        );
+        for step in 1..=3 {
+            let g = wave(n, step as f32);
+            let mut acc = GradAccumulator::new(1);
+            acc.add(std::slice::from_ref(&var), &store(&var, &g), 1.0)
+                .unwrap();
+            opt.step(&acc).unwrap();
+            // The rule as written, in f32.
+            let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
+            let ibc1 = 1.0 / (1.0 - cfg.beta1.powi(step)) as f32;
+            let ibc2 = 1.0 / (1.0 - cfg.beta2.powi(step)) as f32;
+            let decay = 1.0 - (cfg.lr * cfg.weight_decay) as f32;
+            for (j, gj) in g.to_vec1::<f32>().unwrap().into_iter().enumerate() {
+                m[j] = b1 * m[j] + (1.0 - b1) * gj;
+                v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
+                let upd = (m[j] * ibc1) / ((v[j] * ibc2).sqrt() + cfg.eps as f32);
+                w[j] = w[j] * decay - cfg.lr as f32 * upd;
+            }
+            let got = bits(&var.as_tensor().clone());
+            let want: Vec<u32> = w.iter().map(|x| x.to_bits()).collect();
+            assert!(got == want, "step {step}: the weights differ from the rule");
+        }
+    }
 
     #[test]
     fn adamw_first_step_moves_each_weight_by_lr_against_the_gradient_sign() {
