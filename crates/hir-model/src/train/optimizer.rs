@@ -23,9 +23,9 @@ use crate::loss::{HirLoss, HirLossConfig};
 ///
 /// On the CPU each variable's sum is one buffer, allocated at its first gradient and kept
 /// from step to step: a part is added into it in place, and the first part of a step
-/// overwrites it, so a step allocates and zero-fills nothing here. Elsewhere (a GPU, a
-/// non-f32 gradient) each addition makes a new tensor. Both compute `sum + g·scale`
-/// with the same roundings.
+/// overwrites it, so after the first step nothing here is allocated or zero-filled.
+/// Elsewhere (a GPU, a non-f32 gradient) each addition makes a new tensor. Both compute
+/// `sum + g·scale` with the same roundings.
 #[derive(Debug)]
 pub struct GradAccumulator {
     sums: Vec<Option<Tensor>>,
