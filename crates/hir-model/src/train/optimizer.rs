@@ -131,8 +131,8 @@ impl GradAccumulator {
         if norm > max_norm && norm > 0.0 {
             let s = max_norm / (norm + 1e-6);
             let mul = s as f32;
-            for (g, _) in self.sums.iter_mut().zip(&self.live).filter(|(_, &l)| l) {
-                let Some(g) = g else { continue };
+            let live = self.sums.iter_mut().zip(&self.live);
+            for g in live.filter_map(|(g, &live)| g.as_mut().filter(|_| live)) {
                 let scaled = fused::update_in_place(g, None, move |g, _| {
                     for_each_block([g], &[], |[g], _| {
                         g.iter_mut().for_each(|x| *x = *x * mul + 0.0)
