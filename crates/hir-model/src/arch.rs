@@ -90,6 +90,14 @@ impl AnyModel {
         }
     }
 
+    /// See [`llama::Model::set_kept_products`] (no-op for T5, which trains on the whole
+    /// graph).
+    pub fn set_kept_products(&mut self, bytes: usize) {
+        if let Self::Llama(m) = self {
+            m.set_kept_products(bytes);
+        }
+    }
+
     /// Whether prompts go to an encoder (T5) rather than before the completion.
     pub fn is_encoder_decoder(&self) -> bool {
         matches!(self, Self::T5(_))

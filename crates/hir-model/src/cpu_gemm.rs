@@ -227,8 +227,115 @@ pub fn applies(x: &Tensor, w: &Tensor) -> bool {
 }
 
 /// `x Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`, f32 on the CPU.
+///
+/// Inside [`recording`] the output is also kept; inside [`replaying`] the next kept output
+/// is copied instead of multiplying.
 pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, Linear)
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let replayed = TAPE.with(|t| match &mut *t.borrow_mut() {
+        Some(Tape::Replay(kept)) => Some(kept.next()),
+        _ => None,
+    });
+    let y = match replayed {
+        None => x.apply_op2(&w, Linear)?,
+        Some(Some(out)) => x.apply_op2(&w, Replayed(out))?,
+        Some(None) => candle_core::bail!("a replayed forward pass ran more products than it kept"),
+    };
+    TAPE.with(|t| {
+        if let Some(Tape::Record(kept)) = &mut *t.borrow_mut() {
+            kept.push(y.detach());
+        }
+    });
+    Ok(y)
+}
+
+// === products kept from one forward pass for the next ===
+
+/// What [`linear`] does on this thread besides multiplying: keep each output (`Record`),
+/// or take its output from the kept ones, in order (`Replay`).
+enum Tape {
+    Record(Vec<Tensor>),
+    Replay(std::vec::IntoIter<Tensor>),
+}
+
+thread_local! {
+    static TAPE: std::cell::RefCell<Option<Tape>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` and returns, with its result, the output of every [`linear`] product it ran
+/// on this thread, in order.
+pub(crate) fn recording<R, E: From<candle_core::Error>>(
+    f: impl FnOnce() -> Result<R, E>,
+) -> Result<(R, Vec<Tensor>), E> {
+    let outer = TAPE.with(|t| t.replace(Some(Tape::Record(Vec::new()))));
+    let result = f();
+    let tape = TAPE.with(|t| t.replace(outer));
+    let kept = match tape {
+        Some(Tape::Record(kept)) => kept,
+        _ => Vec::new(),
+    };
+    Ok((result?, kept))
+}
+
+/// Runs `f`, a forward pass that runs the same products in the same order as the one
+/// [`recording`] kept `kept` from, with each [`linear`] product taking its output from
+/// `kept` (a copy) instead of multiplying. The products are graph nodes as usual: their
+/// backward passes multiply as before. An error if `f` runs another number of products
+/// or another shape.
+pub(crate) fn replaying<R, E: From<candle_core::Error>>(
+    kept: Vec<Tensor>,
+    f: impl FnOnce() -> Result<R, E>,
+) -> Result<R, E> {
+    let outer = TAPE.with(|t| t.replace(Some(Tape::Replay(kept.into_iter()))));
+    let result = f();
+    let tape = TAPE.with(|t| t.replace(outer));
+    let result = result?;
+    if let Some(Tape::Replay(mut rest)) = tape {
+        if rest.next().is_some() {
+            return Err(candle_core::Error::Msg(
+                "a replayed forward pass ran fewer products than it kept".into(),
+            )
+            .into());
+        }
+    }
+    Ok(result)
+}
+
+/// [`Linear`] whose output is given: a kept product (see [`replaying`]).
+struct Replayed(Tensor);
+
+impl CustomOp2 for Replayed {
+    fn name(&self) -> &'static str {
+        "linear-replayed"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        l1: &Layout,
+        _s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((rows, _), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if self.0.dims() != [rows, n] {
+            candle_core::bail!(
+                "a replayed product of shape {:?} where {rows}x{n} is computed",
+                self.0.shape()
+            );
+        }
+        let y = with_values(&self.0, |v| Ok(v.to_vec()))?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Linear.bwd(x, w, y, g)
+    }
 }
 
 struct Linear;
@@ -378,5 +485,76 @@ mod tests {
         assert!(linear(&random(&[2, 4, 8], 5), &random(&[3, 8], 6)).is_err());
         let v = View::row_major(&[0.0; 6], 3);
         assert!(product(3, 3, 3, v, v).is_err());
+    }
+
+    /// `y`, `dx` and `dW` of `Σ linear(x, W) ⊙ probe` for fresh variables.
+    fn pass(x: &Tensor, w: &Tensor, probe: &Tensor) -> (Tensor, Tensor, Tensor) {
+        let (xv, wv) = (Var::from_tensor(x).unwrap(), Var::from_tensor(w).unwrap());
+        let y = linear(xv.as_tensor(), wv.as_tensor()).unwrap();
+        let grads = (&y * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        (
+            y.detach(),
+            grads.get(xv.as_tensor()).unwrap().clone(),
+            grads.get(wv.as_tensor()).unwrap().clone(),
+        )
+    }
+
+    #[test]
+    fn replayed_products_are_the_kept_outputs_with_the_same_backward() {
+        let (x, w1, w2) = (
+            random(&[70, 24], 1),
+            random(&[40, 24], 2),
+            random(&[24, 40], 3),
+        );
+        // Two products in a row, kept in order.
+        let forward = || -> candle_core::Result<Tensor> { linear(&linear(&x, &w1)?, &w2) };
+        let (y, kept) = recording(forward).unwrap();
+        assert_eq!(kept.len(), 2);
+        let h = linear(&x, &w1).unwrap();
+        assert_eq!(max_diff(&kept[0], &h), 0.0);
+        assert_eq!(max_diff(&kept[1], &y), 0.0);
+        assert!(
+            kept.iter().all(|t| !t.track_op()),
+            "kept outputs hold no graph"
+        );
+
+        // Replayed: the output is the kept one, bit for bit, even where it is not what
+        // the product would give, and the gradients are the product's.
+        let probe = random(&[70, 40], 4);
+        let want = pass(&x, &w1, &probe);
+        let shifted = (&kept[0] + 1.0).unwrap();
+        let got = replaying(vec![shifted.clone()], || {
+            Ok::<_, candle_core::Error>(pass(&x, &w1, &probe))
+        })
+        .unwrap();
+        assert_eq!(max_diff(&got.0, &shifted), 0.0, "the kept output is used");
+        assert_eq!(max_diff(&got.1, &want.1), 0.0, "dx as the product's");
+        assert_eq!(max_diff(&got.2, &want.2), 0.0, "dW as the product's");
+        // Outside a replay, products multiply again.
+        assert_eq!(max_diff(&linear(&x, &w1).unwrap(), &h), 0.0);
+    }
+
+    #[test]
+    fn a_replay_that_does_not_match_what_was_kept_is_an_error() {
+        let (x, w) = (random(&[8, 6], 1), random(&[5, 6], 2));
+        let y = linear(&x, &w).unwrap();
+        let once = || linear(&x, &w);
+        let too_few = replaying(vec![], once).unwrap_err();
+        assert!(too_few.to_string().contains("more products"), "{too_few}");
+        let too_many = replaying(vec![y.clone(), y.clone()], once).unwrap_err();
+        assert!(
+            too_many.to_string().contains("fewer products"),
+            "{too_many}"
+        );
+        let wrong = replaying(vec![y.t().unwrap().contiguous().unwrap()], once).unwrap_err();
+        assert!(wrong.to_string().contains("replayed product"), "{wrong}");
+        // An error does not leave the thread replaying (a product would fail) or recording.
+        assert_eq!(max_diff(&linear(&x, &w).unwrap(), &y), 0.0);
+        let failed: candle_core::Result<((), Vec<Tensor>)> =
+            recording(|| linear(&x, &w).and_then(|_| candle_core::bail!("inner")));
+        assert!(failed.is_err());
+        let (_, kept) = recording(once).unwrap();
+        assert_eq!(kept.len(), 1, "a new recording keeps only its own products");
+        assert_eq!(max_diff(&linear(&x, &w).unwrap(), &y), 0.0);
     }
 }

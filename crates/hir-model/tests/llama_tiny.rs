@@ -557,43 +557,53 @@ fn layer_by_layer_gradients_equal_the_whole_graph_for_every_weight() {
     want.add(&plain, &whole.total.backward().unwrap(), 0.5)
         .unwrap();
 
-    let mut got = GradAccumulator::new(plain.len());
-    let mut parts = 0;
-    let layered = m
-        .hir_gradients(&pos, &neg, &cfg, &mut |g| {
-            parts += 1;
-            got.add_part(&plain, g, 0.5)
-        })
-        .unwrap();
-    // Head, two sides per layer, two embeddings.
-    assert_eq!(parts, 1 + 2 * m.config().num_hidden_layers + 2);
-    let (a, b) = (
-        whole.total.to_scalar::<f32>().unwrap(),
-        layered.total.to_scalar::<f32>().unwrap(),
-    );
-    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
-    for (i, (name, _)) in vars.iter().enumerate() {
-        let w = want
-            .grad(i)
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let g = got
-            .grad(i)
-            .unwrap_or_else(|| panic!("no layered gradient for {name}"));
-        let scale = w
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
+    // Keeping no layer's products, the top layer's, and every layer's.
+    let c = m.config();
+    let width = (c.num_attention_heads + 2 * c.kv_heads()) * c.head_size()
+        + 2 * c.hidden_size
+        + 2 * c.intermediate_size;
+    let one_layer = 4 * width * (pos.input_ids.elem_count() + neg.input_ids.elem_count());
+    for budget in [0, one_layer, usize::MAX] {
+        let mut m = m.clone();
+        m.set_kept_products(budget);
+        let mut got = GradAccumulator::new(plain.len());
+        let mut parts = 0;
+        let layered = m
+            .hir_gradients(&pos, &neg, &cfg, &mut |g| {
+                parts += 1;
+                got.add_part(&plain, g, 0.5)
+            })
             .unwrap();
-        let d = common::max_abs_diff(g, w);
+        // Head, two sides per layer, two embeddings.
+        assert_eq!(parts, 1 + 2 * m.config().num_hidden_layers + 2);
+        let (a, b) = (
+            whole.total.to_scalar::<f32>().unwrap(),
+            layered.total.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5, "budget {budget}: {a} vs {b}");
+        for (i, (name, _)) in vars.iter().enumerate() {
+            let w = want
+                .grad(i)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let g = got
+                .grad(i)
+                .unwrap_or_else(|| panic!("no layered gradient for {name}"));
+            let scale = w
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let d = common::max_abs_diff(g, w);
+            assert!(
+                d <= 1e-4 * scale.max(1e-3),
+                "budget {budget}, {name}: max |diff| {d} (scale {scale})"
+            );
+        }
         assert!(
-            d <= 1e-4 * scale.max(1e-3),
-            "{name}: max |diff| {d} (scale {scale})"
+            !layered.total.track_op(),
+            "the returned loss holds no graph"
         );
     }
-    assert!(
-        !layered.total.track_op(),
-        "the returned loss holds no graph"
-    );
 }

@@ -62,6 +62,12 @@ pub struct TrainerConfig {
     /// more forward pass without a graph (about 15% of a CPU step). `auto` recomputes on
     /// the CPU, where memory is scarce, and keeps the whole graph on a GPU.
     pub recompute_activations: Recompute,
+    /// MiB the layer-by-layer pass may spend keeping the matrix products of its first
+    /// forward pass, so that the recomputation copies them instead of multiplying again
+    /// (20.7 KB per token and layer on SmolLM2; the top layers that fit keep theirs). On
+    /// SmolLM2, 660 MiB keeps all 30 layers of a micro-batch of 4 TSO-3 pairs and makes the
+    /// step about 9% faster on a 2-core CPU; 0 keeps none.
+    pub kept_products_mib: u64,
     /// Drop the training state (model, optimizer) from memory once an iteration's
     /// checkpoint is swapped in and verified, and load it again from its committed snapshot when the next
     /// iteration trains (bit-exactly: a snapshot resumes the same steps). Sampling and
@@ -126,6 +132,7 @@ impl Default for TrainerConfig {
             owner: None,
             relabeler_give_up_secs: 600,
             recompute_activations: Recompute::Auto,
+            kept_products_mib: 512,
             release_state_between_iterations: true,
         }
     }

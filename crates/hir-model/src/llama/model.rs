@@ -279,6 +279,7 @@ pub struct Model {
     lm_head: Linear,
     inv_freq: Vec<f32>,
     fused: bool,
+    kept_products: usize,
     device: Device,
     dtype: DType,
 }
@@ -326,6 +327,7 @@ impl Model {
             lm_head,
             inv_freq,
             fused,
+            kept_products: 0,
             device: w.device().clone(),
             dtype: w.mode().dtype(),
         })
@@ -349,6 +351,27 @@ impl Model {
     /// Uses differentiable primitive ops (`false`) or fused kernels (`true`).
     pub fn set_fused(&mut self, fused: bool) {
         self.fused = fused;
+    }
+
+    /// Bytes the layer-by-layer gradient pass may spend keeping the matrix products of its
+    /// first forward pass for the recomputation (see [`crate::train`]'s `layerwise`): each
+    /// layer that fits, from the top, is recomputed without multiplying again. 0 keeps none.
+    pub fn set_kept_products(&mut self, bytes: usize) {
+        self.kept_products = bytes;
+    }
+
+    /// See [`Model::set_kept_products`].
+    pub fn kept_products(&self) -> usize {
+        self.kept_products
+    }
+
+    /// Values one layer's matrix products produce per token: the attention's four
+    /// projections and the MLP's three (what keeping a layer's products holds).
+    pub(crate) fn product_width(&self) -> usize {
+        let c = &self.cfg;
+        (c.num_attention_heads + 2 * c.kv_heads()) * c.head_size()
+            + 2 * c.hidden_size
+            + 2 * c.intermediate_size
     }
 
     /// An empty KV cache for this model.

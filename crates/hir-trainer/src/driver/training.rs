@@ -45,6 +45,9 @@ impl Driver<'_> {
         .await
         .map_err(join_error)??;
         state.recompute = self.ctx.config.recompute_activations.on(&self.ctx.device);
+        let mib = self.ctx.config.kept_products_mib;
+        let kept = usize::try_from(mib.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+        state.model.model_mut().set_kept_products(kept);
         tracing::info!(run_id = %self.run_id, step = state.step_count(), ms = started.elapsed().as_millis() as u64, "training state loaded");
         Ok(state)
     }
