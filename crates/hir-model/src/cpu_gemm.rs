@@ -316,7 +316,7 @@ impl CustomOp2 for Replayed {
         _s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ((rows, _), (n, _)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let (rows, n, _) = linear_dims(l1, l2)?;
         if self.0.dims() != [rows, n] {
             candle_core::bail!(
                 "a replayed product of shape {:?} where {rows}x{n} is computed",
@@ -340,6 +340,16 @@ impl CustomOp2 for Replayed {
 
 struct Linear;
 
+/// `(rows, out, in)` of `x Wᵀ` for `x` `[rows, in]` and `W` `[out, in]`; an error when the
+/// inner dimensions differ.
+fn linear_dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    let ((rows, k), (n, wk)) = (x.shape().dims2()?, w.shape().dims2()?);
+    if wk != k {
+        candle_core::bail!("linear: input {:?}, weight {:?}", x.shape(), w.shape());
+    }
+    Ok((rows, n, k))
+}
+
 impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
         "linear"
@@ -352,11 +362,8 @@ impl CustomOp2 for Linear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ((rows, k), (n, wk)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        let (rows, n, k) = linear_dims(l1, l2)?;
         let (x, w) = (input(s1, l1)?, input(s2, l2)?);
-        if wk != k {
-            candle_core::bail!("linear: input {:?}, weight {:?}", l1.shape(), l2.shape());
-        }
         let y = product(
             rows,
             n,
@@ -548,6 +555,8 @@ mod tests {
         );
         let wrong = replaying(vec![y.t().unwrap().contiguous().unwrap()], once).unwrap_err();
         assert!(wrong.to_string().contains("replayed product"), "{wrong}");
+        let inner = replaying(vec![y.clone()], || linear(&random(&[8, 7], 3), &w)).unwrap_err();
+        assert!(inner.to_string().contains("linear: input"), "{inner}");
         // An error does not leave the thread replaying (a product would fail) or recording.
         assert_eq!(max_diff(&linear(&x, &w).unwrap(), &y), 0.0);
         let failed: candle_core::Result<((), Vec<Tensor>)> =
