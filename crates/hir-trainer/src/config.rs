@@ -67,7 +67,7 @@ pub struct TrainerConfig {
     /// (20.7 KB per token and layer on SmolLM2; the top layers that fit keep theirs). On
     /// SmolLM2, 660 MiB keeps all 30 layers of a micro-batch of 4 TSO-3 pairs and makes the
     /// step about 9% faster on a 2-core CPU. 0, the default, keeps none: with 512 the
-    /// demo's peak rose from 3,382 to 3,915 MiB, past its 4 GB target.
+    /// demo's peak rose from about 3,380 to 3,915–3,969 MiB, past its 4 GB target.
     pub kept_products_mib: u64,
     /// Drop the training state (model, optimizer) from memory once an iteration's
     /// checkpoint is swapped in and verified, and load it again from its committed snapshot when the next
