@@ -381,6 +381,128 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
+// === RoPE ===
+
+/// RoPE ("rotate half" pairing) of a projection's output `x` `[B, T, H·D]` for `heads`
+/// heads, returned per head `[B, H, T, D]`; `cos`/`sin` `[B, T, D/2]` take no gradient.
+///
+/// The graph it replaces (split the heads, transpose, `x·cos + rotate_half(x)·sin`) is
+/// eleven nodes, and its backward pass differentiates the tables too and pads each half's
+/// gradient with zeros. The values and the gradient here are those of that graph to the
+/// bit: `x₁c − x₂s` and `x₂c + x₁s`; `g₁c + g₂s` and `g₂c − g₁s`.
+pub fn rope_heads(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, t, width) = x.dims3()?;
+    let half = cos.dim(candle_core::D::Minus1)?;
+    if heads == 0
+        || width != heads * 2 * half
+        || cos.dims() != [b, t, half]
+        || sin.dims() != cos.dims()
+    {
+        candle_core::bail!(
+            "rope: input {:?} for {heads} heads, tables {:?} and {:?}",
+            x.shape(),
+            cos.shape(),
+            sin.shape()
+        );
+    }
+    x.contiguous()?.apply_op1(RopeHeads {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        heads,
+    })
+}
+
+struct RopeHeads {
+    cos: Tensor,
+    sin: Tensor,
+    heads: usize,
+}
+
+impl RopeHeads {
+    /// Runs `f(src, dst, cos, sin)` for every head row: `src` a head's `D` values in the
+    /// token-major layout `[B, T, H·D]`, `dst` its row in the head-major `[B, H, T, D]`
+    /// (`to_heads`), or the other way round.
+    fn rows(
+        &self,
+        src: &[f32],
+        to_heads: bool,
+        f: impl Fn(&[f32], &mut [f32], &[f32], &[f32]) + Sync,
+    ) -> candle_core::Result<Vec<f32>> {
+        let (b, t, half) = self.cos.dims3()?;
+        let (h, d) = (self.heads, 2 * half);
+        with_values(&self.cos, |cos| {
+            with_values(&self.sin, |sin| {
+                let mut out = vec![0f32; src.len()];
+                par_rows(&mut out, d, |r, row| {
+                    // Output row r: head-major (b, head, pos) or token-major (b, pos, head).
+                    let (seq, head, pos) = if to_heads {
+                        (r / (h * t), r / t % h, r % t)
+                    } else {
+                        (r / (t * h), r % h, r / h % t)
+                    };
+                    let other = if to_heads {
+                        (seq * t + pos) * h + head
+                    } else {
+                        (seq * h + head) * t + pos
+                    };
+                    let at = (seq * t + pos) * half;
+                    f(
+                        &src[other * d..(other + 1) * d],
+                        row,
+                        &cos[at..at + half],
+                        &sin[at..at + half],
+                    );
+                });
+                debug_assert_eq!(out.len(), b * t * h * d);
+                Ok(out)
+            })
+        })
+    }
+}
+
+impl candle_core::CustomOp1 for RopeHeads {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, _) = l.shape().dims3()?;
+        let half = self.cos.dim(candle_core::D::Minus1)?;
+        let y = self.rows(input(s, l)?, true, |x, y, c, s| {
+            let (x1, x2) = x.split_at(half);
+            let (y1, y2) = y.split_at_mut(half);
+            for j in 0..half {
+                y1[j] = x1[j] * c[j] + -x2[j] * s[j];
+                y2[j] = x2[j] * c[j] + x1[j] * s[j];
+            }
+        })?;
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((b, self.heads, t, 2 * half)),
+        ))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let half = self.cos.dim(candle_core::D::Minus1)?;
+        let dx = with_values(g, |g| {
+            self.rows(g, false, |g, dx, c, s| {
+                let (g1, g2) = g.split_at(half);
+                let (dx1, dx2) = dx.split_at_mut(half);
+                for j in 0..half {
+                    dx1[j] = g1[j] * c[j] + g2[j] * s[j];
+                    dx2[j] = g2[j] * c[j] - g1[j] * s[j];
+                }
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -520,10 +642,67 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn rope_heads_matches_the_primitive_ops_bit_for_bit() {
+        // (batch, positions, heads, head size): small, and split across threads unevenly.
+        for (b, t, h, d) in [(2, 3, 2, 8), (3, 29, 9, 64)] {
+            let x = random(&[b, t, h * d], 10);
+            let cos = random(&[b, t, d / 2], 11);
+            let sin = random(&[b, t, d / 2], 12);
+            let probe = random(&[b, h, t, d], 13);
+            let run = |kernel: bool| {
+                let v = Var::from_tensor(&x).unwrap();
+                let y = if kernel {
+                    rope_heads(v.as_tensor(), &cos, &sin, h).unwrap()
+                } else {
+                    let x = v.as_tensor().reshape((b, t, h, d)).unwrap();
+                    let x = x.transpose(1, 2).unwrap();
+                    let cat = |a: &Tensor| {
+                        Tensor::cat(&[a, a], D::Minus1)
+                            .unwrap()
+                            .unsqueeze(1)
+                            .unwrap()
+                    };
+                    let (x1, x2) = (x.narrow(3, 0, d / 2).unwrap(), x.narrow(3, d / 2, d / 2));
+                    let rotated = Tensor::cat(&[&x2.unwrap().neg().unwrap(), &x1], 3).unwrap();
+                    (x.broadcast_mul(&cat(&cos)).unwrap()
+                        + rotated.broadcast_mul(&cat(&sin)).unwrap())
+                    .unwrap()
+                };
+                let grads = (&y * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let dx = grads.get(v.as_tensor()).unwrap().clone();
+                let bits = |t: &Tensor| {
+                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    v.into_iter().map(f32::to_bits).collect::<Vec<_>>()
+                };
+                assert_eq!(y.dims(), [b, h, t, d]);
+                (bits(&y), bits(&dx))
+            };
+            let (kernel, graph) = (run(true), run(false));
+            assert!(kernel.0 == graph.0, "values differ at ({b}, {t}, {h}, {d})");
+            assert!(
+                kernel.1 == graph.1,
+                "gradients differ at ({b}, {t}, {h}, {d})"
+            );
+        }
+    }
+
+    #[test]
     fn mismatched_shapes_are_errors_not_panics() {
         let x = random(&[2, 6, 4], 6);
         assert!(masked_softmax(&x, &random(&[2, 4, 4], 7), 1.0).is_err());
         assert!(rms_norm(&x, &random(&[5], 8), 1e-5).is_err());
         assert!(swiglu(&x, &random(&[2, 6, 5], 9)).is_err());
+        let (cos, sin) = (random(&[2, 6, 2], 10), random(&[2, 6, 2], 11));
+        assert!(
+            rope_heads(&x, &cos, &sin, 2).is_err(),
+            "4 values are not 2 heads of 4"
+        );
+        assert!(rope_heads(&x, &cos, &sin, 1).is_ok());
+        assert!(rope_heads(&x, &cos, &random(&[2, 5, 2], 12), 1).is_err());
     }
 }

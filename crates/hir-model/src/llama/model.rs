@@ -144,24 +144,27 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv, self.head_dim);
-        let q = self
-            .q
-            .forward(x)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k
-            .forward(x)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
+        let (q, k) = (self.q.forward(x)?, self.k.forward(x)?);
+        let (q, k) = if !fused && crate::fused::applies(&q) {
+            // Training on the CPU: split the heads and rotate them as one node.
+            (
+                crate::fused::rope_heads(&q, cos, sin, nh)?,
+                crate::fused::rope_heads(&k, cos, sin, nkv)?,
+            )
+        } else {
+            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+            (
+                rope(&q, cos, sin, fused)?,
+                rope(&k, cos, sin, fused)?.contiguous()?,
+            )
+        };
         let v = self
             .v
             .forward(x)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = rope(&q, cos, sin, fused)?;
-        let k = rope(&k, cos, sin, fused)?.contiguous()?;
         let (k, v) = match cache {
             Some(slot) => match slot {
                 Some(layer) => layer.append(&k, &v)?,
