@@ -1,7 +1,7 @@
 //! Fused CPU kernels with backward passes, for training: the attention softmax with its
-//! scale and mask, RMSNorm, and the SwiGLU gate.
+//! scale and mask, RMSNorm, the SwiGLU gate, and RoPE with its split into heads.
 //!
-//! Built from primitive ops, each of these is a chain of five to eight graph nodes, and
+//! Built from primitive ops, each of these is a chain of five to eleven graph nodes, and
 //! every node's backward pass allocates, zero-fills and adds a gradient as large as its
 //! input: for the attention scores, `[B, heads, T, T]`, that traffic was most of a
 //! training step's time outside the matrix products. Here each is one node whose forward
@@ -138,6 +138,11 @@ pub fn masked_softmax(x: &Tensor, bias: &Tensor, scale: f64) -> candle_core::Res
     )
 }
 
+/// `exp` rounds to +0 below ln(2⁻¹⁵⁰) ≈ −103.97. Masked keys (bias −1e9, about half the
+/// scores under a causal mask) are set to 0 without the call, which takes libm's slow
+/// underflow path for them: the same values, bit for bit.
+const EXP_IS_ZERO_BELOW: f32 = -104.0;
+
 struct MaskedSoftmax {
     scale: f32,
 }
@@ -177,7 +182,8 @@ impl CustomOp2 for MaskedSoftmax {
             }
             let mut sum = 0f32;
             for v in row.iter_mut() {
-                *v = (*v - max).exp();
+                let d = *v - max;
+                *v = if d < EXP_IS_ZERO_BELOW { 0.0 } else { d.exp() };
                 sum += *v;
             }
             let inv = 1.0 / sum;
@@ -565,6 +571,19 @@ pub(crate) mod tests {
             let d = max_diff(a, b);
             assert!(d < 1e-4, "gradient {i} differs by {d}");
         }
+    }
+
+    #[test]
+    fn exp_is_zero_wherever_the_softmax_skips_it() {
+        // Every f32 below the threshold, down to -200.
+        let mut x = EXP_IS_ZERO_BELOW;
+        let mut checked = 0;
+        while x > -200.0 {
+            x = f32::from_bits(x.to_bits() + 1);
+            assert_eq!(x.exp().to_bits(), 0f32.to_bits(), "exp({x})");
+            checked += 1;
+        }
+        assert!(checked > 1_000_000);
     }
 
     #[test]
