@@ -411,7 +411,7 @@ impl CustomOp2 for Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fused::tests::{max_diff, random};
+    use crate::fused::tests::{max_diff, probed, random};
     use candle_core::Var;
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -428,12 +428,7 @@ mod tests {
             xv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap()
         };
         let probe = random(y.dims(), 77);
-        let grads = (&y * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads = probed(&y, &probe);
         (
             y.detach(),
             grads.get(xv.as_tensor()).unwrap().clone(),

@@ -520,6 +520,11 @@ pub(crate) mod tests {
             .unwrap()
     }
 
+    /// The gradients of `Σ y ⊙ probe`: a vector-Jacobian product of whatever made `y`.
+    pub(crate) fn probed(y: &Tensor, probe: &Tensor) -> candle_core::backprop::GradStore {
+        (y * probe).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -544,12 +549,7 @@ pub(crate) mod tests {
             let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
             let y = f(&ts);
             let probe = random(y.dims(), 99);
-            let grads = (&y * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let grads = probed(&y, &probe);
             let g: Vec<Option<Tensor>> = grads_of
                 .iter()
                 .map(|&i| grads.get(vars[i].as_tensor()).cloned())
@@ -687,12 +687,7 @@ pub(crate) mod tests {
                         + rotated.broadcast_mul(&cat(&sin)).unwrap())
                     .unwrap()
                 };
-                let grads = (&y * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let grads = probed(&y, &probe);
                 let dx = grads.get(v.as_tensor()).unwrap().clone();
                 let bits = |t: &Tensor| {
                     let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
