@@ -70,6 +70,12 @@ macro_rules! for_each_knob {
             /// departure: the reference's T5 tokenizer ends every label with `</s>`, which for a cut
             /// output teaches the model to stop mid-answer. Outputs that ended on their own keep it.
             eos_after_cut: bool = "eos-after-cut",
+            /// End a label span that stops inside a sample's output (before its end-of-sequence)
+            /// with end-of-sequence when it is neither the gold answer nor part of it (HIR.md
+            /// §1.5, case c), as the reference does. Off is a departure: such a span then ends without end-of-sequence, as case
+            /// (b)'s do, so a wrong output cut at a random point no longer teaches the model to
+            /// stop there.
+            eos_after_span: bool = "no-eos-after-span",
             /// Train encoder-decoder models with the dropout of their config (`dropout_rate`), as
             /// the reference trains FLAN-T5 in `train()` mode; each HIR step then takes the
             /// reference's three forward passes. Decoder-only models here have no dropout.
@@ -302,6 +308,7 @@ impl Default for RunConfig {
             replay_cap_per_prompt: 4,
             dedup_outputs: true,
             eos_after_cut: false,
+            eos_after_span: true,
             train_dropout: true,
             max_train_prompts: 0,
             max_test_prompts: 0,
@@ -471,6 +478,10 @@ mod tests {
         );
         assert_eq!((c.replay_holdout, c.replay_cap_per_prompt), (0.1, 4));
         assert!(c.dedup_outputs && c.replay_buffer && c.train_dropout && !c.eos_after_cut);
+        assert!(
+            c.eos_after_span,
+            "the reference ends every case (c) span with </s>"
+        );
         c.validate().unwrap();
         let parsed: RunConfig = serde_json::from_str(r#"{"samples_per_prompt": 2}"#).unwrap();
         assert_eq!(parsed.samples_per_prompt, 2);

@@ -134,14 +134,27 @@ pub fn span_seed(run_seed: u64, iteration: i32, batch_idx: i32, seed_key: u64) -
     .next_u64()
 }
 
-/// How [`build`] turns samples into examples.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How [`build`] turns samples into examples; the default is the reference's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BuildOptions {
     /// Wrap the relabeled prompt in the model's chat template, as the generator wrapped it
     /// when sampling.
     pub chat: bool,
     /// End a cut output with end-of-sequence anyway (the reference's T5 tokenizer does).
     pub eos_after_cut: bool,
+    /// End a case (c) span that stops inside the output with end-of-sequence, as the
+    /// reference does.
+    pub eos_after_span: bool,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            chat: false,
+            eos_after_cut: false,
+            eos_after_span: true,
+        }
+    }
 }
 
 /// Builds the training pair of one sample; see the module docs.
@@ -182,8 +195,12 @@ pub fn build(
     let body = &sample.prompt[split..];
     let labels = if p.retokenize_with_eos {
         let mut l = codec.encode(&codec.decode(&out[span.start..span.end])?)?;
-        // The tail of a cut output did not end there: no end-of-sequence after it.
-        if ends || span.end < out.len() {
+        // The tail of a cut output did not end there: no end-of-sequence after it. A span
+        // that stops inside the output ends with one unless the knob says otherwise
+        // (case a always: the answer ends there).
+        let inside = span.end < out.len();
+        let inside_eos = p.case == SubOutputCase::PrefixIsAnswer || opts.eos_after_span;
+        if (ends && !inside) || (inside && inside_eos) {
             l.push(eos);
         }
         l
@@ -267,10 +284,11 @@ mod tests {
     const PLAIN: BuildOptions = BuildOptions {
         chat: false,
         eos_after_cut: false,
+        eos_after_span: true,
     };
     const CHAT: BuildOptions = BuildOptions {
         chat: true,
-        eos_after_cut: false,
+        ..PLAIN
     };
 
     fn sample(output: &str, correct: bool) -> RelabeledSample {
@@ -414,6 +432,54 @@ mod tests {
             }
         }
         assert!(tail > 0 && inner > 0, "{tail} {inner}");
+    }
+
+    #[test]
+    fn the_span_knob_leaves_case_c_spans_open_and_keeps_the_rest() {
+        let open = BuildOptions {
+            eos_after_span: false,
+            ..PLAIN
+        };
+        let query = ids("N\n\nQ: q\nA:").len();
+        // A span that stops before the output's end-of-sequence is inside it, even when it
+        // holds all of its text. Cases seen: (c) inside with the knob on, (c) inside with it
+        // off, reaching the end with it off, (a) with it off.
+        let mut seen = [0; 4];
+        for output in ["(B) because i", "(C) no"] {
+            let s = sample(output, false);
+            let whole = ids(output).len();
+            for seed in 0..300 {
+                for (opts, on) in [(PLAIN, true), (open, false)] {
+                    let ex = build(&s, &Chars, opts, &mut SplitMix64::new(seed)).unwrap();
+                    let labels = &ex.positive.completion;
+                    let eos = labels.last() == Some(&0);
+                    // The span `build` drew: the output and its end-of-sequence.
+                    let span = sample_span(whole + 1, &mut SplitMix64::new(seed));
+                    assert_eq!(ex.positive.prompt.len() - query, span.start);
+                    let reaches_end = span.end == whole + 1;
+                    match (ex.case, reaches_end, on) {
+                        (SubOutputCase::Other, false, true) => {
+                            assert!(eos, "{labels:?}");
+                            seen[0] += 1;
+                        }
+                        (SubOutputCase::Other, false, false) => {
+                            assert!(!eos, "{labels:?}");
+                            seen[1] += 1;
+                        }
+                        (_, true, false) => {
+                            assert!(eos, "the output ended there: {labels:?}");
+                            seen[2] += 1;
+                        }
+                        (SubOutputCase::PrefixIsAnswer, false, false) => {
+                            assert!(eos, "the answer ends there: {labels:?}");
+                            seen[3] += 1;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n > 0), "{seen:?}");
     }
 
     /// Tokenizes "(C)" as one token (id 1000) and each other character as itself; decodes

@@ -96,6 +96,10 @@ pub struct ExperimentArgs {
     /// Print every number as JSON instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// A run knob over the preset's, as KNOB=VALUE with the knob's field name
+    /// (repeatable), e.g. `--set eos_after_span=false`.
+    #[arg(long = "set", value_name = "KNOB=VALUE")]
+    pub set: Vec<String>,
 }
 
 /// What a preset fixes.
@@ -172,10 +176,17 @@ impl Plan {
                 .find(t)
                 .map_err(|e| anyhow::anyhow!("--tasks: {e}"))?;
         }
-        let knobs = pb::Hyperparameters {
+        let mut knobs = pb::Hyperparameters {
             iterations: a.iterations.or(knobs.iterations),
             ..knobs
         };
+        for kv in &a.set {
+            let Some((name, value)) = kv.split_once('=') else {
+                bail!("--set {kv:?}: write KNOB=VALUE, e.g. eos_after_span=false");
+            };
+            hir_proto::convert::set_hyperparameter(&mut knobs, name.trim(), value)
+                .map_err(|e| anyhow::anyhow!("--set {kv:?}: {e}"))?;
+        }
         if knobs.iterations == Some(0) {
             bail!("--iterations must be at least 1");
         }
@@ -488,11 +499,16 @@ mod tests {
                 token: None,
                 database_url: None,
                 json: false,
+                set: vec![],
             };
             f(&mut a);
             Plan::from_args(&a).err().map(|e| e.to_string())
         };
         assert_eq!(args(&|_| {}), None);
+        assert_eq!(
+            args(&|a: &mut ExperimentArgs| a.set = vec!["eos_after_span=false".into()]),
+            None
+        );
         for (f, flag) in [
             (
                 &(|a: &mut ExperimentArgs| a.preset = "tpu".into()) as &dyn Fn(&mut _),
@@ -515,6 +531,18 @@ mod tests {
                 "--iterations",
             ),
             (&|a: &mut ExperimentArgs| a.preset = "gpu".into(), "--model"),
+            (
+                &|a: &mut ExperimentArgs| a.set = vec!["eos_after_span".into()],
+                "--set",
+            ),
+            (
+                &|a: &mut ExperimentArgs| a.set = vec!["eos_after_span=maybe".into()],
+                "eos_after_span",
+            ),
+            (
+                &|a: &mut ExperimentArgs| a.set = vec!["no_such_knob=1".into()],
+                "no_such_knob",
+            ),
         ] {
             let err = args(f).expect("refused");
             assert!(err.contains(flag), "{err}");

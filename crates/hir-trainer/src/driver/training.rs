@@ -157,6 +157,7 @@ impl Driver<'_> {
             let opts = examples::BuildOptions {
                 chat: self.config.prompt_style == hir_core::run::PromptStyle::Chat,
                 eos_after_cut: self.config.eos_after_cut,
+                eos_after_span: self.config.eos_after_span,
             };
             let started = Instant::now();
             let stats = self
