@@ -178,7 +178,7 @@ async fn main() {
         );
     }
     let tso3 = store
-        .get_task_by_name("tracking_shuffled_objects_three_objects")
+        .get_task_by_name("tracking_shuffled_objects_three_objects", 1)
         .await
         .unwrap()
         .id;

@@ -129,11 +129,12 @@ impl NewTask {
 
 impl Store {
     /// Stores a task and all its examples in one transaction, or returns the
-    /// stored task when the same source (same `source_sha256`) is already there.
+    /// stored task when the same source (same `source_sha256`) is already there
+    /// under the same name and split seed. Each split seed of a task is its own row.
     ///
-    /// Fails with [`StoreError::Conflict`] when the name is taken by a task
-    /// built from a different source, and with [`StoreError::Invalid`] when the
-    /// examples do not match `n_examples`/`train_size` or repeat an idx.
+    /// Fails with [`StoreError::Conflict`] when the name and seed are taken by a
+    /// task built from a different source, and with [`StoreError::Invalid`] when
+    /// the examples do not match `n_examples`/`train_size` or repeat an idx.
     #[tracing::instrument(name = "Upserting task", skip(self, task), fields(task = %task.name))]
     pub async fn upsert_task(&self, task: &NewTask) -> Result<Task> {
         task.validate()?;
@@ -142,7 +143,7 @@ impl Store {
         sqlx::query(
             "INSERT INTO tasks (name, path, kind, split_seed, n_examples, train_size, source_sha256)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (name) DO NOTHING",
+             ON CONFLICT (name, split_seed) DO NOTHING",
         )
         .bind(&task.name)
         .bind(&task.path)
@@ -156,10 +157,12 @@ impl Store {
         .map_err(db_error("storing a task"))?;
 
         // Lock the row so a concurrent upsert of the same task waits for us.
-        let stored: Task = sqlx::query_as("SELECT * FROM tasks WHERE name = $1 FOR UPDATE")
-            .bind(&task.name)
-            .fetch_one(&mut *tx)
-            .await?;
+        let stored: Task =
+            sqlx::query_as("SELECT * FROM tasks WHERE name = $1 AND split_seed = $2 FOR UPDATE")
+                .bind(&task.name)
+                .bind(task.split_seed)
+                .fetch_one(&mut *tx)
+                .await?;
         let same = stored.path == task.path
             && stored.kind == task.kind
             && stored.split_seed == task.split_seed
@@ -168,9 +171,16 @@ impl Store {
             && stored.source_sha256 == task.source_sha256;
         if !same {
             return Err(StoreError::Conflict(format!(
-                "task {:?} is already stored from source sha256 {} with {} examples; \
-                 the new one differs (sha256 {}); store it under a new name",
-                task.name, stored.source_sha256, stored.n_examples, task.source_sha256
+                "task {:?} (split seed {}) is already stored from {} (sha256 {}, {} examples); \
+                 the new one is {} (sha256 {}, {} examples); store it under a new name",
+                task.name,
+                task.split_seed,
+                stored.path,
+                stored.source_sha256,
+                stored.n_examples,
+                task.path,
+                task.source_sha256,
+                task.n_examples
             )));
         }
 
@@ -198,15 +208,16 @@ impl Store {
         Ok(stored)
     }
 
-    /// Fetches a task by its unique name.
+    /// Fetches a task by its name and split seed.
     #[tracing::instrument(name = "Fetching task", skip(self))]
-    pub async fn get_task_by_name(&self, name: &str) -> Result<Task> {
-        sqlx::query_as::<_, Task>("SELECT * FROM tasks WHERE name = $1")
+    pub async fn get_task_by_name(&self, name: &str, split_seed: i64) -> Result<Task> {
+        sqlx::query_as::<_, Task>("SELECT * FROM tasks WHERE name = $1 AND split_seed = $2")
             .bind(name)
+            .bind(split_seed)
             .fetch_optional(self.pool())
             .await?
             .ok_or_else(|| StoreError::NotFound {
-                what: format!("task {name:?}"),
+                what: format!("task {name:?} split with seed {split_seed}"),
             })
     }
 

@@ -76,8 +76,10 @@ async fn upserting_a_task_twice_stores_its_examples_once(pool: PgPool) {
     assert_eq!(f.count("tasks").await, 1);
     assert_eq!(f.count("examples").await, i64::from(EXAMPLES));
 
-    let by_name = f.store.get_task_by_name(&f.task.name).await.unwrap();
+    let by_name = f.store.get_task_by_name(&f.task.name, 1).await.unwrap();
     assert_eq!(by_name.id, f.task.id);
+    let err = f.store.get_task_by_name(&f.task.name, 2).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
 
     let train = f
         .store
@@ -102,6 +104,36 @@ async fn upserting_a_task_twice_stores_its_examples_once(pool: PgPool) {
     assert_eq!(
         all[3].prompt,
         "Solve the question with correct answer.\n\nQ: question 3\nA:"
+    );
+}
+
+#[sqlx::test(migrator = "hir_store::MIGRATOR")]
+async fn another_split_seed_of_a_task_is_its_own_task(pool: PgPool) {
+    let f = fixture(pool).await;
+    let mut reseeded = new_task('a');
+    reseeded.split_seed = 2;
+    reseeded.examples[0].split = SplitSide::Test;
+    reseeded.examples[EXAMPLES as usize - 1].split = SplitSide::Train;
+    let second = f.store.upsert_task(&reseeded).await.unwrap();
+    assert_ne!(second.id, f.task.id);
+    assert_eq!(
+        (second.name.as_str(), second.split_seed),
+        (f.task.name.as_str(), 2)
+    );
+    assert_eq!(f.count("tasks").await, 2);
+    assert_eq!(f.count("examples").await, 2 * i64::from(EXAMPLES));
+    for (id, first, last) in [
+        (f.task.id, SplitSide::Train, SplitSide::Test),
+        (second.id, SplitSide::Test, SplitSide::Train),
+    ] {
+        let e = f.store.list_examples(id, None).await.unwrap();
+        assert_eq!(e[0].split, first);
+        assert_eq!(e[EXAMPLES as usize - 1].split, last);
+    }
+    assert_eq!(
+        f.store.upsert_task(&reseeded).await.unwrap(),
+        second,
+        "idempotent"
     );
 }
 
@@ -141,7 +173,11 @@ async fn a_task_whose_train_size_disagrees_with_its_examples_is_invalid(pool: Pg
 #[sqlx::test(migrator = "hir_store::MIGRATOR")]
 async fn an_unknown_task_name_is_not_found(pool: PgPool) {
     let f = fixture(pool).await;
-    let err = f.store.get_task_by_name("word_sorting").await.unwrap_err();
+    let err = f
+        .store
+        .get_task_by_name("word_sorting", 1)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, StoreError::NotFound { ref what } if what.contains("word_sorting")),
         "{err}"
