@@ -72,9 +72,9 @@ macro_rules! for_each_knob {
             eos_after_cut: bool = "eos-after-cut",
             /// End a label span that stops inside a sample's output (before its end-of-sequence)
             /// with end-of-sequence when it is neither the gold answer nor part of it (HIR.md
-            /// §1.5, case c), as the reference does. Off is a departure: such a span then ends without end-of-sequence, as case
-            /// (b)'s do, so a wrong output cut at a random point no longer teaches the model to
-            /// stop there.
+            /// §1.5, case c), as the reference does. Off is a departure: such a span then ends
+            /// without end-of-sequence, as case (b)'s do, so a wrong output cut at a random
+            /// point no longer teaches the model to stop there.
             eos_after_span: bool = "no-eos-after-span",
             /// Train encoder-decoder models with the dropout of their config (`dropout_rate`), as
             /// the reference trains FLAN-T5 in `train()` mode; each HIR step then takes the

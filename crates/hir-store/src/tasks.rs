@@ -165,7 +165,6 @@ impl Store {
                 .await?;
         let same = stored.path == task.path
             && stored.kind == task.kind
-            && stored.split_seed == task.split_seed
             && stored.n_examples == task.n_examples
             && stored.train_size == task.train_size
             && stored.source_sha256 == task.source_sha256;
