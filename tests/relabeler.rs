@@ -220,6 +220,48 @@ async fn an_iteration_fills_samples_relabels_and_batches() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sft_iteration_writes_each_gold_answer_once_and_samples_nothing() {
+    let (db, store) = fresh_db("sft").await;
+    let bigbench = tiny_bigbench("sft", 20);
+    let run = create_run(&store, &bigbench, "sft").await;
+    // The base version is pinned up front: no generator is asked for anything.
+    let base = store
+        .register_model_version(&hir_store::NewModelVersion {
+            name: "base".into(),
+            run_id: None,
+            iteration: None,
+            parent_id: None,
+            checkpoint_uri: "file:///base".into(),
+            sha256: "0".repeat(64),
+            metrics: serde_json::json!({}),
+        })
+        .await
+        .unwrap();
+    store.ensure_iteration(run, 1).await.unwrap();
+    store.pin_iteration_version(run, 1, base.id).await.unwrap();
+    // A generator address nothing listens on: any request to it would fail the iteration.
+    let dead = "http://127.0.0.1:9".to_string();
+    let (mut client, _r) = start_relabeler(relabeler_config(&db, &dead, &bigbench)).await;
+    let last = sample_to_end(&mut client, run).await;
+    assert_eq!(last.status, pb::IterationStatus::Sampled as i32, "{last:?}");
+
+    let catalog = hir_core::task::Catalog::discover(&bigbench).unwrap();
+    let task = catalog.load("tiny_mc").unwrap();
+    let split = hir_core::split::Split::new(1, 20);
+    let rows = sample_rows(&store, run).await;
+    // One sample per training prompt: the gold answer, correct, no token ids, kept under
+    // the original instruction.
+    assert_eq!(rows.len(), split.train.len());
+    for (example, sample, output, tokens, correct, positive) in &rows {
+        assert_eq!(*sample, 0);
+        assert_eq!(output, &task.examples[*example as usize].answer.gold());
+        assert!(tokens.is_empty() && *correct, "{output:?}");
+        assert_eq!(positive, hir_core::prompt::DEFAULT_INSTRUCTION);
+    }
+    drop_db(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_relabeler_resumes_to_exactly_the_same_rows() {
     let (db, store) = fresh_db("resume").await;
     let bigbench = tiny_bigbench("resume", 400);

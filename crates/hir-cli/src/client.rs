@@ -99,7 +99,7 @@ pub struct RunArgs {
     /// The starting model as the trainer sees it: a HF folder or a GGUF file.
     #[arg(long)]
     pub model: String,
-    /// Relabel policy: hir, hindsight_answer or farl.
+    /// Relabel policy: hir, hindsight_answer, farl or sft (the gold answers, a ceiling).
     #[arg(long, default_value = "hir")]
     pub policy: String,
     /// Human-readable name.
@@ -111,6 +111,10 @@ pub struct RunArgs {
     /// Prompts as the paper's text (`raw`) or as a chat turn (`chat`) [raw].
     #[arg(long)]
     pub prompt_style: Option<String>,
+    /// What makes a sample correct for relabeling: `exact` (the reference) or `extracted`
+    /// (the answer read out of the output) [exact].
+    #[arg(long)]
+    pub verifier: Option<String>,
     /// Where unset knobs come from: `reference` (run.sh: 1 sample per prompt) or `paper`
     /// (4 samples per prompt, otherwise the same) [paper].
     #[arg(long)]
@@ -134,6 +138,7 @@ impl RunArgs {
     pub fn request(&self) -> Result<pb::StartRunRequest> {
         let mut h = pb::Hyperparameters {
             prompt_style: self.prompt_style.clone(),
+            verifier: self.verifier.clone(),
             preset: self.preset.clone(),
             lora_targets: self.lora_targets.clone(),
             ..Default::default()
@@ -530,7 +535,12 @@ pub struct EvalArgs {
 pub async fn eval(args: EvalArgs) -> Result<()> {
     let catalog = hir_core::task::Catalog::discover(&args.bigbench.dir)?;
     let task = catalog.load(&args.task)?;
-    let (test, prompts) = hir_core::eval::test_prompts(&task, args.seed, args.max_test_prompts);
+    let (test, prompts) = hir_core::eval::test_prompts(
+        &task,
+        args.seed,
+        args.max_test_prompts,
+        hir_core::prompt::PromptVariant::Eval,
+    );
     let channel = connect(
         &args.generator,
         "--generator",

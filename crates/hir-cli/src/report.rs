@@ -22,14 +22,50 @@ pub fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
 
-/// One row per iteration: samples, training, and test accuracy per task.
+/// An accuracy over `n` test items with its Wilson 95% interval: `11.0% [7.4–16.1]`.
+pub fn pct_interval(accuracy: f64, n: u32) -> String {
+    let k = (accuracy * f64::from(n)).round() as u32;
+    let (lo, hi) = crate::experiment::stats::wilson(k, n);
+    format!("{} [{:.1}–{:.1}]", pct(accuracy), 100.0 * lo, 100.0 * hi)
+}
+
+/// The exact McNemar p-value of `e` against the base model's evaluation of the same task
+/// on the same items (exact match, then extraction); `-` without one.
+fn p_vs_base(run: &pb::Run, e: &pb::TaskAccuracy, iteration: u32) -> String {
+    use crate::experiment::stats;
+    let base = run
+        .iterations
+        .iter()
+        .find(|i| i.iteration == 0)
+        .and_then(|i| i.eval.iter().find(|b| b.task == e.task));
+    match base {
+        Some(b) if iteration > 0 && b.examples == e.examples => {
+            let p = |x: &[u32], y: &[u32]| {
+                let (only_x, only_y) = stats::discordant(x, y);
+                stats::p_value(stats::mcnemar_exact(only_x, only_y))
+            };
+            format!(
+                "{} / {}",
+                p(&e.correct_examples, &b.correct_examples),
+                p(&e.correct_extracted_examples, &b.correct_extracted_examples)
+            )
+        }
+        _ => "-".into(),
+    }
+}
+
+/// One row per iteration: samples, training, and test accuracy per task with its Wilson
+/// 95% interval and the exact McNemar p-value against the base model (iteration 0).
 pub fn iteration_table(run: &pb::Run) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| iteration | status | version | samples | sample acc. | steps | train loss | task | test exact | test extracted | answers |"
+        "| iteration | status | version | samples | sample acc. | steps | train loss | task | test exact [95% CI] | test extracted [95% CI] | p vs base (exact / extracted) | answers |"
     );
-    let _ = writeln!(s, "|---:|---|---|---:|---:|---:|---:|---|---:|---:|---|");
+    let _ = writeln!(
+        s,
+        "|---:|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|"
+    );
     for it in &run.iterations {
         let status = iteration_status_name(it.status);
         let evals: Vec<Option<&pb::TaskAccuracy>> = if it.eval.is_empty() {
@@ -40,7 +76,7 @@ pub fn iteration_table(run: &pb::Run) -> String {
         for e in evals {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 it.iteration,
                 status,
                 it.model_version,
@@ -57,8 +93,9 @@ pub fn iteration_table(run: &pb::Run) -> String {
                     "-".into()
                 },
                 e.map_or("-".into(), |e| e.task.clone()),
-                e.map_or("-".into(), |e| pct(e.exact)),
-                e.map_or("-".into(), |e| pct(e.extracted)),
+                e.map_or("-".into(), |e| pct_interval(e.exact, e.examples)),
+                e.map_or("-".into(), |e| pct_interval(e.extracted, e.examples)),
+                e.map_or("-".into(), |e| p_vs_base(run, e, it.iteration)),
                 e.map_or("-".into(), |e| answers(&e.predicted_counts)),
             );
         }
@@ -256,6 +293,8 @@ mod tests {
                 examples: 4,
                 exact,
                 extracted: exact + 0.25,
+                correct_examples: (0..(exact * 4.0) as u32).collect(),
+                correct_extracted_examples: (0..((exact + 0.25) * 4.0) as u32).collect(),
                 ..Default::default()
             }],
             ..Default::default()
@@ -285,6 +324,16 @@ mod tests {
         assert_eq!(t.lines().count(), 4);
         assert!(
             t.contains("| 1 | done |") && t.contains("50.0%") && t.contains("75.0%"),
+            "{t}"
+        );
+        // 2 of 4 with its Wilson interval; one item more than the base's in each score,
+        // so p = 1 both ways; the base row has nothing to compare with.
+        assert!(
+            t.contains("| tiny | 50.0% [15.0–85.0] | 75.0% [30.1–95.4] | 1.000 / 1.000 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains("| tiny | 25.0% [4.6–69.9] | 50.0% [15.0–85.0] | - |"),
             "{t}"
         );
     }

@@ -28,25 +28,38 @@ pub struct TaskEval {
 }
 
 /// The test split of `task` under `seed` (at most `max` examples; 0 = all) and the
-/// reference evaluator's prompt of each.
-pub fn test_prompts(task: &Task, seed: u32, max: usize) -> (Vec<usize>, Vec<String>) {
-    let mut test = Split::new(seed, task.examples.len()).test;
+/// prompt of each: the reference evaluator's ([`PromptVariant::Eval`]), or the sampler's
+/// when a run evaluates on the text it trains on.
+pub fn test_prompts(
+    task: &Task,
+    seed: u32,
+    max: usize,
+    variant: PromptVariant,
+) -> (Vec<usize>, Vec<String>) {
+    eval_prompts(
+        task,
+        Split::new(seed, task.examples.len()).test,
+        max,
+        variant,
+    )
+}
+
+/// The examples `examples` of `task` (at most `max`; 0 = all) and the prompt of each
+/// under `variant`.
+pub fn eval_prompts(
+    task: &Task,
+    mut examples: Vec<usize>,
+    max: usize,
+    variant: PromptVariant,
+) -> (Vec<usize>, Vec<String>) {
     if max > 0 {
-        test.truncate(max);
+        examples.truncate(max);
     }
-    let prompts = test
+    let prompts = examples
         .iter()
-        .map(|&i| {
-            Prompt::build(
-                task,
-                &task.examples[i],
-                DEFAULT_INSTRUCTION,
-                PromptVariant::Eval,
-            )
-            .text()
-        })
+        .map(|&i| Prompt::build(task, &task.examples[i], DEFAULT_INSTRUCTION, variant).text())
         .collect();
-    (test, prompts)
+    (examples, prompts)
 }
 
 /// Scores the answers `texts` to the examples `test` of `task`: the task's accuracy under

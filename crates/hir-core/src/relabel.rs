@@ -8,6 +8,9 @@
 //!   "Solve the question with answer <what it gave>." for a generative one.
 //! * [`FilterPolicy`] (`farl`): no relabeling; only correct samples are kept under the
 //!   original instruction, the FARL-like baseline of the paper.
+//! * [`SftPolicy`] (`sft`): the supervised ceiling. The relabeler does not sample for it:
+//!   each training prompt's gold answer is written as its one sample, kept under the
+//!   original instruction and trained with the same loss and optimizer as the rest.
 
 use crate::error::{CoreError, Result};
 use crate::prompt::DEFAULT_INSTRUCTION;
@@ -63,14 +66,32 @@ pub trait RelabelPolicy: Send + Sync + std::fmt::Debug {
 }
 
 /// The names of the built-in policies.
-pub const POLICY_NAMES: [&str; 3] = [BinaryPolicy::NAME, AnswerPolicy::NAME, FilterPolicy::NAME];
+pub const POLICY_NAMES: [&str; 4] = [
+    BinaryPolicy::NAME,
+    AnswerPolicy::NAME,
+    FilterPolicy::NAME,
+    SftPolicy::NAME,
+];
 
 /// A built-in policy by name, with the reference's strings.
 pub fn policy_by_name(name: &str) -> Result<Box<dyn RelabelPolicy>> {
+    policy_for(name, false)
+}
+
+/// A built-in policy by name for a run: with `same_prompt_text` (a departure, see
+/// [`crate::run::RunConfig`]) a correct output is relabeled to the instruction evaluation
+/// asks under, [`DEFAULT_INSTRUCTION`], instead of the reference's "Solve question with
+/// correct answer.".
+pub fn policy_for(name: &str, same_prompt_text: bool) -> Result<Box<dyn RelabelPolicy>> {
+    let mut binary = BinaryPolicy::default();
+    if same_prompt_text {
+        binary.when_correct.positive = DEFAULT_INSTRUCTION.to_string();
+    }
     match name {
-        BinaryPolicy::NAME => Ok(Box::new(BinaryPolicy::default())),
-        AnswerPolicy::NAME => Ok(Box::new(AnswerPolicy::default())),
+        BinaryPolicy::NAME => Ok(Box::new(binary)),
+        AnswerPolicy::NAME => Ok(Box::new(AnswerPolicy { binary })),
         FilterPolicy::NAME => Ok(Box::new(FilterPolicy::default())),
+        SftPolicy::NAME => Ok(Box::new(SftPolicy::default())),
         other => Err(CoreError::InvalidArgument {
             field: "policy",
             reason: format!(
@@ -205,6 +226,34 @@ impl RelabelPolicy for FilterPolicy {
     }
 }
 
+/// The supervised ceiling: the gold answers trained under the original instruction. Its
+/// samples are the gold answers themselves (the relabeler writes them instead of sampling),
+/// so every one is correct; like `farl`, the negative side repeats the instruction.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SftPolicy {
+    filter: FilterPolicy,
+}
+
+impl SftPolicy {
+    /// The policy's recorded name.
+    pub const NAME: &'static str = "sft";
+}
+
+impl RelabelPolicy for SftPolicy {
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    fn relabel(&self, outcome: &Outcome<'_>) -> Option<Relabel> {
+        self.filter.relabel(outcome)
+    }
+}
+
+/// Whether `policy` trains on the gold answers instead of samples (no generation).
+pub fn trains_on_gold(policy: &str) -> bool {
+    policy == SftPolicy::NAME
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +290,40 @@ mod tests {
             .unwrap();
         assert_eq!(wrong.positive, "Solve the question with wrong answer.");
         assert_eq!(wrong.negative, "Solve the question with correct answer.");
+    }
+
+    #[test]
+    fn same_prompt_text_relabels_correct_outputs_to_the_evaluation_instruction() {
+        let right = outcome(TaskKind::Generative, true, "8", Some("8"));
+        let wrong = outcome(TaskKind::Generative, false, "9", Some("9"));
+        for name in ["hir", "hindsight_answer"] {
+            let p = policy_for(name, true).unwrap();
+            let r = p.relabel(&right).unwrap();
+            assert_eq!(r.positive, DEFAULT_INSTRUCTION, "{name}");
+            assert_eq!(
+                r.negative, "Solve the question with wrong answer.",
+                "{name}"
+            );
+            // The reference's typo stays the default.
+            let r = policy_for(name, false).unwrap().relabel(&right).unwrap();
+            assert_eq!(r.positive, "Solve question with correct answer.", "{name}");
+        }
+        let w = policy_for("hir", true).unwrap().relabel(&wrong).unwrap();
+        assert_eq!(w, BinaryPolicy::default().when_wrong);
+    }
+
+    #[test]
+    fn sft_keeps_its_gold_samples_under_the_original_instruction() {
+        let p = policy_by_name("sft").unwrap();
+        assert_eq!(p.name(), "sft");
+        let gold = p
+            .relabel(&outcome(TaskKind::Generative, true, "8", Some("8")))
+            .unwrap();
+        assert_eq!(gold, Relabel::new(DEFAULT_INSTRUCTION, DEFAULT_INSTRUCTION));
+        assert!(p
+            .relabel(&outcome(TaskKind::Generative, false, "9", Some("9")))
+            .is_none());
+        assert!(trains_on_gold("sft") && !trains_on_gold("farl") && !trains_on_gold("hir"));
     }
 
     #[test]
@@ -291,7 +374,7 @@ mod tests {
     fn unknown_policy_lists_the_known_ones() {
         let err = policy_by_name("ppo").unwrap_err().to_string();
         assert!(
-            err.contains("policy") && err.contains("hir, hindsight_answer, farl"),
+            err.contains("policy") && err.contains("hir, hindsight_answer, farl, sft"),
             "{err}"
         );
     }

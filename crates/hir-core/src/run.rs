@@ -94,6 +94,24 @@ macro_rules! for_each_knob {
             lora_rank: u32 = "lora-rank",
             /// LoRA's alpha: the adapters' product is scaled by `lora_alpha / lora_rank`.
             lora_alpha: f64 = "lora-alpha",
+            /// Sample, train and evaluate a decoder-only model on the same prompt text. Off
+            /// (the reference), evaluation prompts carry one more newline than sampling and
+            /// training prompts (invisible to T5's tokenizer, another token sequence for a
+            /// BPE model), and the `hir` policy relabels a correct output to "Solve question
+            /// with correct answer." (no "the"), which is not the instruction evaluation
+            /// asks under. On is a departure: evaluation uses the sampling prompt, and a
+            /// correct output is relabeled to the evaluation's instruction.
+            same_prompt_text: bool = "same-prompt-text",
+            /// Share of the training split held out as validation, in [0, 1): its prompts are
+            /// never sampled or trained, and the run is evaluated on them instead of the test
+            /// split, so that settings can be compared without looking at the test split. 0
+            /// (the reference) evaluates on the test split.
+            validation_share: f64 = "validation-share",
+            /// Evaluate after every this many iterations, and always after the base model and
+            /// the last iteration; 0 evaluates only those two. 1 (the reference) evaluates
+            /// every iteration. Larger values save a whole-split evaluation per skipped
+            /// iteration, which dominates a CPU run.
+            eval_every: u32 = "eval-every",
         }
     };
 }
@@ -127,6 +145,8 @@ macro_rules! declare_run_config {
             $( $(#[doc = $doc])* pub $field: $ty, )*
             /// How prompts reach the model.
             pub prompt_style: PromptStyle,
+            /// What makes a sample correct for relabeling and filtering.
+            pub verifier: Verifier,
         }
 
         /// Every numeric and boolean knob, in declaration order.
@@ -179,6 +199,55 @@ impl PromptStyle {
                     crate::text_enum::bounded(other)
                 ),
             }),
+        }
+    }
+}
+
+/// What makes a sampled output correct when it is relabeled (`hir`, `hindsight_answer`)
+/// or kept (`farl`). Evaluation always reports both exact match and extraction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verifier {
+    /// The reference's verdict: the whole output equals the gold answer after
+    /// normalization ([`crate::score::relabel_match`]).
+    #[default]
+    Exact,
+    /// The answer read out of the output ([`crate::score::score`]'s extraction) equals the
+    /// gold answer. A departure: a small model's "There are 8 objects." counts as the
+    /// answer 8, so the few right answers it gives are seen.
+    Extracted,
+}
+
+impl Verifier {
+    /// `exact` or `extracted`, as recorded with the run.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verifier::Exact => "exact",
+            Verifier::Extracted => "extracted",
+        }
+    }
+
+    /// Parses `exact` or `extracted`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "exact" => Ok(Verifier::Exact),
+            "extracted" => Ok(Verifier::Extracted),
+            other => Err(CoreError::InvalidArgument {
+                field: "verifier",
+                reason: format!(
+                    "is {:?}; must be \"exact\" or \"extracted\"",
+                    crate::text_enum::bounded(other)
+                ),
+            }),
+        }
+    }
+
+    /// The verdict on `output` against `gold`, given whether extraction read the gold
+    /// answer out of it (`extracted`, as [`crate::score::score`] reports).
+    pub fn correct(self, output: &str, gold: &str, extracted: bool) -> bool {
+        match self {
+            Verifier::Exact => crate::score::relabel_match(output, gold),
+            Verifier::Extracted => extracted,
         }
     }
 }
@@ -316,12 +385,49 @@ impl Default for RunConfig {
             lora_rank: 0,
             lora_alpha: 16.0,
             lora_targets: "q_proj,v_proj".into(),
+            same_prompt_text: false,
+            validation_share: 0.0,
+            eval_every: 1,
             prompt_style: PromptStyle::Raw,
+            verifier: Verifier::Exact,
         }
     }
 }
 
 impl RunConfig {
+    /// Whether iteration `k` (0 = the base model) is evaluated under `eval_every`.
+    pub fn evaluates(&self, k: u32) -> bool {
+        k == 0 || k >= self.iterations || (self.eval_every > 0 && k % self.eval_every == 0)
+    }
+
+    /// The prompt evaluation uses: the reference evaluator's, or the sampler's under
+    /// `same_prompt_text`.
+    pub fn eval_prompt_variant(&self) -> crate::prompt::PromptVariant {
+        if self.same_prompt_text {
+            crate::prompt::PromptVariant::Sampler
+        } else {
+            crate::prompt::PromptVariant::Eval
+        }
+    }
+
+    /// How evaluation results are keyed in the store beside the model version: the prompt
+    /// style, with `+sampler_text` when the prompt is the sampler's, `+validation<share>`
+    /// when the run evaluates on validation prompts, and `+new<max_new_tokens>`, so that
+    /// results of different prompt texts, example sets or answer lengths never stand in
+    /// for each other (a version's stored answers are reused by the next run that
+    /// evaluates it the same way).
+    pub fn eval_style_key(&self) -> String {
+        let mut key = self.prompt_style.as_str().to_string();
+        if self.same_prompt_text {
+            key.push_str("+sampler_text");
+        }
+        if self.validation_share > 0.0 {
+            key.push_str(&format!("+validation{}", self.validation_share));
+        }
+        key.push_str(&format!("+new{}", self.max_new_tokens));
+        key
+    }
+
     /// The knobs of a named preset: `reference` (what `run.sh` runs: 1 sample per prompt,
     /// 31 rounds, no clipping, the replay cap and de-duplication) or `paper` (the same with
     /// the paper's 4 samples per prompt).
@@ -355,6 +461,15 @@ impl RunConfig {
                     "is {:?}; known presets: {}",
                     crate::text_enum::bounded(&self.preset),
                     PRESETS.join(", ")
+                ),
+            );
+        }
+        if !(0.0..1.0).contains(&self.validation_share) {
+            return bad(
+                "validation_share",
+                format!(
+                    "is {}; must be in (0, 1), or 0 to evaluate on the test split",
+                    self.validation_share
                 ),
             );
         }
@@ -628,5 +743,75 @@ mod tests {
         assert_ne!(a, c.sample_seed(2, 3, 7));
         assert_ne!(a, c.sample_seed(1, 4, 7));
         assert_ne!(a, c.sample_seed(1, 3, 8));
+    }
+
+    #[test]
+    fn the_verifier_is_exact_match_or_extraction_and_unknown_names_are_refused() {
+        use super::Verifier;
+        assert_eq!(RunConfig::default().verifier, Verifier::Exact);
+        assert_eq!(Verifier::parse("exact").unwrap(), Verifier::Exact);
+        assert_eq!(Verifier::parse("extracted").unwrap(), Verifier::Extracted);
+        let err = Verifier::parse("fuzzy").unwrap_err().to_string();
+        assert!(err.contains("verifier"), "{err}");
+        // A right number inside a sentence: extraction sees it, exact match does not.
+        assert!(!Verifier::Exact.correct("There are 8 objects.", "8", true));
+        assert!(Verifier::Extracted.correct("There are 8 objects.", "8", true));
+        assert!(Verifier::Exact.correct("8", "8", true));
+        assert!(!Verifier::Extracted.correct("9", "8", false));
+    }
+
+    #[test]
+    fn same_prompt_text_evaluates_on_the_sampler_prompt_under_its_own_key() {
+        let mut c = RunConfig::default();
+        assert_eq!(c.eval_prompt_variant(), crate::prompt::PromptVariant::Eval);
+        assert_eq!(c.eval_style_key(), "raw+new256");
+        c.same_prompt_text = true;
+        c.prompt_style = PromptStyle::Chat;
+        assert_eq!(
+            c.eval_prompt_variant(),
+            crate::prompt::PromptVariant::Sampler
+        );
+        assert_eq!(c.eval_style_key(), "chat+sampler_text+new256");
+        c.validation_share = 0.25;
+        c.max_new_tokens = 16;
+        assert_eq!(c.eval_style_key(), "chat+sampler_text+validation0.25+new16");
+    }
+
+    #[test]
+    fn eval_every_keeps_the_base_and_the_last_iteration() {
+        let mut c = RunConfig {
+            iterations: 5,
+            ..RunConfig::default()
+        };
+        assert!((0..=5).all(|k| c.evaluates(k)));
+        c.eval_every = 0;
+        assert_eq!(
+            (0..=5).filter(|&k| c.evaluates(k)).collect::<Vec<_>>(),
+            [0, 5]
+        );
+        c.eval_every = 2;
+        assert_eq!(
+            (0..=5).filter(|&k| c.evaluates(k)).collect::<Vec<_>>(),
+            [0, 2, 4, 5]
+        );
+    }
+
+    #[test]
+    fn a_validation_share_outside_its_range_is_refused_by_name() {
+        for bad in [-0.1, 1.0, 1.5, f64::NAN] {
+            let c = RunConfig {
+                validation_share: bad,
+                ..RunConfig::default()
+            };
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("validation_share"), "{bad}: {err}");
+        }
+        for good in [0.0, 0.2, 0.99] {
+            let c = RunConfig {
+                validation_share: good,
+                ..RunConfig::default()
+            };
+            c.validate().unwrap();
+        }
     }
 }

@@ -136,6 +136,22 @@ impl Split {
         Self { train, test }
     }
 
+    /// Moves the last `⌈share · |train|⌉` training indices into a validation part and
+    /// returns it; the rest stay training indices, in the same order. The validation part
+    /// comes from the end of the permutation, so a run's first training prompts are the
+    /// same with or without it (runs that choose settings train on the data the chosen
+    /// run trains on). `share` 0 holds out nothing; it is clamped below 1 so that at least
+    /// one training index stays.
+    pub fn hold_out_validation(&mut self, share: f64) -> Vec<usize> {
+        // NaN and anything at or below 0 hold out nothing.
+        if share.is_nan() || share <= 0.0 || self.train.len() < 2 {
+            return Vec::new();
+        }
+        let n = self.train.len();
+        let k = ((share * n as f64).ceil() as usize).clamp(1, n - 1);
+        self.train.split_off(n - k)
+    }
+
     /// The side of every example, indexed by example index.
     pub fn sides(&self) -> Vec<SplitSide> {
         let mut sides = vec![SplitSide::Test; self.train.len() + self.test.len()];
@@ -149,6 +165,25 @@ impl Split {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn validation_comes_from_the_end_of_the_training_permutation() {
+        let full = Split::new(1, 1000);
+        let mut s = Split::new(1, 1000);
+        let validation = s.hold_out_validation(0.25);
+        assert_eq!(validation.len(), 200);
+        assert_eq!(s.train.len(), 600);
+        assert_eq!(s.train[..], full.train[..600]);
+        assert_eq!(validation[..], full.train[600..]);
+        assert_eq!(s.test, full.test, "the test split is untouched");
+        let mut none = Split::new(1, 1000);
+        assert!(none.hold_out_validation(0.0).is_empty());
+        assert_eq!(none.train, full.train);
+        let mut tiny = Split::new(1, 3);
+        // 2 training examples: one is held out, one stays.
+        assert_eq!(tiny.hold_out_validation(0.99).len(), 1);
+        assert_eq!(tiny.train.len(), 1);
+    }
 
     #[test]
     fn mt19937_matches_the_reference_outputs() {

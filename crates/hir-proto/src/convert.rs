@@ -111,6 +111,9 @@ pub fn run_config(
     if let Some(style) = &h.prompt_style {
         c.prompt_style = hir_core::run::PromptStyle::parse(style)?;
     }
+    if let Some(verifier) = &h.verifier {
+        c.verifier = hir_core::run::Verifier::parse(verifier)?;
+    }
     if h.lora_rank == Some(0) {
         return Err(hir_core::CoreError::InvalidArgument {
             field: "lora_rank",
@@ -134,6 +137,7 @@ pub fn run_config(
 pub fn hyperparameters(c: &RunConfig) -> pb::Hyperparameters {
     let mut h = pb::Hyperparameters {
         prompt_style: Some(c.prompt_style.as_str().to_string()),
+        verifier: Some(c.verifier.as_str().to_string()),
         preset: Some(c.preset.clone()),
         ..Default::default()
     };
@@ -175,6 +179,7 @@ pub fn set_hyperparameter(
                     })?);
                 } )*
                 "prompt_style" => h.prompt_style = Some(value.to_owned()),
+                "verifier" => h.verifier = Some(value.to_owned()),
                 "preset" => h.preset = Some(value.to_owned()),
                 "lora_targets" => h.lora_targets = Some(value.to_owned()),
                 _ => {
@@ -218,6 +223,8 @@ mod tests {
         c.learning_rate = 1e-5;
         c.eos_after_cut = true;
         c.prompt_style = hir_core::run::PromptStyle::Chat;
+        c.verifier = hir_core::run::Verifier::Extracted;
+        c.same_prompt_text = true;
         assert_eq!(run_config("m", Some(&hyperparameters(&c))).unwrap(), c);
         c.lora_rank = 8;
         c.lora_alpha = 32.0;
@@ -277,7 +284,7 @@ mod tests {
             .expect("Hyperparameters is in the descriptor set");
         let mut wire: Vec<&str> = message.field.iter().map(|f| f.name()).collect();
         let mut ours: Vec<&str> = hir_core::run::KNOBS.iter().map(|k| k.name).collect();
-        ours.extend(["prompt_style", "preset", "lora_targets"]);
+        ours.extend(["prompt_style", "verifier", "preset", "lora_targets"]);
         wire.sort_unstable();
         ours.sort_unstable();
         assert_eq!(wire, ours);

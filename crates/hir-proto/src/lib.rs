@@ -38,35 +38,53 @@ pub const SERVICE_NAMES: [&str; 3] = [
     "hir.v1.TrainerService",
 ];
 
+/// Services every hindsight server answers beside its own: health and reflection.
+pub const COMMON_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
 /// Server reflection over the `hir.v1` contract, every file it imports (the well-known
-/// types such as `google/protobuf/timestamp.proto`), health and reflection itself.
-fn reflection() -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
+/// types such as `google/protobuf/timestamp.proto`), health and reflection itself. Only
+/// `services` are listed: a server lists what it answers, not every service of the
+/// contract (the files of the others still resolve as imports).
+fn reflection(services: &[&str]) -> tonic_reflection::server::Builder<'static> {
+    let mut b = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    for name in services.iter().chain(&COMMON_SERVICES) {
+        b = b.with_service_name(*name);
+    }
+    b
 }
 
-/// A `grpc.reflection.v1` service describing the `hir.v1` services plus health.
-pub fn reflection_service() -> Result<
+/// A `grpc.reflection.v1` service listing `services` (fully qualified names of the
+/// `hir.v1` services the server answers) plus health and reflection.
+pub fn reflection_service(
+    services: &[&str],
+) -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
     tonic_reflection::server::Error,
 > {
-    reflection().build_v1()
+    reflection(services).build_v1()
 }
 
 /// The same as [`reflection_service`] under `grpc.reflection.v1alpha`, the version older
 /// clients (grpcurl before 1.9, many GUI clients) still ask for.
-pub fn reflection_v1alpha_service() -> Result<
+pub fn reflection_v1alpha_service(
+    services: &[&str],
+) -> Result<
     tonic_reflection::server::v1alpha::ServerReflectionServer<
         impl tonic_reflection::server::v1alpha::ServerReflection,
     >,
     tonic_reflection::server::Error,
 > {
-    reflection().build_v1alpha()
+    reflection(services).build_v1alpha()
 }
 
 /// A `grpc.health.v1` service and the handle that sets its statuses. Every service starts

@@ -3,6 +3,10 @@
 //! written to the store in batched, idempotent transactions. Then the samples are grouped
 //! into training batches and the iteration moves to SAMPLED.
 //!
+//! A run under the `sft` policy samples nothing: each training prompt's gold answer is
+//! written as its one sample (no token ids: the trainer tokenizes the text), so the
+//! supervised ceiling goes through the same store, batches and trainer as every method.
+//!
 //! Resume: each prompt's samples are seeded from (run seed, iteration, task, example), so a
 //! prompt sent again gives the same samples, and the store ignores rows it already holds. A
 //! restarted sampler skips prompts that have all their samples and re-sends the others.
@@ -13,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hir_core::relabel::{Outcome, RelabelPolicy};
 use hir_core::run::RunConfig;
-use hir_core::score::{relabel_match, score};
+use hir_core::score::score;
 use hir_proto::{convert, pb};
 use hir_runtime::generators::{retryable, serving_other_version, Backoff, GeneratorPool};
 use hir_store::{ExampleSampleCount, IterationStatus, NewRelabel, NewScoredSample, RunTask, Store};
@@ -110,7 +114,8 @@ async fn sample_iteration(
     } = sampler;
     let run = store.get_run(run_id).await?;
     let config = run.config()?;
-    let policy = hir_core::relabel::policy_by_name(&run.policy)?;
+    let policy = hir_core::relabel::policy_for(&run.policy, config.same_prompt_text)?;
+    let gold_only = hir_core::relabel::trains_on_gold(&run.policy);
     store.ensure_iteration(run_id, iteration).await?;
     let current = store.get_iteration(run_id, iteration).await?;
     if !matches!(
@@ -125,15 +130,26 @@ async fn sample_iteration(
         .await?;
     progress.send_modify(|p| p.status = Some(IterationStatus::Sampling));
 
-    let tasks =
-        hir_store::catalog::run_tasks(store, task_cache, run_id, config.split_seed()).await?;
+    let tasks = hir_store::catalog::run_tasks(
+        store,
+        task_cache,
+        run_id,
+        config.split_seed(),
+        config.validation_share,
+    )
+    .await?;
     if tasks.is_empty() {
         return Err(RelabelerError::FailedPrecondition(format!(
             "run {run_id} has no tasks"
         )));
     }
     let done = store.sample_counts(run_id, iteration).await?;
-    let (items, total) = prompts_to_sample(&config, &tasks, &done);
+    let per_prompt = if gold_only {
+        1
+    } else {
+        config.samples_per_prompt
+    };
+    let (items, total) = prompts_to_sample(&config, per_prompt, &tasks, &done);
     let version = sampling_version(store, generators, settings, run_id, iteration).await?;
     let totals = store.sample_totals(run_id, iteration).await?;
     progress.send_modify(|p| {
@@ -178,6 +194,20 @@ async fn sample_iteration(
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             let rt = &tasks[item.task];
+            if gold_only {
+                let rows = gold_samples(
+                    rt,
+                    &item,
+                    &config,
+                    policy.as_ref(),
+                    run_id,
+                    iteration,
+                    &version,
+                )?;
+                return tx.send(rows).await.map_err(|_| {
+                    RelabelerError::FailedPrecondition("the store writer stopped".into())
+                });
+            }
             let seed = config.sample_seed(iteration as u32, rt.id, item.example as u32);
             let request = pb::GenerateRequest {
                 prompts: vec![item.prompt.clone()],
@@ -201,6 +231,7 @@ async fn sample_iteration(
                 rt,
                 &item,
                 completions,
+                config.verifier,
                 policy.as_ref(),
                 run_id,
                 iteration,
@@ -249,10 +280,11 @@ async fn sample_iteration(
 /// stored per prompt), and how many prompts the iteration has in all.
 fn prompts_to_sample(
     config: &RunConfig,
+    per_prompt: u32,
     tasks: &[RunTask],
     done: &[ExampleSampleCount],
 ) -> (Vec<Item>, u64) {
-    let n = i64::from(config.samples_per_prompt);
+    let n = i64::from(per_prompt);
     let done: HashMap<(i64, i32), i64> = done
         .iter()
         .map(|c| ((c.task_id, c.example_idx), c.samples))
@@ -352,12 +384,54 @@ async fn write_samples(
     Ok(stored_now)
 }
 
-/// One prompt's completions scored against the gold answer and relabeled under `policy`,
-/// as rows to store.
+/// The one sample of a prompt under a policy that trains on the gold answers: the gold
+/// answer itself, scored and relabeled like any sample. A task whose example has no gold
+/// answer text cannot be trained this way.
+fn gold_samples(
+    rt: &RunTask,
+    item: &Item,
+    config: &RunConfig,
+    policy: &dyn RelabelPolicy,
+    run_id: Uuid,
+    iteration: i32,
+    version: &(i64, String),
+) -> Result<Vec<NewScoredSample>> {
+    let gold = rt.gold(item.example);
+    if gold.trim().is_empty() {
+        return Err(RelabelerError::FailedPrecondition(format!(
+            "task {:?} example {} has no gold answer to train on under policy {:?}",
+            rt.task.name,
+            item.example,
+            policy.name()
+        )));
+    }
+    let completion = pb::Completion {
+        sample_index: 0,
+        model_version: version.1.clone(),
+        finish_reason: pb::FinishReason::Eos as i32,
+        text: gold,
+        ..Default::default()
+    };
+    Ok(scored_samples(
+        rt,
+        item,
+        vec![completion],
+        config.verifier,
+        policy,
+        run_id,
+        iteration,
+        version,
+    ))
+}
+
+/// One prompt's completions scored against the gold answer (correct by `verifier`) and
+/// relabeled under `policy`, as rows to store.
+#[allow(clippy::too_many_arguments)]
 fn scored_samples(
     rt: &RunTask,
     item: &Item,
     completions: Vec<pb::Completion>,
+    verifier: hir_core::run::Verifier,
     policy: &dyn RelabelPolicy,
     run_id: Uuid,
     iteration: i32,
@@ -371,7 +445,7 @@ fn scored_samples(
             let s = score(&ex.answer, &c.text);
             let outcome = Outcome {
                 kind: rt.task.kind,
-                correct: relabel_match(&c.text, &gold),
+                correct: verifier.correct(&c.text, &gold, s.extracted),
                 output: &c.text,
                 predicted: s.predicted.as_deref(),
             };

@@ -77,15 +77,12 @@ impl std::fmt::Debug for ServerBuilder {
 }
 
 impl ServerBuilder {
-    /// A server on `listeners` serving health and reflection; no method needs a token, and
-    /// the metrics endpoint serves an empty registry until [`ServerBuilder::metrics`].
+    /// A server on `listeners` serving health and reflection (which lists the services
+    /// added by the time it serves); no method needs a token, and the metrics endpoint
+    /// serves an empty registry until [`ServerBuilder::metrics`].
     pub fn new(listeners: Listeners) -> Result<Self> {
-        let reflection =
-            |e: tonic_reflection::server::Error| RuntimeError::Reflection(e.to_string());
         let (health, health_service) = hir_proto::health_service();
-        let routes = tonic::service::Routes::new(health_service)
-            .add_service(hir_proto::reflection_service().map_err(reflection)?)
-            .add_service(hir_proto::reflection_v1alpha_service().map_err(reflection)?);
+        let routes = tonic::service::Routes::new(health_service);
         Ok(Self {
             listeners,
             routes,
@@ -179,6 +176,12 @@ impl ServerBuilder {
             on_shutdown,
             on_grace_over,
         } = self;
+        let reflection =
+            |e: tonic_reflection::server::Error| RuntimeError::Reflection(e.to_string());
+        let served: Vec<&str> = names.iter().copied().filter(|n| !n.is_empty()).collect();
+        let routes = routes
+            .add_service(hir_proto::reflection_service(&served).map_err(reflection)?)
+            .add_service(hir_proto::reflection_v1alpha_service(&served).map_err(reflection)?);
         let addr = listeners.grpc_addr();
         let statuses = Statuses {
             health,

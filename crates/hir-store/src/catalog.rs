@@ -77,8 +77,12 @@ pub struct RunTask {
     pub id: i64,
     /// The task as loaded from BIG-bench.
     pub task: Arc<Task>,
-    /// The training split's example indices, in the reference's order.
+    /// The training split's example indices, in the reference's order (less the validation
+    /// part, when the run holds one out).
     pub train: Vec<usize>,
+    /// The validation part held out of the training split (empty unless the run's
+    /// `validation_share` is set).
+    pub validation: Vec<usize>,
 }
 
 impl RunTask {
@@ -131,20 +135,28 @@ impl TaskCache {
     }
 }
 
-/// Loads the tasks of a run from the store and the task cache, split under `seed`.
+/// Loads the tasks of a run from the store and the task cache, split under `seed` with
+/// `validation_share` of each training split held out as validation.
 pub async fn run_tasks(
     store: &Store,
     tasks: &TaskCache,
     run_id: Uuid,
     seed: u32,
+    validation_share: f64,
 ) -> Result<Vec<RunTask>> {
     let ids = store.run_task_ids(run_id).await?;
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         let row = store.get_task_by_id(id).await?;
         let task = tasks.get(&row.name)?;
-        let train = Split::new(seed, task.examples.len()).train;
-        out.push(RunTask { id, task, train });
+        let mut split = Split::new(seed, task.examples.len());
+        let validation = split.hold_out_validation(validation_share);
+        out.push(RunTask {
+            id,
+            task,
+            train: split.train,
+            validation,
+        });
     }
     Ok(out)
 }

@@ -158,4 +158,49 @@ impl Store {
         .fetch_all(self.pool())
         .await?)
     }
+
+    /// Which test examples a model version answered correctly, per task, under one
+    /// evaluation style key: `(task, example index, exact, extracted)` ordered by task and
+    /// example. Results are keyed by version, not run: two runs that evaluate the same
+    /// version read the same items.
+    #[tracing::instrument(name = "Reading a version's eval items", skip(self))]
+    pub async fn version_eval_items(
+        &self,
+        version: &str,
+        prompt_style: &str,
+    ) -> Result<Vec<(String, i32, bool, bool)>> {
+        Ok(sqlx::query_as::<_, (String, i32, bool, bool)>(
+            "SELECT t.name, e.example_idx, e.correct, e.correct_extracted
+             FROM eval_results e
+             JOIN model_versions mv ON mv.id = e.model_version_id
+             JOIN tasks t ON t.id = e.task_id
+             WHERE mv.name = $1 AND e.prompt_style = $2
+             ORDER BY t.name, e.example_idx",
+        )
+        .bind(version)
+        .bind(prompt_style)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// The stored answers of a model version to one task's examples under one evaluation
+    /// style key, by example index.
+    #[tracing::instrument(name = "Reading a version's stored answers", skip(self))]
+    pub async fn eval_outputs(
+        &self,
+        model_version_id: i64,
+        task_id: i64,
+        prompt_style: &str,
+    ) -> Result<std::collections::HashMap<i32, String>> {
+        let rows = sqlx::query_as::<_, (i32, String)>(
+            "SELECT example_idx, output FROM eval_results
+             WHERE model_version_id = $1 AND task_id = $2 AND prompt_style = $3",
+        )
+        .bind(model_version_id)
+        .bind(task_id)
+        .bind(prompt_style)
+        .fetch_all(self.pool())
+        .await?;
+        Ok(rows.into_iter().collect())
+    }
 }

@@ -118,6 +118,7 @@ fn smollm2_examples(model: &hir_model::LoadedModel, n: usize) -> Vec<HirExample>
                 seed_key: i as u64,
                 prompt,
                 output_tokens: hir_model::LoadedModel::encode(model, output).expect("encodes"),
+                output: output.into(),
                 cut: false,
                 correct: i % 2 == 0,
                 gold: ex.answer.gold(),

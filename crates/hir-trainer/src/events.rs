@@ -103,6 +103,8 @@ pub fn task_accuracy(t: &TaskEval) -> pb::TaskAccuracy {
         exact: t.exact,
         extracted: t.extracted,
         predicted_counts: t.predicted.clone().into_iter().collect(),
+        // Item by item from the store, in the run's view (GetRun).
+        ..Default::default()
     }
 }
 

@@ -83,12 +83,15 @@ pub struct RelabeledSample {
     pub seed_key: u64,
     /// The prompt it was sampled from: instruction, blank line, query.
     pub prompt: String,
-    /// Its output tokens as generated.
+    /// Its output tokens as generated; empty for a sample that was written, not generated
+    /// (a gold answer under `sft`), whose `output` text is tokenized instead.
     pub output_tokens: Vec<u32>,
+    /// Its output text.
+    pub output: String,
     /// Whether generation stopped at `max_new_tokens` rather than ending on its own.
     pub cut: bool,
-    /// Whether the whole output was correct by the verifier the relabel came from
-    /// ([`hir_core::score::relabel_match`]).
+    /// Whether the output was correct by the run's verifier, the one the relabel came from
+    /// ([`hir_core::run::Verifier`]).
     pub correct: bool,
     /// The gold answer.
     pub gold: String,
@@ -171,7 +174,12 @@ pub fn build(
         .copied()
         .filter(|&t| !codec.is_eos(t))
         .collect();
-    let mut out = codec.encode(&codec.decode(&generated)?)?;
+    let text = if sample.output_tokens.is_empty() {
+        sample.output.clone()
+    } else {
+        codec.decode(&generated)?
+    };
+    let mut out = codec.encode(&text)?;
     let ends = !sample.cut || opts.eos_after_cut;
     if ends {
         out.push(eos);
@@ -298,6 +306,7 @@ mod tests {
             seed_key: 1,
             prompt: "Solve.\n\nQ: q\nA:".into(),
             output_tokens: Chars.encode(output).unwrap(),
+            output: output.to_string(),
             cut: false,
             correct,
             gold: "(C)".into(),
@@ -308,6 +317,20 @@ mod tests {
 
     fn ids(s: &str) -> Vec<u32> {
         Chars.encode(s).unwrap()
+    }
+
+    #[test]
+    fn a_written_sample_without_tokens_trains_its_text_as_a_generated_one_would() {
+        for seed in 0..20 {
+            let generated = sample("(C) blue", true);
+            let written = RelabeledSample {
+                output_tokens: vec![],
+                ..generated.clone()
+            };
+            let a = build(&generated, &Chars, PLAIN, &mut SplitMix64::new(seed)).unwrap();
+            let b = build(&written, &Chars, PLAIN, &mut SplitMix64::new(seed)).unwrap();
+            assert_eq!(a, b, "seed {seed}");
+        }
     }
 
     #[test]

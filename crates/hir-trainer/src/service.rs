@@ -224,21 +224,41 @@ impl Trainer {
                 } else {
                     0.0
                 },
+                sample_accuracy_extracted: if totals.samples > 0 {
+                    totals.correct_extracted as f64 / totals.samples as f64
+                } else {
+                    0.0
+                },
                 train_loss: t.and_then(|t| t.mean_loss).unwrap_or(0.0),
                 steps: t.map_or(0, |t| t.steps as u64),
-                eval: eval
-                    .iter()
-                    .map(|e| pb::TaskAccuracy {
-                        task: e.task.clone(),
-                        examples: e.n as u32,
-                        exact: e.accuracy,
-                        extracted: e.accuracy_extracted,
-                        predicted_counts: predictions
-                            .get(&(it.iteration, e.task.clone()))
-                            .cloned()
-                            .unwrap_or_default(),
-                    })
-                    .collect(),
+                eval: {
+                    let mut out = Vec::with_capacity(eval.len());
+                    for e in &eval {
+                        let items = store
+                            .version_eval_items(&e.version, &e.prompt_style)
+                            .await?;
+                        let pick = |f: fn(&(String, i32, bool, bool)) -> bool| {
+                            items
+                                .iter()
+                                .filter(|i| i.0 == e.task && f(i))
+                                .map(|i| i.1 as u32)
+                                .collect()
+                        };
+                        out.push(pb::TaskAccuracy {
+                            task: e.task.clone(),
+                            examples: e.n as u32,
+                            exact: e.accuracy,
+                            extracted: e.accuracy_extracted,
+                            predicted_counts: predictions
+                                .get(&(it.iteration, e.task.clone()))
+                                .cloned()
+                                .unwrap_or_default(),
+                            correct_examples: pick(|i| i.2),
+                            correct_extracted_examples: pick(|i| i.3),
+                        });
+                    }
+                    out
+                },
                 error: it.error.unwrap_or_default(),
             });
         }
@@ -389,6 +409,22 @@ impl Trainer {
 
     async fn start_run(&self, r: pb::StartRunRequest) -> Result<pb::Run> {
         let (run_id, policy, config, task_names) = self.validate_start(&r)?;
+        if hir_core::relabel::trains_on_gold(&policy) {
+            // The ceiling trains on the gold answers: every example needs one.
+            for t in &task_names {
+                let task = self.ctx.tasks.get(t)?;
+                if let Some(i) = (0..task.examples.len())
+                    .find(|&i| hir_store::catalog::gold(&task, i).trim().is_empty())
+                {
+                    return Err(TrainerError::invalid(
+                        "policy",
+                        format!(
+                            "\"{policy}\" trains on gold answers, and example {i} of task {t:?} has none"
+                        ),
+                    ));
+                }
+            }
+        }
         let architecture = self.check_model(&config.model).await?;
         self.check_lora(&config).await?;
         self.check_generators(&config, &architecture).await?;

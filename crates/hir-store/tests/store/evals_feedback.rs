@@ -100,3 +100,56 @@ async fn concurrent_feedback_in_different_orders_is_stored_once(pool: PgPool) {
     assert_eq!(inserted, 200, "each tuple inserted by exactly one writer");
     assert_eq!(f.count("feedback").await, 200);
 }
+
+#[sqlx::test(migrator = "hir_store::MIGRATOR")]
+async fn a_versions_answers_and_correct_items_are_read_back_per_style(pool: PgPool) {
+    let f = fixture(pool).await;
+    let result = |example_idx: i32, style: &str, correct: bool, extracted: bool| NewEvalResult {
+        model_version_id: f.version.id,
+        task_id: f.task.id,
+        example_idx,
+        prompt_style: style.into(),
+        run_id: Some(f.run_id),
+        iteration: Some(0),
+        output: format!("answer {example_idx} {style}"),
+        correct,
+        correct_extracted: extracted,
+        predicted: None,
+    };
+    f.store
+        .record_eval_results(&[
+            result(3, "chat+new16", true, true),
+            result(1, "chat+new16", false, true),
+            result(2, "chat+new16", false, false),
+            result(1, "chat+new32", true, true),
+        ])
+        .await
+        .unwrap();
+    let items = f
+        .store
+        .version_eval_items(&f.version.name, "chat+new16")
+        .await
+        .unwrap();
+    let name = f.task.name.clone();
+    assert_eq!(
+        items,
+        vec![
+            (name.clone(), 1, false, true),
+            (name.clone(), 2, false, false),
+            (name.clone(), 3, true, true),
+        ]
+    );
+    let outputs = f
+        .store
+        .eval_outputs(f.version.id, f.task.id, "chat+new32")
+        .await
+        .unwrap();
+    assert_eq!(outputs.len(), 1);
+    assert_eq!(outputs[&1], "answer 1 chat+new32");
+    assert!(f
+        .store
+        .eval_outputs(f.version.id, f.task.id, "raw+new16")
+        .await
+        .unwrap()
+        .is_empty());
+}

@@ -76,8 +76,14 @@ pub async fn drive(
 ) -> Result<()> {
     let run = ctx.store.get_run(run_id).await?;
     let config = run.config()?;
-    let tasks =
-        hir_store::catalog::run_tasks(&ctx.store, &ctx.tasks, run_id, config.split_seed()).await?;
+    let tasks = hir_store::catalog::run_tasks(
+        &ctx.store,
+        &ctx.tasks,
+        run_id,
+        config.split_seed(),
+        config.validation_share,
+    )
+    .await?;
     if tasks.is_empty() {
         return Err(TrainerError::FailedPrecondition(format!(
             "run {run_id} has no tasks"
@@ -237,7 +243,9 @@ impl Driver<'_> {
                         .await?;
                     // A generator that restarted since the swap gets the version back first.
                     self.reconcile(k + 1).await?;
-                    self.evaluate(k, &version).await?;
+                    if self.config.evaluates(k) {
+                        self.evaluate(k, &version).await?;
+                    }
                     self.advance(k, IterationStatus::Done).await?;
                 }
                 IterationStatus::Done => return Ok(()),

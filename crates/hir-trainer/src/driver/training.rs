@@ -257,6 +257,7 @@ impl Driver<'_> {
             .filter(|r| r.policy == self.policy)
             .map(|r| (r.sample_id, r))
             .collect();
+        let verifier = self.config.verifier;
         let out: Vec<RelabeledSample> = samples
             .into_iter()
             .filter_map(|s| {
@@ -276,9 +277,10 @@ impl Driver<'_> {
                     prompt: s.prompt,
                     output_tokens: s.output_tokens.iter().map(|&t| t as u32).collect(),
                     cut: s.finish_reason == hir_store::FinishReason::Length,
-                    // The verifier the relabel came from, not exact match: they differ on
-                    // an output with a newline, such as "(C)\n".
-                    correct: hir_core::score::relabel_match(&s.output, &gold),
+                    // The verifier the relabel came from, not the stored exact match: they
+                    // differ on an output with a newline, such as "(C)\n".
+                    correct: verifier.correct(&s.output, &gold, s.correct_extracted),
+                    output: s.output,
                     gold,
                     positive: r.positive_instruction.clone(),
                     negative: r.negative_instruction.clone(),
