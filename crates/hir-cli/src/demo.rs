@@ -76,11 +76,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         args.steps,
     )
     .await?;
+    // The `cpu` experiment preset's knobs, on a smaller budget.
     let knobs = pb::Hyperparameters {
-        // The `cpu` experiment preset's departures: its verifier and prompt text.
-        verifier: crate::experiment::cpu_preset().verifier,
-        same_prompt_text: crate::experiment::cpu_preset().same_prompt_text,
-        ..crate::experiment::cpu_knobs(args.train_prompts, args.test_prompts, args.steps)
+        max_train_prompts: Some(args.train_prompts),
+        max_test_prompts: Some(args.test_prompts),
+        max_steps_per_iteration: Some(args.steps),
+        ..crate::experiment::cpu_preset()
     };
     println!(
         "services up; the demo trains on a subset so it fits a laptop CPU: {} iteration(s), {} of 800 \

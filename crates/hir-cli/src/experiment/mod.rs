@@ -743,6 +743,13 @@ mod tests {
                 "--validation-share",
             ),
             (
+                &|a: &mut ExperimentArgs| {
+                    a.methods = vec!["farl".into()];
+                    a.hir_seeds = Some(vec![2]);
+                },
+                "--hir-seeds",
+            ),
+            (
                 &|a: &mut ExperimentArgs| a.validation_share = Some(0.0),
                 "--validation-share",
             ),
@@ -758,5 +765,59 @@ mod tests {
             let err = args(f).expect("refused");
             assert!(err.contains(flag), "{err}");
         }
+    }
+
+    #[test]
+    fn sft_passes_fill_the_step_cap_and_runs_cover_every_seed() {
+        let knobs = cpu_preset();
+        // 64 prompts less the 10% holdout: 57 gold answers, 7 batches of 8 a pass; 12
+        // steps take 2 passes.
+        assert_eq!(sft_epochs(&knobs, 64), Some(2));
+        assert_eq!(sft_epochs(&knobs, 800), Some(1));
+        let uncapped = pb::Hyperparameters {
+            max_steps_per_iteration: Some(0),
+            ..knobs
+        };
+        assert_eq!(sft_epochs(&uncapped, 64), None);
+
+        let a = ExperimentArgs {
+            preset: "cpu".into(),
+            name: None,
+            tasks: vec![],
+            methods: vec![],
+            seeds: vec![],
+            hir_seeds: None,
+            iterations: None,
+            model: None,
+            bigbench: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/bigbench")),
+            out: PathBuf::from("reports"),
+            trainer: None,
+            token: None,
+            database_url: None,
+            json: false,
+            validation_share: None,
+            set: vec![],
+        };
+        let plan = Plan::from_args(&a).unwrap();
+        let runs: Vec<(u64, &str)> = plan.runs().iter().map(|r| (r.0, r.2)).collect();
+        assert_eq!(
+            runs,
+            [
+                (1, "sft"),
+                (1, "farl"),
+                (1, "hir"),
+                (1, "hindsight_answer"),
+                (2, "hir"),
+                (3, "hir")
+            ]
+        );
+        // Seeds given: every method on each, no extra HIR seeds unless asked.
+        let plan = Plan::from_args(&ExperimentArgs {
+            seeds: vec![1, 2],
+            methods: vec!["hir".into()],
+            ..a
+        })
+        .unwrap();
+        assert_eq!(plan.runs().len(), 2);
     }
 }
