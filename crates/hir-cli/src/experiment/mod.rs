@@ -58,7 +58,8 @@ pub fn cpu_knobs(train_prompts: u32, test_prompts: u32, steps: u32) -> pb::Hyper
 }
 
 /// The `cpu` preset: SmolLM2-135M-Instruct on `object_counting` (answers from 2 to 21, so
-/// chance is low and always giving the commonest answer scores 9%), 64 training prompts,
+/// chance is low: always giving a test split's commonest answer scores about 11%), 64
+/// training prompts,
 /// 2 iterations of at most 12 steps of 8, the whole test split scored for the base model
 /// and after the last iteration (a whole-split evaluation costs about as much as a dozen
 /// steps on two cores). Four departures from the reference, all knobs, chosen on a
