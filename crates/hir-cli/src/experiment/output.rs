@@ -670,6 +670,26 @@ mod tests {
     }
 
     #[test]
+    fn several_seeds_show_each_seed_and_the_mean_with_its_range() {
+        let mut e = experiment();
+        let mut second = e.runs[0].clone();
+        second.seed = 2;
+        for r in &mut second.rows {
+            r.seed = 2;
+        }
+        second.rows[1].exact = 1.0;
+        second.rows[1].extracted = 0.25;
+        e.runs.push(second);
+        let t = summary(&e);
+        assert!(t.contains("| t | hir | 1 |") && t.contains("| t | hir | 2 |"), "{t}");
+        assert!(
+            t.contains("| t | **hir** | mean of 2 | | 75.0% (50.0%–100.0%) | | 37.5% (25.0%–50.0%) |"),
+            "{t}"
+        );
+        assert!(t.contains("| t | **base** | mean of 2 |"), "{t}");
+    }
+
+    #[test]
     fn the_json_carries_every_paired_test() {
         let c = comparisons(&experiment());
         let pairs: Vec<(&str, &str)> = c
