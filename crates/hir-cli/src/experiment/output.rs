@@ -681,9 +681,14 @@ mod tests {
         second.rows[1].extracted = 0.25;
         e.runs.push(second);
         let t = summary(&e);
-        assert!(t.contains("| t | hir | 1 |") && t.contains("| t | hir | 2 |"), "{t}");
         assert!(
-            t.contains("| t | **hir** | mean of 2 | | 75.0% (50.0%–100.0%) | | 37.5% (25.0%–50.0%) |"),
+            t.contains("| t | hir | 1 |") && t.contains("| t | hir | 2 |"),
+            "{t}"
+        );
+        assert!(
+            t.contains(
+                "| t | **hir** | mean of 2 | | 75.0% (50.0%–100.0%) | | 37.5% (25.0%–50.0%) |"
+            ),
             "{t}"
         );
         assert!(t.contains("| t | **base** | mean of 2 |"), "{t}");
