@@ -237,10 +237,15 @@ impl Trainer {
                         let items = store
                             .version_eval_items(&e.version, &e.prompt_style)
                             .await?;
+                        // The items this run evaluates: a version's results under one key
+                        // also hold other splits' items (runs with other seeds).
+                        let examples = eval_examples(&self.ctx.tasks, &e.task, &config)?;
                         let pick = |f: fn(&(String, i32, bool, bool)) -> bool| {
                             items
                                 .iter()
-                                .filter(|i| i.0 == e.task && f(i))
+                                .filter(|i| {
+                                    i.0 == e.task && examples.contains(&(i.1 as usize)) && f(i)
+                                })
                                 .map(|i| i.1 as u32)
                                 .collect()
                         };
@@ -676,4 +681,25 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// The examples a run evaluates on `task`: its validation part, or its test split, at most
+/// `max_test_prompts` of them.
+fn eval_examples(
+    tasks: &hir_store::TaskCache,
+    task: &str,
+    config: &hir_core::run::RunConfig,
+) -> Result<std::collections::HashSet<usize>> {
+    let t = tasks.get(task)?;
+    let mut split = hir_core::split::Split::new(config.split_seed(), t.examples.len());
+    let validation = split.hold_out_validation(config.validation_share);
+    let mut examples = if config.validation_share > 0.0 {
+        validation
+    } else {
+        split.test
+    };
+    if config.max_test_prompts > 0 {
+        examples.truncate(config.max_test_prompts as usize);
+    }
+    Ok(examples.into_iter().collect())
 }
