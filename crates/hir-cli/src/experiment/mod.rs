@@ -661,30 +661,32 @@ fn run_result(
 mod tests {
     use super::*;
 
+    /// `hir experiment` with no flags: the `cpu` preset on the repository's tasks.
+    fn cpu_args() -> ExperimentArgs {
+        ExperimentArgs {
+            preset: "cpu".into(),
+            name: None,
+            tasks: vec![],
+            methods: vec![],
+            seeds: vec![],
+            hir_seeds: None,
+            iterations: None,
+            model: None,
+            bigbench: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/bigbench")),
+            out: PathBuf::from("reports"),
+            trainer: None,
+            token: None,
+            database_url: None,
+            json: false,
+            validation_share: None,
+            set: vec![],
+        }
+    }
+
     #[test]
     fn bad_flags_are_named() {
         let args = |f: &dyn Fn(&mut ExperimentArgs)| {
-            let mut a = ExperimentArgs {
-                preset: "cpu".into(),
-                name: None,
-                tasks: vec![],
-                methods: vec![],
-                seeds: vec![],
-                hir_seeds: None,
-                iterations: None,
-                model: None,
-                bigbench: PathBuf::from(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/../../data/bigbench"
-                )),
-                out: PathBuf::from("reports"),
-                trainer: None,
-                token: None,
-                database_url: None,
-                json: false,
-                validation_share: None,
-                set: vec![],
-            };
+            let mut a = cpu_args();
             f(&mut a);
             Plan::from_args(&a).err().map(|e| e.to_string())
         };
@@ -781,24 +783,7 @@ mod tests {
         };
         assert_eq!(sft_epochs(&uncapped, 64), None);
 
-        let a = ExperimentArgs {
-            preset: "cpu".into(),
-            name: None,
-            tasks: vec![],
-            methods: vec![],
-            seeds: vec![],
-            hir_seeds: None,
-            iterations: None,
-            model: None,
-            bigbench: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/bigbench")),
-            out: PathBuf::from("reports"),
-            trainer: None,
-            token: None,
-            database_url: None,
-            json: false,
-            validation_share: None,
-            set: vec![],
-        };
+        let a = cpu_args();
         let plan = Plan::from_args(&a).unwrap();
         let runs: Vec<(u64, &str)> = plan.runs().iter().map(|r| (r.0, r.2)).collect();
         assert_eq!(
