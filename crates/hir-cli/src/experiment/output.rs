@@ -43,6 +43,14 @@ fn paired(row: &Row, other: Option<&Row>) -> (String, String) {
     }
 }
 
+/// A run's last evaluated iteration after the base model, if any.
+fn final_row(r: &RunResult) -> Option<&Row> {
+    r.rows
+        .iter()
+        .filter(|x| x.iteration > 0)
+        .max_by_key(|x| x.iteration)
+}
+
 /// The base model's row of each (task, seed): the first run that evaluated it holds it.
 fn base_rows(e: &Experiment) -> BTreeMap<(String, u64), &Row> {
     let mut out = BTreeMap::new();
@@ -78,15 +86,9 @@ pub struct Comparison {
 /// Every paired test the summary shows, for the JSON.
 pub fn comparisons(e: &Experiment) -> Vec<Comparison> {
     let bases = base_rows(e);
-    fn last(r: &RunResult) -> Option<&Row> {
-        r.rows
-            .iter()
-            .filter(|x| x.iteration > 0)
-            .max_by_key(|x| x.iteration)
-    }
     let mut out = Vec::new();
     for r in &e.runs {
-        let Some(row) = last(r) else { continue };
+        let Some(row) = final_row(r) else { continue };
         let mut against: Vec<(&str, &Row)> = Vec::new();
         if let Some(b) = bases.get(&(r.task.clone(), r.seed)) {
             against.push(("base", b));
@@ -97,7 +99,7 @@ pub fn comparisons(e: &Experiment) -> Vec<Comparison> {
                     .runs
                     .iter()
                     .find(|o| o.method == other && o.task == r.task && o.seed == r.seed)
-                    .and_then(last)
+                    .and_then(final_row)
                 {
                     against.push((other, o));
                 }
@@ -214,13 +216,7 @@ pub fn summary(e: &Experiment) -> String {
     let finals: Vec<(&RunResult, &Row)> = e
         .runs
         .iter()
-        .filter_map(|r| {
-            r.rows
-                .iter()
-                .filter(|x| x.iteration > 0)
-                .max_by_key(|x| x.iteration)
-                .map(|row| (r, row))
-        })
+        .filter_map(|r| final_row(r).map(|row| (r, row)))
         .collect();
     let find = |method: &str, task: &str, seed: u64| {
         finals
