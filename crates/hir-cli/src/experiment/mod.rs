@@ -63,7 +63,7 @@ pub fn cpu_knobs(train_prompts: u32, test_prompts: u32, steps: u32) -> pb::Hyper
 /// 2 iterations of at most 12 steps of 8, the whole test split scored for the base model
 /// and after the last iteration (a whole-split evaluation costs about as much as a dozen
 /// steps on two cores). Four departures from the reference, all knobs, chosen on a
-/// validation part of the training split (README, "Does it work?"): the `extracted`
+/// validation part of the training split (docs/experiments.md): the `extracted`
 /// verifier (the base model says "There are 8 objects." far more often than a bare "8":
 /// exact match finds no correct sample to learn from); `same_prompt_text` (a BPE model
 /// sees the reference's extra evaluation newline and its relabeled "Solve question with
@@ -168,7 +168,7 @@ pub struct ExperimentArgs {
     #[arg(long)]
     pub json: bool,
     /// Hold out this share of each training split as validation and evaluate there instead
-    /// of on the test split (for choosing settings; the README says which runs chose).
+    /// of on the test split (for choosing settings; docs/experiments.md says which runs chose).
     #[arg(long)]
     pub validation_share: Option<f64>,
     /// A run knob over the preset's, as KNOB=VALUE with the knob's field name
