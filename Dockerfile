@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # CPU image of the hindsight services. One image holds all four binaries:
 #   hir             the command line (migrations, health probe, local tools)
 #   hir-generator   gRPC sampler (port 50051, metrics 9451)
@@ -16,6 +14,12 @@
 # rustfmt/clippy components that only development needs.
 ARG RUST_VERSION=1.95.0
 ARG CARGO_CHEF_VERSION=0.1.77
+
+# Where the runtime stage takes the four binaries from: the `builder` stage below (the
+# default), or an image that holds them in /out/ (scripts/compose-smoke imports the
+# binaries it built on the host as one, where no Rust image can be pulled). BuildKit
+# builds only the stages the target needs, so the build stages are then skipped.
+ARG HIR_BINARIES=builder
 
 # ---------------------------------------------------------------------------------------
 # chef: the Rust toolchain plus cargo-chef, which splits the build into a dependency
@@ -47,6 +51,9 @@ RUN cargo build --release --locked --workspace --bins \
  && cp target/release/hir target/release/hir-generator \
        target/release/hir-relabeler target/release/hir-trainer /out/
 
+# binaries: the builder's output, or the image named by HIR_BINARIES.
+FROM ${HIR_BINARIES} AS binaries
+
 # ---------------------------------------------------------------------------------------
 # runtime: the binaries, the migrations and the BIG-bench tasks, run as a non-root user.
 FROM debian:bookworm-slim AS runtime
@@ -65,7 +72,7 @@ RUN groupadd --system --gid "${HIR_UID}" hindsight \
         /var/lib/hindsight/staging /var/lib/hindsight/trainer \
  && chown -R hindsight:hindsight /checkpoints /var/lib/hindsight
 
-COPY --from=builder /out/ /usr/local/bin/
+COPY --from=binaries /out/ /usr/local/bin/
 COPY migrations /opt/hindsight/migrations
 COPY data/bigbench /opt/hindsight/data/bigbench
 

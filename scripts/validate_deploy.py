@@ -4,10 +4,13 @@ Checks:
   * docker-compose.yml and deploy/compose.gpu.yml, alone and merged, against the Compose
     Specification schema, after interpolating ${VARS} from .env.example; then references
     between services (depends_on, named volumes, mounted config files, health probe ports).
-  * Every manifest in deploy/k8s against the Kubernetes schemas in strict mode (unknown
-    fields are errors), for each vendored Kubernetes version; kustomization.yaml's file
-    list; then resources and security settings of every pod, and references between
-    objects (Secret keys, ConfigMaps, claims, generator replicas).
+  * deploy/k8s (the default) and each overlay in deploy/k8s/overlays, rendered as kustomize
+    would (the subset of kustomize they use), every object against the Kubernetes schemas in
+    strict mode (unknown fields are errors), for each vendored Kubernetes version; each
+    kustomization's keys, resources and patches, and that it uses every YAML file in its
+    folder; then resources and security settings of every pod, and references between
+    objects (Secret keys, checked against the example Secret where a render has none;
+    ConfigMaps, claims, the generators' addresses).
   * Service configuration files (deploy/config/*.toml and the TOML in the ConfigMaps)
     against the services' own configuration structs, read from crates/*/src (the services
     reject unknown keys at start-up), with no secrets in them; HIR_<SERVICE>__* variables
@@ -38,6 +41,8 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "deploy" / "schemas"
 K8S_DIR = ROOT / "deploy" / "k8s"
+# The Secret every deployment needs, made by hand; only the example-secret overlay applies it.
+EXAMPLE_SECRET = K8S_DIR / "overlays" / "example-secret" / "secret.example.yaml"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "deploy" / "compose.gpu.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
@@ -513,29 +518,38 @@ class KubernetesSchemas:
         if not self.bundles:
             raise SystemExit(f"no Kubernetes schemas in {rel(folder)}")
         self.validators: dict[tuple[str, str], Any] = {}
+        self.seen: dict[str, list[str]] = {}  # an object met again, in another render
 
     def validate(self, doc: dict, where: str, errors: Errors) -> None:
+        text = json.dumps(doc, sort_keys=True, default=str)
+        if text not in self.seen:
+            self.seen[text] = self.problems(doc)
+        for problem in self.seen[text]:
+            errors.add(where, problem)
+
+    def problems(self, doc: dict) -> list[str]:
         key = f"{doc.get('apiVersion')} {doc.get('kind')}"
+        out = []
         for version, bundle in self.bundles.items():
             name = bundle["x-kinds"].get(key)
             if name is None:
-                errors.add(where, f"no vendored schema for `{key}` (add it to"
-                           " deploy/schemas/vendor.py and re-run it)")
-                return
+                return [f"no vendored schema for `{key}` (add it to"
+                        " deploy/schemas/vendor.py and re-run it)"]
             validator = self.validators.get((version, name))
             if validator is None:
                 schema = {"$ref": f"#/$defs/{name}", "$defs": bundle["$defs"]}
                 validator = jsonschema.Draft202012Validator(schema)
                 self.validators[(version, name)] = validator
             for path, message in schema_errors(validator, doc):
-                errors.add(where, f"{path}: {message} (Kubernetes {version})")
+                out.append(f"{path}: {message} (Kubernetes {version})")
+        return out
 
 
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet"}
 KUSTOMIZATION_KEYS = {
     "apiVersion", "kind", "namespace", "resources", "images", "labels", "commonLabels",
     "commonAnnotations", "namePrefix", "nameSuffix", "patches", "configMapGenerator",
-    "secretGenerator", "generatorOptions", "replicas", "components",
+    "secretGenerator", "generatorOptions", "replicas", "components", "replacements",
 }
 
 
@@ -650,11 +664,8 @@ def check_generator_lists(objects: dict, where: str, errors: Errors,
                        f" or {expected}")
 
 
-def validate_kubernetes(paths: list[pathlib.Path], k8s: KubernetesSchemas,
-                        schemas: RustConfigSchemas, errors: Errors,
-                        cross_checks: bool = True) -> int:
-    """Validates the manifests in `paths`; returns how many objects were checked."""
-    objects: dict[tuple[str, str], dict] = {}
+def load_manifests(paths: list[pathlib.Path], errors: Errors) -> list[tuple[str, dict]]:
+    """Every object of the files in `paths`, each with where it was found."""
     located: list[tuple[str, dict]] = []
     for path in paths:
         for i, doc in enumerate(load_yaml_docs(path, errors)):
@@ -662,12 +673,32 @@ def validate_kubernetes(paths: list[pathlib.Path], k8s: KubernetesSchemas,
             if not isinstance(doc, dict) or "kind" not in doc or "apiVersion" not in doc:
                 errors.add(where, "not a Kubernetes object (apiVersion and kind are required)")
                 continue
-            k8s.validate(doc, f"{where} {doc['kind']}", errors)
-            name = (doc.get("metadata") or {}).get("name")
-            if (doc["kind"], name) in objects:
-                errors.add(where, f"{doc['kind']}/{name} is defined twice")
-            objects[(doc["kind"], name)] = doc
             located.append((where, doc))
+    return located
+
+
+def validate_kubernetes(paths: list[pathlib.Path], k8s: KubernetesSchemas,
+                        schemas: RustConfigSchemas, errors: Errors,
+                        cross_checks: bool = True) -> int:
+    """Validates the manifests in `paths`; returns how many objects were checked."""
+    located = load_manifests(paths, errors)
+    validate_objects(located, k8s, schemas, errors, rel(K8S_DIR), cross_checks=cross_checks)
+    return len(located)
+
+
+def validate_objects(located: list[tuple[str, dict]], k8s: KubernetesSchemas,
+                     schemas: RustConfigSchemas, errors: Errors, render: str,
+                     external: dict | None = None, cross_checks: bool = True) -> None:
+    """Validates one set of objects, as `kubectl apply` would receive them (`render` names
+    it); `external` holds the objects made outside it (the Secret created by hand)."""
+    objects: dict[tuple[str, str], dict] = {}
+    for where, doc in located:
+        k8s.validate(doc, f"{where} {doc['kind']}", errors)
+        name = (doc.get("metadata") or {}).get("name")
+        if (doc["kind"], name) in objects:
+            errors.add(where, f"{doc['kind']}/{name} is defined twice")
+        objects[(doc["kind"], name)] = doc
+    reachable = {**(external or {}), **objects}
 
     configs: dict[str, dict] = {}
     for where, doc in located:
@@ -680,37 +711,327 @@ def validate_kubernetes(paths: list[pathlib.Path], k8s: KubernetesSchemas,
                     if parsed is not None:
                         configs[svc] = parsed
         if doc["kind"] in POD_TEMPLATE_KINDS:
-            check_pod(doc, where, objects, schemas, errors)
+            check_pod(doc, where, reachable, schemas, errors)
     if cross_checks:
-        check_generator_lists(objects, rel(K8S_DIR), errors, configs)
-    return len(located)
+        check_generator_lists(objects, render, errors, configs)
 
 
-def check_kustomization(errors: Errors) -> list[pathlib.Path]:
-    """Its keys, and that it lists exactly the manifests in deploy/k8s; returns them."""
-    path = K8S_DIR / "kustomization.yaml"
+# Kustomize, as far as the kustomizations under deploy/k8s use it. Keys kustomize knows but
+# this renderer does not are refused rather than ignored, so a render is never wrong in
+# silence; `kubectl kustomize DIR` shows what kustomize itself makes of a folder.
+RENDERED_KEYS = {"apiVersion", "kind", "namespace", "resources", "images", "replicas",
+                 "patches", "replacements"}
+CLUSTER_SCOPED_KINDS = {"Namespace"}
+REPLICATED_KINDS = {"Deployment", "StatefulSet", "ReplicaSet"}
+
+
+def inside(path: pathlib.Path, folder: pathlib.Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def pod_containers(doc: dict) -> list[dict]:
+    pod = ((doc.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return (pod.get("initContainers") or []) + (pod.get("containers") or [])
+
+
+def split_image(image: str) -> tuple[str, str | None, str | None]:
+    """`registry/name:tag@digest` -> (registry/name, tag, digest)."""
+    name, _, digest = image.partition("@")
+    slash, colon = name.rfind("/"), name.rfind(":")
+    tag = None
+    if colon > slash:
+        name, tag = name[:colon], name[colon + 1:]
+    return name, tag, digest or None
+
+
+def json_patch(doc: Any, ops: list) -> str | None:
+    """Applies RFC 6902 operations (add, remove, replace, test) to `doc` in place; returns
+    what went wrong, or None."""
+    for n, op in enumerate(ops):
+        if not isinstance(op, dict) or not isinstance(op.get("path"), str):
+            return f"operation {n}: needs `op` and `path`"
+        kind, path = op.get("op"), op["path"]
+        if kind not in ("add", "remove", "replace", "test"):
+            return f"operation {n}: `{kind}` is not rendered by scripts/validate_deploy.py"
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in path.split("/")[1:]]
+        if not path.startswith("/") or not parts:
+            return f"operation {n}: path {path!r} must start with / and name a field"
+        parent = doc
+        for part in parts[:-1]:
+            if isinstance(parent, list) and part.isdigit() and int(part) < len(parent):
+                parent = parent[int(part)]
+            elif isinstance(parent, dict) and part in parent:
+                parent = parent[part]
+            else:
+                return f"operation {n} ({kind} {path}): {part!r} does not exist"
+        last = parts[-1]
+        if isinstance(parent, list):
+            if kind == "add" and last == "-":
+                parent.append(op.get("value"))
+                continue
+            if not last.isdigit() or int(last) > len(parent) - (kind != "add"):
+                return f"operation {n} ({kind} {path}): no index {last!r}"
+            index = int(last)
+            if kind == "add":
+                parent.insert(index, op.get("value"))
+            elif kind == "remove":
+                del parent[index]
+            elif kind == "replace":
+                parent[index] = op.get("value")
+            elif parent[index] != op.get("value"):
+                return f"operation {n} (test {path}): {parent[index]!r} != {op.get('value')!r}"
+        elif isinstance(parent, dict):
+            if kind != "add" and last not in parent:
+                return f"operation {n} ({kind} {path}): {last!r} does not exist"
+            if kind in ("add", "replace"):
+                parent[last] = op.get("value")
+            elif kind == "remove":
+                del parent[last]
+            elif parent[last] != op.get("value"):
+                return f"operation {n} (test {path}): {parent[last]!r} != {op.get('value')!r}"
+        else:
+            return f"operation {n} ({kind} {path}): the parent is not an object or a list"
+    return None
+
+
+def field_path(doc: Any, path: str, create: Any = None) -> tuple[bool, Any]:
+    """Kustomize's fieldPath (`spec.template.spec.containers.[name=x].image`): (found,
+    value); with `create` not None, sets the (existing) field to it."""
+    parts = re.findall(r"\[[^\]]*\]|[^.]+", path)
+    node = doc
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part.startswith("[") and isinstance(node, list):
+            key, _, value = part[1:-1].partition("=")
+            matches = [e for e in node if isinstance(e, dict) and str(e.get(key)) == value]
+            if len(matches) != 1:
+                return False, None
+            node = matches[0]
+            if last and create is not None:
+                return False, None  # replacing a whole list element: not needed here
+        elif isinstance(node, dict) and part in node:
+            if last and create is not None:
+                node[part] = create
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            if last and create is not None:
+                node[int(part)] = create
+            node = node[int(part)]
+        else:
+            return False, None
+    return True, node
+
+
+def selects(doc: dict, selector: dict) -> bool:
+    api = str(doc.get("apiVersion", ""))
+    group, _, version = api.rpartition("/")
+    meta = doc.get("metadata") or {}
+    wanted = {"group": group, "version": version, "kind": doc.get("kind"),
+              "name": meta.get("name"), "namespace": meta.get("namespace")}
+    return all(wanted.get(k) == v for k, v in selector.items() if k in wanted)
+
+
+def render_kustomization(folder: pathlib.Path, errors: Errors, files: set[pathlib.Path],
+                         stack: tuple[pathlib.Path, ...] = ()) -> list[tuple[str, dict]]:
+    """What `kubectl kustomize folder` makes, as (where each object was defined, object);
+    `files` collects the files read. Also checks the kustomization: its keys, that its
+    resources exist, and that every YAML file in its folder is a resource or a patch of it
+    (a manifest left out would be deployed by nobody)."""
+    path = folder / "kustomization.yaml"
+    at = rel(path)
     docs = load_yaml_docs(path, errors)
+    files.add(path)
     if len(docs) != 1 or not isinstance(docs[0], dict):
-        errors.add(rel(path), "expected one YAML mapping")
+        errors.add(at, "expected one YAML mapping")
         return []
     doc = docs[0]
     for key in doc:
         if key not in KUSTOMIZATION_KEYS:
-            errors.add(rel(path), f"unknown key `{key}`")
+            errors.add(at, f"unknown key `{key}`")
+        elif key not in RENDERED_KEYS:
+            errors.add(at, f"`{key}` is not rendered by scripts/validate_deploy.py (it renders"
+                       f" {', '.join(sorted(RENDERED_KEYS - {'apiVersion', 'kind'}))})")
     if doc.get("kind") != "Kustomization":
-        errors.add(rel(path), "kind must be Kustomization")
-    listed = [K8S_DIR / r for r in doc.get("resources") or []]
-    for resource in listed:
-        if not resource.is_file():
-            errors.add(rel(path), f"resource {rel(resource)} does not exist")
-    present = {p for p in K8S_DIR.glob("*.y*ml") if p.name != "kustomization.yaml"}
-    for orphan in sorted(present - set(listed)):
-        errors.add(rel(path), f"{rel(orphan)} is not listed under resources")
+        errors.add(at, "kind must be Kustomization")
+
+    out: list[list] = []  # [where, object]
+    used: set[pathlib.Path] = set()
+    for entry in doc.get("resources") or []:
+        target = (folder / str(entry)).resolve()
+        if target.is_dir():
+            if inside(folder, target) or target in stack:
+                errors.add(at, f"resource {entry}: contains this kustomization (kustomize"
+                           " refuses the cycle; keep shared manifests in a sibling folder)")
+                continue
+            out += [list(o) for o in render_kustomization(target, errors, files,
+                                                          stack + (folder.resolve(),))]
+        elif target.is_file():
+            if not inside(target, folder):
+                errors.add(at, f"resource {entry}: a file outside the kustomization's folder"
+                           " (kustomize refuses it; name the folder that holds it)")
+                continue
+            used.add(target)
+            files.add(target)
+            out += [list(o) for o in load_manifests([target], errors)]
+        else:
+            errors.add(at, f"resource {entry} does not exist")
+
+    for n, patch in enumerate(doc.get("patches") or []):
+        pat = f"{at}: patches[{n}]"
+        if not isinstance(patch, dict) or ("path" in patch) == ("patch" in patch):
+            errors.add(pat, "needs either `path` or `patch`")
+            continue
+        if "path" in patch:
+            source = (folder / str(patch["path"])).resolve()
+            if not source.is_file() or not inside(source, folder):
+                errors.add(pat, f"{patch['path']}: no such file in the kustomization's folder")
+                continue
+            used.add(source)
+            files.add(source)
+            pdocs = load_yaml_docs(source, errors)
+            ops = pdocs[0] if len(pdocs) == 1 else None
+        else:
+            try:
+                ops = yaml.load(str(patch["patch"]), Loader=StrictLoader)
+            except yaml.YAMLError as e:
+                errors.add(pat, f"cannot read the patch: {e}")
+                continue
+        if not isinstance(ops, list):
+            errors.add(pat, "only JSON6902 patches (a list of operations) are rendered by"
+                       " scripts/validate_deploy.py")
+            continue
+        selector = patch.get("target") or {}
+        if not isinstance(selector, dict) or not {"kind", "name"} <= set(selector):
+            errors.add(pat, "`target` must name at least the kind and the name")
+            continue
+        matched = [o for o in out if selects(o[1], selector)]
+        if not matched:
+            errors.add(pat, f"target {selector} matches no object")
+        for o in matched:
+            problem = json_patch(o[1], ops)
+            if problem:
+                errors.add(pat, f"{o[1]['kind']}/{o[1]['metadata'].get('name')}: {problem}")
+
+    namespace = doc.get("namespace")
+    if namespace:
+        for _, obj in out:
+            if obj.get("kind") not in CLUSTER_SCOPED_KINDS:
+                obj.setdefault("metadata", {})["namespace"] = namespace
+
+    for entry in doc.get("replicas") or []:
+        if not isinstance(entry, dict) or set(entry) != {"name", "count"}:
+            errors.add(at, f"replicas entry {entry}: needs exactly `name` and `count`")
+            continue
+        matched = [o for o in out if o[1].get("kind") in REPLICATED_KINDS
+                   and (o[1].get("metadata") or {}).get("name") == entry["name"]]
+        if not matched:
+            errors.add(at, f"replicas entry {entry}: no Deployment or StatefulSet of that name")
+        for _, obj in matched:
+            obj.setdefault("spec", {})["replicas"] = entry["count"]
+
     for image in doc.get("images") or []:
         unknown = set(image) - {"name", "newName", "newTag", "digest"}
         if unknown or "name" not in image:
-            errors.add(rel(path), f"images entry {image}: needs `name`; unknown {sorted(unknown)}")
-    return [p for p in listed if p.is_file()]
+            errors.add(at, f"images entry {image}: needs `name`; unknown {sorted(unknown)}")
+            continue
+        for _, obj in out:
+            for container in pod_containers(obj):
+                name, tag, digest = split_image(str(container.get("image", "")))
+                if name != image["name"]:
+                    continue
+                name = image.get("newName", name)
+                if "digest" in image:
+                    container["image"] = f"{name}@{image['digest']}"
+                elif "newTag" in image:
+                    container["image"] = f"{name}:{image['newTag']}"
+                else:
+                    container["image"] = name + (f":{tag}" if tag else "") + (
+                        f"@{digest}" if digest else "")
+
+    for n, replacement in enumerate(doc.get("replacements") or []):
+        rat = f"{at}: replacements[{n}]"
+        source = (replacement or {}).get("source") or {}
+        if set(replacement or {}) != {"source", "targets"} or "fieldPath" not in source:
+            errors.add(rat, "needs `source` (with `fieldPath`) and `targets`, nothing else")
+            continue
+        selector = {k: v for k, v in source.items() if k != "fieldPath"}
+        matched = [o for o in out if selects(o[1], selector)]
+        if len(matched) != 1:
+            errors.add(rat, f"source {selector} matches {len(matched)} objects, not one")
+            continue
+        found, value = field_path(matched[0][1], source["fieldPath"])
+        if not found:
+            errors.add(rat, f"source has no {source['fieldPath']}")
+            continue
+        for target in replacement.get("targets") or []:
+            if set(target) != {"select", "fieldPaths"}:
+                errors.add(rat, f"target {target}: needs `select` and `fieldPaths`, nothing else")
+                continue
+            chosen = [o for o in out if selects(o[1], target["select"])]
+            if not chosen:
+                errors.add(rat, f"target {target['select']} matches no object")
+            for _, obj in chosen:
+                for fp in target["fieldPaths"]:
+                    if not field_path(obj, fp, create=value)[0]:
+                        errors.add(rat, f"{obj['kind']}/{obj['metadata'].get('name')} has no {fp}")
+
+    present = {p.resolve() for p in folder.glob("*.y*ml") if p.name != "kustomization.yaml"}
+    for orphan in sorted(present - used):
+        errors.add(at, f"{rel(orphan)} is neither listed under resources nor a patch")
+    return [(where, obj) for where, obj in out]
+
+
+def kustomizations() -> list[pathlib.Path]:
+    """The folders one applies: the default, deploy/k8s, and each of its overlays."""
+    overlays = sorted(p.parent for p in (K8S_DIR / "overlays").glob("*/kustomization.yaml"))
+    return [K8S_DIR] + overlays
+
+
+def gpus_requested(located: list[tuple[str, dict]]) -> int:
+    total = 0
+    for _, doc in located:
+        if doc.get("kind") in REPLICATED_KINDS:
+            replicas = int((doc.get("spec") or {}).get("replicas", 1))
+            for container in pod_containers(doc):
+                requests = (container.get("resources") or {}).get("requests") or {}
+                total += replicas * int(requests.get("nvidia.com/gpu", 0))
+    return total
+
+
+def check_kubernetes(k8s: KubernetesSchemas, schemas: RustConfigSchemas, errors: Errors,
+                     verbose: bool) -> int:
+    """Renders the default and every overlay and validates each render; returns how many
+    files were read. The `hindsight` Secret is created by hand, outside the renders (only
+    the example-secret overlay carries one): Secret references are checked against the
+    keys of that example."""
+    external = {
+        (doc["kind"], (doc.get("metadata") or {}).get("name")): doc
+        for _, doc in load_manifests([EXAMPLE_SECRET], errors)
+    }
+    files: set[pathlib.Path] = {EXAMPLE_SECRET.resolve()}
+    default: dict[tuple[str, str], tuple[str, str]] = {}
+    for folder in kustomizations():
+        located = render_kustomization(folder, errors, files)
+        # An object as the default renders it keeps its file as the place of its errors;
+        # one an overlay changes says so.
+        shown = []
+        for where, doc in located:
+            key = (doc["kind"], (doc.get("metadata") or {}).get("name"))
+            text = json.dumps(doc, sort_keys=True)
+            if folder == K8S_DIR:
+                default[key] = (where, text)
+            elif default.get(key, ("", ""))[1] != text:
+                where = f"{where} as {rel(folder)} renders it"
+            shown.append((where, doc))
+        validate_objects(shown, k8s, schemas, errors, rel(folder), external)
+        if verbose:
+            kinds: dict[str, int] = {}
+            for _, doc in located:
+                kinds[doc["kind"]] = kinds.get(doc["kind"], 0) + 1
+            print(f"kubernetes: {rel(folder)}: {len(located)} objects"
+                  f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}),"
+                  f" GPUs requested: {gpus_requested(located)}")
+    return len(files)
 
 
 # ------------------------------------------------------------------------------------------
@@ -812,15 +1133,12 @@ def main() -> int:
             check_config_text(path.read_text(), path.stem, rel(path), schemas, errors)
             checked += 1
         # Kubernetes.
-        manifests = check_kustomization(errors)
-        objects = validate_kubernetes(manifests, k8s, schemas, errors)
-        checked += len(manifests) + 1
+        checked += check_kubernetes(k8s, schemas, errors, args.verbose)
         check_images(errors)
         checked += 2
         if args.verbose:
             print(f"compose: {rel(COMPOSE_FILE)}, {rel(COMPOSE_GPU)} (alone and merged)")
-            print(f"kubernetes: {objects} objects in {len(manifests)} files,"
-                  f" versions {', '.join(k8s.bundles)}")
+            print(f"kubernetes: schemas of versions {', '.join(k8s.bundles)}")
 
     failures = self_test(compose_validator, k8s, schemas, env)
     for e in errors.items:
