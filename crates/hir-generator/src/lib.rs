@@ -264,6 +264,10 @@ impl ServeArgs {
         if let Some(v) = &self.version {
             config.version.clone_from(v);
         }
+        hir_runtime::config::refuse_placeholder_secrets([(
+            "auth.token",
+            config.auth.token.as_deref(),
+        )])?;
         Ok(config)
     }
 }

@@ -50,6 +50,29 @@ where
     from_figment(figment)
 }
 
+/// What every placeholder secret of `.env.example` starts with.
+pub const PLACEHOLDER_SECRET: &str = "change-me";
+
+/// Refuses to start with a secret still at a placeholder of `.env.example` (a token, or the
+/// password inside a database URL), naming every such setting: the placeholders are public.
+pub fn refuse_placeholder_secrets<'a>(
+    secrets: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
+) -> Result<()> {
+    let named: Vec<&str> = secrets
+        .into_iter()
+        .filter(|(_, value)| value.is_some_and(|v| v.contains(PLACEHOLDER_SECRET)))
+        .map(|(name, _)| name)
+        .collect();
+    if named.is_empty() {
+        return Ok(());
+    }
+    Err(RuntimeError::Config(format!(
+        "{} still hold{} the placeholder of .env.example ({PLACEHOLDER_SECRET}…); set a real secret",
+        named.join(", "),
+        if named.len() == 1 { "s" } else { "" }
+    )))
+}
+
 fn from_figment<T: DeserializeOwned>(figment: Figment) -> Result<T> {
     figment.extract().map_err(|e| {
         let all: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
@@ -111,6 +134,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/no/such.toml does not exist"), "{err}");
+    }
+
+    #[test]
+    fn placeholder_secrets_are_refused_by_name() {
+        assert!(refuse_placeholder_secrets([
+            ("auth.token", Some("3f9c1a7be0d24c6e")),
+            ("generator_token", None),
+            (
+                "database_url",
+                Some("postgres://hindsight:s3cret-pw@postgres/hindsight")
+            ),
+        ])
+        .is_ok());
+        let err = refuse_placeholder_secrets([
+            ("auth_token", Some("change-me-dev-token")),
+            ("generator_token", Some("3f9c1a7be0d24c6e")),
+            (
+                "database_url",
+                Some("postgres://hindsight:change-me-dev-password@postgres:5432/hindsight"),
+            ),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("auth_token, database_url still hold"), "{err}");
+        assert!(!err.contains("generator_token"), "{err}");
+        assert!(
+            !err.contains("dev-password"),
+            "a secret is never echoed: {err}"
+        );
     }
 
     #[test]

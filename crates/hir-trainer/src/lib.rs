@@ -179,6 +179,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(b) = args.bigbench {
         config.bigbench = b;
     }
+    hir_runtime::config::refuse_placeholder_secrets([
+        ("auth_token", config.auth_token.as_deref()),
+        ("relabeler_token", config.relabeler_token.as_deref()),
+        ("generator_token", config.generator_token.as_deref()),
+        ("database_url", Some(config.database_url.as_str())),
+    ])?;
     let app = Application::build(config).await?;
     app.run_until(hir_runtime::shutdown::signal()).await
 }
