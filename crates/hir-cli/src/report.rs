@@ -60,7 +60,7 @@ pub fn iteration_table(run: &pb::Run) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| iteration | status | version | samples | sample acc. | steps | train loss | task | test exact [95% CI] | test extracted [95% CI] | p vs base (exact / extracted) | answers |"
+        "| iteration | status | version | samples | sample acc. (exact / extracted) | steps | train loss | task | test exact [95% CI] | test extracted [95% CI] | p vs base (exact / extracted) | answers |"
     );
     let _ = writeln!(
         s,
@@ -82,7 +82,11 @@ pub fn iteration_table(run: &pb::Run) -> String {
                 it.model_version,
                 it.samples,
                 if it.samples > 0 {
-                    pct(it.sample_accuracy)
+                    format!(
+                        "{} / {}",
+                        pct(it.sample_accuracy),
+                        pct(it.sample_accuracy_extracted)
+                    )
                 } else {
                     "-".into()
                 },
