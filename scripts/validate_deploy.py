@@ -1,52 +1,80 @@
-"""Validates the deployment files against vendored schemas (run through scripts/validate-deploy).
+"""Validates the deployment files (run through scripts/validate-deploy).
 
-Checks:
-  * docker-compose.yml and deploy/compose.gpu.yml, alone and merged, against the Compose
-    Specification schema, after interpolating ${VARS} from .env.example; then references
-    between services (depends_on, named volumes, mounted config files, health probe ports).
-  * deploy/k8s (the default) and each overlay in deploy/k8s/overlays, rendered as kustomize
-    would (the subset of kustomize they use), every object against the Kubernetes schemas in
-    strict mode (unknown fields are errors), for each vendored Kubernetes version; each
-    kustomization's keys, resources and patches, and that it uses every YAML file in its
-    folder; then resources and security settings of every pod, and references between
-    objects (Secret keys, checked against the example Secret where a render has none;
-    ConfigMaps, claims, the generators' addresses).
+The generic checks are made by maintained tools, pinned in deploy/schemas/requirements.txt
+(or found on the machine), each on every file it applies to:
+  * yamllint, configured by .yamllint: every YAML file of the deployment (syntax, duplicate
+    keys, YAML 1.1 booleans such as `yes`, indentation, trailing spaces, line length).
+  * check-jsonschema: docker-compose.yml and the overrides in deploy/, each file as written,
+    against the vendored Compose Specification schema (deploy/schemas/compose-spec.json).
+  * `docker compose config -q` (Compose v2, where installed; it needs no Docker Engine):
+    each combination of files (COMPOSE_COMBINATIONS) loaded, interpolated and merged by
+    Compose itself, with the values of .env.example.
+  * `kubectl kustomize` (where kubectl is installed): renders deploy/k8s and each overlay.
+  * kubernetes-validate --strict: every object of every render against the Kubernetes
+    schemas of KUBERNETES_VERSIONS (unknown fields are errors, and so is a kind it has no
+    schema for).
+
+This file checks what only this project knows:
+  * Compose: ${VARS} interpolated from .env.example (a required one missing there is an
+    error), the files merged as Compose merges them; then references between services
+    (depends_on, named volumes, mounted config files, health probe ports).
+  * Kubernetes: the same renders made here, for the part of kustomize deploy/k8s uses (the
+    only render where kubectl is missing; where it is there, both must agree); each
+    kustomization must use every YAML file in its folder, and its patches, replicas entries
+    and replacements must match an object. Then resources and security settings of every
+    pod, and references between objects (Secret keys, checked against the example Secret
+    where a render has none; ConfigMaps, claims, the generators' addresses).
   * Service configuration files (deploy/config/*.toml and the TOML in the ConfigMaps)
     against the services' own configuration structs, read from crates/*/src (the services
     reject unknown keys at start-up), with no secrets in them; HIR_<SERVICE>__* variables
     must name real configuration keys.
   * The images' toolchain and features against rust-toolchain.toml and the crates.
-  * Self-test: every known-bad example in deploy/schemas/testdata/ must be rejected with
-    the message its `# expect:` lines name.
+  * Self-test: every known-bad example in deploy/schemas/testdata/ must be rejected by each
+    check its `# expect CHECK: TEXT` lines name, with an error that contains TEXT.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
+import tomllib
 from typing import Any, Iterable
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    import tomli as tomllib  # type: ignore[no-redef]
 
 import jsonschema
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "deploy" / "schemas"
+TESTDATA = SCHEMAS / "testdata"
+COMPOSE_SCHEMA = SCHEMAS / "compose-spec.json"
+YAMLLINT_CONFIG = ROOT / ".yamllint"
 K8S_DIR = ROOT / "deploy" / "k8s"
 # The Secret every deployment needs, made by hand; only the example-secret overlay applies it.
 EXAMPLE_SECRET = K8S_DIR / "overlays" / "example-secret" / "secret.example.yaml"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "deploy" / "compose.gpu.yml"
+COMPOSE_SMOKE = ROOT / "deploy" / "compose.smoke.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 CONFIG_DIR = ROOT / "deploy" / "config"
+
+# The files Compose is run with, together, and the variables each combination needs beyond
+# .env.example (scripts/compose-smoke sets HIR_SMOKE_TASKS to a folder it generates).
+COMPOSE_COMBINATIONS: list[tuple[list[pathlib.Path], dict[str, str]]] = [
+    ([COMPOSE_FILE], {}),
+    ([COMPOSE_FILE, COMPOSE_GPU], {}),
+    ([COMPOSE_FILE, COMPOSE_SMOKE], {"HIR_SMOKE_TASKS": "/tmp/hindsight-smoke-tasks"}),
+]
+# The oldest Kubernetes the manifests are meant for (native gRPC probes are GA since 1.27)
+# and the newest the pinned kubernetes-validate knows; both ship inside that package.
+KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]
 
 # Each service: its binary, the crate whose configuration struct it reads, the struct.
 SERVICES = {
@@ -82,39 +110,182 @@ class Errors:
 
 
 # ------------------------------------------------------------------------------------------
-# YAML
-
-
-class StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (kubectl and Compose refuse them too; PyYAML
-    would silently keep the last one). Keys merged in with `<<` may be overridden."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                except TypeError:
-                    continue
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key!r}", key_node.start_mark
-                    )
-                seen.add(key)
-        return super().construct_mapping(node, deep)
+# YAML (its syntax, duplicate keys and style are yamllint's to check)
 
 
 def load_yaml_docs(path: pathlib.Path, errors: Errors) -> list[Any]:
     try:
         with path.open() as f:
-            return [d for d in yaml.load_all(f, Loader=StrictLoader) if d is not None]
+            return [d for d in yaml.safe_load_all(f) if d is not None]
     except (OSError, yaml.YAMLError) as e:
         errors.add(rel(path), f"cannot read YAML: {e}")
         return []
+
+
+# ------------------------------------------------------------------------------------------
+# Tools. Each runs in the background from its start to `wait()`; what it reports is parsed
+# into problems by file ({file as given: [message]}, "" for those of no file).
+
+
+class Run:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        try:
+            self.proc: subprocess.Popen | None = subprocess.Popen(
+                argv, cwd=ROOT, env=env, text=True, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as e:
+            self.proc, self.failure = None, f"{argv[0]}: {e}"
+
+    def wait(self) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr)."""
+        if self.proc is None:
+            return 127, "", self.failure
+        try:
+            out, err = self.proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+            return 124, out, err + "\ntimed out after 300 s"
+        return self.proc.returncode, out, err
+
+
+Problems = dict[str, list[str]]
+
+
+def python_tool(module: str, *args: str) -> list[str]:
+    """A tool installed from deploy/schemas/requirements.txt, run by this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def leftover(problems: Problems, status: int, out: str, err: str) -> Problems:
+    """A tool that failed without a problem named: all it said is the problem."""
+    if status != 0 and not problems:
+        problems[""] = [line for line in (out + err).splitlines() if line.strip()] or [
+            f"exit status {status}"]
+    return problems
+
+
+def yamllint(files: list[str]) -> Run | None:
+    if not files:
+        return None
+    # .yamllint's top-level `ignore` (the known-bad examples) is for yamllint run by hand:
+    # here every file is named, the known-bad ones only when the self-test checks them.
+    config = yaml.safe_load(YAMLLINT_CONFIG.read_text())
+    config.pop("ignore", None)
+    return Run(python_tool("yamllint", "--format", "parsable", "--config-data",
+                           json.dumps(config), *files))
+
+
+LINT_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): \[\w+\] (?P<message>.+)$")
+
+
+def yamllint_problems(run: Run | None) -> Problems:
+    if run is None:
+        return {}
+    status, out, err = run.wait()
+    problems: Problems = {}
+    for line in (out + err).splitlines():
+        m = LINT_LINE.match(line)
+        if m:
+            problems.setdefault(m["file"], []).append(f"{m['line']}:{m['col']}: {m['message']}")
+        elif line.strip():
+            problems.setdefault("", []).append(line)
+    return leftover(problems, status, out, err)
+
+
+def check_jsonschema(files: list[str]) -> Run | None:
+    if not files:
+        return None
+    return Run(python_tool("check_jsonschema", "--schemafile", rel(COMPOSE_SCHEMA),
+                           "--output-format", "json", *files))
+
+
+def check_jsonschema_problems(run: Run | None) -> Problems:
+    if run is None:
+        return {}
+    status, out, err = run.wait()
+    problems: Problems = {}
+    try:
+        report = json.loads(out) if out.strip() else {}
+    except json.JSONDecodeError:
+        report = {}
+    for error in report.get("errors", []):
+        # For a oneOf/anyOf failure, the error deepest in the file says what is wrong.
+        best = (error.get("has_sub_errors") and error.get("best_deep_match")) or error
+        problems.setdefault(error.get("filename", ""), []).append(
+            f"{best.get('path')}: {best.get('message')}")
+    for error in report.get("parse_errors", []):
+        problems.setdefault(error.get("filename", ""), []).append(
+            f"cannot read: {error.get('message', error)}")
+    return leftover(problems, status, out, err)
+
+
+def compose_command() -> tuple[list[str], str] | None:
+    """How Compose v2 is run here, and its version; None where it is not installed."""
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        status, out, _ = Run(command + ["version", "--short"]).wait()
+        version = out.strip().removeprefix("v")
+        if status == 0 and version.startswith("2."):
+            return command, version
+    return None
+
+
+def compose_config(command: list[str], files: list[pathlib.Path], extra: dict[str, str]) -> Run:
+    """`config -q`: the files loaded, interpolated with .env.example's values, merged and
+    checked by Compose itself. It needs no Docker Engine; none is reachable from it here,
+    and no variable of the caller's environment (or .env) changes what it sees."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "DOCKER_CONFIG", "TMPDIR")}
+    env["DOCKER_HOST"] = "unix:///nonexistent/docker.sock"
+    env.update(extra)
+    argv = command + ["--env-file", rel(ENV_EXAMPLE)]
+    for path in files:
+        argv += ["--file", rel(path)]
+    return Run(argv + ["config", "--quiet"], env=env)
+
+
+def compose_problems(runs: dict[str, Run]) -> Problems:
+    problems: Problems = {}
+    for name, run in runs.items():
+        status, out, err = run.wait()
+        if status != 0:
+            problems[name] = leftover({}, status, out, err)[""]
+    return problems
+
+
+def kubernetes_validate(files: list[str]) -> Run | None:
+    if not files:
+        return None
+    versions = [arg for version in KUBERNETES_VERSIONS for arg in ("-k", version)]
+    return Run(python_tool("kubernetes_validate", "--strict", "--quiet", *versions, *files))
+
+
+# kubernetes-validate's report: one line per object and version that fails (only the first
+# error of each); WARN for a kind it has no schema for, which is an error here.
+VALIDATE_LINE = re.compile(r"^(?:ERROR|WARN|FATAL) (?P<file>\S+) (?P<message>.+)$")
+
+
+def kubernetes_validate_problems(run: Run | None) -> Problems:
+    if run is None:
+        return {}
+    status, out, err = run.wait()
+    problems: Problems = {}
+    for line in (out + err).splitlines():
+        m = VALIDATE_LINE.match(line)
+        if m:
+            message = m["message"].removeprefix("did not validate for resource ")
+            problems.setdefault(m["file"], []).append(message)
+        elif line.strip():
+            problems.setdefault("", []).append(line)
+    return leftover(problems, status, out, err)
+
+
+def deployment_yaml_files() -> list[pathlib.Path]:
+    """docker-compose.yml and every YAML file under deploy/, but the known-bad examples."""
+    found = [p for p in sorted((ROOT / "deploy").rglob("*"))
+             if p.suffix in (".yml", ".yaml") and TESTDATA not in p.parents]
+    return [COMPOSE_FILE] + found
 
 
 def json_path(parts: Iterable[Any]) -> str:
@@ -486,11 +657,10 @@ def check_compose_project(project: dict, where: str, schemas: RustConfigSchemas,
                 errors.add(at, f"healthcheck probes port {m.group(1)}, the service listens on {port}")
 
 
-def validate_compose(files: list[pathlib.Path], env: dict[str, str], schemas: RustConfigSchemas,
-                     compose_validator, errors: Errors, references: bool = True) -> None:
-    """Interpolates and merges `files` in order, validates the result against the Compose
-    schema and, with `references`, checks the references between services."""
-    where = " + ".join(rel(f) for f in files)
+def check_compose(files: list[pathlib.Path], env: dict[str, str], schemas: RustConfigSchemas,
+                  errors: Errors) -> None:
+    """Interpolates and merges `files` in order, then checks the references between the
+    services of the result."""
     merged: Any = None
     for path in files:
         docs = load_yaml_docs(path, errors)
@@ -500,57 +670,14 @@ def validate_compose(files: list[pathlib.Path], env: dict[str, str], schemas: Ru
             return
         doc = interpolate(docs[0], env, rel(path), [], errors)
         merged = doc if merged is None else compose_merge(merged, doc)
-    for path, message in schema_errors(compose_validator, merged):
-        errors.add(where, f"{path}: {message}")
-    if references:
-        check_compose_project(merged, where, schemas, errors)
+    check_compose_project(merged, " + ".join(rel(f) for f in files), schemas, errors)
 
 
 # ------------------------------------------------------------------------------------------
 # Kubernetes
 
 
-class KubernetesSchemas:
-    def __init__(self, folder: pathlib.Path) -> None:
-        self.bundles = {}
-        for path in sorted(folder.glob("v*-strict.json")):
-            self.bundles[path.name.removesuffix("-strict.json")] = json.loads(path.read_text())
-        if not self.bundles:
-            raise SystemExit(f"no Kubernetes schemas in {rel(folder)}")
-        self.validators: dict[tuple[str, str], Any] = {}
-        self.seen: dict[str, list[str]] = {}  # an object met again, in another render
-
-    def validate(self, doc: dict, where: str, errors: Errors) -> None:
-        text = json.dumps(doc, sort_keys=True, default=str)
-        if text not in self.seen:
-            self.seen[text] = self.problems(doc)
-        for problem in self.seen[text]:
-            errors.add(where, problem)
-
-    def problems(self, doc: dict) -> list[str]:
-        key = f"{doc.get('apiVersion')} {doc.get('kind')}"
-        out = []
-        for version, bundle in self.bundles.items():
-            name = bundle["x-kinds"].get(key)
-            if name is None:
-                return [f"no vendored schema for `{key}` (add it to"
-                        " deploy/schemas/vendor.py and re-run it)"]
-            validator = self.validators.get((version, name))
-            if validator is None:
-                schema = {"$ref": f"#/$defs/{name}", "$defs": bundle["$defs"]}
-                validator = jsonschema.Draft202012Validator(schema)
-                self.validators[(version, name)] = validator
-            for path, message in schema_errors(validator, doc):
-                out.append(f"{path}: {message} (Kubernetes {version})")
-        return out
-
-
 POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "ReplicaSet"}
-KUSTOMIZATION_KEYS = {
-    "apiVersion", "kind", "namespace", "resources", "images", "labels", "commonLabels",
-    "commonAnnotations", "namePrefix", "nameSuffix", "patches", "configMapGenerator",
-    "secretGenerator", "generatorOptions", "replicas", "components", "replacements",
-}
 
 
 def check_pod(doc: dict, where: str, objects: dict, schemas: RustConfigSchemas,
@@ -677,23 +804,18 @@ def load_manifests(paths: list[pathlib.Path], errors: Errors) -> list[tuple[str,
     return located
 
 
-def validate_kubernetes(paths: list[pathlib.Path], k8s: KubernetesSchemas,
-                        schemas: RustConfigSchemas, errors: Errors,
-                        cross_checks: bool = True) -> int:
-    """Validates the manifests in `paths`; returns how many objects were checked."""
-    located = load_manifests(paths, errors)
-    validate_objects(located, k8s, schemas, errors, rel(K8S_DIR), cross_checks=cross_checks)
-    return len(located)
+def check_manifests(paths: list[pathlib.Path], schemas: RustConfigSchemas, errors: Errors) -> None:
+    """The project's checks of the objects in `paths`, without the checks across a render."""
+    check_objects(load_manifests(paths, errors), schemas, errors, rel(K8S_DIR),
+                  cross_checks=False)
 
 
-def validate_objects(located: list[tuple[str, dict]], k8s: KubernetesSchemas,
-                     schemas: RustConfigSchemas, errors: Errors, render: str,
-                     external: dict | None = None, cross_checks: bool = True) -> None:
-    """Validates one set of objects, as `kubectl apply` would receive them (`render` names
-    it); `external` holds the objects made outside it (the Secret created by hand)."""
+def check_objects(located: list[tuple[str, dict]], schemas: RustConfigSchemas, errors: Errors,
+                  render: str, external: dict | None = None, cross_checks: bool = True) -> None:
+    """Checks one set of objects, as `kubectl apply` would receive them (`render` names it);
+    `external` holds the objects made outside it (the Secret created by hand)."""
     objects: dict[tuple[str, str], dict] = {}
     for where, doc in located:
-        k8s.validate(doc, f"{where} {doc['kind']}", errors)
         name = (doc.get("metadata") or {}).get("name")
         if (doc["kind"], name) in objects:
             errors.add(where, f"{doc['kind']}/{name} is defined twice")
@@ -716,9 +838,10 @@ def validate_objects(located: list[tuple[str, dict]], k8s: KubernetesSchemas,
         check_generator_lists(objects, render, errors, configs)
 
 
-# Kustomize, as far as the kustomizations under deploy/k8s use it. Keys kustomize knows but
-# this renderer does not are refused rather than ignored, so a render is never wrong in
-# silence; `kubectl kustomize DIR` shows what kustomize itself makes of a folder.
+# Kustomize, as far as the kustomizations under deploy/k8s use it: kubectl kustomize renders
+# them where kubectl is installed, and this render must then be the same. Keys kustomize
+# knows but this renderer does not are refused rather than ignored, so that a render is
+# never wrong in silence where kubectl is missing.
 RENDERED_KEYS = {"apiVersion", "kind", "namespace", "resources", "images", "replicas",
                  "patches", "replacements"}
 CLUSTER_SCOPED_KINDS = {"Namespace"}
@@ -846,9 +969,7 @@ def render_kustomization(folder: pathlib.Path, errors: Errors, files: set[pathli
         return []
     doc = docs[0]
     for key in doc:
-        if key not in KUSTOMIZATION_KEYS:
-            errors.add(at, f"unknown key `{key}`")
-        elif key not in RENDERED_KEYS:
+        if key not in RENDERED_KEYS:
             errors.add(at, f"`{key}` is not rendered by scripts/validate_deploy.py (it renders"
                        f" {', '.join(sorted(RENDERED_KEYS - {'apiVersion', 'kind'}))})")
     if doc.get("kind") != "Kustomization":
@@ -892,7 +1013,7 @@ def render_kustomization(folder: pathlib.Path, errors: Errors, files: set[pathli
             ops = pdocs[0] if len(pdocs) == 1 else None
         else:
             try:
-                ops = yaml.load(str(patch["patch"]), Loader=StrictLoader)
+                ops = yaml.safe_load(str(patch["patch"]))
             except yaml.YAMLError as e:
                 errors.add(pat, f"cannot read the patch: {e}")
                 continue
@@ -998,19 +1119,75 @@ def gpus_requested(located: list[tuple[str, dict]]) -> int:
     return total
 
 
-def check_kubernetes(k8s: KubernetesSchemas, schemas: RustConfigSchemas, errors: Errors,
-                     verbose: bool) -> int:
-    """Renders the default and every overlay and validates each render; returns how many
-    files were read. The `hindsight` Secret is created by hand, outside the renders (only
-    the example-secret overlay carries one): Secret references are checked against the
-    keys of that example."""
+def object_key(doc: dict) -> tuple[str, str, str]:
+    meta = doc.get("metadata") or {}
+    return str(doc.get("kind")), str(meta.get("namespace") or ""), str(meta.get("name"))
+
+
+def first_difference(a: Any, b: Any, path: str = "") -> str | None:
+    """The first field at which `a` and `b` differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{path}.{key}".lstrip(".")
+            found = first_difference(a[key], b[key], f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            found = first_difference(x, y, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return None if a == b else (path.lstrip(".") or "(top level)")
+
+
+def compare_renders(ours: list[dict], theirs: list[dict], folder: pathlib.Path,
+                    errors: Errors) -> None:
+    """kubectl kustomize's render against this file's: the project checks read this one."""
+    mine = {object_key(d): d for d in ours}
+    kubectl = {object_key(d): d for d in theirs}
+    at = f"{rel(folder)}: kubectl kustomize and scripts/validate_deploy.py render it differently"
+    for kind, _, name in sorted(set(kubectl) - set(mine)):
+        errors.add(at, f"{kind}/{name} only in kubectl's render")
+    for kind, _, name in sorted(set(mine) - set(kubectl)):
+        errors.add(at, f"{kind}/{name} only in this file's render")
+    for key in sorted(set(mine) & set(kubectl)):
+        field = first_difference(mine[key], kubectl[key])
+        if field:
+            errors.add(at, f"{key[0]}/{key[2]}: {field}")
+
+
+def kubectl_render(run: Run, folder: pathlib.Path, errors: Errors) -> list[dict] | None:
+    status, out, err = run.wait()
+    if status != 0:
+        errors.add(f"kubectl kustomize {rel(folder)}", err.strip() or f"exit status {status}")
+        return None
+    try:
+        return [d for d in yaml.safe_load_all(out) if d is not None]
+    except yaml.YAMLError as e:
+        errors.add(f"kubectl kustomize {rel(folder)}", f"cannot read its output: {e}")
+        return None
+
+
+def check_kubernetes(schemas: RustConfigSchemas, errors: Errors, verbose: bool,
+                     kubectl: str | None) -> tuple[int, dict[str, list[dict]]]:
+    """Renders the default and every overlay, here and with kubectl kustomize where kubectl
+    is installed, and checks each render; returns how many files were read, and each
+    render's objects (kubectl's where there is one) for kubernetes-validate. The `hindsight`
+    Secret is created by hand, outside the renders (only the example-secret overlay carries
+    one): Secret references are checked against the keys of that example."""
     external = {
         (doc["kind"], (doc.get("metadata") or {}).get("name")): doc
         for _, doc in load_manifests([EXAMPLE_SECRET], errors)
     }
     files: set[pathlib.Path] = {EXAMPLE_SECRET.resolve()}
+    folders = kustomizations()
+    kubectl_runs = {f: Run([kubectl, "kustomize", rel(f)]) for f in folders} if kubectl else {}
     default: dict[tuple[str, str], tuple[str, str]] = {}
-    for folder in kustomizations():
+    renders: dict[str, list[dict]] = {}
+    for folder in folders:
         located = render_kustomization(folder, errors, files)
         # An object as the default renders it keeps its file as the place of its errors;
         # one an overlay changes says so.
@@ -1023,7 +1200,14 @@ def check_kubernetes(k8s: KubernetesSchemas, schemas: RustConfigSchemas, errors:
             elif default.get(key, ("", ""))[1] != text:
                 where = f"{where} as {rel(folder)} renders it"
             shown.append((where, doc))
-        validate_objects(shown, k8s, schemas, errors, rel(folder), external)
+        check_objects(shown, schemas, errors, rel(folder), external)
+        objects = [doc for _, doc in located]
+        if folder in kubectl_runs:
+            theirs = kubectl_render(kubectl_runs[folder], folder, errors)
+            if theirs is not None:
+                compare_renders(objects, theirs, folder, errors)
+                objects = theirs
+        renders[rel(folder)] = objects
         if verbose:
             kinds: dict[str, int] = {}
             for _, doc in located:
@@ -1031,7 +1215,26 @@ def check_kubernetes(k8s: KubernetesSchemas, schemas: RustConfigSchemas, errors:
             print(f"kubernetes: {rel(folder)}: {len(located)} objects"
                   f" ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}),"
                   f" GPUs requested: {gpus_requested(located)}")
-    return len(files)
+    return len(files), renders
+
+
+def write_renders(renders: dict[str, list[dict]], folder: pathlib.Path) -> dict[str, str]:
+    """Writes, for kubernetes-validate, each render's objects that no render before it has,
+    one file per render; returns each file's path and the render it stands for."""
+    seen: set[str] = set()
+    names: dict[str, str] = {}
+    for label, objects in renders.items():
+        new = []
+        for obj in objects:
+            text = json.dumps(obj, sort_keys=True, default=str)
+            if text not in seen:
+                seen.add(text)
+                new.append(obj)
+        if new:
+            path = folder / (label.replace("/", "_") + ".yaml")
+            path.write_text(yaml.safe_dump_all(new, sort_keys=False))
+            names[str(path)] = f"render of {label}"
+    return names
 
 
 # ------------------------------------------------------------------------------------------
@@ -1069,33 +1272,67 @@ def check_images(errors: Errors) -> None:
 # ------------------------------------------------------------------------------------------
 # Self-test
 
+# The checks a known-bad example can expect to reject it, as `# expect CHECK: TEXT`.
+EXPECT = re.compile(r"^# expect (?P<check>[^:\n]+): (?P<text>.+)$", re.M)
+CHECKS = ("yamllint", "check-jsonschema", "docker compose", "kubernetes-validate",
+          "validate_deploy.py")
 
-def self_test(compose_validator, k8s: KubernetesSchemas, schemas: RustConfigSchemas,
-              env: dict[str, str]) -> list[str]:
-    """Each known-bad file in deploy/schemas/testdata must fail with its `# expect:` texts."""
+
+def known_bad() -> list[tuple[pathlib.Path, dict[str, list[str]]]]:
+    """Each file in deploy/schemas/testdata with the texts each check must report on it."""
+    out = []
+    for path in sorted(TESTDATA.iterdir()):
+        expected: dict[str, list[str]] = {}
+        for m in EXPECT.finditer(path.read_text()):
+            expected.setdefault(m["check"], []).append(m["text"])
+        out.append((path, expected))
+    return out
+
+
+def project_checks(path: pathlib.Path, env: dict[str, str],
+                   schemas: RustConfigSchemas) -> list[str] | None:
+    """This file's checks of one known-bad example, by the kind its name starts with;
+    None for a kind it does not check."""
+    errors = Errors()
+    kind = path.name.split("-")[0]
+    if kind == "compose":
+        check_compose([path], env, schemas, errors)
+    elif kind == "k8s":
+        check_manifests([path], schemas, errors)
+    elif kind in SERVICES and path.suffix == ".toml":
+        check_config_text(path.read_text(), kind, rel(path), schemas, errors)
+    else:
+        return None
+    return errors.items
+
+
+def self_test(tests: list[tuple[pathlib.Path, dict[str, list[str]]]],
+              results: dict[str, Problems], skipped: set[str]) -> list[str]:
+    """Each known-bad example must be rejected by every check it names, with its texts."""
     failures = []
-    files = sorted((SCHEMAS / "testdata").iterdir())
-    if not files:
-        return [f"{rel(SCHEMAS / 'testdata')}: no test files"]
-    for path in files:
-        expected = re.findall(r"^# expect: (.+)$", path.read_text(), re.M)
-        errors = Errors()
-        if path.name.startswith("compose-"):
-            validate_compose([path], env, schemas, compose_validator, errors)
-        elif path.name.startswith("k8s-"):
-            validate_kubernetes([path], k8s, schemas, errors, cross_checks=False)
-        elif path.suffix == ".toml" and path.name.split("-")[0] in SERVICES:
-            check_config_text(path.read_text(), path.name.split("-")[0], rel(path), schemas, errors)
-        else:
-            failures.append(f"{rel(path)}: unknown kind of test file")
-            continue
-        if not errors:
-            failures.append(f"{rel(path)}: accepted, but it must be rejected")
+    if not tests:
+        return [f"{rel(TESTDATA)}: no test files"]
+    for path, expected in tests:
+        name = rel(path)
         if not expected:
-            failures.append(f"{rel(path)}: has no `# expect:` line")
-        for text in expected:
-            if not any(text in e for e in errors.items):
-                failures.append(f"{rel(path)}: no error mentions {text!r}; got: {errors.items}")
+            failures.append(f"{name}: has no `# expect CHECK: TEXT` line")
+        for check, texts in expected.items():
+            if check not in CHECKS:
+                failures.append(f"{name}: `{check}` is not one of {', '.join(CHECKS)}")
+                continue
+            if check in skipped:
+                continue
+            got = results[check].get(name)
+            if got is None and check == "validate_deploy.py":
+                failures.append(f"{name}: not a kind of file validate_deploy.py checks"
+                                " (compose-*, k8s-*, <service>-*.toml)")
+                continue
+            if not got:
+                failures.append(f"{name}: accepted by {check}, but it must be rejected")
+                continue
+            for text in texts:
+                if not any(text in problem for problem in got):
+                    failures.append(f"{name}: no {check} error mentions {text!r}; got: {got}")
     return failures
 
 
@@ -1106,25 +1343,46 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--self-test", action="store_true",
                         help="only check that the known-bad examples are rejected")
-    parser.add_argument("-v", "--verbose", action="store_true", help="list every file checked")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="say what each tool checked")
     args = parser.parse_args()
     started = time.monotonic()
-
-    compose_schema = json.loads((SCHEMAS / "compose-spec.json").read_text())
-    compose_validator = jsonschema.Draft7Validator(compose_schema)
-    k8s = KubernetesSchemas(SCHEMAS / "kubernetes")
-    schemas = RustConfigSchemas()
     errors = Errors()
+    schemas = RustConfigSchemas()
     env = read_env_file(ENV_EXAMPLE, errors)
-    checked = 0
+    tests = known_bad()
 
+    def named(check: str) -> list[str]:
+        return [rel(path) for path, expected in tests if check in expected]
+
+    compose = compose_command()
+    kubectl = shutil.which("kubectl")
+    notes = []
+    if compose is None:
+        notes.append("no Compose v2 here (scripts/fetch-docker-plugins installs it):"
+                     " `docker compose config` did not run")
+    if kubectl is None and not args.self_test:
+        notes.append("no kubectl here: deploy/k8s was rendered by scripts/validate_deploy.py"
+                     " alone")
+
+    # The tools start at once and run while the checks of this file do.
+    yaml_files = [] if args.self_test else deployment_yaml_files()
+    compose_files = [] if args.self_test else [COMPOSE_FILE, COMPOSE_GPU, COMPOSE_SMOKE]
+    lint = yamllint([rel(p) for p in yaml_files] + named("yamllint"))
+    spec = check_jsonschema([rel(p) for p in compose_files] + named("check-jsonschema"))
+    compose_runs: dict[str, Run] = {}
+    if compose is not None:
+        combinations = [] if args.self_test else COMPOSE_COMBINATIONS
+        for files, extra in combinations + [([ROOT / n], {}) for n in named("docker compose")]:
+            compose_runs[" + ".join(rel(f) for f in files)] = compose_config(compose[0], files,
+                                                                             extra)
+
+    renders: dict[str, list[dict]] = {}
+    checked = len(yaml_files)
     if not args.self_test:
-        # Compose: each file alone (the override is partial, so schema only), then merged.
-        validate_compose([COMPOSE_FILE], env, schemas, compose_validator, errors)
-        validate_compose([COMPOSE_GPU], env, schemas, compose_validator, errors,
-                         references=False)
-        validate_compose([COMPOSE_FILE, COMPOSE_GPU], env, schemas, compose_validator, errors)
-        checked += 2
+        # Compose: each combination, merged, as Compose is run with it.
+        for files, extra in COMPOSE_COMBINATIONS:
+            check_compose(files, {**env, **extra}, schemas, errors)
         # Service configuration files (also reached through the Compose mounts).
         for path in sorted(CONFIG_DIR.glob("*.toml")):
             if path.stem not in SERVICES:
@@ -1132,15 +1390,48 @@ def main() -> int:
                 continue
             check_config_text(path.read_text(), path.stem, rel(path), schemas, errors)
             checked += 1
-        # Kubernetes.
-        checked += check_kubernetes(k8s, schemas, errors, args.verbose)
+        renders = check_kubernetes(schemas, errors, args.verbose, kubectl)[1]
         check_images(errors)
         checked += 2
-        if args.verbose:
-            print(f"compose: {rel(COMPOSE_FILE)}, {rel(COMPOSE_GPU)} (alone and merged)")
-            print(f"kubernetes: schemas of versions {', '.join(k8s.bundles)}")
 
-    failures = self_test(compose_validator, k8s, schemas, env)
+    with tempfile.TemporaryDirectory(prefix="validate-deploy-") as tmp:
+        render_files = write_renders(renders, pathlib.Path(tmp))
+        validate = kubernetes_validate(list(render_files) + named("kubernetes-validate"))
+        results = {
+            "yamllint": yamllint_problems(lint),
+            "check-jsonschema": check_jsonschema_problems(spec),
+            "docker compose": compose_problems(compose_runs),
+            "kubernetes-validate": kubernetes_validate_problems(validate),
+        }
+    test_names = {rel(path) for path, _ in tests}
+    for check, problems in results.items():
+        for name, messages in problems.items():
+            if name in test_names:
+                continue  # the self-test's
+            where = render_files.get(name, name)
+            for message in messages:
+                errors.add(f"{check}: {where}" if where else check, message)
+    results["validate_deploy.py"] = {}
+    for path, expected in tests:
+        found = project_checks(path, env, schemas) if "validate_deploy.py" in expected else None
+        if found is not None:
+            results["validate_deploy.py"][rel(path)] = found
+    failures = self_test(tests, results, set() if compose else {"docker compose"})
+
+    if args.verbose and not args.self_test:
+        objects = sum(len(objs) for objs in renders.values())
+        print(f"yamllint: {len(yaml_files)} files, rules of {rel(YAMLLINT_CONFIG)}")
+        print(f"check-jsonschema: {', '.join(rel(f) for f in compose_files)} against"
+              f" {rel(COMPOSE_SCHEMA)}")
+        if compose is not None:
+            runs = [name for name in compose_runs if name not in test_names]
+            print(f"docker compose {compose[1]}: config of {'; '.join(runs)}")
+        print(f"kubernetes-validate --strict, Kubernetes {' and '.join(KUBERNETES_VERSIONS)}:"
+              f" the {objects} objects of {len(renders)} renders by"
+              f" {'kubectl kustomize' if kubectl else 'scripts/validate_deploy.py'}, each"
+              " distinct one once")
+    for note in notes:
+        print(f"note: {note}")
     for e in errors.items:
         print(f"error: {e}")
     for f in failures:
@@ -1150,9 +1441,13 @@ def main() -> int:
         print(f"validate-deploy: FAILED, {len(errors)} errors, {len(failures)} self-test"
               f" failures ({elapsed:.1f} s)")
         return 1
-    tests = len(list((SCHEMAS / "testdata").iterdir()))
-    valid = "" if args.self_test else f"{checked} files valid, "
-    print(f"validate-deploy: ok, {valid}{tests} known-bad examples rejected ({elapsed:.1f} s)")
+    tools = ["yamllint", "check-jsonschema"]
+    tools += [f"docker compose {compose[1]}"] if compose else []
+    tools += ["kubectl kustomize"] if kubectl else []
+    tools += [f"kubernetes-validate ({', '.join(KUBERNETES_VERSIONS)})", "project checks"]
+    valid = "" if args.self_test else f"{checked} files valid ({', '.join(tools)}), "
+    print(f"validate-deploy: ok, {valid}{len(tests)} known-bad examples rejected"
+          f" ({elapsed:.1f} s)")
     return 0
 
 
