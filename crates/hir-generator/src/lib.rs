@@ -239,8 +239,9 @@ pub struct ServeArgs {
     /// Folder that SwapWeights references resolve under.
     #[arg(long)]
     pub checkpoint_root: Option<PathBuf>,
-    /// Version name of the starting model.
-    #[arg(long)]
+    /// Version name of the starting model (the configuration's `version`). Not `--version`,
+    /// which prints the program's version.
+    #[arg(long = "model-version")]
     pub version: Option<String>,
 }
 
