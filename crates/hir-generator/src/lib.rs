@@ -241,8 +241,8 @@ pub struct ServeArgs {
     pub checkpoint_root: Option<PathBuf>,
     /// Version name of the starting model (the configuration's `version`). Not `--version`,
     /// which prints the program's version.
-    #[arg(long = "model-version")]
-    pub version: Option<String>,
+    #[arg(long)]
+    pub model_version: Option<String>,
 }
 
 impl ServeArgs {
@@ -262,7 +262,7 @@ impl ServeArgs {
         if let Some(r) = &self.checkpoint_root {
             config.swap.checkpoint_root = Some(r.clone());
         }
-        if let Some(v) = &self.version {
+        if let Some(v) = &self.model_version {
             config.version.clone_from(v);
         }
         hir_runtime::config::refuse_placeholder_secrets([(
