@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jsonschema
 import yaml
@@ -179,18 +179,25 @@ def yamllint(files: list[str]) -> Run | None:
 LINT_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+):(?P<col>\d+): \[\w+\] (?P<message>.+)$")
 
 
-def yamllint_problems(run: Run | None) -> Problems:
+def line_problems(run: Run | None, pattern: re.Pattern[str],
+                  message: Callable[[re.Match[str]], str]) -> Problems:
+    """A tool's report of one problem per line, grouped by the file each line names; any
+    other output is kept under "" and a failure without a matching line is reported too."""
     if run is None:
         return {}
     status, out, err = run.wait()
     problems: Problems = {}
     for line in (out + err).splitlines():
-        m = LINT_LINE.match(line)
+        m = pattern.match(line)
         if m:
-            problems.setdefault(m["file"], []).append(f"{m['line']}:{m['col']}: {m['message']}")
+            problems.setdefault(m["file"], []).append(message(m))
         elif line.strip():
             problems.setdefault("", []).append(line)
     return leftover(problems, status, out, err)
+
+
+def yamllint_problems(run: Run | None) -> Problems:
+    return line_problems(run, LINT_LINE, lambda m: f"{m['line']}:{m['col']}: {m['message']}")
 
 
 def check_jsonschema(files: list[str]) -> Run | None:
@@ -267,18 +274,9 @@ VALIDATE_LINE = re.compile(r"^(?:ERROR|WARN|FATAL) (?P<file>\S+) (?P<message>.+)
 
 
 def kubernetes_validate_problems(run: Run | None) -> Problems:
-    if run is None:
-        return {}
-    status, out, err = run.wait()
-    problems: Problems = {}
-    for line in (out + err).splitlines():
-        m = VALIDATE_LINE.match(line)
-        if m:
-            message = m["message"].removeprefix("did not validate for resource ")
-            problems.setdefault(m["file"], []).append(message)
-        elif line.strip():
-            problems.setdefault("", []).append(line)
-    return leftover(problems, status, out, err)
+    return line_problems(
+        run, VALIDATE_LINE,
+        lambda m: m["message"].removeprefix("did not validate for resource "))
 
 
 def deployment_yaml_files() -> list[pathlib.Path]:
