@@ -89,6 +89,8 @@ async fn load(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<service::Generator> {
     let device = parse_device(&config.device)?;
+    // Uploads an earlier process of this generator did not finish.
+    swap::sweep_staging(&config.swap.staging_dir);
     let mode = weight_mode(config.weights, &config.model, &device);
     let path = config.model.clone();
     let (model, sha256, base_sha256) = {
@@ -276,6 +278,7 @@ impl ServeArgs {
 /// Runs a generator until Ctrl-C or SIGTERM.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     hir_runtime::telemetry::init(hir_runtime::telemetry::LogFormat::from_env());
+    hir_runtime::fault::init();
     let config = args.config()?;
     let app = Application::bind(config).await?;
     app.run_until(hir_runtime::shutdown::signal()).await

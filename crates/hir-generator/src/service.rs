@@ -11,6 +11,7 @@ use candle_core::Device;
 use hir_model::{FinishReason, SamplingParams};
 use hir_proto::pb;
 use hir_proto::pb::generator_service_server::GeneratorService;
+use hir_runtime::fault;
 use tokio::io::AsyncWriteExt;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -230,6 +231,7 @@ impl Generator {
             self.deadline(),
         )
         .await?;
+        fault::point(fault::GENERATOR_SWAP);
         let t = Instant::now();
         let activated = self
             .engine
@@ -342,6 +344,7 @@ impl Generator {
                     what: format!("writing {}", path.display()),
                     source,
                 })?;
+            fault::point(fault::GENERATOR_UPLOAD);
         }
         for (name, (size, written)) in &sizes {
             if written != size {
@@ -475,6 +478,11 @@ impl GeneratorService for Generator {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let job = self.job(request.into_inner(), tx).await?;
         let seed = job.params.seed;
+        let point = if job.params.temperature > 0.0 {
+            fault::GENERATOR_SAMPLE
+        } else {
+            fault::GENERATOR_EVALUATE
+        };
         job.span.in_scope(|| tracing::info!("queued"));
         if let Err(err) = self.engine.submit(job) {
             if matches!(err, GeneratorError::Overloaded(_)) {
@@ -483,6 +491,7 @@ impl GeneratorService for Generator {
             return Err(err.into());
         }
         let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |item| {
+            fault::point(point);
             item.map(|c| completion_to_pb(c, seed))
                 .map_err(Status::from)
         });

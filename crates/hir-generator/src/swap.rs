@@ -339,21 +339,45 @@ pub async fn load_checkpoint(
     }
 }
 
-/// A private folder an upload is written into; removed when dropped.
+/// A private folder an upload is written into (`upload-<id>`); removed when dropped.
+///
+/// Beside it, `upload-<id>.lock` is held under an exclusive `flock` for the folder's
+/// life, so a generator that died mid-upload (killed, out of memory) leaves a lock nobody
+/// holds: [`sweep_staging`] removes such folders, and never one a live process (this or
+/// another generator sharing the folder) is writing.
 #[derive(Debug)]
 pub struct Staging {
     dir: PathBuf,
+    lock: PathBuf,
+    _held: std::fs::File,
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> GeneratorError {
+    move |source| GeneratorError::Io { what, source }
 }
 
 impl Staging {
-    /// A fresh folder under `parent`.
+    /// A fresh folder under `parent`, after sweeping what dead uploads left there.
     pub fn new(parent: &Path) -> Result<Self> {
-        let dir = parent.join(format!("upload-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).map_err(|source| GeneratorError::Io {
-            what: format!("creating {}", dir.display()),
-            source,
-        })?;
-        Ok(Self { dir })
+        std::fs::create_dir_all(parent).map_err(io(format!("creating {}", parent.display())))?;
+        sweep_staging(parent);
+        let name = format!("upload-{}", uuid::Uuid::new_v4());
+        // Locked under a name the sweep ignores, then renamed: a sweep never sees the lock
+        // file unlocked.
+        let fresh = parent.join(format!(".{name}.lock"));
+        let held =
+            std::fs::File::create(&fresh).map_err(io(format!("creating {}", fresh.display())))?;
+        rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|e| io(format!("locking {}", fresh.display()))(e.into()))?;
+        let lock = parent.join(format!("{name}.lock"));
+        std::fs::rename(&fresh, &lock).map_err(io(format!("creating {}", lock.display())))?;
+        let dir = parent.join(name);
+        std::fs::create_dir(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        Ok(Self {
+            dir,
+            lock,
+            _held: held,
+        })
     }
 
     /// The folder.
@@ -364,10 +388,79 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if let Err(err) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(%err, dir = %self.dir.display(), "could not remove an upload's staging folder");
+        // The folder first: a lock file without its folder is swept; never the reverse.
+        for (path, folder) in [(&self.dir, true), (&self.lock, false)] {
+            let removed = if folder {
+                std::fs::remove_dir_all(path)
+            } else {
+                std::fs::remove_file(path)
+            };
+            if let Err(err) = removed {
+                tracing::warn!(%err, path = %path.display(), "could not remove an upload's staging files");
+            }
         }
     }
+}
+
+/// Removes the staging folders (and their lock files) that uploads of dead processes left
+/// under `parent`: those whose lock nobody holds, and folders without a lock file. Returns
+/// how many uploads it removed. Errors are logged, not returned: a sweep that fails leaves
+/// files behind, nothing worse.
+pub fn sweep_staging(parent: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".upload-") && name.ends_with(".lock") {
+            // A lock file that was never renamed into place: its upload never began.
+            if let Ok(f) = std::fs::File::open(entry.path()) {
+                if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                    .is_ok()
+                {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+            continue;
+        }
+        let Some(id) = name.strip_prefix("upload-") else {
+            continue;
+        };
+        let (dir, lock) = match id.strip_suffix(".lock") {
+            Some(id) => (parent.join(format!("upload-{id}")), entry.path()),
+            None => (entry.path(), parent.join(format!("{name}.lock"))),
+        };
+        let abandoned = match std::fs::File::open(&lock) {
+            // Held while this probe holds it: the owner is gone. The lock is dropped with
+            // the file, after the removal.
+            Ok(f) => {
+                rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
+            }
+            // No lock file: a folder whose upload already ended, or from an older version.
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound && dir.is_dir(),
+        };
+        if !abandoned {
+            continue;
+        }
+        let gone = |r: std::io::Result<()>| {
+            r.or_else(|e| {
+                (e.kind() == std::io::ErrorKind::NotFound)
+                    .then_some(())
+                    .ok_or(e)
+            })
+        };
+        match gone(std::fs::remove_dir_all(&dir)).and_then(|()| gone(std::fs::remove_file(&lock))) {
+            Ok(()) => {
+                removed += 1;
+                tracing::info!(folder = %dir.display(), "removed the staging folder of an upload that never finished");
+            }
+            Err(err) => {
+                tracing::warn!(%err, folder = %dir.display(), "could not remove an abandoned staging folder")
+            }
+        }
+    }
+    removed
 }
 
 /// Checks an uploaded file name: a plain name, no folders.
@@ -403,6 +496,51 @@ pub fn check_file_name(field: &str, name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sweep_removes_dead_uploads_and_keeps_live_ones() {
+        let parent = std::env::temp_dir().join(format!("hir-staging-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&parent);
+        let live = Staging::new(&parent).unwrap();
+        std::fs::write(live.dir().join("model.safetensors"), b"half").unwrap();
+        // What a killed process leaves: a folder and a lock file nobody holds.
+        std::fs::create_dir_all(parent.join("upload-dead/sub")).unwrap();
+        std::fs::write(parent.join("upload-dead.lock"), b"").unwrap();
+        // A folder without a lock file, and a lock file never renamed into place.
+        std::fs::create_dir_all(parent.join("upload-old")).unwrap();
+        std::fs::write(parent.join(".upload-new.lock"), b"").unwrap();
+        // Not ours: left alone.
+        std::fs::write(parent.join("notes.txt"), b"").unwrap();
+        assert_eq!(sweep_staging(&parent), 2);
+        let mut left: Vec<String> = std::fs::read_dir(&parent)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let id = live
+            .dir()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        assert_eq!(
+            left,
+            vec!["notes.txt".to_string(), id.clone(), format!("{id}.lock")]
+        );
+        assert!(
+            live.dir().join("model.safetensors").is_file(),
+            "a live upload is kept"
+        );
+        drop(live);
+        assert_eq!(sweep_staging(&parent), 0);
+        let left: Vec<_> = std::fs::read_dir(&parent).unwrap().collect();
+        assert_eq!(
+            left.len(),
+            1,
+            "a finished upload removes its folder and lock"
+        );
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
 
     #[test]
     fn references_cannot_leave_the_root() {

@@ -178,6 +178,7 @@ pub struct ServeArgs {
 /// Runs a relabeler until Ctrl-C or SIGTERM.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     hir_runtime::telemetry::init(hir_runtime::telemetry::LogFormat::from_env());
+    hir_runtime::fault::init();
     let mut config: RelabelerConfig =
         hir_runtime::config::load("relabeler", args.config.as_deref())?;
     if let Some(l) = args.listen {

@@ -329,6 +329,7 @@ async fn write_samples(
         let (store, progress, metrics) = (store.clone(), progress.clone(), Arc::clone(&metrics));
         async move {
             let t = Instant::now();
+            hir_runtime::fault::point(hir_runtime::fault::RELABELER_WRITE);
             let inserted = store.insert_scored_samples(&rows).await?;
             metrics.write_seconds.observe(t.elapsed().as_secs_f64());
             let correct = rows.iter().filter(|r| r.correct).count() as u64;
@@ -624,6 +625,7 @@ async fn generate_with_retry(
                 let mut stream = picked?.client().generate(request).await?.into_inner();
                 let mut out = Vec::new();
                 while let Some(r) = stream.message().await? {
+                    hir_runtime::fault::point(hir_runtime::fault::RELABELER_STREAM);
                     out.extend(r.completion);
                 }
                 Ok::<_, tonic::Status>(out)

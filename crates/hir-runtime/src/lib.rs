@@ -8,16 +8,19 @@
 //! * [`generators`]: a pool of generator clients, round-robin, with backoff.
 //! * [`listeners`]: the gRPC and metrics sockets of a server.
 //! * [`memory`]: this process's resident memory now and at its peak.
+//! * [`fault`]: crash points for the fault suite (compiled in with `fault-injection`).
 //! * [`shutdown`]: a future that resolves on Ctrl-C or SIGTERM.
 //! * [`status`]: errors to gRPC statuses, the same way in every service.
 //! * [`server`]: the gRPC server of every service, with health, reflection, auth, metrics
 //!   and graceful shutdown around the service's own gRPC services.
-// One audited exception: `memory::release_free` calls the C allocator.
+// Two audited exceptions: `memory::release_free` calls the C allocator, and a crash point
+// of `fault` (only with `fault-injection`) sends SIGKILL to its own process.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod auth;
 pub mod config;
+pub mod fault;
 pub mod generators;
 pub mod listeners;
 pub mod memory;

@@ -98,6 +98,7 @@ async fn evaluate(
                 predicted: s.predicted,
             })
             .collect();
+        hir_runtime::fault::point(hir_runtime::fault::TRAINER_EVALUATE);
         store.record_eval_results(&results).await?;
         tracing::info!(%run_id, iteration, task = %eval.task, exact = eval.exact, extracted = eval.extracted, "evaluated");
         on_task(&eval);

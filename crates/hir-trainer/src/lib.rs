@@ -163,6 +163,7 @@ pub struct ServeArgs {
 /// Runs a trainer until Ctrl-C or SIGTERM.
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     hir_runtime::telemetry::init(hir_runtime::telemetry::LogFormat::from_env());
+    hir_runtime::fault::init();
     let mut config: TrainerConfig = hir_runtime::config::load("trainer", args.config.as_deref())?;
     if let Some(l) = args.listen {
         config.listen = l;

@@ -232,6 +232,7 @@ impl TrainState {
             }
         }
         let optimizer = tensor_file::write(&tmp.join("optimizer.safetensors"), entries)?;
+        hir_runtime::fault::point(hir_runtime::fault::TRAINER_SNAPSHOT);
         write_json(&tmp.join("trainer.json"), &SnapshotInfo { step, iteration })?;
         let manifest_sha = hir_model::checkpoint::sha256_file(&tmp.join("manifest.json"))?;
         let trainer_sha = hir_model::checkpoint::sha256_file(&tmp.join("trainer.json"))?;
@@ -345,7 +346,7 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 }
 
 /// Flushes a folder's entries (new files, a rename) to disk.
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| TrainerError::io(dir, e))

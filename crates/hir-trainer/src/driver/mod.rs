@@ -7,6 +7,7 @@
 //! status: training from the last committed snapshot (weights, optimizer, step) and the
 //! batches not yet done; swaps and evaluation are idempotent.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,7 +48,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
 }
 
-/// How often the generators' versions are checked while an iteration samples.
+/// How often the generators' versions are checked while an iteration samples or evaluates.
 pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 
 /// The version name of iteration `k` of a run.
@@ -128,13 +129,21 @@ impl Driver<'_> {
                         }
                     }
                 });
-        tokio::pin!(sampling);
+        self.reconciling(k, sampling).await.map(|_| ())
+    }
+
+    /// Runs `work` while keeping every generator on the version iteration `k` samples
+    /// from: every [`RECONCILE_EVERY`] a generator that restarted (serving its starting
+    /// model) or joined is brought back to it, so requests that name the version are
+    /// answered again instead of refused until they give up.
+    async fn reconciling<T>(&self, k: u32, work: impl Future<Output = Result<T>>) -> Result<T> {
+        tokio::pin!(work);
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         loop {
             tokio::select! {
-                done = &mut sampling => return done.map(|_| ()),
+                done = &mut work => return done,
                 _ = tick.tick() => {
                     if let Err(e) = self.reconcile(k).await {
                         tracing::warn!(run_id = %self.run_id, iteration = k, error = %e, "reconciling the generators' version failed; retrying");
@@ -241,10 +250,11 @@ impl Driver<'_> {
                     let version = store
                         .get_model_version_by_name(&version_name(self.run_id, k))
                         .await?;
-                    // A generator that restarted since the swap gets the version back first.
+                    // A generator that restarted since the swap gets the version back first,
+                    // and again if it restarts while the evaluation runs.
                     self.reconcile(k + 1).await?;
                     if self.config.evaluates(k) {
-                        self.evaluate(k, &version).await?;
+                        self.reconciling(k + 1, self.evaluate(k, &version)).await?;
                     }
                     self.advance(k, IterationStatus::Done).await?;
                 }

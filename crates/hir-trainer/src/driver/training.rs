@@ -178,6 +178,7 @@ impl Driver<'_> {
                 batch.id,
                 progress_json(&stats, step_ms, self.config.learning_rate),
             ));
+            hir_runtime::fault::point(hir_runtime::fault::TRAINER_STEP);
             if pending.len() >= ctx.config.commit_every_steps.max(1) as usize {
                 self.commit(k, pending).await?;
             }
