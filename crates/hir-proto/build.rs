@@ -18,6 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::HirCodec")
         .file_descriptor_set_path(out_dir.join("hir_v1_descriptor.bin"))
         .compile_with_config(config, &files, &includes)?;
-    println!("cargo:rerun-if-changed={}", proto_root.display());
+    // Each file, not the folder: cargo's check of a folder missed edits to the files in it
+    // for some of the build's configurations, which then compiled stale types.
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
     Ok(())
 }

@@ -96,6 +96,13 @@ pub struct SampleTotals {
     pub correct: i64,
     /// Correct under answer extraction.
     pub correct_extracted: i64,
+    /// Prompts sampled (task and example).
+    pub prompts: i64,
+    /// Prompts with at least one sample correct under exact match: pass@n, with n the
+    /// samples per prompt.
+    pub prompts_correct: i64,
+    /// Prompts with at least one sample correct under answer extraction.
+    pub prompts_correct_extracted: i64,
 }
 
 /// A stored sample.
@@ -267,12 +274,17 @@ impl Store {
         Ok(rows)
     }
 
-    /// Totals of one iteration's samples: stored, correct, correct under extraction.
+    /// Totals of one iteration's samples: stored, correct, correct under extraction, and
+    /// the prompts with at least one correct sample under each.
     #[tracing::instrument(name = "Summing an iteration's samples", skip(self))]
     pub async fn sample_totals(&self, run_id: Uuid, iteration: i32) -> Result<SampleTotals> {
         let totals = sqlx::query_as::<_, SampleTotals>(
             "SELECT count(*) AS samples, count(*) FILTER (WHERE correct) AS correct, \
-             count(*) FILTER (WHERE correct_extracted) AS correct_extracted \
+             count(*) FILTER (WHERE correct_extracted) AS correct_extracted, \
+             count(DISTINCT (task_id, example_idx)) AS prompts, \
+             count(DISTINCT (task_id, example_idx)) FILTER (WHERE correct) AS prompts_correct, \
+             count(DISTINCT (task_id, example_idx)) FILTER (WHERE correct_extracted) \
+               AS prompts_correct_extracted \
              FROM samples WHERE run_id = $1 AND iteration = $2",
         )
         .bind(run_id)

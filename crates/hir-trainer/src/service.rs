@@ -229,6 +229,9 @@ impl Trainer {
                 } else {
                     0.0
                 },
+                prompts: totals.prompts as u64,
+                prompts_correct: totals.prompts_correct as u64,
+                prompts_correct_extracted: totals.prompts_correct_extracted as u64,
                 train_loss: t.and_then(|t| t.mean_loss).unwrap_or(0.0),
                 steps: t.map_or(0, |t| t.steps as u64),
                 eval: {

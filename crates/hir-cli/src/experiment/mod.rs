@@ -378,6 +378,9 @@ pub struct Row {
     pub sample_accuracy: f64,
     /// Share of the iteration's samples correct under extraction.
     pub sample_accuracy_extracted: f64,
+    /// Share of the iteration's prompts with at least one sample correct under exact match
+    /// and under extraction: pass@n, with n the samples per prompt.
+    pub pass_at_n: (f64, f64),
     /// Mean training loss of the iteration.
     pub train_loss: f64,
     /// Wall seconds of each phase, as seen by this command: sample, train, swap, eval.
@@ -627,6 +630,13 @@ fn run_result(
             steps: it.steps,
             sample_accuracy: it.sample_accuracy,
             sample_accuracy_extracted: it.sample_accuracy_extracted,
+            pass_at_n: {
+                let share = |k: u64| k as f64 / it.prompts.max(1) as f64;
+                (
+                    share(it.prompts_correct),
+                    share(it.prompts_correct_extracted),
+                )
+            },
             train_loss: it.train_loss,
             phase_seconds: [
                 sample,

@@ -140,7 +140,7 @@ pub fn iterations(e: &Experiment) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| method | task | seed | iteration | steps | samples correct (exact / extracted) | {on} exact [95% CI] | p vs base | {on} extracted [95% CI] | p vs base | top answer (share) | no answer | answers | train loss | sample s | train s | swap s | eval s |",
+        "| method | task | seed | iteration | steps | samples correct (exact / extracted) | pass@n (exact / extracted) | {on} exact [95% CI] | p vs base | {on} extracted [95% CI] | p vs base | top answer (share) | no answer | answers | train loss | sample s | train s | swap s | eval s |",
         on = e.evaluated_on
     );
     let _ = writeln!(
@@ -159,7 +159,7 @@ pub fn iterations(e: &Experiment) -> String {
             let trained = row.iteration > 0;
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} | {} | {} | {} | {} |",
                 row.method,
                 row.task,
                 row.seed,
@@ -171,6 +171,11 @@ pub fn iterations(e: &Experiment) -> String {
                         pct(row.sample_accuracy),
                         pct(row.sample_accuracy_extracted)
                     )
+                } else {
+                    "-".into()
+                },
+                if trained {
+                    format!("{} / {}", pct(row.pass_at_n.0), pct(row.pass_at_n.1))
                 } else {
                     "-".into()
                 },
@@ -364,7 +369,8 @@ pub(super) fn write(e: &Experiment, dir: &Path) -> Result<PathBuf> {
          *Top answer* is the most frequent predicted answer: a share near 100% is a collapse \
          to one answer; *no answer* is the share with nothing readable in it. *Samples \
          correct* is the share of the iteration's training samples correct at sampling time \
-         (for `sft`, the gold answers). Phase times are wall seconds as the client saw them.\n\n\
+         (for `sft`, the gold answers); *pass@n* the share of its training prompts with at \
+         least one correct sample among their n. Phase times are wall seconds as the client saw them.\n\n\
          ![accuracy per iteration](experiment.svg)"
     );
     let path = dir.join("experiment.md");
@@ -588,6 +594,7 @@ mod tests {
             steps: if iteration > 0 { 16 } else { 0 },
             sample_accuracy: 0.0,
             sample_accuracy_extracted: 0.125,
+            pass_at_n: (0.0, 0.25),
             train_loss: 1.5,
             phase_seconds: [Some(1.0), Some(2.0), None, Some(3.0)],
         }
@@ -640,7 +647,7 @@ mod tests {
         assert_eq!(t.matches("| base |").count(), 1, "{t}");
         // 2 of 4 right: Wilson [15.0, 85.0]; 2 discordant items against the base: p = 0.5.
         assert!(
-            t.contains("| hir | t | 1 | 1 | 16 | 0.0% / 12.5% | 50.0% [15.0–85.0] | 0.500 | 50.0% [15.0–85.0] | 0.500 | (B) (100.0%) | 25.0% | (B) 4 |"),
+            t.contains("| hir | t | 1 | 1 | 16 | 0.0% / 12.5% | 0.0% / 25.0% | 50.0% [15.0–85.0] | 0.500 | 50.0% [15.0–85.0] | 0.500 | (B) (100.0%) | 25.0% | (B) 4 |"),
             "{t}"
         );
         assert!(t.contains("| farl | t | 1 | - | - | - | FAILED |"), "{t}");
