@@ -82,7 +82,7 @@ def label_logprobs(model, ids, mask, positions, spans):
 
 
 def hir_loss(model, pos, neg, pad, cfg):
-    eps = cfg["epsilon"]
+    eps = cfg["label_smoothing"]
     lp, y, keep = label_logprobs(model, *batch(pos, pad))
     lpn, yn, keepn = label_logprobs(model, *batch(neg, pad))
     row = lambda x, k: (x * k).sum(-1) / k.sum(-1)

@@ -10,6 +10,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{CoreError, Result};
 
+/// The default AdamW learning rate (the reference's `lr=5e-4`). The optimizer's own default
+/// (`hir_model::train::AdamWConfig`) is this value.
+pub const DEFAULT_LEARNING_RATE: f64 = 5e-4;
+/// The default label smoothing ε of the supervised and contrastive terms (the reference's
+/// `LabelSmoother(epsilon=0.2)`). The loss's own default is this value.
+pub const DEFAULT_LABEL_SMOOTHING: f64 = 0.2;
+/// The default weight β of the entropy bonus.
+pub const DEFAULT_ENTROPY_COEF: f64 = 0.001;
+/// The default weight α of the contrastive term.
+pub const DEFAULT_CONTRASTIVE_COEF: f64 = 1.0;
+
 /// Calls `$m!` with every numeric and boolean knob of a run, declared here once: its
 /// documentation, field, type and command-line flag. [`RunConfig`] and [`KNOBS`] are built
 /// from it, the wire conversion in `hir-proto` reads and writes each knob through it, and
@@ -356,13 +367,13 @@ impl Default for RunConfig {
         Self {
             preset: "paper".into(),
             model: String::new(),
-            learning_rate: 5e-4,
+            learning_rate: DEFAULT_LEARNING_RATE,
             batch_size: 64,
             micro_batch_size: 8,
             epochs_per_iteration: 10,
-            label_smoothing: 0.2,
-            entropy_coef: 0.001,
-            contrastive_coef: 1.0,
+            label_smoothing: DEFAULT_LABEL_SMOOTHING,
+            entropy_coef: DEFAULT_ENTROPY_COEF,
+            contrastive_coef: DEFAULT_CONTRASTIVE_COEF,
             samples_per_prompt: 4,
             iterations: 31,
             temperature: 1.0,

@@ -16,11 +16,12 @@ use crate::error::{ModelError, Result};
 
 pub use crate::ops::IGNORE_INDEX;
 
-/// Default label smoothing ε of the reference code (`LabelSmoother(epsilon=0.2)`).
-pub const LABEL_SMOOTHING: f64 = 0.2;
+/// Default label smoothing ε: the run knob's default (`label_smoothing`, the reference's
+/// `LabelSmoother(epsilon=0.2)`).
+pub const LABEL_SMOOTHING: f64 = hir_core::run::DEFAULT_LABEL_SMOOTHING;
 
-/// Default entropy coefficient β.
-pub const ENTROPY_COEF: f64 = 0.001;
+/// Default entropy coefficient β: the run knob's default (`entropy_coef`).
+pub const ENTROPY_COEF: f64 = hir_core::run::DEFAULT_ENTROPY_COEF;
 
 /// Labels as gather indices (ignored positions set to 0), a 0/1 mask `[B, T]`,
 /// and `1 / (labelled positions)` of each row, `[B]`.
@@ -160,8 +161,9 @@ pub fn mean_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
 /// Coefficients of the combined loss.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HirLossConfig {
-    /// Label smoothing ε (also used inside the contrastive term).
-    pub epsilon: f64,
+    /// Label smoothing ε (the run knob `label_smoothing`; also used inside the contrastive
+    /// term).
+    pub label_smoothing: f64,
     /// Weight α of the contrastive term.
     pub contrastive_coef: f64,
     /// Weight β of the entropy bonus (subtracted).
@@ -171,8 +173,8 @@ pub struct HirLossConfig {
 impl Default for HirLossConfig {
     fn default() -> Self {
         Self {
-            epsilon: LABEL_SMOOTHING,
-            contrastive_coef: 1.0,
+            label_smoothing: LABEL_SMOOTHING,
+            contrastive_coef: hir_core::run::DEFAULT_CONTRASTIVE_COEF,
             entropy_coef: ENTROPY_COEF,
         }
     }
@@ -222,12 +224,12 @@ pub fn hir_loss(
         }
         None => lp_pos.clone(),
     };
-    let ls = label_smoothed_rows(&lp_sup, &y_pos, cfg.epsilon)?.mean_all()?;
+    let ls = label_smoothed_rows(&lp_sup, &y_pos, cfg.label_smoothing)?.mean_all()?;
     let h = entropy_rows(&lp_sup, &y_pos)?.mean_all()?;
     let con = contrastive_rows(
         &y_pos.row_means(&y_pos.picked(&lp_pos)?)?,
         &y_neg.row_means(&y_neg.picked(&log_probs(neg_logits)?)?)?,
-        cfg.epsilon,
+        cfg.label_smoothing,
     )?
     .mean_all()?;
     let total =

@@ -280,7 +280,7 @@ impl TorchStep {
             "threads": candle_core::utils::get_num_threads(),
             "lr": AdamWConfig::default().lr,
             "max_grad_norm": 1.0,
-            "epsilon": cfg.epsilon,
+            "label_smoothing": cfg.label_smoothing,
             "contrastive_coef": cfg.contrastive_coef,
             "entropy_coef": cfg.entropy_coef,
             "pairs": self.pairs.iter().map(|p| serde_json::json!({
@@ -326,11 +326,11 @@ fn reference_loss(
     neg_labels: &Tensor,
     cfg: &HirLossConfig,
 ) -> Tensor {
-    let ls = loss::label_smoothed_cross_entropy(first, labels, cfg.epsilon).expect("ls");
+    let ls = loss::label_smoothed_cross_entropy(first, labels, cfg.label_smoothing).expect("ls");
     let con = loss::contrastive_loss(
         &loss::sequence_mean_logprob(second, labels).expect("lp"),
         &loss::sequence_mean_logprob(neg, neg_labels).expect("lp"),
-        cfg.epsilon,
+        cfg.label_smoothing,
     )
     .expect("con");
     let h = loss::mean_entropy(first, labels).expect("h");

@@ -116,7 +116,7 @@ impl TrainState {
             model,
             optimizer,
             loss: HirLossConfig {
-                epsilon: config.label_smoothing,
+                label_smoothing: config.label_smoothing,
                 contrastive_coef: config.contrastive_coef,
                 entropy_coef: config.entropy_coef,
             },

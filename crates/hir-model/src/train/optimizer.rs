@@ -182,7 +182,7 @@ pub struct AdamWConfig {
 impl Default for AdamWConfig {
     fn default() -> Self {
         Self {
-            lr: 5e-4,
+            lr: hir_core::run::DEFAULT_LEARNING_RATE,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
