@@ -474,7 +474,9 @@ async fn run(
         if let Some((iteration, due)) = restart_due {
             if Instant::now() >= due {
                 eprintln!(
-                    "restarting Postgres (iteration {iteration}, {:.1} s)",
+                    "restarting Postgres (iteration {} {}, {:.1} s)",
+                    latest.1,
+                    latest.2,
                     started.elapsed().as_secs_f64()
                 );
                 restart_postgres();
