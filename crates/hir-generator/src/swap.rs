@@ -402,6 +402,13 @@ impl Drop for Staging {
     }
 }
 
+/// Whether no process holds the lock file at `path`: its owner is gone. (Staging names are
+/// never reused, so nobody takes such a lock again once its owner has.)
+fn unheld(path: &Path) -> std::io::Result<bool> {
+    let f = std::fs::File::open(path)?;
+    Ok(rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok())
+}
+
 /// Removes the staging folders (and their lock files) that uploads of dead processes left
 /// under `parent`: those whose lock nobody holds, and folders without a lock file. Returns
 /// how many uploads it removed. Errors are logged, not returned: a sweep that fails leaves
@@ -415,12 +422,8 @@ pub fn sweep_staging(parent: &Path) -> usize {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(".upload-") && name.ends_with(".lock") {
             // A lock file that was never renamed into place: its upload never began.
-            if let Ok(f) = std::fs::File::open(entry.path()) {
-                if rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-                    .is_ok()
-                {
-                    let _ = std::fs::remove_file(entry.path());
-                }
+            if unheld(&entry.path()).unwrap_or(false) {
+                let _ = std::fs::remove_file(entry.path());
             }
             continue;
         }
@@ -431,12 +434,8 @@ pub fn sweep_staging(parent: &Path) -> usize {
             Some(id) => (parent.join(format!("upload-{id}")), entry.path()),
             None => (entry.path(), parent.join(format!("{name}.lock"))),
         };
-        let abandoned = match std::fs::File::open(&lock) {
-            // Held while this probe holds it: the owner is gone. The lock is dropped with
-            // the file, after the removal.
-            Ok(f) => {
-                rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok()
-            }
+        let abandoned = match unheld(&lock) {
+            Ok(free) => free,
             // No lock file: a folder whose upload already ended, or from an older version.
             Err(e) => e.kind() == std::io::ErrorKind::NotFound && dir.is_dir(),
         };

@@ -209,13 +209,13 @@ impl TrainState {
     pub fn save_snapshot(&self, dir: &Path, iteration: u32) -> Result<(PathBuf, String)> {
         let step = self.step_count();
         let final_dir = dir.join(format!("step-{step}"));
-        let tmp = dir.join(format!(".step-{step}.tmp"));
-        for d in [&tmp, &final_dir] {
-            if d.exists() {
-                std::fs::remove_dir_all(d).map_err(|e| TrainerError::io(d, e))?;
-            }
-        }
-        self.model.save(&tmp)?;
+        let sha = write_folder(&final_dir, |tmp| self.write_snapshot(tmp, step, iteration))?;
+        Ok((final_dir, sha))
+    }
+
+    /// The snapshot's files in `tmp`; returns the SHA-256 of its `snapshot.json`.
+    fn write_snapshot(&self, tmp: &Path, step: u64, iteration: u32) -> Result<String> {
+        self.model.save(tmp)?;
         // The optimizer state is streamed from where it lives, hashed as it is written.
         let opt = self.optimizer.adamw();
         let moments = opt.moment_values()?;
@@ -243,11 +243,7 @@ impl TrainState {
         ]);
         let snapshot = tmp.join("snapshot.json");
         write_json(&snapshot, &files)?;
-        let sha = hir_model::checkpoint::sha256_file(&snapshot)?;
-        sync_dir(&tmp)?;
-        std::fs::rename(&tmp, &final_dir).map_err(|e| TrainerError::io(&final_dir, e))?;
-        sync_dir(dir)?;
-        Ok((final_dir, sha))
+        Ok(hir_model::checkpoint::sha256_file(&snapshot)?)
     }
 
     /// Loads the snapshot in `dir` after checking it against `sha256` (of its
@@ -345,8 +341,29 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
         .map_err(|e| TrainerError::FailedPrecondition(format!("{}: {e}", path.display())))
 }
 
+/// Writes the folder `dest` whole or not at all: `write` fills `.<name>.tmp` beside it
+/// (what an earlier attempt left there, and `dest` itself, removed first), which is then
+/// flushed and renamed to `dest`. A crash leaves at most the temporary folder, which the
+/// next attempt removes.
+pub(crate) fn write_folder<T>(dest: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dest.with_file_name(format!(".{name}.tmp"));
+    for d in [&tmp, dest] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).map_err(|e| TrainerError::io(d, e))?;
+        }
+    }
+    let out = write(&tmp)?;
+    sync_dir(&tmp)?;
+    std::fs::rename(&tmp, dest).map_err(|e| TrainerError::io(dest, e))?;
+    if let Some(parent) = dest.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(out)
+}
+
 /// Flushes a folder's entries (new files, a rename) to disk.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| TrainerError::io(dir, e))

@@ -13,26 +13,20 @@ use crate::error::{Result, TrainerError};
 
 impl Driver<'_> {
     /// Writes iteration `k`'s model as a checkpoint and registers it as a new version. The
-    /// files are written into a temporary folder renamed into place, so a crash leaves no
-    /// half-written checkpoint under the version's name (the next attempt removes the
-    /// temporary one).
+    /// folder is written whole or not at all ([`crate::state::write_folder`]), so a crash
+    /// leaves no half-written checkpoint under the version's name.
     pub(super) async fn checkpoint(&mut self, k: u32) -> Result<ModelVersion> {
         let name = version_name(self.run_id, k);
         let folder = self.checkpoint_folder(k);
-        let tmp = folder.with_file_name(format!(".it{k:03}.tmp"));
-        for d in [&tmp, &folder] {
-            if d.exists() {
-                std::fs::remove_dir_all(d).map_err(|e| TrainerError::io(d, e))?;
-            }
-        }
-        let t = tmp.clone();
-        self.with_train_state(move |s| s.model.save(&t)).await??;
-        hir_runtime::fault::point(hir_runtime::fault::TRAINER_CHECKPOINT);
-        crate::state::sync_dir(&tmp)?;
-        std::fs::rename(&tmp, &folder).map_err(|e| TrainerError::io(&folder, e))?;
-        if let Some(parent) = folder.parent() {
-            crate::state::sync_dir(parent)?;
-        }
+        let f = folder.clone();
+        self.with_train_state(move |s| {
+            crate::state::write_folder(&f, |tmp| {
+                s.model.save(tmp)?;
+                hir_runtime::fault::point(hir_runtime::fault::TRAINER_CHECKPOINT);
+                Ok(())
+            })
+        })
+        .await??;
         let sha256 = hir_model::checkpoint::sha256_file(&folder.join("manifest.json"))?;
         let parent = if k == 1 {
             None
