@@ -345,6 +345,48 @@ async fn a_run_samples_trains_swaps_and_evaluates_every_iteration() {
         model_sha(&versions[1].checkpoint_uri).await
     );
 
+    // A second run from the same model (on generators of its own, in the same store)
+    // scores its base evaluation from the answers the first run stored, and shows it as its
+    // own iteration 0: the same version, items and answers, with no evaluation row written
+    // again.
+    let scratch2 = Scratch::new("loop-second");
+    let (generator2, _g2) = start_generator(Some(&scratch2.checkpoints())).await;
+    let (relabeler2, _r2) = start_relabeler(&db.url, &generator2, &scratch2.bigbench()).await;
+    let (mut client2, _t2) =
+        start_trainer(trainer_config(&db.url, &relabeler2, &generator2, &scratch2)).await;
+    let second = start_request(
+        pb::Hyperparameters {
+            iterations: Some(1),
+            ..hyperparameters()
+        },
+        "hir",
+    );
+    client2.start_run(authed(second.clone())).await.unwrap();
+    let (_, second) = watch_to_end(&mut client2, &second.run_id).await;
+    assert_eq!(
+        second.status,
+        pb::RunStatus::Done as i32,
+        "{}",
+        second.error
+    );
+    let (base, reused) = (&run.iterations[0], &second.iterations[0]);
+    assert!(!base.model_version.is_empty());
+    assert_eq!(reused.model_version, base.model_version);
+    assert_eq!(reused.eval, base.eval);
+    assert_eq!(
+        second.iterations[1].eval[0].examples as usize,
+        TEST_EXAMPLES
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM eval_results")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        rows as usize,
+        4 * TEST_EXAMPLES,
+        "the base answers are not written twice"
+    );
+
     // Resuming a finished run is refused.
     let err = client
         .resume_run(authed(pb::ResumeRunRequest {

@@ -202,6 +202,7 @@ fn missing_reference(constraint: &str) -> String {
         | "model_versions_run_fk"
         | "feedback_run_fk"
         | "eval_results_run_fk"
+        | "run_eval_items_run_fk"
         | "iterations_run_fk" => "the referenced run_id; create the run".to_owned(),
         "run_tasks_task_fk" => "the referenced task_id; upsert the task".to_owned(),
         "model_versions_parent_fk" => "the parent model version (parent_id)".to_owned(),

@@ -33,6 +33,25 @@ pub struct NewEvalResult {
     pub predicted: Option<String>,
 }
 
+/// One evaluation result as a run scored it (see [`Store::run_eval_items`]).
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct RunEvalItem {
+    /// The iteration that scored it.
+    pub iteration: i32,
+    /// The evaluated model version's name.
+    pub version: String,
+    /// Task name.
+    pub task: String,
+    /// The test (or validation) example.
+    pub example_idx: i32,
+    /// The paper's exact match.
+    pub correct: bool,
+    /// Match after extracting the answer.
+    pub correct_extracted: bool,
+    /// The extracted answer, if one was found.
+    pub predicted: Option<String>,
+}
+
 /// One row of the `eval_accuracy` view.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct EvalAccuracy {
@@ -59,7 +78,8 @@ pub struct EvalAccuracy {
 impl Store {
     /// Records evaluation results in one transaction. Results already stored
     /// for the same (model version, task, example, prompt style) are kept as
-    /// they are. Returns how many rows were new.
+    /// they are; a result with a run and iteration is linked to that run either way
+    /// (`run_eval_items`). Returns how many results were new.
     #[tracing::instrument(name = "Recording eval results", skip_all, fields(results = results.len()))]
     pub async fn record_eval_results(&self, results: &[NewEvalResult]) -> Result<u64> {
         for (i, r) in results.iter().enumerate() {
@@ -109,6 +129,37 @@ impl Store {
             .await
             .map_err(db_error("recording eval results"))?;
             inserted += result.rows_affected();
+            // The run scored these results, whether it wrote them or found them stored.
+            let linked: Vec<&NewEvalResult> = chunk
+                .iter()
+                .filter(|r| r.run_id.is_some() && r.iteration.is_some())
+                .collect();
+            sqlx::query(
+                "INSERT INTO run_eval_items (run_id, iteration, model_version_id, task_id,
+                                             example_idx, prompt_style)
+                 SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::int8[],
+                                      $5::int4[], $6::text[])
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(linked.iter().map(|r| r.run_id).collect::<Vec<_>>())
+            .bind(linked.iter().map(|r| r.iteration).collect::<Vec<_>>())
+            .bind(
+                linked
+                    .iter()
+                    .map(|r| r.model_version_id)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(linked.iter().map(|r| r.task_id).collect::<Vec<_>>())
+            .bind(linked.iter().map(|r| r.example_idx).collect::<Vec<_>>())
+            .bind(
+                linked
+                    .iter()
+                    .map(|r| r.prompt_style.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error("linking eval results to their run"))?;
         }
         tx.commit().await?;
         Ok(inserted)
@@ -128,57 +179,21 @@ impl Store {
         Ok(rows)
     }
 
-    /// How often each answer was predicted in a run's evaluations: (iteration, task,
-    /// answer or `(none)`, count), ordered by iteration, task and answer.
-    #[tracing::instrument(name = "Reading a run's predicted answers", skip(self))]
-    pub async fn run_eval_predictions(
-        &self,
-        run_id: Uuid,
-    ) -> Result<Vec<(i32, String, String, i64)>> {
-        Ok(sqlx::query_as::<_, (i32, String, String, i64)>(
-            "SELECT e.iteration, t.name, coalesce(e.predicted, '(none)') AS answer, count(*)
-             FROM eval_results e JOIN tasks t ON t.id = e.task_id
-             WHERE e.run_id = $1 AND e.iteration IS NOT NULL
-             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    /// Every evaluation result a run scored (its own, or a version's stored answers it
+    /// reused), ordered by iteration, task, example and prompt style.
+    #[tracing::instrument(name = "Reading a run's eval items", skip(self))]
+    pub async fn run_eval_items(&self, run_id: Uuid) -> Result<Vec<RunEvalItem>> {
+        Ok(sqlx::query_as::<_, RunEvalItem>(
+            "SELECT l.iteration, mv.name AS version, t.name AS task, l.example_idx,
+                    e.correct, e.correct_extracted, e.predicted
+             FROM run_eval_items l
+             JOIN eval_results e USING (model_version_id, task_id, example_idx, prompt_style)
+             JOIN model_versions mv ON mv.id = l.model_version_id
+             JOIN tasks t ON t.id = l.task_id
+             WHERE l.run_id = $1
+             ORDER BY l.iteration, t.name, l.example_idx, l.prompt_style",
         )
         .bind(run_id)
-        .fetch_all(self.pool())
-        .await?)
-    }
-
-    /// Test accuracy of every version a run evaluated, per iteration, task and prompt
-    /// style, ordered by iteration.
-    #[tracing::instrument(name = "Reading a run's eval accuracy", skip(self))]
-    pub async fn run_eval_accuracy(&self, run_id: Uuid) -> Result<Vec<EvalAccuracy>> {
-        Ok(sqlx::query_as::<_, EvalAccuracy>(
-            "SELECT * FROM eval_accuracy WHERE run_id = $1
-             ORDER BY iteration, task, prompt_style",
-        )
-        .bind(run_id)
-        .fetch_all(self.pool())
-        .await?)
-    }
-
-    /// Which test examples a model version answered correctly, per task, under one
-    /// evaluation style key: `(task, example index, exact, extracted)` ordered by task and
-    /// example. Results are keyed by version, not run: two runs that evaluate the same
-    /// version read the same items.
-    #[tracing::instrument(name = "Reading a version's eval items", skip(self))]
-    pub async fn version_eval_items(
-        &self,
-        version: &str,
-        prompt_style: &str,
-    ) -> Result<Vec<(String, i32, bool, bool)>> {
-        Ok(sqlx::query_as::<_, (String, i32, bool, bool)>(
-            "SELECT t.name, e.example_idx, e.correct, e.correct_extracted
-             FROM eval_results e
-             JOIN model_versions mv ON mv.id = e.model_version_id
-             JOIN tasks t ON t.id = e.task_id
-             WHERE mv.name = $1 AND e.prompt_style = $2
-             ORDER BY t.name, e.example_idx",
-        )
-        .bind(version)
-        .bind(prompt_style)
         .fetch_all(self.pool())
         .await?)
     }

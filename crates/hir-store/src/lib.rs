@@ -45,7 +45,7 @@ pub mod versions;
 pub use batches::{BatchPlan, BatchStatus, TrainingBatch};
 pub use catalog::{RunTask, TaskCache};
 pub use error::{Result, StoreError};
-pub use evals::{EvalAccuracy, NewEvalResult};
+pub use evals::{EvalAccuracy, NewEvalResult, RunEvalItem};
 pub use feedback::NewFeedback;
 pub use iterations::{Iteration, IterationStatus};
 pub use runs::{NewRun, Run, RunStatus};

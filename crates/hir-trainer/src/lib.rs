@@ -17,6 +17,7 @@ pub mod events;
 pub mod examples;
 pub mod metrics;
 pub mod remote;
+pub mod run_view;
 pub mod service;
 pub mod state;
 

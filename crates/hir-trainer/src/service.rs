@@ -190,100 +190,7 @@ impl Trainer {
 
     /// The run as the API shows it.
     pub async fn run_to_pb(&self, run_id: Uuid) -> Result<pb::Run> {
-        let store = &self.ctx.store;
-        let run = store.get_run(run_id).await?;
-        let config = run.config()?;
-        let mut tasks = Vec::new();
-        for id in store.run_task_ids(run_id).await? {
-            tasks.push(store.get_task_by_id(id).await?.name);
-        }
-        let training = store.training_summary(run_id).await?;
-        let evals = store.run_eval_accuracy(run_id).await?;
-        let mut predictions: HashMap<(i32, String), HashMap<String, u32>> = HashMap::new();
-        for (iteration, task, answer, n) in store.run_eval_predictions(run_id).await? {
-            predictions
-                .entry((iteration, task))
-                .or_default()
-                .insert(answer, n as u32);
-        }
-        let mut iterations = Vec::new();
-        for it in store.list_iterations(run_id).await? {
-            let totals = store.sample_totals(run_id, it.iteration).await?;
-            let t = training.iter().find(|t| t.iteration == it.iteration);
-            let eval: Vec<&hir_store::EvalAccuracy> = evals
-                .iter()
-                .filter(|e| e.iteration == Some(it.iteration))
-                .collect();
-            iterations.push(pb::IterationSummary {
-                iteration: it.iteration as u32,
-                status: pb::IterationStatus::from(it.status) as i32,
-                model_version: eval.first().map(|e| e.version.clone()).unwrap_or_default(),
-                samples: totals.samples as u64,
-                sample_accuracy: if totals.samples > 0 {
-                    totals.correct as f64 / totals.samples as f64
-                } else {
-                    0.0
-                },
-                sample_accuracy_extracted: if totals.samples > 0 {
-                    totals.correct_extracted as f64 / totals.samples as f64
-                } else {
-                    0.0
-                },
-                prompts: totals.prompts as u64,
-                prompts_correct: totals.prompts_correct as u64,
-                prompts_correct_extracted: totals.prompts_correct_extracted as u64,
-                train_loss: t.and_then(|t| t.mean_loss).unwrap_or(0.0),
-                steps: t.map_or(0, |t| t.steps as u64),
-                eval: {
-                    let mut out = Vec::with_capacity(eval.len());
-                    for e in &eval {
-                        let items = store
-                            .version_eval_items(&e.version, &e.prompt_style)
-                            .await?;
-                        // The items this run evaluates: a version's results under one key
-                        // also hold other splits' items (runs with other seeds).
-                        let examples = eval_examples(&self.ctx.tasks, &e.task, &config)?;
-                        let pick = |f: fn(&(String, i32, bool, bool)) -> bool| {
-                            items
-                                .iter()
-                                .filter(|i| {
-                                    i.0 == e.task && examples.contains(&(i.1 as usize)) && f(i)
-                                })
-                                .map(|i| i.1 as u32)
-                                .collect()
-                        };
-                        out.push(pb::TaskAccuracy {
-                            task: e.task.clone(),
-                            examples: e.n as u32,
-                            exact: e.accuracy,
-                            extracted: e.accuracy_extracted,
-                            predicted_counts: predictions
-                                .get(&(it.iteration, e.task.clone()))
-                                .cloned()
-                                .unwrap_or_default(),
-                            correct_examples: pick(|i| i.2),
-                            correct_extracted_examples: pick(|i| i.3),
-                        });
-                    }
-                    out
-                },
-                error: it.error.unwrap_or_default(),
-            });
-        }
-        Ok(pb::Run {
-            run_id: run.id.to_string(),
-            name: run.name,
-            status: pb::RunStatus::from(run.status) as i32,
-            tasks,
-            model: config.model.clone(),
-            policy: run.policy,
-            hyperparameters: Some(convert::hyperparameters(&config)),
-            current_iteration: iterations.last().map_or(0, |i| i.iteration),
-            error: run.error.unwrap_or_default(),
-            created_at: Some(convert::timestamp(run.created_at)),
-            updated_at: Some(convert::timestamp(run.updated_at)),
-            iterations,
-        })
+        crate::run_view::run_view(&self.ctx.store, run_id).await
     }
 
     /// Reads the starting model's header (see [`probe_model`]); returns its architecture.
@@ -684,25 +591,4 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(f(tx));
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
-}
-
-/// The examples a run evaluates on `task`: its validation part, or its test split, at most
-/// `max_test_prompts` of them.
-fn eval_examples(
-    tasks: &hir_store::TaskCache,
-    task: &str,
-    config: &hir_core::run::RunConfig,
-) -> Result<std::collections::HashSet<usize>> {
-    let t = tasks.get(task)?;
-    let mut split = hir_core::split::Split::new(config.split_seed(), t.examples.len());
-    let validation = split.hold_out_validation(config.validation_share);
-    let mut examples = if config.validation_share > 0.0 {
-        validation
-    } else {
-        split.test
-    };
-    if config.max_test_prompts > 0 {
-        examples.truncate(config.max_test_prompts as usize);
-    }
-    Ok(examples.into_iter().collect())
 }

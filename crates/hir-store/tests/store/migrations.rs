@@ -23,6 +23,7 @@ async fn migrations_create_every_table_and_view(pool: PgPool) {
             "iterations",
             "model_versions",
             "relabels",
+            "run_eval_items",
             "run_tasks",
             "runs",
             "sample_details",
