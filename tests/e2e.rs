@@ -324,7 +324,7 @@ async fn run_fingerprint(store: &Store, run_id: uuid::Uuid) -> serde_json::Value
     .await
     .unwrap();
     let folder = PathBuf::from(last.trim_start_matches("file://"));
-    let digest = hir_model::checkpoint::sha256_file(&folder.join("model.safetensors"))
+    let digest = hir_model::formats::checkpoint::sha256_file(&folder.join("model.safetensors"))
         .unwrap_or_else(|e| panic!("{}: {e}", folder.display()));
     serde_json::json!({
         "samples": samples, "losses": losses, "evals": evals, "weights_sha256": digest,

@@ -509,8 +509,10 @@ async fn final_weights(db: &TestDb, run_id: Uuid, iterations: u32) -> String {
         .get_model_version_by_name(&format!("{run_id}-it{iterations:03}"))
         .await
         .unwrap();
-    hir_model::checkpoint::sha256_file(&Path::new(&v.checkpoint_uri).join("model.safetensors"))
-        .unwrap()
+    hir_model::formats::checkpoint::sha256_file(
+        &Path::new(&v.checkpoint_uri).join("model.safetensors"),
+    )
+    .unwrap()
 }
 
 async fn scalar(db: &TestDb, sql: &str, run_id: Uuid) -> i64 {
@@ -622,8 +624,10 @@ async fn check(db: &TestDb, root: &Root, run_id: Uuid, iterations: u32, out: &Ou
             .await
             .unwrap();
         assert_eq!(Path::new(&v.checkpoint_uri), dir.join(format!("it{k:03}")));
-        let sha = hir_model::checkpoint::sha256_file(&dir.join(format!("it{k:03}/manifest.json")))
-            .unwrap();
+        let sha = hir_model::formats::checkpoint::sha256_file(
+            &dir.join(format!("it{k:03}/manifest.json")),
+        )
+        .unwrap();
         assert_eq!(sha, v.sha256, "checkpoint {k} is the one registered");
     }
     // Snapshots: the committed one only.

@@ -8,7 +8,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// The model the demo and the `cpu` experiment preset train.
-pub const SMOLLM2: &str = hir_model::smollm2::GGUF;
+pub const SMOLLM2: &str = hir_runtime::models::SMOLLM2_GGUF;
 
 /// Fetches SmolLM2-135M-Instruct when `model` is its default path and missing.
 pub fn ensure_model(model: &Path) -> Result<()> {
@@ -19,7 +19,7 @@ pub fn ensure_model(model: &Path) -> Result<()> {
         bail!("--model {} does not exist", model.display());
     }
     println!("fetching SmolLM2-135M-Instruct (98 MB) ...");
-    hir_model::smollm2::fetch(Path::new("."))
+    hir_runtime::models::fetch_smollm2(Path::new("."))
         .context("fetching the model (run from the repository root)")?;
     Ok(())
 }

@@ -178,6 +178,42 @@ const fn is_switch(ty: &str) -> bool {
 
 for_each_knob!(declare_run_config);
 
+/// The knobs whose value is text (a name or a list) rather than a number or a switch: they
+/// are not in [`for_each_knob!`] because each has its own type, checked by
+/// [`RunConfig::validate`].
+pub const TEXT_KNOBS: &[&str] = &["prompt_style", "verifier", "preset", "lora_targets"];
+
+/// Reads the value of the knob `field` from its text, as a command line gives it; the
+/// error names the knob and the type it expects.
+pub fn parse_knob<T>(field: &'static str, text: &str) -> Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    text.trim()
+        .parse::<T>()
+        .map_err(|e| CoreError::InvalidArgument {
+            field,
+            reason: format!(
+                "{:?} is not a {}: {e}",
+                crate::text_enum::bounded(text),
+                std::any::type_name::<T>()
+            ),
+        })
+}
+
+/// Refuses a name that is no knob: neither in [`KNOBS`] nor in [`TEXT_KNOBS`].
+pub fn check_knob_name(name: &str) -> Result<()> {
+    if KNOBS.iter().any(|k| k.name == name) || TEXT_KNOBS.contains(&name) {
+        Ok(())
+    } else {
+        Err(CoreError::InvalidArgument {
+            field: "hyperparameters",
+            reason: format!("no knob is named {:?}", crate::text_enum::bounded(name)),
+        })
+    }
+}
+
 /// How prompts reach the model when sampling, training and evaluating.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -584,6 +620,29 @@ impl RunConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn knob_text_is_read_by_type_and_bad_text_names_the_knob() {
+        assert_eq!(parse_knob::<f64>("learning_rate", " 2e-5 ").unwrap(), 2e-5);
+        assert!(parse_knob::<bool>("dedup_outputs", "true").unwrap());
+        let err = parse_knob::<u32>("batch_size", "-3").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("batch_size") && msg.contains("u32"), "{msg}");
+        // Every knob, numeric or text, is a field of the configuration; nothing else is.
+        let fields = serde_json::to_value(RunConfig::default()).unwrap();
+        for name in KNOBS
+            .iter()
+            .map(|k| k.name)
+            .chain(TEXT_KNOBS.iter().copied())
+        {
+            check_knob_name(name).unwrap();
+            assert!(
+                fields.get(name).is_some(),
+                "{name} is no field of RunConfig"
+            );
+        }
+        assert!(check_knob_name("no_such_knob").is_err());
+    }
 
     #[test]
     fn defaults_are_the_references_and_valid() {

@@ -42,7 +42,7 @@ struct Args {
 fn args() -> Args {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let mut a = Args {
-        model: root.join(hir_model::smollm2::GGUF),
+        model: root.join(hir_runtime::models::SMOLLM2_GGUF),
         max_new_tokens: 32,
         sequential: 8,
         concurrency: vec![1, 8, 64],
@@ -84,7 +84,7 @@ fn args() -> Args {
     }
     let random = a.random_from.is_some() || a.random_t5_base;
     if !random && !a.model.is_file() && !a.model.is_dir() {
-        hir_model::smollm2::fetch(&root).expect("SmolLM2 is fetched");
+        hir_runtime::models::fetch_smollm2(&root).expect("SmolLM2 is fetched");
     }
     a
 }
@@ -110,16 +110,16 @@ fn export_shape(model: &std::path::Path, dir: &std::path::Path) {
 
 /// A model folder with the config and tokenizer of `shape` and random weights.
 fn random_model(shape: &std::path::Path, out: &std::path::Path) {
-    let cfg: hir_model::llama::Config =
+    let cfg: hir_model::arch::llama::Config =
         serde_json::from_slice(&std::fs::read(shape.join("config.json")).unwrap()).unwrap();
     let tokenizer = tokenizers::Tokenizer::from_file(shape.join("tokenizer.json")).unwrap();
-    let w = hir_model::weights::Weights::random(
+    let w = hir_model::formats::weights::Weights::random(
         1,
         0.02,
         &candle_core::Device::Cpu,
         hir_model::WeightMode::Dense(candle_core::DType::F32),
     );
-    let model = hir_model::llama::Model::new(&cfg, &w).expect("builds");
+    let model = hir_model::arch::llama::Model::new(&cfg, &w).expect("builds");
     let eos = cfg.eos_ids();
     hir_model::LoadedModel::from_parts(model, tokenizer, vec![], eos)
         .expect("assembles")
@@ -131,7 +131,7 @@ fn random_model(shape: &std::path::Path, out: &std::path::Path) {
 /// words of `texts` (T5's special ids: `<pad>` 0, `</s>` 1, `<unk>` 2).
 fn random_t5_base(texts: &[String], out: &std::path::Path) {
     use tokenizers::models::wordlevel::WordLevel;
-    let cfg = hir_model::t5::Config::flan_t5_base();
+    let cfg = hir_model::arch::t5::Config::flan_t5_base();
     let mut vocab: std::collections::HashMap<String, u32> = ["<pad>", "</s>", "<unk>"]
         .iter()
         .enumerate()
@@ -152,13 +152,13 @@ fn random_t5_base(texts: &[String], out: &std::path::Path) {
     tokenizer.with_pre_tokenizer(Some(
         tokenizers::pre_tokenizers::whitespace::WhitespaceSplit,
     ));
-    let w = hir_model::weights::Weights::random(
+    let w = hir_model::formats::weights::Weights::random(
         1,
         0.02,
         &candle_core::Device::Cpu,
         hir_model::WeightMode::Dense(candle_core::DType::F32),
     );
-    hir_model::t5::Model::new(&cfg, &w)
+    hir_model::arch::t5::Model::new(&cfg, &w)
         .expect("builds")
         .save(out, Some(&tokenizer))
         .expect("saves");
@@ -329,7 +329,7 @@ async fn main() {
     if a.swap && info.architecture != "t5" {
         // A LoRA adapter of the served model (rank 8 on q_proj and v_proj, B drawn at
         // random so it changes the outputs), as a LoRA run's trainer writes it.
-        let cfg = hir_model::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").unwrap();
+        let cfg = hir_model::arch::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").unwrap();
         let trained = hir_model::LoadedModel::load_lora(
             &a.model,
             &candle_core::Device::Cpu,
@@ -341,7 +341,7 @@ async fn main() {
         .expect("adapters attach");
         for (name, var) in trained.vars() {
             if name.ends_with("lora_B.weight") {
-                let w = hir_model::weights::RandomSource::new(2, 0.01)
+                let w = hir_model::formats::weights::RandomSource::new(2, 0.01)
                     .tensor(name, var.dims(), &candle_core::Device::Cpu)
                     .unwrap();
                 var.set(&w).unwrap();

@@ -41,7 +41,7 @@ impl Default for GeneratorConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9451))),
-            model: PathBuf::from(hir_model::smollm2::GGUF),
+            model: PathBuf::from(hir_runtime::models::SMOLLM2_GGUF),
             version: "base".into(),
             weights: Weights::Auto,
             device: "cpu".into(),

@@ -104,14 +104,14 @@ async fn load(
                 path.clone()
             };
             let sha256 = if digest_of.is_file() {
-                hir_model::checkpoint::sha256_file(&digest_of)?
+                hir_model::formats::checkpoint::sha256_file(&digest_of)?
             } else {
                 String::new()
             };
             // The identity adapters are checked against (the same digest unless the
             // folder has no manifest).
             let base_sha256 = if sha256.is_empty() {
-                hir_model::checkpoint::model_digest(&path)?
+                hir_model::formats::checkpoint::model_digest(&path)?
             } else {
                 sha256.clone()
             };

@@ -12,7 +12,7 @@ use crate::engine::Serving;
 use crate::error::{GeneratorError, Result};
 
 /// The manifest file every checkpoint carries.
-pub const MANIFEST: &str = hir_model::checkpoint::MANIFEST;
+pub const MANIFEST: &str = hir_model::formats::checkpoint::MANIFEST;
 
 /// Resolves `reference` under `root` ([`confine`]: relative, no `..`, and after following
 /// symbolic links still inside the root). Returns the canonical root and the folder.
@@ -126,7 +126,9 @@ fn confine_checkpoint(root: &Path, dir: &Path, field: &str) -> Result<(Vec<u8>, 
     let manifest_path = dir.join(MANIFEST);
     let manifest = std::fs::read(&manifest_path)
         .map_err(|e| GeneratorError::Checkpoint(format!("{MANIFEST}: {e}")))?;
-    if let Ok(parsed) = serde_json::from_slice::<hir_model::checkpoint::Manifest>(&manifest) {
+    if let Ok(parsed) =
+        serde_json::from_slice::<hir_model::formats::checkpoint::Manifest>(&manifest)
+    {
         for name in parsed.files.keys() {
             confine(root, dir, MANIFEST, name)?;
         }
@@ -171,7 +173,7 @@ fn with_adapter(
             ),
         ));
     }
-    let adapter = hir_model::lora::Adapter::read(dir, device).map_err(refused)?;
+    let adapter = hir_model::arch::lora::Adapter::read(dir, device).map_err(refused)?;
     adapter.check_base(base_sha256).map_err(refused)?;
     base.with_adapter(&adapter, dir).map_err(refused)
 }
@@ -275,7 +277,7 @@ pub async fn load_checkpoint(
             )));
         }
         let verify = t0.elapsed();
-        if hir_model::lora::is_adapter(&dir) {
+        if hir_model::arch::lora::is_adapter(&dir) {
             let model = with_adapter(&dir, field, &base, &base_sha256, &device)?;
             let serving = Serving {
                 version: Arc::from(version.as_str()),

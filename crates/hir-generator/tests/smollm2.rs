@@ -9,7 +9,7 @@ use hir_proto::pb;
 use hir_proto::pb::generator_service_client::GeneratorServiceClient;
 
 fn smollm2() -> PathBuf {
-    hir_model::smollm2::fetch(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+    hir_runtime::models::fetch_smollm2(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
         .expect("SmolLM2 is fetched")
 }
 

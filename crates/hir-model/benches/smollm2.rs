@@ -11,14 +11,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use hir_model::generate::{prefill, DecodeBatch, GenerationRequest, SamplingParams};
+use hir_model::sampling::{prefill, DecodeBatch, GenerationRequest, SamplingParams};
 use hir_model::train::{Example, Optimizer, TrainBatch};
 use hir_model::{LoadedModel, WeightMode};
 
 const TEXT: &str = "Alice, Bob, Claire, Dave, and Eve are playing a game. At the start of the game, they are each holding a ball: Alice has a pink ball, Bob has a white ball, Claire has a red ball, Dave has a purple ball, and Eve has a yellow ball. As the game progresses, pairs of players trade balls. First, Alice and Dave swap balls. Then, Claire and Eve swap balls. Then, Alice and Bob swap balls. Then, Dave and Claire swap balls. Finally, Alice and Claire swap balls. At the end of the game, Alice has the";
 
 fn model_path() -> PathBuf {
-    hir_model::smollm2::fetch(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+    hir_runtime::models::fetch_smollm2(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
         .expect("SmolLM2 is fetched")
 }
 

@@ -18,43 +18,31 @@
 
 #![warn(missing_docs)]
 
-// Modules from the bottom of the dependency graph up: shared pieces, then the
-// architectures, then what drives them.
-pub mod cpu_gemm;
+// The layers, from the bottom up: each module uses only the modules above it here
+// (`tests/layers.rs` checks it).
 pub mod error;
-pub mod fused;
-pub mod ops;
-pub mod probe;
-
-pub mod checkpoint;
-pub mod kv_cache;
-pub mod lora;
-pub mod loss;
-pub mod smollm2;
-pub mod tensor_file;
-pub mod weights;
-
-mod hf_folder;
-
-pub mod llama;
-pub mod t5;
-
-pub mod gguf;
-
-mod arch;
-
-pub mod generate;
+// CPU kernels that know no model.
+pub mod kernels;
+// Weights and files: weight sources, safetensors, checkpoint folders, HF folders.
+pub mod formats;
+// The architectures: Llama family (with GGUF), FLAN-T5, LoRA, the KV cache, `AnyModel`.
+pub mod arch;
+// Batched sampling.
+pub mod sampling;
+// HIR's supervised phase: batches, the loss, the optimizer.
 pub mod train;
-
+// A model file's header, read without its weights.
+pub mod probe;
+// `LoadedModel`: any supported file, loaded, with its tokenizer.
 mod loaded;
 
 pub use arch::{AnyModel, BatchCache};
 pub use error::{ModelError, Result};
-pub use generate::{
+pub use formats::weights::WeightMode;
+pub use loaded::{LoadedModel, ModelInfo};
+pub use sampling::{
     DecodeBatch, FinishReason, GeneratedSequence, GenerationRequest, SamplingParams,
 };
-pub use loaded::{LoadedModel, ModelInfo};
-pub use weights::WeightMode;
 
 /// The device named `cpu` or `cuda:N` (the latter needs a build with the `cuda` feature).
 pub fn parse_device(name: &str) -> Result<candle_core::Device> {

@@ -7,17 +7,17 @@ use candle_core::{Device, Var};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::arch::llama::gguf::{GgufFile, GgufSource};
+use crate::arch::llama::{self, Config};
+use crate::arch::lora::{self, Adapter, LoraConfig};
+use crate::arch::t5;
 use crate::arch::AnyModel;
-use crate::checkpoint::Manifest;
 use crate::error::{ModelError, Result};
-use crate::generate::{generate, GeneratedSequence, GenerationRequest, SamplingParams};
-use crate::gguf::{GgufFile, GgufSource};
-use crate::hf_folder::HfFolder;
-use crate::llama::{self, Config};
-use crate::lora::{self, Adapter, LoraConfig};
-use crate::t5;
+use crate::formats::checkpoint::Manifest;
+use crate::formats::hf_folder::HfFolder;
+use crate::formats::weights::{WeightMode, Weights};
+use crate::sampling::{generate, GeneratedSequence, GenerationRequest, SamplingParams};
 use crate::train::{AdamWConfig, Optimizer};
-use crate::weights::{WeightMode, Weights};
 
 /// What a loaded model is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -290,7 +290,7 @@ impl LoadedModel {
                 ),
             });
         };
-        let base_model_sha256 = crate::checkpoint::model_digest(path)?;
+        let base_model_sha256 = crate::formats::checkpoint::model_digest(path)?;
         let from = match resume {
             Some(dir) => {
                 let a = Adapter::read(dir, device)?;

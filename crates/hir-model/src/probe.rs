@@ -7,7 +7,7 @@ use std::path::Path;
 use hir_core::text_enum::bounded;
 
 use crate::error::ModelError;
-use crate::hf_folder::safetensors_files;
+use crate::formats::safetensors_files;
 
 /// Largest safetensors header read when a model is checked.
 const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
@@ -31,8 +31,8 @@ pub fn probe(path: &Path) -> std::result::Result<String, String> {
 
 /// Checks LoRA settings against the starting model without loading its weights: a
 /// Llama-family model whose targeted projections are all at least `cfg.rank` wide.
-pub fn check_lora(path: &Path, cfg: &crate::lora::LoraConfig) -> crate::Result<()> {
-    let config: crate::llama::Config = if path.is_dir() {
+pub fn check_lora(path: &Path, cfg: &crate::arch::lora::LoraConfig) -> crate::Result<()> {
+    let config: crate::arch::llama::Config = if path.is_dir() {
         let p = path.join("config.json");
         let bytes = std::fs::read(&p).map_err(|e| ModelError::io(&p, e))?;
         let v: serde_json::Value =
@@ -49,7 +49,7 @@ pub fn check_lora(path: &Path, cfg: &crate::lora::LoraConfig) -> crate::Result<(
         }
         serde_json::from_value(v).map_err(|e| ModelError::json(&p, e))?
     } else {
-        crate::gguf::GgufFile::read_header(path)?.llama_config()?
+        crate::arch::llama::gguf::GgufFile::read_header(path)?.llama_config()?
     };
     cfg.check_widths(&config, "lora_rank")
 }

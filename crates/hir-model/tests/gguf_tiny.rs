@@ -6,7 +6,7 @@ mod common;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
-use hir_model::gguf::gguf_name;
+use hir_model::arch::llama::gguf::gguf_name;
 use hir_model::{LoadedModel, ModelError, WeightMode};
 
 /// llama.cpp's `permute` of q/k rows: `(H, 2, D/2, in) -> (H, D/2, 2, in)`.
@@ -73,7 +73,7 @@ fn write_gguf(path: &std::path::Path, arch: &str, n_tokens: usize) {
     gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
 }
 
-fn logits(m: &hir_model::llama::Model) -> Tensor {
+fn logits(m: &hir_model::arch::llama::Model) -> Tensor {
     let ids = Tensor::new(&[[3u32, 9, 27, 5, 61, 2]], &Device::Cpu).unwrap();
     m.forward(&ids, &[vec![1u8; 6]]).unwrap()
 }

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use common::{char_tokenizer, scratch, tiny_loaded, tiny_model};
-use hir_model::generate::{DecodeBatch, GenerationRequest, SamplingParams};
-use hir_model::llama::{positions_from_mask, Batch, Config, Model};
+use hir_model::arch::llama::{positions_from_mask, Batch, Config, Model};
+use hir_model::formats::weights::{MemorySource, WeightMode, Weights};
+use hir_model::sampling::{DecodeBatch, GenerationRequest, SamplingParams};
 use hir_model::train::{Example, Optimizer, TrainBatch};
-use hir_model::weights::{MemorySource, WeightMode, Weights};
 use hir_model::{LoadedModel, ModelError};
 
 fn ids(rows: &[&[u32]]) -> Tensor {
@@ -349,7 +349,7 @@ fn hir_loss_trains_on_paired_instructions() {
         &Device::Cpu,
     )
     .unwrap();
-    let cfg = hir_model::loss::HirLossConfig::default();
+    let cfg = hir_model::train::loss::HirLossConfig::default();
     let mut optimizer = Optimizer::new(
         &vars,
         hir_model::train::AdamWConfig {
@@ -549,7 +549,7 @@ fn layer_by_layer_gradients_equal_the_whole_graph_for_every_weight() {
         &Device::Cpu,
     )
     .unwrap();
-    let cfg = hir_model::loss::HirLossConfig::default();
+    let cfg = hir_model::train::loss::HirLossConfig::default();
     let plain: Vec<_> = vars.iter().map(|(_, v)| v.clone()).collect();
 
     let whole = hir_model::train::hir_loss(&m, &pos, &neg, &cfg).unwrap();

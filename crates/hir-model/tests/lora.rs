@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, repo_root, scratch};
-use hir_model::llama::Model;
-use hir_model::lora::{Adapter, LoraConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
-use hir_model::loss::HirLossConfig;
+use hir_model::arch::llama::Model;
+use hir_model::arch::lora::{Adapter, LoraConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use hir_model::formats::weights::{MemorySource, WeightMode, Weights};
+use hir_model::train::loss::HirLossConfig;
 use hir_model::train::{AdamWConfig, Example, TrainBatch};
-use hir_model::weights::{MemorySource, WeightMode, Weights};
 use hir_model::{AnyModel, LoadedModel, ModelError};
 
 fn base_dir() -> PathBuf {
@@ -172,7 +172,7 @@ fn a_saved_adapter_applies_to_the_base_as_its_merged_weights() {
 
     let base = LoadedModel::load(&base_dir(), &Device::Cpu, WeightMode::Dense(DType::F32)).unwrap();
     let adapter = Adapter::read(&dir, &Device::Cpu).unwrap();
-    let digest = hir_model::checkpoint::model_digest(&base_dir()).unwrap();
+    let digest = hir_model::formats::checkpoint::model_digest(&base_dir()).unwrap();
     adapter.check_base(&digest).unwrap();
     let served = base.with_adapter(&adapter, &dir).unwrap();
     let want = logits(llama(&lm));
@@ -229,7 +229,9 @@ fn edit_json(dir: &Path, file: &str, edit: impl FnOnce(&mut serde_json::Value)) 
     // Re-sign the manifest so that only the edit is wrong.
     let mp = dir.join("manifest.json");
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mp).unwrap()).unwrap();
-    m["files"][file] = hir_model::checkpoint::sha256_file(&p).unwrap().into();
+    m["files"][file] = hir_model::formats::checkpoint::sha256_file(&p)
+        .unwrap()
+        .into();
     std::fs::write(&mp, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
 }
 

@@ -21,9 +21,9 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::max_abs_diff;
-use hir_model::loss::{HirLoss, HirLossConfig};
+use hir_model::formats::weights::WeightMode;
+use hir_model::train::loss::{HirLoss, HirLossConfig};
 use hir_model::train::{hir_loss, Example, GradAccumulator, TrainBatch, TrainLogits};
-use hir_model::weights::WeightMode;
 use hir_model::LoadedModel;
 
 /// Tolerance on the loss and its terms.

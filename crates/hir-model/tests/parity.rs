@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use hir_model::weights::{SafetensorsSource, WeightMode, Weights};
+use hir_model::formats::weights::{SafetensorsSource, WeightMode, Weights};
 use hir_model::LoadedModel;
 
 fn fixture(name: &str) -> PathBuf {
@@ -92,7 +92,7 @@ fn llama_greedy_steps_match_the_transformers_logits() {
         let x = Tensor::new(&[[tok]], &Device::Cpu).unwrap();
         let l = model
             .forward_last(
-                &hir_model::llama::Batch {
+                &hir_model::arch::llama::Batch {
                     input_ids: &x,
                     key_mask: std::slice::from_ref(&mask),
                     positions: &[vec![t as u32]],
@@ -118,7 +118,7 @@ fn t5_parity(name: &str) {
         WeightMode::Dense(DType::F32),
         WeightMode::Trainable(DType::F32),
     ] {
-        let m = hir_model::t5::load_folder(&fixture(name), &Device::Cpu, mode)
+        let m = hir_model::arch::t5::load_folder(&fixture(name), &Device::Cpu, mode)
             .unwrap()
             .model;
         let logits = m
@@ -152,10 +152,10 @@ fn fixture_weights_load_strictly() {
     // and the model's names are the file's names.
     let dir = fixture("llama");
     let src = SafetensorsSource::open(&[dir.join("model.safetensors")]).unwrap();
-    let cfg: hir_model::llama::Config =
+    let cfg: hir_model::arch::llama::Config =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     let w = Weights::new(Arc::new(src), &Device::Cpu, WeightMode::Dense(DType::F32));
-    let m = hir_model::llama::Model::new(&cfg, &w).unwrap();
+    let m = hir_model::arch::llama::Model::new(&cfg, &w).unwrap();
     let st = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut ours: Vec<String> = m
         .named_tensors()
@@ -173,9 +173,13 @@ fn fixture_weights_load_strictly() {
 /// gives transformers' full-sequence logits at every real decoder position.
 fn t5_cached_parity(name: &str) {
     let exp = expected(name);
-    let m = hir_model::t5::load_folder(&fixture(name), &Device::Cpu, WeightMode::Dense(DType::F32))
-        .unwrap()
-        .model;
+    let m = hir_model::arch::t5::load_folder(
+        &fixture(name),
+        &Device::Cpu,
+        WeightMode::Dense(DType::F32),
+    )
+    .unwrap()
+    .model;
     let src: Vec<Vec<i64>> = exp["input_ids"].to_vec2().unwrap();
     let src_mask = mask_rows(&exp["attention_mask"]);
     let prompts: Vec<Vec<u32>> = src

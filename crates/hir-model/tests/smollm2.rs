@@ -133,10 +133,10 @@ fn greedy_chat_answer_is_sensible_text() {
     // a batch's prompts together reach the row count from which quantized matrices
     // multiply with their f32 copy, while one short prompt alone uses Q8_0 dot products.
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| m.encode(p).unwrap()).collect();
-    let both = hir_model::generate::prefill(m.model(), &[&ids[0], &ids[1]], m.pad_token_id())
+    let both = hir_model::sampling::prefill(m.model(), &[&ids[0], &ids[1]], m.pad_token_id())
         .unwrap()
         .logits;
-    let alone = hir_model::generate::prefill(m.model(), &[&ids[1]], m.pad_token_id())
+    let alone = hir_model::sampling::prefill(m.model(), &[&ids[1]], m.pad_token_id())
         .unwrap()
         .logits;
     let top = |t: &Tensor| argmax(&t.to_vec1::<f32>().unwrap());
@@ -229,7 +229,7 @@ fn the_real_gguf_passes_the_start_check_and_a_cut_copy_does_not() {
 #[test]
 fn a_lora_adapter_trained_on_the_gguf_serves_beside_the_quantized_weights() {
     let gguf = common::smollm2_gguf();
-    let cfg = hir_model::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").unwrap();
+    let cfg = hir_model::arch::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").unwrap();
     let lm = LoadedModel::load_lora(&gguf, &Device::Cpu, DType::F32, &cfg, None, 1).unwrap();
     assert_eq!(lm.vars().len(), 30 * 2 * 2);
     let ex = vec![Example {
@@ -256,9 +256,9 @@ fn a_lora_adapter_trained_on_the_gguf_serves_beside_the_quantized_weights() {
     // the trainer's swap-probe tolerance of the trained model, and not the base's answer.
     let q8 = load(WeightMode::Quantized);
     let adapter =
-        hir_model::lora::Adapter::read(&adapter_dir, &Device::Cpu).expect("adapter reads");
+        hir_model::arch::lora::Adapter::read(&adapter_dir, &Device::Cpu).expect("adapter reads");
     adapter
-        .check_base(&hir_model::checkpoint::model_digest(&gguf).unwrap())
+        .check_base(&hir_model::formats::checkpoint::model_digest(&gguf).unwrap())
         .unwrap();
     let served = q8.with_adapter(&adapter, &adapter_dir).unwrap();
     let (prompt, continuation) = (&ex[0].prompt, &ex[0].completion);
@@ -300,14 +300,14 @@ fn a_lora_adapter_trained_on_the_gguf_serves_beside_the_quantized_weights() {
 fn a_frozen_base_dequantized_on_use_trains_adapters_bit_for_bit_as_the_dense_base() {
     // What a LoRA run on the CPU holds: the GGUF's matrices as the file has them,
     // dequantized for each product, against the same base dequantized once at load.
-    let cfg = hir_model::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").unwrap();
+    let cfg = hir_model::arch::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").unwrap();
     let llama = |mode| match load(mode).into_model() {
         hir_model::AnyModel::Llama(m) => m,
         hir_model::AnyModel::T5(_) => unreachable!("SmolLM2 is a Llama"),
     };
     let mut on_use = llama(WeightMode::DequantizeOnUse);
     let mut dense = llama(WeightMode::Dense(DType::F32));
-    let held = |m: &mut hir_model::llama::Model| {
+    let held = |m: &mut hir_model::arch::llama::Model| {
         m.layer_linears_mut()
             .iter()
             .filter(|(_, l)| l.dense_weight().is_some())
@@ -327,12 +327,12 @@ fn a_frozen_base_dequantized_on_use_trains_adapters_bit_for_bit_as_the_dense_bas
         completion: tokenizer.encode(" (C) Claire<|im_end|>").unwrap(),
     }];
     let batch = TrainBatch::new(&ex, tokenizer.pad_token_id(), &Device::Cpu).unwrap();
-    let run = |m: &mut hir_model::llama::Model| {
-        let vars = hir_model::lora::attach_trainable(m, &cfg, None, 3).unwrap();
+    let run = |m: &mut hir_model::arch::llama::Model| {
+        let vars = hir_model::arch::lora::attach_trainable(m, &cfg, None, 3).unwrap();
         // B away from zero, so that A's gradients are not zero too.
         for (name, var) in &vars {
             if name.ends_with("lora_B.weight") {
-                let w = hir_model::weights::RandomSource::new(2, 0.01)
+                let w = hir_model::formats::weights::RandomSource::new(2, 0.01)
                     .tensor(name, var.dims(), &Device::Cpu)
                     .unwrap();
                 var.set(&w).unwrap();

@@ -5,9 +5,9 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use hir_model::loss::{label_smoothed_cross_entropy, IGNORE_INDEX};
-use hir_model::t5::{load_folder, Config, Model};
-use hir_model::weights::{WeightMode, Weights};
+use hir_model::arch::t5::{load_folder, Config, Model};
+use hir_model::formats::weights::{WeightMode, Weights};
+use hir_model::train::loss::{label_smoothed_cross_entropy, IGNORE_INDEX};
 use hir_model::ModelError;
 
 fn tiny(mode: WeightMode) -> (Model, Vec<(String, candle_core::Var)>) {
@@ -331,7 +331,7 @@ fn t5_checkpoint_round_trips_through_loaded_model() {
 fn t5_folder_without_a_tokenizer_is_refused_for_generation() {
     let dir = common::tiny_t5_folder("t5_no_tokenizer", 8);
     std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
-    std::fs::remove_file(dir.join(hir_model::checkpoint::MANIFEST)).unwrap();
+    std::fs::remove_file(dir.join(hir_model::formats::checkpoint::MANIFEST)).unwrap();
     match hir_model::LoadedModel::load(&dir, &Device::Cpu, WeightMode::Dense(DType::F32)) {
         Err(ModelError::MissingFile { path }) => assert!(path.ends_with("tokenizer.json")),
         other => panic!("expected a missing tokenizer, got {other:?}"),
@@ -378,7 +378,7 @@ fn t5_training_batches_shift_labels_and_the_hir_loss_falls() {
     assert!(err.to_string().contains("for_model"), "{err}");
 
     let n = TrainBatch::for_model(&model, &neg, 0, &Device::Cpu).unwrap();
-    let cfg = hir_model::loss::HirLossConfig::default();
+    let cfg = hir_model::train::loss::HirLossConfig::default();
     let mut optimizer = Optimizer::new(
         &vars,
         AdamWConfig {

@@ -157,42 +157,43 @@ pub fn hyperparameters(c: &RunConfig) -> pb::Hyperparameters {
 }
 
 /// Sets the knob `name` (a field of [`RunConfig`]) of `h` from its text, as a command line
-/// gives it; the error names the knob and the value's expected type.
+/// gives it, read by [`hir_core::run::parse_knob`]; the error names the knob and the value's
+/// expected type.
 pub fn set_hyperparameter(
     h: &mut pb::Hyperparameters,
     name: &str,
     value: &str,
 ) -> Result<(), hir_core::CoreError> {
+    hir_core::run::check_knob_name(name)?;
     macro_rules! parse {
         ($($(#[doc = $d:literal])* $f:ident : $t:ty = $flag:literal,)*) => {
             match name {
                 $( stringify!($f) => {
-                    h.$f = Some(value.trim().parse::<$t>().map_err(|e| {
-                        hir_core::CoreError::InvalidArgument {
-                            field: stringify!($f),
-                            reason: format!(
-                                "{:?} is not a {}: {e}",
-                                hir_core::text_enum::bounded(value),
-                                stringify!($t)
-                            ),
-                        }
-                    })?);
+                    h.$f = Some(hir_core::run::parse_knob::<$t>(stringify!($f), value)?);
                 } )*
                 "prompt_style" => h.prompt_style = Some(value.to_owned()),
                 "verifier" => h.verifier = Some(value.to_owned()),
                 "preset" => h.preset = Some(value.to_owned()),
                 "lora_targets" => h.lora_targets = Some(value.to_owned()),
-                _ => {
-                    return Err(hir_core::CoreError::InvalidArgument {
-                        field: "hyperparameters",
-                        reason: format!("no knob is named {:?}", hir_core::text_enum::bounded(name)),
-                    })
-                }
+                _ => {}
             }
         };
     }
     hir_core::for_each_knob!(parse);
     Ok(())
+}
+
+/// One task's accuracy on the wire.
+pub fn task_accuracy(t: &hir_core::eval::TaskEval) -> pb::TaskAccuracy {
+    pb::TaskAccuracy {
+        task: t.task.clone(),
+        examples: t.examples,
+        exact: t.exact,
+        extracted: t.extracted,
+        predicted_counts: t.predicted.clone().into_iter().collect(),
+        // Item by item from the store, in the run's view (GetRun).
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]

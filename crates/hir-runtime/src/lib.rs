@@ -8,6 +8,7 @@
 //! * [`generators`]: a pool of generator clients, round-robin, with backoff.
 //! * [`listeners`]: the gRPC and metrics sockets of a server.
 //! * [`memory`]: this process's resident memory now and at its peak.
+//! * [`models`]: where the default model lies, and fetching it.
 //! * [`fault`]: crash points for the fault suite (compiled in with `fault-injection`).
 //! * [`shutdown`]: a future that resolves on Ctrl-C or SIGTERM.
 //! * [`status`]: errors to gRPC statuses, the same way in every service.
@@ -25,6 +26,7 @@ pub mod generators;
 pub mod listeners;
 pub mod memory;
 pub mod metrics;
+pub mod models;
 pub mod server;
 pub mod shutdown;
 pub mod status;

@@ -19,9 +19,9 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use hir_core::rng::SplitMix64;
-use hir_model::loss::{self, HirLossConfig};
+use hir_model::formats::weights::Weights;
+use hir_model::train::loss::{self, HirLossConfig};
 use hir_model::train::{AdamWConfig, Optimizer, TrainBatch, TrainLogits};
-use hir_model::weights::Weights;
 use hir_model::WeightMode;
 use hir_trainer::examples::{self, HirExample, RelabeledSample};
 
@@ -31,7 +31,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn smollm2_path() -> PathBuf {
-    hir_model::smollm2::fetch(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
+    hir_runtime::models::fetch_smollm2(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."))
         .expect("SmolLM2 is fetched")
 }
 
@@ -132,7 +132,7 @@ fn smollm2_examples(model: &hir_model::LoadedModel, n: usize) -> Vec<HirExample>
 }
 
 /// SmolLM2-135M's shape (for random weights where the GGUF is not at hand).
-fn smollm2_config() -> hir_model::llama::Config {
+fn smollm2_config() -> hir_model::arch::llama::Config {
     serde_json::from_value(serde_json::json!({
         "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -178,7 +178,7 @@ fn smollm2(
     let micro = 4;
     let (model, vars, pairs, pad, label) = if random {
         let w = Weights::random(1, 0.02, device, WeightMode::Trainable(dtype));
-        let model = hir_model::llama::Model::new(&smollm2_config(), &w).expect("builds");
+        let model = hir_model::arch::llama::Model::new(&smollm2_config(), &w).expect("builds");
         (
             model,
             w.vars(),
@@ -361,9 +361,9 @@ fn t5_batch(
 }
 
 fn t5(device: &Device, dtype: DType, steps: usize) -> (Timing, Timing, usize) {
-    let cfg = hir_model::t5::Config::flan_t5_base();
+    let cfg = hir_model::arch::t5::Config::flan_t5_base();
     let w = Weights::random(1, 0.02, device, WeightMode::Trainable(dtype));
-    let model = hir_model::t5::Model::new(&cfg, &w).expect("T5 builds");
+    let model = hir_model::arch::t5::Model::new(&cfg, &w).expect("T5 builds");
     let vars = w.vars();
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     let mut optimizer = Optimizer::new(&vars, AdamWConfig::default(), 2, Some(1.0));
@@ -404,7 +404,8 @@ fn t5(device: &Device, dtype: DType, steps: usize) -> (Timing, Timing, usize) {
 /// PEFT's default targets) beside the frozen weights: the same pairs and micro-batches.
 /// Returns the timing and the adapters' parameter count.
 fn smollm2_lora(device: &Device, dtype: DType, steps: usize) -> (Timing, usize) {
-    let cfg = hir_model::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").expect("valid");
+    let cfg =
+        hir_model::arch::lora::LoraConfig::from_knobs(8, 16.0, "q_proj,v_proj").expect("valid");
     let loaded = hir_model::LoadedModel::load_lora(&smollm2_path(), device, dtype, &cfg, None, 1)
         .expect("SmolLM2 loads with adapters");
     let pairs = smollm2_examples(&loaded, 8);

@@ -85,26 +85,13 @@ impl Events {
 
     /// Evaluation of one task of `version` at iteration `iteration` finished.
     pub fn eval(&self, iteration: u32, version: &str, eval: &TaskEval) {
-        let accuracy = task_accuracy(eval);
+        let accuracy = convert::task_accuracy(eval);
         self.emit(pb::run_event::Event::Eval(pb::EvalDone {
             iteration,
             model_version: version.to_string(),
             predicted_counts: accuracy.predicted_counts.clone(),
             accuracy: Some(accuracy),
         }));
-    }
-}
-
-/// One task's accuracy on the wire.
-pub fn task_accuracy(t: &TaskEval) -> pb::TaskAccuracy {
-    pb::TaskAccuracy {
-        task: t.task.clone(),
-        examples: t.examples,
-        exact: t.exact,
-        extracted: t.extracted,
-        predicted_counts: t.predicted.clone().into_iter().collect(),
-        // Item by item from the store, in the run's view (GetRun).
-        ..Default::default()
     }
 }
 

@@ -210,7 +210,7 @@ impl Trainer {
         if config.lora_rank == 0 {
             return Ok(());
         }
-        let lora = hir_model::lora::LoraConfig::from_knobs(
+        let lora = hir_model::arch::lora::LoraConfig::from_knobs(
             config.lora_rank,
             config.lora_alpha,
             &config.lora_targets,

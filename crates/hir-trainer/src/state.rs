@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use hir_core::digest::Expected;
 use hir_core::run::RunConfig;
-use hir_model::lora::LoraConfig;
-use hir_model::loss::HirLossConfig;
-use hir_model::tensor_file::{self, Entry};
+use hir_model::arch::lora::LoraConfig;
+use hir_model::formats::tensor_file::{self, Entry};
+use hir_model::train::loss::HirLossConfig;
 use hir_model::train::{AdamWConfig, Optimizer, TrainBatch};
 use hir_model::{LoadedModel, ModelError, WeightMode};
 use serde::{Deserialize, Serialize};
@@ -234,8 +234,8 @@ impl TrainState {
         let optimizer = tensor_file::write(&tmp.join("optimizer.safetensors"), entries)?;
         hir_runtime::fault::point(hir_runtime::fault::TRAINER_SNAPSHOT);
         write_json(&tmp.join("trainer.json"), &SnapshotInfo { step, iteration })?;
-        let manifest_sha = hir_model::checkpoint::sha256_file(&tmp.join("manifest.json"))?;
-        let trainer_sha = hir_model::checkpoint::sha256_file(&tmp.join("trainer.json"))?;
+        let manifest_sha = hir_model::formats::checkpoint::sha256_file(&tmp.join("manifest.json"))?;
+        let trainer_sha = hir_model::formats::checkpoint::sha256_file(&tmp.join("trainer.json"))?;
         let files = BTreeMap::from([
             ("manifest.json".to_string(), manifest_sha),
             ("optimizer.safetensors".to_string(), optimizer.sha256),
@@ -243,7 +243,7 @@ impl TrainState {
         ]);
         let snapshot = tmp.join("snapshot.json");
         write_json(&snapshot, &files)?;
-        Ok(hir_model::checkpoint::sha256_file(&snapshot)?)
+        Ok(hir_model::formats::checkpoint::sha256_file(&snapshot)?)
     }
 
     /// Loads the snapshot in `dir` after checking it against `sha256` (of its
@@ -255,7 +255,7 @@ impl TrainState {
         config: &RunConfig,
     ) -> Result<(Self, u32)> {
         let snapshot = dir.join("snapshot.json");
-        let got = hir_model::checkpoint::sha256_file(&snapshot)?;
+        let got = hir_model::formats::checkpoint::sha256_file(&snapshot)?;
         if got != sha256 {
             return Err(TrainerError::FailedPrecondition(format!(
                 "{}: SHA-256 {got}, but the store committed {sha256}; the snapshot was \
@@ -270,7 +270,7 @@ impl TrainState {
             if name.ends_with(".safetensors") {
                 continue;
             }
-            let actual = hir_model::checkpoint::sha256_file(&dir.join(name))?;
+            let actual = hir_model::formats::checkpoint::sha256_file(&dir.join(name))?;
             if &actual != want {
                 return Err(TrainerError::FailedPrecondition(format!(
                     "{}: SHA-256 {actual}, the snapshot lists {want}; it is corrupt",
@@ -482,7 +482,9 @@ mod tests {
         assert_ne!(weights(&a), before, "the adapters train");
         let dir = scratch("lora-snapshot");
         let (folder, sha) = a.save_snapshot(&dir, 2).unwrap();
-        assert!(folder.join(hir_model::lora::ADAPTER_WEIGHTS).is_file());
+        assert!(folder
+            .join(hir_model::arch::lora::ADAPTER_WEIGHTS)
+            .is_file());
         assert!(
             !folder.join("model.safetensors").exists(),
             "the frozen base is not copied"

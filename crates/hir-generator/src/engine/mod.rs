@@ -131,7 +131,7 @@ pub struct Serving {
     pub model: Arc<LoadedModel>,
     /// Digest of the checkpoint's manifest (or of the GGUF file).
     pub sha256: String,
-    /// The whole model under `model` with its digest ([`hir_model::checkpoint::model_digest`]):
+    /// The whole model under `model` with its digest ([`hir_model::formats::checkpoint::model_digest`]):
     /// `model` itself, or, when an adapter serves, the model it sits beside. An adapter
     /// swapped in next goes beside this one, if it was trained on it.
     pub base: Arc<LoadedModel>,

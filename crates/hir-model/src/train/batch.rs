@@ -4,10 +4,10 @@
 
 use candle_core::Tensor;
 
+use crate::arch::t5;
 use crate::arch::AnyModel;
 use crate::error::{ModelError, Result};
-use crate::ops::IGNORE_INDEX;
-use crate::t5;
+use crate::kernels::ops::IGNORE_INDEX;
 
 /// One training example: the prompt carries no loss, the completion does. A decoder-only
 /// model reads them as one sequence; T5 encodes the prompt and decodes the completion.

@@ -23,8 +23,8 @@
 //!
 //! The recomputation's matrix products repeat the first pass's. Within a memory budget
 //! ([`llama::Model::set_kept_products`]) the top layers keep the outputs of their seven
-//! projections from step 1 ([`crate::cpu_gemm::recording`]), and step 3 copies them
-//! instead of multiplying again ([`crate::cpu_gemm::replaying`]); their backward passes
+//! projections from step 1 ([`crate::kernels::gemm::recording`]), and step 3 copies them
+//! instead of multiplying again ([`crate::kernels::gemm::replaying`]); their backward passes
 //! are unchanged. On SmolLM2 that is 20.7 KB per token and layer, against the whole
 //! graph's ~95 KB.
 
@@ -32,9 +32,9 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, Var};
 
 use super::{head_logits, TrainBatch};
+use crate::arch::llama::{self, positions_from_mask};
 use crate::error::Result;
-use crate::llama::{self, positions_from_mask};
-use crate::loss::{self, HirLoss, HirLossConfig};
+use crate::train::loss::{self, HirLoss, HirLossConfig};
 
 /// One side (positive or negative sequences) of a paired batch in flight.
 struct Side<'a> {
@@ -71,7 +71,7 @@ impl<'a> Side<'a> {
         for i in 0..model.num_layers() {
             let next = if i >= keep_from {
                 let (next, kept) =
-                    crate::cpu_gemm::recording(|| plain.layer(i, &x, &shared, None))?;
+                    crate::kernels::gemm::recording(|| plain.layer(i, &x, &shared, None))?;
                 products.push(Some(kept));
                 next
             } else {
@@ -115,8 +115,8 @@ fn pull_back(
 /// layer's output and four fresh tensors, against two passes here. The gradient is the
 /// same to the bit either way (`1 · u`, then `0 + u`).
 fn seeded_sum(out: &Tensor, upstream: &Tensor) -> Result<Tensor> {
-    let fused = crate::fused::applies(out)
-        && crate::fused::applies(upstream)
+    let fused = crate::kernels::cpu::applies(out)
+        && crate::kernels::cpu::applies(upstream)
         && out.is_contiguous()
         && out.shape() == upstream.shape();
     Ok(if fused {
@@ -136,8 +136,8 @@ impl CustomOp1 for Seed {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = crate::fused::input(s, l)?;
-        let sum = crate::fused::with_values(&self.0, |up| {
+        let out = crate::kernels::cpu::input(s, l)?;
+        let sum = crate::kernels::cpu::with_values(&self.0, |up| {
             if up.len() != out.len() {
                 candle_core::bail!(
                     "seeded sum: {} outputs, {} upstream values",
@@ -238,7 +238,7 @@ pub(super) fn hir_gradients(
                 &side.upstream,
                 |x| match kept {
                     Some(kept) => {
-                        crate::cpu_gemm::replaying(kept, || model.layer(i, x, shared, None))
+                        crate::kernels::gemm::replaying(kept, || model.layer(i, x, shared, None))
                     }
                     None => model.layer(i, x, shared, None),
                 },
@@ -264,8 +264,8 @@ pub(super) fn hir_gradients(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::weights::Weights;
     use crate::train::Example;
-    use crate::weights::Weights;
     use crate::WeightMode;
     use candle_core::{DType, Device};
 

@@ -8,6 +8,7 @@
 
 mod batch;
 mod layerwise;
+pub mod loss;
 mod optimizer;
 
 use candle_core::backprop::GradStore;
@@ -17,9 +18,9 @@ pub use batch::{Example, TrainBatch};
 pub use optimizer::{AdamW, AdamWConfig, GradAccumulator, MomentValues, Optimizer, StepReport};
 
 use crate::arch::AnyModel;
+use crate::arch::{llama, t5};
 use crate::error::{ModelError, Result};
-use crate::loss::{self, HirLoss, HirLossConfig};
-use crate::{llama, t5};
+use loss::{HirLoss, HirLossConfig};
 
 /// A model that turns a [`TrainBatch`] into logits aligned with its labels.
 pub trait TrainLogits {
@@ -184,7 +185,7 @@ pub fn lm_loss(model: &impl TrainLogits, batch: &TrainBatch, epsilon: f64) -> Re
 
 /// The HIR loss of paired batches: `pos[i]` and `neg[i]` share a completion
 /// under the relabeled and the opposite instruction. Each term is a per-example
-/// token mean, averaged over the examples (see [`crate::loss`]).
+/// token mean, averaged over the examples (see [`crate::train::loss`]).
 ///
 /// A model with training-mode dropout takes the reference's three forward passes
 /// (label smoothing and entropy on the first, the contrastive term on a second

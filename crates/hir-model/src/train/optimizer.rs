@@ -12,10 +12,10 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
 use super::{TrainBatch, TrainLogits};
-use crate::cpu_gemm::for_each_block;
 use crate::error::{ModelError, Result};
-use crate::fused;
-use crate::loss::{HirLoss, HirLossConfig};
+use crate::kernels::cpu;
+use crate::kernels::cpu::for_each_block;
+use crate::train::loss::{HirLoss, HirLossConfig};
 
 // === impl GradAccumulator ===
 
@@ -63,7 +63,7 @@ impl GradAccumulator {
             };
             let live = self.live[i];
             let in_place = match &self.sums[i] {
-                Some(sum) => fused::update_in_place(sum, Some(g), move |sum, g| {
+                Some(sum) => cpu::update_in_place(sum, Some(g), move |sum, g| {
                     for_each_block([sum], g, |[sum], g| {
                         for (s, &g) in sum.iter_mut().zip(g) {
                             let g = if unit { g } else { g * mul + 0.0 };
@@ -75,7 +75,7 @@ impl GradAccumulator {
             };
             if !in_place {
                 let g = g.to_dtype(DType::F32)?;
-                let g = match (unit, fused::applies(&g)) {
+                let g = match (unit, cpu::applies(&g)) {
                     (false, _) => g.affine(scale, 0.0)?,
                     // A buffer later updated in place must not share the store's memory.
                     (true, true) => g.copy()?,
@@ -133,7 +133,7 @@ impl GradAccumulator {
             let mul = s as f32;
             let live = self.sums.iter_mut().zip(&self.live);
             for g in live.filter_map(|(g, &live)| g.as_mut().filter(|_| live)) {
-                let scaled = fused::update_in_place(g, None, move |g, _| {
+                let scaled = cpu::update_in_place(g, None, move |g, _| {
                     for_each_block([g], &[], |[g], _| {
                         g.iter_mut().for_each(|x| *x = *x * mul + 0.0)
                     })
@@ -397,7 +397,7 @@ impl AdamW {
                 };
                 // An f32 weight is updated where it lives; its gradient is read in place.
                 if self.masters[i].is_none()
-                    && fused::update_in_place(var.as_tensor(), Some(g), |w, g| update(w, m, v, g))?
+                    && cpu::update_in_place(var.as_tensor(), Some(g), |w, g| update(w, m, v, g))?
                 {
                     continue;
                 }

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor, D};
-use hir_model::llama::{Config, Model};
-use hir_model::weights::{WeightMode, Weights};
+use hir_model::arch::llama::{Config, Model};
+use hir_model::formats::weights::{WeightMode, Weights};
 use hir_model::LoadedModel;
 use tokenizers::models::wordlevel::WordLevel;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -65,7 +65,8 @@ pub fn tiny_t5_folder(name: &str, seed: u64) -> PathBuf {
         &Device::Cpu,
         WeightMode::Dense(candle_core::DType::F32),
     );
-    let m = hir_model::t5::Model::new(&hir_model::t5::Config::tiny(), &w).expect("tiny T5 builds");
+    let m = hir_model::arch::t5::Model::new(&hir_model::arch::t5::Config::tiny(), &w)
+        .expect("tiny T5 builds");
     let dir = scratch(name);
     m.save(&dir, Some(&t5_char_tokenizer())).expect("saves");
     dir
@@ -75,7 +76,7 @@ pub fn tiny_t5_folder(name: &str, seed: u64) -> PathBuf {
 /// tokens per row, rows that reached EOS padded after it. The reference that cached
 /// sampling is checked against.
 pub fn t5_greedy(
-    m: &hir_model::t5::Model,
+    m: &hir_model::arch::t5::Model,
     input_ids: &Tensor,
     mask: &[Vec<u8>],
     max_new_tokens: usize,
@@ -147,7 +148,7 @@ pub fn repo_root() -> PathBuf {
 
 /// Path of the SmolLM2 GGUF, fetched by `scripts/fetch-model.sh` if missing.
 pub fn smollm2_gguf() -> PathBuf {
-    hir_model::smollm2::fetch(&repo_root()).expect("SmolLM2 is fetched")
+    hir_runtime::models::fetch_smollm2(&repo_root()).expect("SmolLM2 is fetched")
 }
 
 /// A scratch directory unique to the test.

@@ -27,7 +27,7 @@ impl Driver<'_> {
             })
         })
         .await??;
-        let sha256 = hir_model::checkpoint::sha256_file(&folder.join("manifest.json"))?;
+        let sha256 = hir_model::formats::checkpoint::sha256_file(&folder.join("manifest.json"))?;
         let parent = if k == 1 {
             None
         } else {
