@@ -14,8 +14,9 @@ use clap::Args;
 use hir_proto::pb;
 use hir_proto::pb::trainer_service_client::TrainerServiceClient;
 
-use crate::client::{print_run, watch};
 use crate::local::{Services, SMOLLM2 as MODEL};
+use crate::report::print_run;
+use crate::watch::watch;
 
 /// The task the demo trains on.
 const TASK: &str = "object_counting";

@@ -5,11 +5,14 @@ mod bigbench;
 mod client;
 mod demo;
 mod experiment;
+mod health;
 mod knobs;
 mod local;
 mod migrate;
 mod model;
 mod report;
+mod runs;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,23 +49,23 @@ enum Command {
     /// Base model, FARL and HIR side by side on tasks and seeds: a table, a report, a chart.
     Experiment(Box<experiment::ExperimentArgs>),
     /// Start a run on the trainer.
-    Run(Box<client::RunArgs>),
+    Run(Box<runs::RunArgs>),
     /// A run's status and per-iteration results.
-    Status(client::RunIdArgs),
+    Status(runs::RunIdArgs),
     /// Follow a run's progress live until it ends.
-    Watch(client::RunIdArgs),
+    Watch(runs::RunIdArgs),
     /// Stop a run after its current training step commits.
-    Stop(client::RunIdArgs),
+    Stop(runs::RunIdArgs),
     /// Resume a stopped or failed run from its last committed state.
-    Resume(client::RunIdArgs),
+    Resume(runs::RunIdArgs),
     /// Registered model versions.
-    Checkpoints(client::CheckpointArgs),
+    Checkpoints(runs::CheckpointArgs),
     /// Greedy accuracy of what a generator serves on a task's test split.
-    Eval(client::EvalArgs),
+    Eval(health::EvalArgs),
     /// A run's report: a table, `report.md` and an accuracy chart (`accuracy.svg`).
-    Report(client::ReportArgs),
+    Report(runs::ReportArgs),
     /// Check a service's gRPC health; exits 0 when it is serving.
-    Health(client::HealthArgs),
+    Health(health::HealthArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,15 +114,15 @@ fn main() -> ExitCode {
         }),
         Command::Demo(args) => block_on(demo::run(args)),
         Command::Experiment(args) => block_on(experiment::run(*args)),
-        Command::Run(args) => block_on(client::run(*args)),
-        Command::Status(args) => block_on(client::status(args)),
-        Command::Watch(args) => block_on(client::watch_cmd(args)),
-        Command::Stop(args) => block_on(client::stop(args)),
-        Command::Resume(args) => block_on(client::resume(args)),
-        Command::Checkpoints(args) => block_on(client::checkpoints(args)),
-        Command::Eval(args) => block_on(client::eval(args)),
-        Command::Report(args) => block_on(client::report(args)),
-        Command::Health(args) => block_on(client::health(args)),
+        Command::Run(args) => block_on(runs::run(*args)),
+        Command::Status(args) => block_on(runs::status(args)),
+        Command::Watch(args) => block_on(runs::watch_cmd(args)),
+        Command::Stop(args) => block_on(runs::stop(args)),
+        Command::Resume(args) => block_on(runs::resume(args)),
+        Command::Checkpoints(args) => block_on(runs::checkpoints(args)),
+        Command::Eval(args) => block_on(health::eval(args)),
+        Command::Report(args) => block_on(runs::report(args)),
+        Command::Health(args) => block_on(health::health(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

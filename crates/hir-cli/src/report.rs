@@ -284,6 +284,48 @@ fn xml_escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+pub fn run_json(run: &pb::Run) -> serde_json::Value {
+    serde_json::json!({
+        "run_id": run.run_id,
+        "name": run.name,
+        "status": status_name(run.status),
+        "tasks": run.tasks,
+        "policy": run.policy,
+        "error": run.error,
+        "iterations": run.iterations.iter().map(|i| serde_json::json!({
+            "iteration": i.iteration,
+            "status": iteration_status_name(i.status),
+            "model_version": i.model_version,
+            "samples": i.samples,
+            "sample_accuracy": i.sample_accuracy,
+            "train_loss": i.train_loss,
+            "steps": i.steps,
+            "eval": i.eval.iter().map(|e| serde_json::json!({"task": e.task, "examples": e.examples, "exact": e.exact, "extracted": e.extracted})).collect::<Vec<_>>(),
+            "error": i.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Prints a run as a table (or JSON).
+pub fn print_run(run: &pb::Run, json: bool) {
+    if json {
+        println!("{}", run_json(run));
+        return;
+    }
+    println!(
+        "run {}  {}  [{}]  policy {}  tasks {}",
+        run.run_id,
+        run.name,
+        status_name(run.status),
+        run.policy,
+        run.tasks.join(", ")
+    );
+    if !run.error.is_empty() {
+        println!("error: {}", run.error);
+    }
+    println!("{}", iteration_table(run));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,9 +20,9 @@ use hir_proto::pb;
 use hir_proto::pb::IterationStatus as S;
 use serde::Serialize;
 
-use crate::client::{watch_timed, StatusTimes};
 use crate::local::{Services, SMOLLM2};
 use crate::report::status_name;
+use crate::watch::{watch_timed, StatusTimes};
 
 mod output;
 pub mod stats;
