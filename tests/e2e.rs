@@ -44,32 +44,18 @@ async fn start_services(db: &str, root: &Path, bigbench: &Path, concurrency: usi
 
     let (relabeler, stop_r) =
         hir_testkit::spawn_relabeler(hir_relabeler::config::RelabelerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            metrics_listen: None,
-            database_url: db.to_string(),
-            bigbench: bigbench.to_path_buf(),
-            generators: vec![generator.clone()],
-            generator_token: Some(TOKEN.into()),
-            auth_token: Some(TOKEN.into()),
             concurrency,
-            ..Default::default()
+            ..hir_testkit::relabeler_config(db, bigbench, vec![generator.clone()], TOKEN)
         })
         .await;
-
-    let (trainer, stop_t) = hir_testkit::spawn_trainer(hir_trainer::config::TrainerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.to_string(),
-        bigbench: bigbench.to_path_buf(),
-        relabeler: relabeler.clone(),
-        relabeler_token: Some(TOKEN.into()),
-        generators: vec![generator.clone()],
-        generator_token: Some(TOKEN.into()),
-        auth_token: Some(TOKEN.into()),
-        checkpoint_dir: checkpoints,
-        state_dir: root.join("state"),
-        ..Default::default()
-    })
+    let (trainer, stop_t) = hir_testkit::spawn_trainer(hir_testkit::trainer_config(
+        db,
+        bigbench,
+        &relabeler,
+        vec![generator.clone()],
+        TOKEN,
+        root,
+    ))
     .await;
     Services {
         generator,

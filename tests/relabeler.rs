@@ -69,15 +69,9 @@ async fn start_generator() -> (String, Running) {
 
 fn relabeler_config(db: &str, generator: &str, bigbench: &std::path::Path) -> RelabelerConfig {
     RelabelerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.into(),
-        bigbench: bigbench.into(),
-        generators: vec![generator.into()],
-        auth_token: Some(TOKEN.into()),
         concurrency: 1,
         write_batch: 4,
-        ..RelabelerConfig::default()
+        ..hir_testkit::relabeler_config(db, bigbench, vec![generator.into()], TOKEN)
     }
 }
 
@@ -92,10 +86,7 @@ async fn start_relabeler(
 }
 
 fn authed<T>(m: T) -> Request<T> {
-    let mut r = Request::new(m);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    r
+    hir_runtime::auth::with_bearer(m, Some(TOKEN))
 }
 
 /// Starts sampling iteration 1 of `run` and follows its progress stream to the end; returns

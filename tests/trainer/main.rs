@@ -103,36 +103,25 @@ async fn start_generator_of(model: PathBuf, checkpoint_root: Option<&Path>) -> (
 
 async fn start_relabeler(db: &str, generator: &str, bigbench: &Path) -> (String, Running) {
     let config = hir_relabeler::config::RelabelerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.into(),
-        bigbench: bigbench.into(),
-        generators: vec![generator.into()],
-        generator_token: Some(TOKEN.into()),
-        auth_token: Some(TOKEN.into()),
         concurrency: 1,
         write_batch: 8,
-        ..Default::default()
+        ..hir_testkit::relabeler_config(db, bigbench, vec![generator.into()], TOKEN)
     };
     hir_testkit::spawn_relabeler(config).await
 }
 
 fn trainer_config(db: &str, relabeler: &str, generator: &str, scratch: &Scratch) -> TrainerConfig {
     TrainerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: None,
-        database_url: db.into(),
-        bigbench: scratch.bigbench(),
-        relabeler: relabeler.into(),
-        relabeler_token: Some(TOKEN.into()),
-        generators: vec![generator.into()],
-        generator_token: Some(TOKEN.into()),
-        auth_token: Some(TOKEN.into()),
-        checkpoint_dir: scratch.checkpoints(),
-        state_dir: scratch.state(),
         commit_every_steps: 2,
         owner: Some("trainer-test".into()),
-        ..Default::default()
+        ..hir_testkit::trainer_config(
+            db,
+            &scratch.bigbench(),
+            relabeler,
+            vec![generator.into()],
+            TOKEN,
+            &scratch.0,
+        )
     }
 }
 
