@@ -183,9 +183,14 @@ impl Server {
     }
 }
 
-/// The messages of an upload of the checkpoint folder `dir`: its header, then every file in
-/// chunks.
-fn upload_messages(dir: &Path, version: &str, sha256: &str) -> Vec<pb::UploadWeightsRequest> {
+/// The messages of an upload of the checkpoint folder `dir` as `version` (swapping only
+/// from `expected`, unless empty): its header, then every file in chunks.
+fn upload_messages(
+    dir: &Path,
+    version: &str,
+    expected: &str,
+    sha256: &str,
+) -> Vec<pb::UploadWeightsRequest> {
     let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| {
@@ -199,7 +204,7 @@ fn upload_messages(dir: &Path, version: &str, sha256: &str) -> Vec<pb::UploadWei
     files.sort();
     let header = pb::UploadHeader {
         version: version.into(),
-        expected_version: String::new(),
+        expected_version: expected.into(),
         sha256: sha256.into(),
         files: files
             .iter()

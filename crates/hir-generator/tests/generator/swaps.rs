@@ -135,42 +135,7 @@ async fn uploads_swap_weights_without_a_shared_disk() {
     let src = scratch("upload-src");
     let sha = perturbed_checkpoint(&src, "v2", 0.5);
     let dir = src.join("v2");
-    let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (
-                p.file_name().unwrap().to_string_lossy().to_string(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    let header = pb::UploadHeader {
-        version: "uploaded".into(),
-        expected_version: "base".into(),
-        sha256: sha,
-        files: files
-            .iter()
-            .map(|(n, b)| pb::UploadFile {
-                name: n.clone(),
-                size: b.len() as u64,
-            })
-            .collect(),
-    };
-    let mut messages = vec![pb::UploadWeightsRequest {
-        part: Some(pb::upload_weights_request::Part::Header(header)),
-    }];
-    for (name, bytes) in &files {
-        for (i, chunk) in bytes.chunks(10_000).enumerate() {
-            messages.push(pb::UploadWeightsRequest {
-                part: Some(pb::upload_weights_request::Part::Chunk(pb::FileChunk {
-                    name: name.clone(),
-                    offset: (i * 10_000) as u64,
-                    data: chunk.to_vec(),
-                })),
-            });
-        }
-    }
+    let messages = upload_messages(&dir, "uploaded", "base", &sha);
     let r = s
         .client
         .upload_weights(authed(tokio_stream::iter(messages.clone())))
@@ -316,7 +281,7 @@ async fn checkpoints_never_reach_outside_their_root() {
         let dir = outside.join(name);
         copy_folder(&good, &dir);
         let sha256 = add_to_manifest(&dir, &[(listed, &zeros)]);
-        let messages = upload_messages(&dir, name, &sha256);
+        let messages = upload_messages(&dir, name, "", &sha256);
         let err = s
             .client
             .upload_weights(authed(tokio_stream::iter(messages)))
