@@ -129,34 +129,25 @@ impl Store {
             .await
             .map_err(db_error("recording eval results"))?;
             inserted += result.rows_affected();
-            // The run scored these results, whether it wrote them or found them stored.
-            let linked: Vec<&NewEvalResult> = chunk
-                .iter()
-                .filter(|r| r.run_id.is_some() && r.iteration.is_some())
-                .collect();
+            // The run scored these results, whether it wrote them or found them stored: the
+            // same columns, the rows without a run or iteration left out.
             sqlx::query(
                 "INSERT INTO run_eval_items (run_id, iteration, model_version_id, task_id,
                                              example_idx, prompt_style)
-                 SELECT * FROM UNNEST($1::uuid[], $2::int4[], $3::int8[], $4::int8[],
-                                      $5::int4[], $6::text[])
+                 SELECT run_id, iteration, model_version_id, task_id, example_idx, prompt_style
+                 FROM UNNEST($1::int8[], $2::int8[], $3::int4[], $4::text[], $5::uuid[],
+                             $6::int4[])
+                      AS r (model_version_id, task_id, example_idx, prompt_style, run_id,
+                            iteration)
+                 WHERE run_id IS NOT NULL AND iteration IS NOT NULL
                  ON CONFLICT DO NOTHING",
             )
-            .bind(linked.iter().map(|r| r.run_id).collect::<Vec<_>>())
-            .bind(linked.iter().map(|r| r.iteration).collect::<Vec<_>>())
-            .bind(
-                linked
-                    .iter()
-                    .map(|r| r.model_version_id)
-                    .collect::<Vec<_>>(),
-            )
-            .bind(linked.iter().map(|r| r.task_id).collect::<Vec<_>>())
-            .bind(linked.iter().map(|r| r.example_idx).collect::<Vec<_>>())
-            .bind(
-                linked
-                    .iter()
-                    .map(|r| r.prompt_style.as_str())
-                    .collect::<Vec<_>>(),
-            )
+            .bind(&version)
+            .bind(&task)
+            .bind(&example)
+            .bind(&style)
+            .bind(&run)
+            .bind(&iteration)
             .execute(&mut *tx)
             .await
             .map_err(db_error("linking eval results to their run"))?;

@@ -79,7 +79,23 @@ impl Generator {
         )
     }
 
+    /// Swaps `candidate` in (a `SwapWeights` or an `UploadWeights`, named by `rpc` in the
+    /// log when it is refused; the current version keeps serving then).
     async fn swap_in(
+        &self,
+        rpc: &str,
+        candidate: swap::Candidate,
+        expected: String,
+        started: Instant,
+    ) -> Result<pb::SwapWeightsResponse> {
+        self.try_swap_in(candidate, expected, started)
+            .await
+            .inspect_err(|err| {
+                tracing::warn!(%err, "{rpc} refused; the current version keeps serving");
+            })
+    }
+
+    async fn try_swap_in(
         &self,
         candidate: swap::Candidate,
         expected: String,
@@ -208,12 +224,8 @@ impl GeneratorService for Generator {
             version: req.version,
         };
         let response = self
-            .swap_in(candidate, req.expected_version, started)
-            .await
-            .map_err(|err| {
-                tracing::warn!(%err, "swap refused; the current version keeps serving");
-                err
-            })?;
+            .swap_in("swap", candidate, req.expected_version, started)
+            .await?;
         Ok(Response::new(response))
     }
 
@@ -242,12 +254,8 @@ impl GeneratorService for Generator {
             version: header.version,
         };
         let response = self
-            .swap_in(candidate, header.expected_version, started)
-            .await
-            .map_err(|err| {
-                tracing::warn!(%err, "upload refused; the current version keeps serving");
-                err
-            })?;
+            .swap_in("upload", candidate, header.expected_version, started)
+            .await?;
         drop(staging);
         Ok(Response::new(response))
     }
