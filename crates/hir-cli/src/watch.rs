@@ -44,6 +44,11 @@ impl StatusTimes {
         let b = self.0.get(&(k, to as i32))?;
         Some(b.saturating_duration_since(*a).as_secs_f64())
     }
+
+    /// The iterations seen, in order.
+    pub fn iterations(&self) -> std::collections::BTreeSet<u32> {
+        self.0.keys().map(|(k, _)| *k).collect()
+    }
 }
 
 /// [`watch`], also timing each iteration's status changes as they are seen.

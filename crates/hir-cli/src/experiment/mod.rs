@@ -406,6 +406,39 @@ pub struct RunResult {
     pub steps: u64,
     /// Its evaluated iterations.
     pub rows: Vec<Row>,
+    /// Where its time went, as seen by this command.
+    pub seconds: RunSeconds,
+}
+
+/// Wall seconds of one run as this command saw them: in all (from the start request to
+/// the run's end) and per phase summed over every iteration, evaluated or not.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct RunSeconds {
+    /// From the start request to the run's end.
+    pub wall: f64,
+    /// Sampling the training prompts.
+    pub sample: f64,
+    /// The optimizer steps.
+    pub train: f64,
+    /// Handing the new weights to the generators.
+    pub swap: f64,
+    /// Evaluations, the base model's included.
+    pub eval: f64,
+}
+
+impl RunSeconds {
+    fn from_times(times: &StatusTimes, wall: f64) -> Self {
+        let total = |phase: &dyn Fn(u32) -> Option<f64>| -> f64 {
+            times.iterations().into_iter().filter_map(phase).sum()
+        };
+        Self {
+            wall,
+            sample: total(&|k| sample_seconds(times, k)),
+            train: total(&|k| times.seconds(k, S::Training, S::Trained)),
+            swap: total(&|k| times.seconds(k, S::Trained, S::Evaluating)),
+            eval: total(&|k| times.seconds(k, S::Evaluating, S::Done)),
+        }
+    }
 }
 
 /// Every number of an experiment.
@@ -524,6 +557,7 @@ pub async fn run(args: ExperimentArgs) -> Result<()> {
             policy: policy.into(),
             hyperparameters: Some(knobs),
         };
+        let clock = std::time::Instant::now();
         let started = client
             .start_run(trainer.authed(request))
             .await
@@ -533,9 +567,9 @@ pub async fn run(args: ExperimentArgs) -> Result<()> {
         if experiment.knobs.is_null() {
             experiment.knobs = knobs_json(&run);
         }
-        experiment
-            .runs
-            .push(run_result(&run, method, task, seed, &times));
+        let mut result = run_result(&run, method, task, seed, &times);
+        result.seconds = RunSeconds::from_times(&times, clock.elapsed().as_secs_f64());
+        experiment.runs.push(result);
     }
     if let Some(s) = local {
         s.stop().await;
@@ -576,6 +610,14 @@ fn knobs_json(run: &pb::Run) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// Seconds iteration `k` spent sampling (up to training where the sampled status was not
+/// seen).
+fn sample_seconds(times: &StatusTimes, k: u32) -> Option<f64> {
+    times
+        .seconds(k, S::Sampling, S::Sampled)
+        .or_else(|| times.seconds(k, S::Sampling, S::Training))
+}
+
 fn run_result(
     run: &pb::Run,
     method: &str,
@@ -599,9 +641,7 @@ fn run_result(
             .map(|(k, v)| (k.clone(), *v))
             .unwrap_or_default();
         let k = it.iteration;
-        let sample = times
-            .seconds(k, S::Sampling, S::Sampled)
-            .or_else(|| times.seconds(k, S::Sampling, S::Training));
+        let sample = sample_seconds(times, k);
         rows.push(Row {
             method: if k == 0 { "base".into() } else { method.into() },
             task: task.into(),
@@ -664,6 +704,7 @@ fn run_result(
         error,
         steps: run.iterations.iter().map(|i| i.steps).sum(),
         rows,
+        seconds: RunSeconds::default(),
     }
 }
 

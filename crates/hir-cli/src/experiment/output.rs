@@ -129,7 +129,44 @@ pub fn comparisons(e: &Experiment) -> Vec<Comparison> {
 /// The experiment as Markdown: every iteration of every run ([`iterations`]), then the
 /// final iteration per method over seeds with the paired tests ([`summary`]).
 pub fn table(e: &Experiment) -> String {
-    format!("{}\n{}", summary(e), iterations(e))
+    format!("{}\n{}\n{}", summary(e), iterations(e), timing(e))
+}
+
+/// Where each run's time went, in minutes and seconds as this command saw it: wall time
+/// from the start request to the run's end, and each phase summed over all the run's
+/// iterations (evaluated or not), with the experiment's total.
+pub fn timing(e: &Experiment) -> String {
+    let clock = |s: f64| {
+        let s = s.round() as u64;
+        format!("{}:{:02}", s / 60, s % 60)
+    };
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| method | task | seed | wall | sample | train | swap | evaluate |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in &e.runs {
+        let t = r.seconds;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.method,
+            r.task,
+            r.seed,
+            clock(t.wall),
+            clock(t.sample),
+            clock(t.train),
+            clock(t.swap),
+            clock(t.eval)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| all {} runs | | | {} | | | | |",
+        e.runs.len(),
+        clock(e.runs.iter().map(|r| r.seconds.wall).sum())
+    );
+    s
 }
 
 /// Every iteration of every run: the base model once per task and seed, then each
@@ -355,10 +392,11 @@ pub(super) fn write(e: &Experiment, dir: &Path) -> Result<PathBuf> {
     );
     let _ = writeln!(
         md,
-        "- measured on: the {} split\n\n## Final iteration\n\n{}\n## Every iteration\n\n{}",
+        "- measured on: the {} split\n\n## Final iteration\n\n{}\n## Every iteration\n\n{}\n## Time\n\n{}",
         e.evaluated_on,
         summary(e),
-        iterations(e)
+        iterations(e),
+        timing(e)
     );
     let _ = writeln!(
         md,
@@ -614,6 +652,13 @@ mod tests {
                 "no correct sample | none".into()
             },
             rows,
+            seconds: super::super::RunSeconds {
+                wall: 125.4,
+                sample: 30.0,
+                train: 60.6,
+                swap: 1.2,
+                eval: 33.0,
+            },
         };
         Experiment {
             name: "x".into(),
@@ -670,6 +715,16 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("| t | farl | 1 | - | FAILED |"), "{t}");
+    }
+
+    #[test]
+    fn the_time_table_shows_each_run_and_the_total() {
+        let t = timing(&experiment());
+        assert!(
+            t.contains("| hir | t | 1 | 2:05 | 0:30 | 1:01 | 0:01 | 0:33 |"),
+            "{t}"
+        );
+        assert!(t.contains("| all 3 runs | | | 6:16 |"), "{t}");
     }
 
     #[test]
