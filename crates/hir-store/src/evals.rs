@@ -107,13 +107,33 @@ impl Store {
             let extracted: Vec<bool> = chunk.iter().map(|r| r.correct_extracted).collect();
             let predicted: Vec<Option<&str>> =
                 chunk.iter().map(|r| r.predicted.as_deref()).collect();
-            let result = sqlx::query(
-                "INSERT INTO eval_results (model_version_id, task_id, example_idx, prompt_style,
-                                           run_id, iteration, output, correct,
-                                           correct_extracted, predicted)
-                 SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int4[], $4::text[], $5::uuid[],
-                                      $6::int4[], $7::text[], $8::bool[], $9::bool[], $10::text[])
-                 ON CONFLICT (model_version_id, task_id, example_idx, prompt_style) DO NOTHING",
+            // One statement: the results, and the run's link to each of them, whether this
+            // wrote it or found it stored (rows without a run or iteration get no link).
+            let written: i64 = sqlx::query_scalar(
+                "WITH r AS (
+                     SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::int4[], $4::text[],
+                                          $5::uuid[], $6::int4[], $7::text[], $8::bool[],
+                                          $9::bool[], $10::text[])
+                         AS r (model_version_id, task_id, example_idx, prompt_style, run_id,
+                               iteration, output, correct, correct_extracted, predicted)
+                 ), written AS (
+                     INSERT INTO eval_results (model_version_id, task_id, example_idx,
+                                               prompt_style, run_id, iteration, output,
+                                               correct, correct_extracted, predicted)
+                     SELECT * FROM r
+                     ON CONFLICT (model_version_id, task_id, example_idx, prompt_style)
+                         DO NOTHING
+                     RETURNING 1
+                 ), linked AS (
+                     INSERT INTO run_eval_items (run_id, iteration, model_version_id, task_id,
+                                                 example_idx, prompt_style)
+                     SELECT run_id, iteration, model_version_id, task_id, example_idx,
+                            prompt_style
+                     FROM r
+                     WHERE run_id IS NOT NULL AND iteration IS NOT NULL
+                     ON CONFLICT DO NOTHING
+                 )
+                 SELECT count(*) FROM written",
             )
             .bind(&version)
             .bind(&task)
@@ -125,32 +145,10 @@ impl Store {
             .bind(&correct)
             .bind(&extracted)
             .bind(&predicted)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await
             .map_err(db_error("recording eval results"))?;
-            inserted += result.rows_affected();
-            // The run scored these results, whether it wrote them or found them stored: the
-            // same columns, the rows without a run or iteration left out.
-            sqlx::query(
-                "INSERT INTO run_eval_items (run_id, iteration, model_version_id, task_id,
-                                             example_idx, prompt_style)
-                 SELECT run_id, iteration, model_version_id, task_id, example_idx, prompt_style
-                 FROM UNNEST($1::int8[], $2::int8[], $3::int4[], $4::text[], $5::uuid[],
-                             $6::int4[])
-                      AS r (model_version_id, task_id, example_idx, prompt_style, run_id,
-                            iteration)
-                 WHERE run_id IS NOT NULL AND iteration IS NOT NULL
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(&version)
-            .bind(&task)
-            .bind(&example)
-            .bind(&style)
-            .bind(&run)
-            .bind(&iteration)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error("linking eval results to their run"))?;
+            inserted += written.unsigned_abs();
         }
         tx.commit().await?;
         Ok(inserted)

@@ -412,7 +412,7 @@ pub struct RunResult {
 
 /// Wall seconds of one run as this command saw them: in all (from the start request to
 /// the run's end) and per phase summed over every iteration, evaluated or not.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 pub struct RunSeconds {
     /// From the start request to the run's end.
     pub wall: f64,
@@ -567,9 +567,10 @@ pub async fn run(args: ExperimentArgs) -> Result<()> {
         if experiment.knobs.is_null() {
             experiment.knobs = knobs_json(&run);
         }
-        let mut result = run_result(&run, method, task, seed, &times);
-        result.seconds = RunSeconds::from_times(&times, clock.elapsed().as_secs_f64());
-        experiment.runs.push(result);
+        let seconds = RunSeconds::from_times(&times, clock.elapsed().as_secs_f64());
+        experiment
+            .runs
+            .push(run_result(&run, method, task, seed, &times, seconds));
     }
     if let Some(s) = local {
         s.stop().await;
@@ -624,6 +625,7 @@ fn run_result(
     task: &str,
     seed: u64,
     times: &StatusTimes,
+    seconds: RunSeconds,
 ) -> RunResult {
     let mut rows = Vec::new();
     for it in &run.iterations {
@@ -704,7 +706,7 @@ fn run_result(
         error,
         steps: run.iterations.iter().map(|i| i.steps).sum(),
         rows,
-        seconds: RunSeconds::default(),
+        seconds,
     }
 }
 
